@@ -1,0 +1,52 @@
+"""imagerec: from a folder of images to a trained, evaluated, served image classifier.
+
+Example:
+    >>> import imagerec
+    >>> result = imagerec.train(data="mnist-mini", out="runs/mini", epochs=2)
+    >>> imagerec.load(result.run_dir).predict(["digit.png"])[0]["label"]
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from imagerec.predict import Predictor
+
+
+def train(*args: Any, **kwargs: Any) -> Any:
+    """Train a classifier; see `imagerec.engine.run.train`."""
+    from imagerec.engine.run import train as _train
+
+    return _train(*args, **kwargs)
+
+
+def evaluate(run_dir: str, data: str | None = None, split: str = "test", **kwargs: Any) -> dict[str, Any]:
+    """Evaluate a run; see `imagerec.engine.evaluate.evaluate_run`."""
+    from imagerec.engine.evaluate import evaluate_run
+
+    return evaluate_run(run_dir, data, split, **kwargs)
+
+
+def load(source: str, **kwargs: Any) -> Predictor:
+    """A Predictor for a run directory; see `imagerec.predict.Predictor`."""
+    from imagerec.predict import load as _load
+
+    return _load(source, **kwargs)
+
+
+def create_model(name: str, num_classes: int, **kwargs: Any) -> Any:
+    from imagerec.models import create_model as _create
+
+    return _create(name, num_classes=num_classes, **kwargs)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    from imagerec.models import list_models as _list
+
+    return _list(pattern)
+
+
+__all__ = ["__version__", "create_model", "evaluate", "list_models", "load", "train"]

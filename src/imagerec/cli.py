@@ -1,0 +1,260 @@
+"""`imagerec` command line. Each subcommand parses arguments and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from imagerec import __version__
+from imagerec.utils import ImageRecError
+
+EXAMPLES = """\
+examples:
+  imagerec demo                                          train on the built-in MNIST subset
+  imagerec train ../shared/datasets/mnist --out runs/mnist
+  imagerec train photos/ --model resnet18 --epochs 20 --augment standard
+  imagerec train data.tar.gz --config my.yaml --out runs/exp1
+  imagerec train --resume runs/exp1 --epochs 30         continue (and extend) a run
+  imagerec eval runs/mnist --split test --format json
+  imagerec predict runs/mnist digits/*.png --top-k 3
+  imagerec models
+"""
+
+TRAIN_HELP = {
+    "model": "architecture: a registry name (see 'imagerec models') or timm/<name>; auto = cnn for <=64 px, else resnet18",
+    "pretrained": "initial weights: a .safetensors file, a run directory, or hf-hub:ORG/NAME",
+    "freeze_backbone": "train only the classifier head",
+    "backbone_lr_scale": "learning-rate multiplier for everything but the head (discriminative fine-tuning)",
+    "epochs": "number of epochs (may be raised when resuming)",
+    "optimizer": "sgd | adam | adamw | adagrad",
+    "lr": "peak learning rate (default per optimizer: sgd 0.1, adam 1e-3, adamw 3e-3, adagrad 1e-2)",
+    "weight_decay": "weight decay (default per optimizer)",
+    "schedule": "onecycle | cosine (with warm-up) | constant",
+    "label_smoothing": "label smoothing for cross-entropy",
+    "grad_clip": "clip the gradient norm to this value (0 = off)",
+    "augment": "augmentation preset: none | light | standard | strong",
+    "hflip": "random horizontal flips (default: on for standard/strong)",
+    "mixup": "mixup alpha (0 = off; strong uses 0.2)",
+    "cutmix": "cutmix alpha (0 = off; strong uses 1.0)",
+    "image_size": "model input size in pixels (default: native size up to 64 px, else 224)",
+    "channels": "1 or 3 (default: 1 when every image is grayscale)",
+    "ops": "preprocessing op, repeatable: median[:k] gaussian[:sigma] equalize clahe[:clip] grayscale sobel canny[:lo:hi]",
+    "val_fraction": "fraction of train held out for validation when the data has no val split",
+    "seed": "random seed: the whole run is a function of it",
+    "deterministic": "use deterministic algorithms only (slower on GPU)",
+    "precision": "auto (bf16 on CPUs with AVX512-BF16/AMX, AMP on CUDA) | fp32 | bf16 | fp16",
+    "device": "auto | cpu | cuda | cuda:N",
+    "channels_last": "channels_last memory format (faster convolutions)",
+    "workers": "decode worker processes (-1 = auto)",
+    "cache": "auto | ram | none: decode the dataset once into RAM when it fits",
+    "early_stopping": "stop after this many epochs without improvement of --metric (0 = off)",
+    "metric": "validation metric for best checkpoint and early stopping: accuracy | loss | macro_f1 | balanced_accuracy | map",
+    "max_pixels": "refuse images with more pixels than this (decompression bombs)",
+    "save_every_steps": "also save the last checkpoint every N steps (0 = once per epoch)",
+    "num_threads": "CPU threads (0 = one per available core)",
+    "limit_train": "use only N training images (a seeded subset; 0 = all)",
+}
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from imagerec.config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("data", "out"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": TRAIN_HELP.get(f.name, "")}
+        if "bool" in kind:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif "list" in kind:
+            p.add_argument(flag.rstrip("s") if f.name == "ops" else flag, action="append", metavar="OP", **kw)
+        elif "float" in kind:
+            p.add_argument(flag, type=float, metavar="X", **kw)
+        elif "int" in kind:
+            p.add_argument(flag, type=int, metavar="N", **kw)
+        else:
+            p.add_argument(flag, type=str, metavar="S", **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagerec", description="Train, evaluate and run image classifiers.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"imagerec {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a classifier", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", nargs="?", help="image folder, archive, manifest, IDX/CIFAR folder or dataset name")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="run directory (default runs/exp, runs/exp2, ...)")
+    p.add_argument("--config", help="YAML file of training settings (flags override it)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
+    _add_train_flags(p)
+
+    p = sub.add_parser("eval", help="evaluate a trained run on a data split")
+    p.add_argument("run", help="run directory")
+    p.add_argument("data", nargs="?", help="data to evaluate on (default: the data the run was trained on)")
+    p.add_argument("--split", default="test", help="train | val | test (default test)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("predict", help="classify images, folders or globs")
+    p.add_argument("run", help="run directory")
+    p.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--output", help="write results to this file instead of stdout")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("models", help="list the model registry")
+    p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'res*'")
+
+    p = sub.add_parser("demo", help="train and evaluate on the built-in MNIST subset (no network needed)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=4)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from imagerec.config import TrainConfig, apply_overrides, load_config_file
+    from imagerec.engine.run import train
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in known and k != "data"}
+    if args.resume:
+        result = train(resume=args.resume, **overrides)
+    else:
+        if not args.data:
+            raise ImageRecError("imagerec train needs DATA (a folder, archive, manifest or dataset name), or --resume DIR")
+        cfg = load_config_file(args.config) if args.config else TrainConfig()
+        cfg = apply_overrides(cfg, {"data": args.data, **overrides}, "the command line")
+        result = train(cfg)
+    if result.interrupted:
+        return 130
+    _print_run_summary(result)
+    return 0
+
+
+def _print_run_summary(result: Any) -> None:
+    from imagerec.report import summary_line
+
+    m = result.metrics
+    for split in ("val", "test"):
+        if split in m:
+            print(f"{split}: {summary_line(m[split])}")
+    print(f"run saved in {result.run_dir}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from imagerec.engine.evaluate import evaluate_run
+    from imagerec.report import metrics_table, summary_line
+
+    m = evaluate_run(args.run, args.data, args.split, batch_size=args.batch_size, device=args.device)
+    if args.format == "json":
+        print(json.dumps(m))
+        return 0
+    console = Console(soft_wrap=True)
+    console.print(metrics_table(m, f"{args.run} on {m['data']} [{args.split}]"))
+    console.print(summary_line(m), highlight=False)
+    if m["skipped_files"]:
+        console.print(f"skipped {len(m['skipped_files'])} unreadable file(s)")
+    console.print(f"written: {Path(args.run) / f'eval-{args.split}.json'}", highlight=False)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from imagerec.predict import expand_paths, load
+
+    if args.top_k < 1:
+        raise ImageRecError(f"--top-k must be at least 1, got {args.top_k}")
+    predictor = load(args.run, batch_size=args.batch_size, device=args.device)
+    paths = expand_paths(args.paths)
+    if not paths:
+        raise ImageRecError(f"no images found in: {' '.join(args.paths)}")
+    out = open(args.output, "w", newline="") if args.output else sys.stdout
+    errors = 0
+    try:
+        writer = csv.writer(out) if args.format == "csv" else None
+        if writer:
+            writer.writerow(["path", "label", "score", "topk", "error"])
+        for r in predictor.predict_iter(paths, top_k=args.top_k):
+            errors += "error" in r
+            if "error" in r:
+                print(f"error: {r['error']}", file=sys.stderr)
+            if args.format == "json":
+                out.write(json.dumps(r) + "\n")
+            elif writer:
+                topk = ";".join(f"{t['label']}:{t['score']:.4f}" for t in r.get("topk", []))
+                writer.writerow([r["path"], r.get("label", ""), r.get("score", ""), topk, r.get("error", "")])
+            elif "error" not in r:
+                alts = "  ".join(f"{t['label']} {t['score']:.1%}" for t in r["topk"][1:])
+                out.write(f"{r['path']}\t{r['label']}\t{r['score']:.1%}\t{alts}\n")
+    finally:
+        if args.output:
+            out.close()
+    if errors:
+        print(f"{errors} of {len(paths)} file(s) could not be read", file=sys.stderr)
+    return 1 if errors == len(paths) else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from imagerec.models import count_parameters, create_model, describe_model, list_models
+
+    table = Table(title="imagerec models (parameters for 10 classes, 3x32x32 input)")
+    for col in ("name", "params", "description"):
+        table.add_column(col, justify="right" if col == "params" else "left")
+    for name in list_models(args.pattern):
+        n = count_parameters(create_model(name, num_classes=10, in_chans=3, img_size=32))
+        table.add_row(name, f"{n / 1e6:.2f}M", describe_model(name))
+    console = Console(soft_wrap=True)
+    console.print(table)
+    console.print("any timm architecture: timm/<name>, e.g. timm/efficientnet_b0, timm/convnext_tiny")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from imagerec.demo import run_demo
+
+    run_demo(out=args.out, epochs=args.epochs)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except ImageRecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Typed configuration: the preprocessing contract that travels with a model, and training settings.
+
+`PreprocessConfig` is frozen and saved in every checkpoint and export; it is the only source of
+eval/predict/serve transforms. `TrainConfig` holds everything `imagerec train` accepts; a YAML file
+may set any of its fields, and an unknown key fails with a "did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imagerec.utils import ImageRecError, did_you_mean
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+AUGMENT_PRESETS = ("none", "light", "standard", "strong")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
+SCHEDULES = ("onecycle", "cosine", "constant")
+METRICS = ("accuracy", "loss", "macro_f1", "balanced_accuracy", "map")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a raw image becomes the model's input tensor, and what the outputs mean.
+
+    Eval transform: decode -> convert to `channels` -> `ops` -> resize shorter side to
+    `resize_size` -> center crop `input_size` -> scale to [0, 1] -> normalize(mean, std).
+    """
+
+    input_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize_size: int
+    class_names: tuple[str, ...]
+    interpolation: str = "bilinear"
+    ops: tuple[str, ...] = ()
+    multi_label: bool = False
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ImageRecError(f"channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ImageRecError(f"mean/std need {self.channels} values each, got {self.mean} / {self.std}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ImageRecError(f"unknown interpolation '{self.interpolation}': use one of {', '.join(INTERPOLATIONS)}")
+        if self.resize_size < self.input_size:
+            raise ImageRecError(f"resize_size {self.resize_size} is smaller than input_size {self.input_size}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        known = {f.name for f in fields(cls)}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+        return cls(**kw)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Defaults are the fast, safe path on a CPU."""
+
+    data: str = ""
+    out: str = "runs/exp"
+    model: str = "auto"
+    pretrained: str | None = None
+    freeze_backbone: bool = False
+    backbone_lr_scale: float = 1.0
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float | None = None
+    weight_decay: float | None = None
+    momentum: float = 0.9
+    schedule: str = "onecycle"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: float = 0.0
+    augment: str = "light"
+    hflip: bool | None = None
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    image_size: int | None = None
+    channels: int | None = None
+    interpolation: str = "bilinear"
+    ops: list[str] = field(default_factory=list)
+    val_fraction: float = 0.1
+    seed: int = 0
+    deterministic: bool = False
+    precision: str = "auto"
+    device: str = "auto"
+    channels_last: bool = True
+    workers: int = -1
+    cache: str = "auto"
+    early_stopping: int = 0
+    metric: str = "accuracy"
+    max_pixels: int = 89_478_485
+    save_every_steps: int = 0
+    num_threads: int = 0
+    limit_train: int = 0
+
+    def validate(self) -> None:
+        checks = [
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("schedule", self.schedule, SCHEDULES),
+            ("augment", self.augment, AUGMENT_PRESETS),
+            ("metric", self.metric, METRICS),
+            ("interpolation", self.interpolation, INTERPOLATIONS),
+            ("cache", self.cache, ("auto", "ram", "none")),
+        ]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ImageRecError(
+                    f"unknown {name} '{value}': use one of {', '.join(allowed)}.{did_you_mean(value, allowed)}"
+                )
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size}
+        for name, value in positive.items():
+            if value < 1:
+                raise ImageRecError(f"{name} must be at least 1, got {value}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ImageRecError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ImageRecError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.lr is not None and self.lr <= 0:
+            raise ImageRecError(f"lr must be positive, got {self.lr}")
+        if self.image_size is not None and not 8 <= self.image_size <= 1024:
+            raise ImageRecError(f"image_size must be between 8 and 1024, got {self.image_size}")
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ImageRecError(f"channels must be 1 or 3, got {self.channels}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:
+    """Check a YAML value against the field's type; YAML already parsed numbers and booleans."""
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise ImageRecError(f"config key '{name}' cannot be empty")
+    if "list" in annotation:
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list):
+            raise ImageRecError(f"config key '{name}' must be a list, got {value!r}")
+        return [str(v) for v in value]
+    if "bool" in annotation:
+        if not isinstance(value, bool):
+            raise ImageRecError(f"config key '{name}' must be true or false, got {value!r}")
+        return value
+    if "float" in annotation:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ImageRecError(f"config key '{name}' must be a number, got {value!r}")
+        return float(value)
+    if "int" in annotation:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ImageRecError(f"config key '{name}' must be an integer, got {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise ImageRecError(f"config key '{name}' must be a string, got {value!r}")
+    return value
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], origin: str) -> TrainConfig:
+    """Return `cfg` with `overrides` applied; unknown keys fail with a suggestion."""
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    updates = {}
+    for key, value in overrides.items():
+        norm = str(key).replace("-", "_")
+        if norm not in by_name:
+            raise ImageRecError(f"unknown config key '{key}' in {origin}.{did_you_mean(norm, by_name)}")
+        f = by_name[norm]
+        updates[norm] = _coerce(norm, value, f.default, str(f.type))
+    return dataclasses.replace(cfg, **updates)
+
+
+def load_config_file(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    """Read a YAML (or JSON) file of TrainConfig keys on top of `base`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ImageRecError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ImageRecError(f"config file {p} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ImageRecError(f"config file {p} must hold a mapping of keys to values, got {type(raw).__name__}")
+    return apply_overrides(base or TrainConfig(), raw, str(p))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically: a crash mid-write never leaves a truncated file behind."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.replace(p)

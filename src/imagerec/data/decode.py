@@ -1,0 +1,186 @@
+"""The one decode path: every reader's item source becomes a PIL image in 'L' or 'RGB' here.
+
+EXIF orientation is applied, and grayscale/RGB/RGBA/palette/CMYK/16-bit images are converted to
+the model's channels. Anything that fails raises `DecodeError` naming the file; callers decide
+whether to skip it (training) or report it (predict).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import tarfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from imagerec.utils import ImageRecError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A file inside an uncompressed tar, read by offset (a .tar.gz is first unpacked to the cache)."""
+
+    archive: str
+    name: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class ZipMember:
+    archive: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """Image `index` of the in-memory uint8 array `key` (IDX files, CIFAR batches)."""
+
+    key: str
+    index: int
+
+
+Source = str | TarMember | ZipMember | ArrayRef
+
+
+class DecodeError(ImageRecError):
+    """A single image could not be read or decoded."""
+
+
+def source_name(src: Source) -> str:
+    """A stable human-readable name for messages and data fingerprints."""
+    if isinstance(src, str):
+        return src
+    if isinstance(src, TarMember | ZipMember):
+        return f"{src.archive}::{src.name}"
+    return f"{src.key}[{src.index}]"
+
+
+_ZIPS: dict[str, zipfile.ZipFile] = {}  # one open handle per archive per process (workers too)
+
+
+def read_bytes(src: TarMember | ZipMember | str) -> bytes:
+    if isinstance(src, str):
+        with open(src, "rb") as f:
+            return f.read()
+    if isinstance(src, TarMember):
+        with open(src.archive, "rb") as f:
+            f.seek(src.offset)
+            return f.read(src.size)
+    zf = _ZIPS.get(src.archive)
+    if zf is None:
+        zf = _ZIPS[src.archive] = zipfile.ZipFile(src.archive)
+    return zf.read(src.name)
+
+
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    KeyError,
+    IndexError,
+)
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer/float images -> 8-bit 'L', scaled by their bit depth."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+    else:
+        # 'I;16*' images hold 0..65535; 'I' images from 16-bit PNGs do too.
+        scaled = arr.astype(np.float64) / (65535.0 if arr.max(initial=0) > 255 else 255.0) * 255.0
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
+def convert_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode to 'L' (channels=1) or 'RGB' (channels=3); alpha is composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = _to_8bit(img)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba).convert("RGB")
+    target = "L" if channels == 1 else "RGB"
+    return img if img.mode == target else img.convert(target)
+
+
+def decode_bytes(
+    data: bytes,
+    name: str,
+    channels: int = 3,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Encoded image bytes -> loaded PIL image with `channels` channels; errors name `name`.
+
+    `draft_size` lets the JPEG decoder downscale by a power of two while decoding, which is much
+    faster for large photos that will be resized anyway.
+    """
+    if not data:
+        raise DecodeError(f"{name}: empty file (0 bytes); remove it or replace it with a real image")
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise DecodeError(
+                f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                "(possible decompression bomb); raise max_pixels if the image is genuine"
+            )
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB" if channels == 3 else "L", draft_size)
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return convert_mode(img, channels)
+    except DecodeError:
+        raise
+    except Image.UnidentifiedImageError as e:
+        raise DecodeError(f"{name}: not an image file PIL can identify (wrong type or corrupt)") from e
+    except _DECODE_ERRORS as e:
+        raise DecodeError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def open_image(
+    src: Source,
+    channels: int = 3,
+    arrays: dict[str, np.ndarray] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Decode `src` into a loaded PIL image with `channels` channels."""
+    name = source_name(src)
+    if isinstance(src, ArrayRef):
+        if arrays is None or src.key not in arrays:
+            raise DecodeError(f"{name}: the array this image lives in was not loaded")
+        arr = arrays[src.key][src.index]
+        return convert_mode(Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB"), channels)
+    try:
+        data = read_bytes(src)
+    except FileNotFoundError as e:
+        raise DecodeError(f"{name}: file not found") from e
+    except IsADirectoryError as e:
+        raise DecodeError(f"{name}: is a directory, not an image file") from e
+    except _DECODE_ERRORS as e:
+        raise DecodeError(f"{name}: cannot read ({type(e).__name__}: {e})") from e
+    return decode_bytes(data, name, channels, max_pixels, draft_size)
+
+
+def is_image_path(path: str | Path) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)

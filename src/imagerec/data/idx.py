@@ -1,0 +1,134 @@
+"""Binary array formats: MNIST-style IDX files and CIFAR-10/100 python batches.
+
+CIFAR batches are pickles by definition; they are read with an unpickler that only builds
+dicts, lists, strings, numbers and numpy arrays, so a hostile file cannot run code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+
+from imagerec.utils import ImageRecError
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Parse an IDX file (raw or gzip): magic (0, 0, dtype, ndim), big-endian dims, data."""
+    p = Path(path)
+    try:
+        raw = gzip.open(p, "rb").read() if p.name.endswith(".gz") else p.read_bytes()
+    except (OSError, EOFError) as e:
+        raise ImageRecError(f"{p}: cannot read IDX file ({e})") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ImageRecError(f"{p}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - offset != expected:
+        raise ImageRecError(f"{p}: IDX header says {dims} but the file holds {len(raw) - offset} bytes of data, not {expected}")
+    arr = np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
+    if arr.ndim == 3 and arr.dtype != np.uint8:
+        raise ImageRecError(f"{p}: IDX images must be uint8, got {arr.dtype}")
+    return arr.astype(arr.dtype.newbyteorder("=")) if arr.dtype.byteorder == ">" else arr
+
+
+def _idx_split(name: str) -> str | None:
+    n = name.lower()
+    if re.search(r"(^|[-_.])(train)([-_.]|$)", n):
+        return "train"
+    if re.search(r"(^|[-_.])(t10k|test)([-_.]|$)", n):
+        return "test"
+    return None
+
+
+def find_idx_pairs(root: Path) -> dict[str, tuple[Path, Path]]:
+    """{split: (images file, labels file)} for the IDX files in `root`."""
+    found: dict[str, dict[str, Path]] = {}
+    for p in sorted(root.iterdir()):
+        kind = "images" if "idx3" in p.name else "labels" if "idx1" in p.name else None
+        split = _idx_split(p.name)
+        if kind and split:
+            found.setdefault(split, {})[kind] = p
+    pairs = {s: (d["images"], d["labels"]) for s, d in found.items() if "images" in d and "labels" in d}
+    if not pairs:
+        raise ImageRecError(f"{root}: no matching *-images-idx3-ubyte / *-labels-idx1-ubyte pair found")
+    return pairs
+
+
+def is_idx_dir(root: Path) -> bool:
+    return any("idx3" in p.name for p in root.iterdir())
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def load_cifar_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayOnlyUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError) as e:
+        raise ImageRecError(f"{path}: not a readable CIFAR batch ({e}); only dicts of arrays and lists are accepted") from e
+    if not isinstance(obj, dict):
+        raise ImageRecError(f"{path}: a CIFAR batch must be a dict, got {type(obj).__name__}")
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def _names(meta: dict, key: str) -> list[str]:
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[key]]
+
+
+def is_cifar_dir(root: Path) -> bool:
+    return (root / "data_batch_1").exists() or ((root / "train").is_file() and (root / "meta").is_file())
+
+
+def read_cifar_dir(root: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
+    """CIFAR-10 (`data_batch_1..5`, `test_batch`, `batches.meta`) or CIFAR-100 (`train`, `test`, `meta`)."""
+    if (root / "data_batch_1").exists():
+        files = {"train": sorted(root.glob("data_batch_*")), "test": [root / "test_batch"]}
+        meta_file, names_key, label_key = root / "batches.meta", "label_names", "labels"
+    else:
+        files = {"train": [root / "train"], "test": [root / "test"]}
+        meta_file, names_key, label_key = root / "meta", "fine_label_names", "fine_labels"
+    arrays, labels = {}, {}
+    for split, paths in files.items():
+        paths = [p for p in paths if p.exists()]
+        if not paths:
+            continue
+        batches = [load_cifar_batch(p) for p in paths]
+        for p, b in zip(paths, batches, strict=True):
+            if "data" not in b or label_key not in b:
+                raise ImageRecError(f"{p}: a CIFAR batch needs 'data' and '{label_key}' entries")
+        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise ImageRecError(f"{paths[0]}: CIFAR data must be N x 3072 uint8 rows, got {data.shape}")
+        arrays[split] = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # (N, H, W, C)
+        labels[split] = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+    if "train" not in arrays:
+        raise ImageRecError(f"{root}: no CIFAR training batches found")
+    n_classes = int(max(int(v.max()) for v in labels.values())) + 1
+    class_names = _names(load_cifar_batch(meta_file), names_key) if meta_file.exists() else [str(i) for i in range(n_classes)]
+    return arrays, labels, class_names

@@ -1,0 +1,240 @@
+"""Batches for the trainer and evaluator.
+
+Datasets that fit in RAM are decoded once into a uint8 tensor (N, C, H, W) and batches are
+sliced from it; larger ones stream through DataLoader workers. Either way a batch is uint8 on the
+host; normalisation and batch augmentation happen on the device.
+
+Every random draw is seeded from (seed, epoch, position), so an epoch's batches do not depend on
+worker count or on where a resumed run starts: `epoch(e, start_step=k)` yields exactly the
+batches an uninterrupted run would from step k on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from imagerec.data.decode import ArrayRef, DecodeError, open_image
+from imagerec.data.readers import Item
+from imagerec.utils import available_cpus, mix_seed
+
+log = logging.getLogger("imagerec")
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # (B, C, H, W) uint8
+    y: torch.Tensor  # (B,) int64, or (B, K) float multi-hot
+    index: torch.Tensor  # (B,) positions in the split's item list
+    skipped: list[str]  # decode errors met while building this batch
+
+
+class DecodeDataset(Dataset):
+    """Item -> uint8 tensor through `transform` (and `augment`, seeded per item). Failures are
+    returned, not raised, so one bad file never stops a run."""
+
+    def __init__(
+        self,
+        items: list[Item],
+        arrays: dict[str, np.ndarray],
+        channels: int,
+        transform: Callable,
+        augment: Callable | None = None,
+        max_pixels: int = 89_478_485,
+        draft: int | None = None,
+    ) -> None:
+        self.items, self.arrays, self.channels = items, arrays, channels
+        self.transform, self.augment, self.max_pixels = transform, augment, max_pixels
+        self.draft = (draft, draft) if draft else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, torch.Tensor | None, str | None]:
+        i, seed = key
+        try:
+            img = open_image(self.items[i].source, self.channels, self.arrays, self.max_pixels, self.draft)
+            t = self.transform(img)
+        except DecodeError as e:
+            return i, None, str(e)
+        if self.augment is not None:
+            torch.manual_seed(seed)
+            t = self.augment(t)
+        return i, t, None
+
+
+class CachedDataset(Dataset):
+    """Per-item augmentation over an already decoded uint8 cache (shared with workers via fork)."""
+
+    def __init__(self, cache: torch.Tensor, augment: Callable) -> None:
+        self.cache, self.augment = cache, augment
+
+    def __len__(self) -> int:
+        return self.cache.shape[0]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, torch.Tensor, None]:
+        i, seed = key
+        torch.manual_seed(seed)
+        return i, self.augment(self.cache[i]), None
+
+
+def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    good = [(i, t) for i, t, _ in samples if t is not None]
+    errors = [e for _, t, e in samples if t is None and e]
+    if not good:
+        return torch.empty(0, dtype=torch.long), None, errors
+    return torch.tensor([i for i, _ in good]), torch.stack([t for _, t in good]), errors
+
+
+def targets_tensor(items: list[Item], num_classes: int, multi_label: bool) -> torch.Tensor:
+    if not multi_label:
+        return torch.tensor([it.target for it in items], dtype=torch.long)
+    y = torch.zeros(len(items), num_classes)
+    for i, it in enumerate(items):
+        labels = it.target if isinstance(it.target, tuple) else (it.target,)
+        y[i, list(labels)] = 1.0
+    return y
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def default_workers() -> int:
+    return max(1, min(8, available_cpus() - 1))
+
+
+class ImageLoader:
+    """Batches of one split, cached in RAM or streamed.
+
+    Example:
+        >>> loader = ImageLoader(items, arrays, channels=1, size=28, transform=t, batch_size=128)
+        >>> for batch in loader.epoch(0): ...
+    """
+
+    def __init__(
+        self,
+        items: list[Item],
+        arrays: dict[str, np.ndarray],
+        channels: int,
+        size: int,
+        transform: Callable,
+        batch_size: int,
+        targets: torch.Tensor,
+        shuffle: bool = False,
+        seed: int = 0,
+        augment: Callable | None = None,
+        workers: int = -1,
+        cache: str = "auto",
+        max_pixels: int = 89_478_485,
+        fast_arrays: bool = False,
+        draft: int | None = None,
+    ) -> None:
+        self.items, self.targets = items, targets
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.augment = augment
+        self.workers = default_workers() if workers < 0 else workers
+        self.skipped: dict[int, str] = {}
+        self.decode = DecodeDataset(items, arrays, channels, transform, None, max_pixels, draft=draft)
+        nbytes = len(items) * channels * size * size
+        self.cached = cache == "ram" or (cache == "auto" and nbytes < min(available_memory() // 4, 8 << 30))
+        self.cache: torch.Tensor | None = None
+        self.valid = np.arange(len(items))
+        if self.cached:
+            self._build_cache(arrays, channels, size, fast_arrays)
+
+    def _build_cache(self, arrays: dict[str, np.ndarray], channels: int, size: int, fast_arrays: bool) -> None:
+        """Decode every item once. IDX/CIFAR arrays already at the right size are copied directly."""
+        refs = [it.source for it in self.items]
+        if fast_arrays and refs and all(isinstance(r, ArrayRef) and r.key == refs[0].key for r in refs):
+            arr = arrays[refs[0].key]
+            if arr.shape[1:3] == (size, size) and (arr.ndim == 3) == (channels == 1) and (arr.ndim == 3 or arr.shape[3] == channels):
+                idx = np.array([r.index for r in refs])
+                t = torch.from_numpy(np.ascontiguousarray(arr[idx]))
+                self.cache = (t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)).contiguous()  # (N, C, H, W)
+                return
+        cache = torch.empty((len(self.items), channels, size, size), dtype=torch.uint8)
+        ok = np.zeros(len(self.items), dtype=bool)
+        keys = [(i, 0) for i in range(len(self.items))]
+        batches = [keys[k : k + 256] for k in range(0, len(keys), 256)]
+        workers = self.workers if len(self.items) > 2000 else 0
+        dl = DataLoader(self.decode, batch_sampler=batches, num_workers=workers, collate_fn=_collate)
+        for idx, x, errors in dl:
+            if x is not None:
+                cache[idx] = x
+                ok[idx.numpy()] = True
+            self._note_errors(errors)
+        self.valid = np.flatnonzero(ok)
+        self.cache = cache
+
+    def _note_errors(self, errors: list[str]) -> list[str]:
+        new = []
+        for e in errors:
+            key = hash(e)
+            if key not in self.skipped:
+                self.skipped[key] = e
+                new.append(e)
+                log.warning("skipped: %s", e)
+        return new
+
+    @property
+    def num_items(self) -> int:
+        return len(self.valid)
+
+    def __len__(self) -> int:
+        n = self.num_items
+        if self.shuffle and n > self.batch_size:
+            return n // self.batch_size  # drop the ragged last batch: a batch of 1 breaks BatchNorm
+        return (n + self.batch_size - 1) // self.batch_size
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return self.valid
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+        return self.valid[torch.randperm(len(self.valid), generator=g).numpy()]
+
+    def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Batch]:
+        """The batches of `epoch`, starting at batch `start_step`."""
+        order = self.order(epoch)
+        n_batches = len(self)
+        chunks = [order[k * self.batch_size : (k + 1) * self.batch_size] for k in range(start_step, n_batches)]
+        if self.cache is not None and self.augment is None:
+            for idx in chunks:
+                t = torch.from_numpy(idx)
+                yield Batch(self.cache[t], self.targets[t], t, [])
+            return
+        dataset: Dataset
+        if self.cache is not None:
+            dataset = CachedDataset(self.cache, self.augment)  # type: ignore[arg-type]
+        else:
+            self.decode.augment = self.augment
+            dataset = self.decode
+        keyed = [[(int(i), mix_seed(self.seed, epoch, int(i))) for i in idx] for idx in chunks]
+        workers = self.workers if len(keyed) > 1 else 0
+        dl = DataLoader(
+            dataset,
+            batch_sampler=keyed,
+            num_workers=workers,
+            collate_fn=_collate,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+            multiprocessing_context="fork" if workers and os.name == "posix" else None,
+        )
+        for idx, x, errors in dl:
+            skipped = self._note_errors(errors)
+            if x is None:
+                continue
+            yield Batch(x, self.targets[idx], idx, skipped)

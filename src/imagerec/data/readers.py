@@ -1,0 +1,291 @@
+"""Readers list `(source, label)` items and class names; they never decode images.
+
+One reader per source kind: image folders, archives, CSV/JSONL manifests, IDX files, CIFAR
+batches. `read_data(DATA)` picks the reader from what DATA is (timm's `reader_factory`).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import logging
+import shutil
+import tarfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from imagerec.data.decode import ArrayRef, Source, TarMember, ZipMember, is_image_path, source_name
+from imagerec.data.idx import find_idx_pairs, read_cifar_dir, read_idx
+from imagerec.utils import ImageRecError
+
+log = logging.getLogger("imagerec")
+
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+Target = int | tuple[int, ...]
+
+
+@dataclass
+class Item:
+    source: Source
+    target: Target
+
+
+@dataclass
+class DataSpec:
+    """What a reader found: items per split, class names, and any in-memory arrays they point into."""
+
+    origin: str
+    class_names: list[str]
+    splits: dict[str, list[Item]]
+    multi_label: bool = False
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        """sha256 over every (split, source, label): changes when the data changes."""
+        h = hashlib.sha256()
+        h.update(json.dumps(self.class_names).encode())
+        for split in sorted(self.splits):
+            for it in self.splits[split]:
+                h.update(f"{split}\t{source_name(it.source)}\t{it.target}\n".encode())
+        for key in sorted(self.arrays):
+            h.update(hashlib.sha256(np.ascontiguousarray(self.arrays[key]).data).digest())
+        return h.hexdigest()
+
+    def counts(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.splits.items()}
+
+
+def _strip_wrapper(paths: list[PurePosixPath]) -> list[PurePosixPath]:
+    """Drop a single top folder that wraps everything (e.g. `cifar10-jpg/train/cat/1.jpg`)."""
+    while paths and all(len(p.parts) >= 3 for p in paths):
+        first = {p.parts[0] for p in paths}
+        if len(first) != 1 or next(iter(first)).lower() in SPLIT_ALIASES:
+            break
+        paths = [PurePosixPath(*p.parts[1:]) for p in paths]
+    return paths
+
+
+def _layout(rel_paths: list[str], origin: str) -> tuple[dict[str, list[tuple[int, str]]], list[str], list[str]]:
+    """Group relative image paths into splits and classes.
+
+    Returns ({split: [(path_index, class_name)]}, class names, notes). Layouts:
+    `<class>/<file>` or `<split>/<class>/<file>`, optionally under one wrapping folder.
+    """
+    notes: list[str] = []
+    paths = _strip_wrapper([PurePosixPath(p) for p in rel_paths])
+    tops = {p.parts[0].lower() for p in paths if len(p.parts) >= 2}
+    split_mode = any(t in SPLIT_ALIASES for t in tops) and any(
+        len(p.parts) >= 3 and p.parts[0].lower() in SPLIT_ALIASES for p in paths
+    )
+    grouped: dict[str, list[tuple[int, str]]] = {}
+    ignored: Counter[str] = Counter()
+    for i, p in enumerate(paths):
+        if split_mode:
+            split = SPLIT_ALIASES.get(p.parts[0].lower())
+            if split is None or len(p.parts) < 3:
+                ignored[p.parts[0] if len(p.parts) > 1 else "(top level)"] += 1
+                continue
+            grouped.setdefault(split, []).append((i, p.parts[1]))
+        else:
+            if len(p.parts) < 2:
+                ignored["(top level)"] += 1
+                continue
+            grouped.setdefault("train", []).append((i, p.parts[0]))
+    for where, n in ignored.items():
+        notes.append(f"{origin}: ignored {n} image(s) in '{where}' (not inside a class folder of a known split)")
+    if not grouped:
+        raise ImageRecError(
+            f"{origin}: no images found in class folders. Expected <class>/<image> or "
+            "<train|val|test>/<class>/<image> with extensions jpg, jpeg, png, bmp, gif, tif, tiff, webp"
+        )
+    source_split = "train" if "train" in grouped else sorted(grouped)[0]
+    class_names = sorted({c for _, c in grouped[source_split]})
+    for split, members in grouped.items():
+        extra = sorted({c for _, c in members} - set(class_names))
+        if extra:
+            notes.append(f"{origin}: {split} has classes missing from {source_split} (dropped): {', '.join(extra)}")
+            grouped[split] = [(i, c) for i, c in members if c in class_names]
+    return grouped, class_names, notes
+
+
+def _spec_from_layout(origin: str, sources: list[Source], rel_paths: list[str]) -> DataSpec:
+    grouped, class_names, notes = _layout(rel_paths, origin)
+    index = {c: k for k, c in enumerate(class_names)}
+    splits = {s: [Item(sources[i], index[c]) for i, c in members] for s, members in grouped.items()}
+    return DataSpec(origin, class_names, splits, notes=notes)
+
+
+def read_folder(root: Path) -> DataSpec:
+    rel, sources = [], []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and is_image_path(p.name) and not any(part.startswith(".") for part in p.relative_to(root).parts):
+            rel.append(p.relative_to(root).as_posix())
+            sources.append(str(p))
+    spec = _spec_from_layout(str(root), sources, rel)
+    present = {c for items in spec.splits.values() for it in items for c in [spec.class_names[it.target]]}
+    if root.is_dir():
+        candidates = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        empty = [d.name for d in candidates if d.name.lower() not in SPLIT_ALIASES and d.name not in present]
+        if empty and not any(d.name.lower() in SPLIT_ALIASES for d in candidates):
+            spec.notes.append(f"{root}: class folder(s) with no images, skipped: {', '.join(sorted(empty))}")
+    return spec
+
+
+def _cache_dir() -> Path:
+    import os
+
+    base = os.environ.get("IMAGEREC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "imagerec"
+    )
+    return Path(base)
+
+
+def _ungzip_to_cache(path: Path) -> Path:
+    """A .tar.gz cannot be read at random offsets: unpack the tar stream once into the cache."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = _cache_dir() / "archives" / f"{path.name.split('.')[0]}-{key}.tar"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        try:
+            with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (OSError, EOFError) as e:
+            tmp.unlink(missing_ok=True)
+            raise ImageRecError(f"{path}: cannot decompress ({e}); is the archive complete?") from e
+        tmp.replace(out)
+    return out
+
+
+def read_archive(path: Path) -> DataSpec:
+    """Image folder layout inside .tar/.tar.gz/.tgz/.zip, read in place (never unpacked to the user's folders)."""
+    rel: list[str] = []
+    sources: list[Source] = []
+    name = path.name.lower()
+    try:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if not info.is_dir() and is_image_path(info.filename) and not _hidden(info.filename):
+                        rel.append(info.filename)
+                        sources.append(ZipMember(str(path), info.filename))
+        else:
+            tar_path = _ungzip_to_cache(path) if name.endswith((".tar.gz", ".tgz")) else path
+            with tarfile.open(tar_path, "r:") as tf:
+                for m in tf:
+                    if m.isfile() and is_image_path(m.name) and not _hidden(m.name):
+                        rel.append(m.name)
+                        sources.append(TarMember(str(tar_path), m.name, m.offset_data, m.size))
+    except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
+        raise ImageRecError(f"{path}: cannot read archive ({e}); is it a complete .tar, .tar.gz or .zip?") from e
+    return _spec_from_layout(str(path), sources, rel)
+
+
+def _hidden(name: str) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in PurePosixPath(name).parts)
+
+
+def _manifest_rows(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ImageRecError(f"{path}, line {n}: not valid JSON ({e.msg})") from e
+        return rows
+    return list(csv.DictReader(text.splitlines()))
+
+
+def _pick(row: dict, names: tuple[str, ...]) -> object:
+    for n in names:
+        if n in row and row[n] not in (None, ""):
+            return row[n]
+    return None
+
+
+def read_manifest(path: Path) -> DataSpec:
+    """CSV (`path,label[,split]`) or JSONL manifest. Several labels in a row (a list, or separated by
+    ';' or '|') make the dataset multi-label. Paths are relative to the manifest's folder."""
+    rows = _manifest_rows(path)
+    if not rows:
+        raise ImageRecError(f"{path}: the manifest has no rows")
+    parsed: list[tuple[str, str, list[str]]] = []
+    notes: list[str] = []
+    missing = 0
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ImageRecError(f"{path}, row {n}: expected an object with 'path' and 'label'")
+        rel = _pick(row, ("path", "file", "filename", "image"))
+        lab = _pick(row, ("labels", "label", "class"))
+        if rel is None or lab is None:
+            raise ImageRecError(f"{path}, row {n}: needs a 'path' and a 'label' column/key; found {sorted(row)}")
+        labels = [str(x) for x in lab] if isinstance(lab, list) else [s.strip() for s in str(lab).replace("|", ";").split(";") if s.strip()]
+        p = Path(str(rel))
+        full = p if p.is_absolute() else path.parent / p
+        if not full.is_file():
+            missing += 1
+            if missing <= 5:
+                notes.append(f"{path}, row {n}: file not found, skipped: {full}")
+            continue
+        split = SPLIT_ALIASES.get(str(row.get("split") or "train").lower(), "train")
+        parsed.append((str(full), split, labels))
+    if missing > 5:
+        notes.append(f"{path}: {missing} files listed in the manifest were not found and were skipped")
+    if not parsed:
+        raise ImageRecError(f"{path}: none of the {len(rows)} files in the manifest exist (paths are relative to {path.parent})")
+    class_names = sorted({lab for _, _, labels in parsed for lab in labels})
+    index = {c: k for k, c in enumerate(class_names)}
+    multi = any(len(labels) != 1 for _, _, labels in parsed)
+    splits: dict[str, list[Item]] = {}
+    for full, split, labels in parsed:
+        target: Target = tuple(sorted(index[x] for x in labels)) if multi else index[labels[0]]
+        splits.setdefault(split, []).append(Item(full, target))
+    return DataSpec(str(path), class_names, splits, multi_label=multi, notes=notes)
+
+
+def _labels_to_classes(labels: dict[str, np.ndarray]) -> tuple[list[str], dict[int, int]]:
+    values = sorted({int(v) for arr in labels.values() for v in np.unique(arr)})
+    return [str(v) for v in values], {v: k for k, v in enumerate(values)}
+
+
+def read_idx_dir(root: Path) -> DataSpec:
+    """MNIST-style IDX files (raw or .gz); train*/t10k*/test* files become the train/test splits.
+    Labels may be any integers (EMNIST letters start at 1): classes are the sorted distinct values."""
+    pairs = find_idx_pairs(root)
+    images = {split: read_idx(img) for split, (img, _) in pairs.items()}
+    labels = {split: read_idx(lab) for split, (_, lab) in pairs.items()}
+    for split in pairs:
+        if len(images[split]) != len(labels[split]):
+            raise ImageRecError(
+                f"{pairs[split][0]}: {len(images[split])} images but {len(labels[split])} labels in {pairs[split][1]}"
+            )
+    class_names, index = _labels_to_classes(labels)
+    splits = {
+        split: [Item(ArrayRef(split, i), index[int(v)]) for i, v in enumerate(labels[split])] for split in pairs
+    }
+    return DataSpec(str(root), class_names, splits, arrays=images)
+
+
+def read_cifar(root: Path) -> DataSpec:
+    arrays, labels, class_names = read_cifar_dir(root)
+    splits = {split: [Item(ArrayRef(split, i), int(v)) for i, v in enumerate(labels[split])] for split in arrays}
+    return DataSpec(str(root), class_names, splits, arrays=arrays)

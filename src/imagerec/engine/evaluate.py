@@ -1,0 +1,92 @@
+"""`evaluate_run()`: a trained run on a split of any data source (the function behind `imagerec eval`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imagerec.config import PreprocessConfig, write_json
+from imagerec.data import DataSpec, read_data, split_train_val
+from imagerec.data.loader import ImageLoader, targets_tensor
+from imagerec.data.readers import Item
+from imagerec.engine.checkpoint import load_model
+from imagerec.engine.pipeline import BatchPipeline, predict_logits
+from imagerec.metrics import classification_metrics, multilabel_metrics
+from imagerec.report import save_confusion_matrix_png
+from imagerec.transforms import base_transform
+from imagerec.utils import ImageRecError, resolve_device, resolve_precision, set_threads
+
+
+def write_eval_outputs(run_dir: Path, split: str, metrics: dict[str, Any]) -> None:
+    write_json(run_dir / f"eval-{split}.json", metrics)
+    if "confusion_matrix" in metrics:
+        save_confusion_matrix_png(metrics["confusion_matrix"], list(metrics["per_class"]), run_dir / f"confusion-{split}.png",
+                                  title=f"{run_dir.name} - {split}")
+
+
+def remap_items(spec: DataSpec, split: str, model_classes: list[str]) -> list[Item]:
+    """The split's items with labels renumbered to the model's classes, matched by name."""
+    index = {c: k for k, c in enumerate(model_classes)}
+    unknown = [c for c in spec.class_names if c not in index]
+    items = spec.splits[split]
+    used = {spec.class_names[t] for it in items for t in (it.target if isinstance(it.target, tuple) else (it.target,))}
+    unknown = sorted(set(unknown) & used)
+    if unknown:
+        raise ImageRecError(
+            f"{spec.origin} has classes the model was not trained on: {', '.join(unknown[:10])}. "
+            f"The model knows: {', '.join(model_classes[:20])}"
+        )
+    def conv(t: int | tuple[int, ...]) -> int | tuple[int, ...]:
+        return tuple(index[spec.class_names[k]] for k in t) if isinstance(t, tuple) else index[spec.class_names[t]]
+    return [Item(it.source, conv(it.target)) for it in items]
+
+
+def create_eval_loader(spec: DataSpec, items: list[Item], pre: PreprocessConfig, batch_size: int = 256, workers: int = -1,
+                       max_pixels: int = 89_478_485) -> ImageLoader:
+    """Batches of `items` through the model's own eval transform (the one used after training)."""
+    return ImageLoader(items, spec.arrays, pre.channels, pre.input_size, base_transform(pre), batch_size,
+                       targets_tensor(items, pre.num_classes, pre.multi_label), workers=workers,
+                       max_pixels=max_pixels, fast_arrays=True, draft=pre.resize_size)
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | None = None,
+    split: str = "test",
+    batch_size: int = 256,
+    device: str = "auto",
+    precision: str = "auto",
+    write: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a run's best checkpoint on `split` of `data` (default: the data it was trained on).
+
+    Example:
+        >>> m = evaluate_run("runs/mnist", split="test")
+        >>> m["accuracy"], m["macro_f1"]
+    """
+    set_threads()
+    model, meta = load_model(run_dir)
+    pre = PreprocessConfig.from_dict(meta["preprocess"])
+    cfg = meta["train_config"]
+    spec = split_train_val(read_data(data or cfg["data"]), cfg.get("val_fraction", 0.1), cfg.get("seed", 0))
+    if split not in spec.splits:
+        raise ImageRecError(f"{spec.origin} has no '{split}' split; it has: {', '.join(sorted(spec.splits))}")
+    items = remap_items(spec, split, list(pre.class_names))
+    dev = resolve_device(device)
+    amp = resolve_precision(precision, dev)
+    model.to(dev).to(memory_format=torch.channels_last)
+    loader = create_eval_loader(spec, items, pre, batch_size, max_pixels=cfg.get("max_pixels", 89_478_485))
+    logits, targets, _ = predict_logits(model, loader, BatchPipeline(pre, dev, True), amp)
+    if pre.multi_label:
+        metrics = multilabel_metrics(logits, targets, list(pre.class_names))
+    else:
+        metrics = classification_metrics(logits, targets.astype(np.int64), list(pre.class_names))
+    metrics["split"] = split
+    metrics["data"] = spec.origin
+    metrics["skipped_files"] = sorted(loader.skipped.values())
+    if write:
+        write_eval_outputs(Path(run_dir), split, metrics)
+    return metrics

@@ -1,0 +1,65 @@
+"""Optimizers and learning-rate schedules.
+
+A schedule is a pure function of the global step, so resuming needs no scheduler state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from imagerec.config import TrainConfig
+from imagerec.models import create_param_groups
+
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 3e-3, "adagrad": 1e-2}
+DEFAULT_WD = {"sgd": 5e-4, "adam": 0.0, "adamw": 0.05, "adagrad": 0.0}
+
+
+def create_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
+    wd = cfg.weight_decay if cfg.weight_decay is not None else DEFAULT_WD[cfg.optimizer]
+    groups = create_param_groups(model, lr, wd, cfg.backbone_lr_scale, cfg.freeze_backbone)
+    # foreach kernels batch the per-parameter updates; fused is faster still where supported (CUDA).
+    fast = {"fused": True} if device.type == "cuda" and cfg.optimizer in ("adam", "adamw", "sgd") else {"foreach": True}
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, **fast)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr, **fast)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, **fast)
+    return torch.optim.Adagrad(groups, lr=lr, foreach=True)
+
+
+def create_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """step -> multiplier of each group's base lr."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        # fastai/timm one-cycle: 25% warm-up from lr/25, then cosine down to ~0.
+        warm = max(1, int(0.25 * total))
+
+        def onecycle(step: int) -> float:
+            if step < warm:
+                return 0.04 + 0.96 * step / warm
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.5 * (1 + math.cos(math.pi * t)) * (1 - 1e-4) + 1e-4
+
+        return onecycle
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def warmup_then(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.5 * (1 + math.cos(math.pi * t))
+
+    return warmup_then
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for g in optimizer.param_groups:
+        g.setdefault("base_lr", g["lr"])
+        g["lr"] = g["base_lr"] * factor

@@ -1,0 +1,279 @@
+"""`train()`: from a TrainConfig to a finished run directory (the function behind `imagerec train`).
+
+Run directory: config.yaml (resolved settings), best/last checkpoints (.safetensors + .json),
+history.csv, metrics.json, eval-<split>.json and confusion-<split>.png.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from rich.console import Console
+
+from imagerec.config import PreprocessConfig, TrainConfig, apply_overrides, write_json
+from imagerec.data import DataSpec, read_data, split_train_val
+from imagerec.data.decode import ArrayRef, read_bytes
+from imagerec.data.loader import ImageLoader, targets_tensor
+from imagerec.engine.callbacks import Callback, EarlyStopping, HistoryCSV, ProgressBar
+from imagerec.engine.checkpoint import load_checkpoint_tensors, read_checkpoint_meta, restore_optimizer
+from imagerec.engine.evaluate import write_eval_outputs
+from imagerec.engine.optim import create_optimizer
+from imagerec.engine.task import ClassificationTask
+from imagerec.engine.pipeline import BatchPipeline
+from imagerec.engine.trainer import Trainer
+from imagerec.models import count_parameters, create_model, load_pretrained
+from imagerec.transforms import BatchAugment, base_transform, item_augment, train_base_size
+from imagerec.utils import ImageRecError, library_versions, resolve_device, resolve_precision, set_threads
+
+log = logging.getLogger("imagerec")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    model_name: str
+    interrupted: bool = False
+
+
+def infer_geometry(spec: DataSpec, items_per_probe: int = 32) -> tuple[int, int]:
+    """(channels, native size) from the data: 1 channel only when every probed image is grayscale."""
+    train = spec.splits.get("train") or next(iter(spec.splits.values()))
+    first = train[0].source
+    if isinstance(first, ArrayRef):
+        arr = spec.arrays[first.key]
+        return (1 if arr.ndim == 3 else 3), int(min(arr.shape[1:3]))
+    step = max(1, len(train) // items_per_probe)
+    modes, sides = [], []
+    for it in train[::step][:items_per_probe]:
+        try:
+            import io
+
+            with Image.open(io.BytesIO(read_bytes(it.source))) as im:  # header only, no full decode
+                modes.append(im.mode)
+                sides.append(min(im.size))
+        except (OSError, ValueError, SyntaxError):
+            continue
+    if not sides:
+        raise ImageRecError(f"{spec.origin}: none of the probed training images could be opened; run 'imagerec check' on it")
+    channels = 1 if all(m in _GRAY_MODES for m in modes) else 3
+    return channels, int(np.median(sides))
+
+
+def _limit(items: list, n: int, seed: int) -> list:
+    if not n or n >= len(items):
+        return items
+    keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:n])
+    return [items[i] for i in keep]
+
+
+def _mean_std(loader: ImageLoader, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of the (uint8) training images, from up to 10k of them."""
+    if loader.cache is not None:
+        sample = loader.cache[torch.from_numpy(loader.valid[:: max(1, loader.num_items // 10000)])]
+    else:
+        batches = []
+        for k, b in enumerate(loader.epoch(0)):
+            batches.append(b.x)
+            if k >= 3:
+                break
+        sample = torch.cat(batches) if batches else torch.zeros(1, channels, 1, 1, dtype=torch.uint8)
+    x = sample.float().div_(255).transpose(0, 1).reshape(channels, -1)  # (C, N*H*W)
+    std = x.std(dim=1).clamp_min(1e-3)
+    return tuple(round(float(v), 4) for v in x.mean(dim=1)), tuple(round(float(v), 4) for v in std)
+
+
+def _make_loader(spec: DataSpec, split: str, pre: PreprocessConfig, cfg: TrainConfig, train: bool) -> ImageLoader:
+    items = spec.splits[split]
+    if train:
+        items = _limit(items, cfg.limit_train, cfg.seed)
+    size = train_base_size(pre, cfg.augment) if train else pre.input_size
+    return ImageLoader(
+        items,
+        spec.arrays,
+        pre.channels,
+        size,
+        base_transform(pre, size=size),
+        cfg.batch_size if train else max(cfg.batch_size, 256),
+        targets_tensor(items, pre.num_classes, pre.multi_label),
+        shuffle=train,
+        seed=cfg.seed,
+        augment=item_augment(pre, cfg.augment) if train else None,
+        workers=cfg.workers,
+        cache=cfg.cache,
+        max_pixels=cfg.max_pixels,
+        fast_arrays=True,
+        draft=pre.resize_size,
+    )
+
+
+def resolve_out(out: str, resume: bool) -> Path:
+    p = Path(out)
+    if resume:
+        return p
+    if p.exists() and any(p.iterdir()):
+        if out != TrainConfig.out:
+            raise ImageRecError(f"{p} already holds a run; continue it with --resume {p}, or choose another --out")
+        k = 2
+        while Path(f"{out}{k}").exists():
+            k += 1
+        p = Path(f"{out}{k}")
+    return p
+
+
+def train(
+    cfg: TrainConfig | None = None,
+    *,
+    resume: str | None = None,
+    callbacks: list[Callback] | None = None,
+    console: Console | None = None,
+    **overrides: Any,
+) -> RunResult:
+    """Train a classifier and write a run directory.
+
+    Example:
+        >>> from imagerec import train
+        >>> result = train(data="mnist-mini", out="runs/mini", epochs=2)
+        >>> result.metrics["test"]["accuracy"]
+    """
+    console = console or Console(stderr=True, soft_wrap=True)
+    resume_meta = None
+    if resume is not None:
+        resume_meta = read_checkpoint_meta(Path(resume) / "last")
+        cfg = apply_overrides(TrainConfig(**resume_meta["train_config"]), overrides, "--resume overrides")
+        cfg = replace(cfg, out=str(resume))
+    else:
+        cfg = apply_overrides(cfg or TrainConfig(), overrides, "train() arguments")
+    cfg.validate()
+    if not cfg.data:
+        raise ImageRecError("no DATA given: pass a folder, archive, manifest or dataset name")
+    set_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    spec = split_train_val(read_data(cfg.data), cfg.val_fraction, cfg.seed)
+    for note in spec.notes:
+        log.warning(note)
+    if "train" not in spec.splits or not spec.splits["train"]:
+        raise ImageRecError(f"{cfg.data}: no training images found")
+
+    if resume_meta is not None:
+        pre = PreprocessConfig.from_dict(resume_meta["preprocess"])
+    else:
+        channels, native = infer_geometry(spec)
+        channels = cfg.channels or channels
+        size = cfg.image_size or (native if native <= 64 else 224)
+        resize = size if size <= 64 else int(round(size / 0.875))
+        pre = PreprocessConfig(size, channels, (0.5,) * channels, (0.5,) * channels, resize, tuple(spec.class_names),
+                               cfg.interpolation, tuple(cfg.ops), spec.multi_label)
+    t_data = time.perf_counter()
+    train_loader = _make_loader(spec, "train", pre, cfg, train=True)
+    val_loader = _make_loader(spec, "val", pre, cfg, train=False) if spec.splits.get("val") else None
+    if resume_meta is None:
+        if cfg.pretrained:
+            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if pre.channels == 3 else ((0.449,), (0.226,))
+        else:
+            mean, std = _mean_std(train_loader, pre.channels)
+        pre = replace(pre, mean=mean, std=std)
+    data_seconds = time.perf_counter() - t_data
+
+    model_name = cfg.model if cfg.model != "auto" else ("cnn" if pre.input_size <= 64 else "resnet18")
+    model_kwargs = {"in_chans": pre.channels, "img_size": pre.input_size}
+    model = create_model(model_name, num_classes=pre.num_classes, **model_kwargs)
+    if cfg.pretrained and resume_meta is None:
+        report = load_pretrained(model, cfg.pretrained)
+        log.info("pretrained weights from %s: %d tensors loaded", cfg.pretrained, report["loaded"])
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer(model, cfg, device)
+    task = ClassificationTask(pre.multi_label, 0.0 if pre.multi_label else cfg.label_smoothing)
+    augment = BatchAugment(pre, cfg.augment, cfg.hflip, cfg.mixup, cfg.cutmix)
+    pipeline = BatchPipeline(pre, device, cfg.channels_last, augment)
+
+    run_dir = resolve_out(cfg.out, resume is not None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, out=str(run_dir))
+    meta = {
+        "model": model_name,
+        "model_kwargs": model_kwargs,
+        "num_params": count_parameters(model),
+        "preprocess": pre.to_dict(),
+        "train_config": cfg.to_dict(),
+        "versions": library_versions(),
+        "data": {"origin": spec.origin, "fingerprint": spec.fingerprint(), "counts": spec.counts()},
+    }
+    if resume_meta is not None and resume_meta["data"]["fingerprint"] != meta["data"]["fingerprint"]:
+        log.warning("the data changed since this run started (fingerprint differs); resuming anyway")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    cbs: list[Callback] = [ProgressBar(console), HistoryCSV(run_dir / "history.csv")]
+    if cfg.early_stopping:
+        cbs.append(EarlyStopping(cfg.metric, cfg.early_stopping))
+    trainer = Trainer(cfg, model, optimizer, task, train_loader, val_loader, pipeline, device, amp_dtype, run_dir, meta,
+                      cbs + (callbacks or []))
+    if resume_meta is not None:
+        weights, optim_tensors = load_checkpoint_tensors(Path(resume) / "last")
+        model.load_state_dict(weights)
+        restore_optimizer(optimizer, optim_tensors, resume_meta)
+        trainer.load_state(resume_meta["state"])
+        if trainer.state.epoch >= cfg.epochs:
+            console.print(f"{run_dir} already finished {trainer.state.epoch} epoch(s); raise --epochs to train further")
+
+    console.print(
+        f"training {model_name} ({meta['num_params']:,} params) on {spec.origin}: "
+        f"{train_loader.num_items} train / {val_loader.num_items if val_loader else 0} val images, "
+        f"{pre.num_classes} classes, {pre.channels}x{pre.input_size}x{pre.input_size}, "
+        f"{device.type} {str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'}"
+        f"{', data in RAM' if train_loader.cache is not None else ''}",
+        highlight=False,
+    )
+    t0 = time.perf_counter()
+    try:
+        state = trainer.fit()
+    except KeyboardInterrupt:
+        console.print(f"interrupted: saved {run_dir}/last at epoch {trainer.state.epoch + 1}, step {trainer.state.epoch_step}; "
+                      f"continue with: imagerec train --resume {run_dir}")
+        return RunResult(run_dir, {}, model_name, interrupted=True)
+    train_seconds = time.perf_counter() - t0
+    if trainer.stop_reason:
+        console.print(trainer.stop_reason)
+
+    # Final evaluation with the best weights on every held-out split.
+    best, _ = load_checkpoint_tensors(run_dir / "best")
+    model.load_state_dict(best)
+    skipped = sorted(set(state.skipped) | set(train_loader.skipped.values()) | set(val_loader.skipped.values() if val_loader else []))
+    metrics: dict[str, Any] = {
+        "model": model_name,
+        "best_epoch": state.best_epoch,
+        "best_metric": {cfg.metric: state.best_metric},
+        "epochs_run": state.epoch,
+        "train_seconds": round(train_seconds, 2),
+        "data_seconds": round(data_seconds, 2),
+        "train_images": train_loader.num_items,
+    }
+    for split in ("val", "test"):
+        if spec.splits.get(split):
+            loader = val_loader if split == "val" else _make_loader(spec, split, pre, cfg, train=False)
+            assert loader is not None
+            m = trainer.evaluate(loader)
+            skipped = sorted(set(skipped) | set(loader.skipped.values()))
+            write_eval_outputs(run_dir, split, m)
+            metrics[split] = m
+    metrics["skipped_files"] = skipped
+    write_json(run_dir / "metrics.json", metrics)
+    if skipped:
+        console.print(f"skipped {len(skipped)} unreadable file(s); listed in {run_dir / 'metrics.json'}")
+    return RunResult(run_dir, metrics, model_name)

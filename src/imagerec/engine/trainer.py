@@ -1,0 +1,222 @@
+"""The trainer owns the "how": device, precision, channels_last, the loop, checkpoints, resume.
+
+A run is a pure function of (config, seed, data): every random draw in step k of epoch e comes
+from a generator seeded with (seed, e, k), so `--resume` continues bit-exactly from any saved
+step, including a checkpoint written when the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imagerec.config import TrainConfig
+from imagerec.data.loader import ImageLoader
+from imagerec.engine.callbacks import Callback, StopTraining
+from imagerec.engine.checkpoint import save_checkpoint
+from imagerec.engine.optim import create_schedule, set_lr
+from imagerec.engine.pipeline import BatchPipeline, autocast, predict_logits
+from imagerec.engine.task import ClassificationTask
+from imagerec.metrics import classification_metrics, multilabel_metrics
+from imagerec.utils import mix_seed
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    epoch_step: int = 0  # batches done in the current epoch
+    global_step: int = 0
+    best_metric: float | None = None
+    best_epoch: int = 0
+    epochs_since_best: int = 0
+    loss_sum: float = 0.0  # running sums of the current epoch (kept across an interruption)
+    correct: float = 0.0
+    seen: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric != "loss"
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        task: ClassificationTask,
+        train_loader: ImageLoader,
+        val_loader: ImageLoader | None,
+        pipeline: BatchPipeline,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        run_dir: Path,
+        meta: dict[str, Any],
+        callbacks: list[Callback] | None = None,
+    ) -> None:
+        self.cfg, self.model, self.optimizer, self.task = cfg, model, optimizer, task
+        self.train_loader, self.val_loader, self.pipeline = train_loader, val_loader, pipeline
+        self.device, self.amp_dtype, self.run_dir, self.meta = device, amp_dtype, run_dir, meta
+        self.callbacks = callbacks or []
+        self.state = TrainState()
+        self.schedule = create_schedule(cfg, len(train_loader))
+        # fp16 needs loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        self.stop_reason = ""
+
+    # --- events --------------------------------------------------------------------------------
+    def _emit(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self, *args)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.amp_dtype)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def train_one_epoch(self) -> None:
+        s, cfg = self.state, self.cfg
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        for batch in self.train_loader.epoch(s.epoch, s.epoch_step):
+            s.skipped.extend(batch.skipped)
+            torch.manual_seed(mix_seed(cfg.seed, s.epoch, s.epoch_step, 1))  # augmentation, dropout
+            x, y = self.pipeline(batch, train=True)
+            set_lr(self.optimizer, self.schedule(s.global_step))
+            with self.autocast():
+                out = self.task(self.model, x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = out["loss"]
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            n = x.shape[0]
+            loss_sum += loss.detach() * n
+            correct += self.task.correct(out["logits"].detach(), y)
+            s.seen += n
+            s.epoch_step += 1
+            s.global_step += 1
+            if self.device.type == "cpu" or s.epoch_step % 50 == 0:
+                # Host syncs are free on CPU; on a GPU fold the running sums only now and then.
+                s.loss_sum += float(loss_sum)
+                s.correct += float(correct)
+                loss_sum.zero_()
+                correct.zero_()
+            self._emit("on_train_batch_end", n)
+            if cfg.save_every_steps and s.global_step % cfg.save_every_steps == 0:
+                self.save("last")
+        s.loss_sum += float(loss_sum)
+        s.correct += float(correct)
+
+    def evaluate(self, loader: ImageLoader) -> dict[str, Any]:
+        self._emit("on_eval_start")
+        logits, targets, _ = predict_logits(self.model, loader, self.pipeline, self.amp_dtype)
+        names = list(self.meta["preprocess"]["class_names"])
+        if self.task.multi_label:
+            metrics = multilabel_metrics(logits, targets, names)
+        else:
+            metrics = classification_metrics(logits, targets.astype(np.int64), names)
+        self._emit("on_eval_end", metrics)
+        return metrics
+
+    def fit(self) -> TrainState:
+        """Train from the current state to cfg.epochs; returns the final state."""
+        s, cfg = self.state, self.cfg
+        self._emit("on_fit_start")
+        with _sigterm_as_interrupt():
+            try:
+                while s.epoch < cfg.epochs:
+                    self._emit("on_epoch_start")
+                    t0 = time.perf_counter()
+                    seen0 = s.seen
+                    self.train_one_epoch()
+                    row = self._end_epoch(time.perf_counter() - t0, s.seen - seen0)
+                    self._emit("on_epoch_end", row)
+            except StopTraining as e:
+                self.stop_reason = str(e)
+            except KeyboardInterrupt:
+                self.save("last")
+                raise
+        self._emit("on_fit_end")
+        return s
+
+    def _end_epoch(self, seconds: float, images: int) -> dict[str, Any]:
+        s, cfg = self.state, self.cfg
+        row: dict[str, Any] = {
+            "epoch": s.epoch + 1,
+            "train_loss": s.loss_sum / max(1, s.seen),
+            "train_acc": s.correct / max(1, s.seen),
+            "lr": self.optimizer.param_groups[-1]["lr"],
+            "img_per_s": images / max(seconds, 1e-9),
+            "epoch_time_s": seconds,
+        }
+        metric_value = None
+        if self.val_loader is not None and self.val_loader.num_items:
+            m = self.evaluate(self.val_loader)
+            for k in ("loss", "accuracy", "top5", "macro_f1", "balanced_accuracy", "map"):
+                if k in m:
+                    row[f"val_{k}"] = m[k]
+            metric_value = m.get(cfg.metric)
+        s.epoch += 1
+        s.epoch_step = 0
+        s.loss_sum, s.correct, s.seen = 0.0, 0.0, 0
+        s.history.append(row)
+        improved = metric_value is not None and not math.isnan(metric_value) and (
+            s.best_metric is None
+            or (metric_value > s.best_metric if higher_is_better(cfg.metric) else metric_value < s.best_metric)
+        )
+        if improved or metric_value is None:
+            s.best_metric, s.best_epoch, s.epochs_since_best = metric_value, s.epoch, 0
+            self.save("best")
+        else:
+            s.epochs_since_best += 1
+        self.save("last")
+        return row
+
+    def save(self, name: str) -> None:
+        meta = dict(self.meta)
+        meta["state"] = asdict(self.state)
+        meta["state"]["skipped"] = sorted(set(self.state.skipped))
+        save_checkpoint(self.run_dir / name, self.model, meta, self.optimizer if name == "last" else None)
+        self._emit("on_checkpoint", name)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.state = TrainState(**state)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C so `kill` also leaves a resumable checkpoint behind."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,146 @@
+"""The Predictor: one object behind `imagerec predict`, `imagerec.load(...).predict(...)` and the server.
+
+It applies the model's own preprocessing config (the one saved at training time) and nothing
+else, so predictions agree with `imagerec eval` on the same images.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from imagerec.config import PreprocessConfig
+from imagerec.data.decode import DEFAULT_MAX_PIXELS, DecodeError, convert_mode, decode_bytes, is_image_path, open_image
+from imagerec.engine.checkpoint import load_model
+from imagerec.engine.pipeline import autocast
+from imagerec.transforms import base_transform, normalize_batch
+from imagerec.utils import ImageRecError, available_cpus, resolve_device, resolve_precision, set_threads
+
+ImageInput = str | Path | bytes | Image.Image
+
+
+def expand_paths(patterns: Iterable[str | Path]) -> list[str]:
+    """Files as given, folders searched recursively for images, globs expanded; order kept.
+    A pattern that matches nothing is kept as is, so it is reported as not found."""
+    out: list[str] = []
+    for pat in patterns:
+        p = Path(pat)
+        if p.is_dir():
+            out.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file() and is_image_path(f.name))
+        elif p.exists():
+            out.append(str(p))
+        else:
+            matches = sorted(glob.glob(str(pat), recursive=True))
+            out.extend(m for m in matches if os.path.isfile(m)) if matches else out.append(str(pat))
+    return out
+
+
+class Predictor:
+    """Batched inference with the model's own preprocessing.
+
+    Example:
+        >>> predictor = imagerec.load("runs/mnist")
+        >>> predictor.predict(["digit.png"], top_k=3)[0]["label"]
+        '7'
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pre: PreprocessConfig,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 64,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        set_threads()
+        self.device = resolve_device(device)
+        self.amp_dtype = resolve_precision(precision, self.device)
+        self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
+        self.pre, self.batch_size, self.max_pixels = pre, batch_size, max_pixels
+        self.meta = meta or {}
+        self.transform = base_transform(pre)
+        self.class_names = list(pre.class_names)
+        self._pool = ThreadPoolExecutor(max_workers=available_cpus())
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, **kwargs: Any) -> Predictor:
+        model, meta = load_model(run_dir)
+        return cls(model, PreprocessConfig.from_dict(meta["preprocess"]), meta=meta, **kwargs)
+
+    # --- preprocessing ----------------------------------------------------------------------------
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """One image -> uint8 (C, H, W), exactly as evaluation prepares it."""
+        draft = (self.pre.resize_size, self.pre.resize_size)
+        if isinstance(image, Image.Image):
+            img = convert_mode(image, self.pre.channels)
+        elif isinstance(image, bytes):
+            img = decode_bytes(image, "upload", self.pre.channels, self.max_pixels, draft)
+        else:
+            img = open_image(str(image), self.pre.channels, max_pixels=self.max_pixels, draft_size=draft)
+        return self.transform(img)
+
+    # --- inference --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> probabilities (B, K) (softmax, or sigmoid for multi-label)."""
+        x = normalize_batch(x.to(self.device), self.pre.mean, self.pre.std).contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp_dtype):
+            logits = self.model(x).float()
+        return (torch.sigmoid(logits) if self.pre.multi_label else torch.softmax(logits, dim=1)).cpu()
+
+    def _result(self, name: str, probs: torch.Tensor, top_k: int) -> dict[str, Any]:
+        k = min(top_k, len(self.class_names))
+        scores, idx = probs.topk(k)
+        topk = [{"label": self.class_names[i], "score": round(float(s), 6)} for s, i in zip(scores.tolist(), idx.tolist(), strict=True)]
+        out: dict[str, Any] = {"path": name, "label": topk[0]["label"], "score": topk[0]["score"], "topk": topk}
+        if self.pre.multi_label:
+            out["labels"] = [self.class_names[i] for i in (probs >= 0.5).nonzero().flatten().tolist()]
+        return out
+
+    def predict_iter(self, images: Sequence[ImageInput], top_k: int = 5, names: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Predictions in input order; an unreadable image yields {"path", "error"} and the rest go on."""
+        names = list(names) if names is not None else [_name(im, i) for i, im in enumerate(images)]
+        for start in range(0, len(images), self.batch_size):
+            chunk = list(images[start : start + self.batch_size])
+            decoded = list(self._pool.map(self._safe_preprocess, chunk))
+            good = [(j, t) for j, t in enumerate(decoded) if isinstance(t, torch.Tensor)]
+            probs = self.predict_batch(torch.stack([t for _, t in good])) if good else None
+            row = {j: k for k, (j, _) in enumerate(good)}
+            for j, t in enumerate(decoded):
+                name = names[start + j]
+                if isinstance(t, str):
+                    yield {"path": name, "error": t}
+                else:
+                    assert probs is not None
+                    yield self._result(name, probs[row[j]], top_k)
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5) -> list[dict[str, Any]]:
+        if isinstance(images, str | Path | bytes | Image.Image):
+            images = [images]
+        return list(self.predict_iter(images, top_k))
+
+    def _safe_preprocess(self, image: ImageInput) -> torch.Tensor | str:
+        try:
+            return self.preprocess(image)
+        except DecodeError as e:
+            return str(e)
+
+
+def _name(image: ImageInput, i: int) -> str:
+    return str(image) if isinstance(image, str | Path) else f"<image {i}>"
+
+
+def load(source: str | Path, **kwargs: Any) -> Predictor:
+    """A Predictor for a run directory (its best checkpoint)."""
+    if not Path(source).exists():
+        raise ImageRecError(f"model not found: {source} (give a run directory written by 'imagerec train')")
+    return Predictor.from_run(source, **kwargs)

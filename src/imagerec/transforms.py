@@ -1,0 +1,211 @@
+"""Transforms, split the fastai way: item transforms (decode-side, per image, in workers) and
+batch transforms (per batch, on the device, on uint8 tensors where possible).
+
+`base_transform(cfg)` is the deterministic part shared by training, eval, predict and serve:
+resize -> center crop -> preprocessing ops -> uint8 tensor. Normalisation happens on the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
+
+from imagerec.config import PreprocessConfig
+from imagerec.utils import ImageRecError, did_you_mean
+
+_INTERP = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "lanczos": InterpolationMode.LANCZOS,
+}
+
+# --- preprocessing ops (the seeds' enhancement ops), part of the frozen config -------------------
+
+
+def _median(img: Image.Image, k: float) -> Image.Image:
+    return img.filter(ImageFilter.MedianFilter(int(k) | 1))
+
+
+def _gaussian(img: Image.Image, sigma: float) -> Image.Image:
+    return img.filter(ImageFilter.GaussianBlur(sigma))
+
+
+def _equalize(img: Image.Image) -> Image.Image:
+    return ImageOps.equalize(img)
+
+
+def _clahe(img: Image.Image, clip: float) -> Image.Image:
+    # CLAHE on the luminance only, so colours are kept.
+    clahe = cv2.createCLAHE(clipLimit=clip, tileGridSize=(8, 8))
+    if img.mode == "L":
+        return Image.fromarray(clahe.apply(np.asarray(img)))
+    lab = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2LAB)
+    lab[..., 0] = clahe.apply(lab[..., 0])
+    return Image.fromarray(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB))
+
+
+def _grayscale(img: Image.Image) -> Image.Image:
+    return img if img.mode == "L" else img.convert("L").convert(img.mode)
+
+
+def _sobel(img: Image.Image) -> Image.Image:
+    gray = np.asarray(img.convert("L"), dtype=np.float32)
+    mag = cv2.magnitude(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))
+    out = Image.fromarray(np.clip(mag / max(float(mag.max()), 1e-6) * 255, 0, 255).astype(np.uint8))
+    return out if img.mode == "L" else out.convert(img.mode)
+
+
+def _canny(img: Image.Image, low: float, high: float) -> Image.Image:
+    out = Image.fromarray(cv2.Canny(np.asarray(img.convert("L")), low, high))
+    return out if img.mode == "L" else out.convert(img.mode)
+
+
+# name -> (function, default numeric arguments)
+OPS: dict[str, tuple[Callable[..., Image.Image], tuple[float, ...]]] = {
+    "median": (_median, (3,)),
+    "gaussian": (_gaussian, (1.0,)),
+    "equalize": (_equalize, ()),
+    "clahe": (_clahe, (2.0,)),
+    "grayscale": (_grayscale, ()),
+    "sobel": (_sobel, ()),
+    "canny": (_canny, (100.0, 200.0)),
+}
+
+
+def parse_op(spec: str) -> tuple[Callable[..., Image.Image], tuple[float, ...]]:
+    """'median:5' -> (median filter, (5,)). Arguments are numbers separated by ':'."""
+    name, *args = spec.strip().lower().split(":")
+    if name not in OPS:
+        raise ImageRecError(f"unknown preprocessing op '{name}': use one of {', '.join(OPS)}.{did_you_mean(name, OPS)}")
+    fn, defaults = OPS[name]
+    if len(args) > len(defaults):
+        raise ImageRecError(f"op '{spec}': '{name}' takes at most {len(defaults)} argument(s)")
+    try:
+        values = tuple(float(a) for a in args) + defaults[len(args):]
+    except ValueError as e:
+        raise ImageRecError(f"op '{spec}': arguments must be numbers, e.g. median:5 or canny:50:150") from e
+    return fn, values
+
+
+def apply_ops(img: Image.Image, ops: tuple[str, ...] | list[str]) -> Image.Image:
+    for spec in ops:
+        fn, args = parse_op(spec)
+        img = fn(img, *args)
+    return img
+
+
+# --- the deterministic base transform (shared by train, eval, predict, serve) -----------------------
+
+
+def base_transform(cfg: PreprocessConfig, size: int | None = None, resize: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image (already in cfg.channels) -> uint8 tensor (C, size, size).
+
+    Eval/predict use the defaults (resize to cfg.resize_size, crop cfg.input_size); training on
+    large images uses a bigger square base that random-resized-crop then samples from.
+    """
+    size = size or cfg.input_size
+    resize = resize or (cfg.resize_size if size == cfg.input_size else size)
+    interp = _INTERP[cfg.interpolation]
+    ops = tuple(cfg.ops)
+    for spec in ops:
+        parse_op(spec)  # fail early on a bad op
+
+    def run(img: Image.Image) -> torch.Tensor:
+        if min(img.size) != resize:
+            img = F.resize(img, [resize], interpolation=interp, antialias=True)
+        if img.size != (size, size):
+            img = F.center_crop(img, [size, size])
+        if ops:
+            img = apply_ops(img, ops)
+        return F.pil_to_tensor(img)  # (C, H, W) uint8
+
+    return run
+
+
+def normalize_batch(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 normalised, in one fused expression."""
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255.0
+    return (x.float() - m) / s
+
+
+# --- augmentation presets ----------------------------------------------------------------------------
+
+
+def is_small(cfg: PreprocessConfig) -> bool:
+    return cfg.input_size <= 64
+
+
+def train_base_size(cfg: PreprocessConfig, preset: str) -> int:
+    """The square size training images are stored at before augmentation."""
+    if is_small(cfg) or preset == "none":
+        return cfg.input_size
+    return cfg.resize_size
+
+
+def item_augment(cfg: PreprocessConfig, preset: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Per-image v2 augmentation on a uint8 tensor (C, base, base) -> (C, input, input), or None."""
+    interp = _INTERP[cfg.interpolation]
+    ops: list[Callable] = []
+    if not is_small(cfg) and preset != "none":
+        scale = {"light": (0.35, 1.0), "standard": (0.08, 1.0), "strong": (0.08, 1.0)}[preset]
+        ops.append(v2.RandomResizedCrop(cfg.input_size, scale=scale, interpolation=interp, antialias=True))
+        if preset in ("standard", "strong") and cfg.channels == 3:
+            ops.append(v2.ColorJitter(0.3, 0.3, 0.3))
+    if preset == "strong":
+        ops.append(v2.TrivialAugmentWide(interpolation=interp))
+    return v2.Compose(ops) if ops else None
+
+
+class BatchAugment:
+    """Random translate (pad + crop) and horizontal flip on a uint8 batch, per sample, vectorised
+    (airbench's batch_crop/batch_flip_lr); random erasing and mixup/cutmix after normalisation."""
+
+    def __init__(self, cfg: PreprocessConfig, preset: str, hflip: bool | None, mixup: float, cutmix: float) -> None:
+        small = is_small(cfg)
+        self.pad = max(1, cfg.input_size // 8) if small and preset != "none" else 0
+        self.flip = (preset in ("standard", "strong")) if hflip is None else hflip
+        self.erase = v2.RandomErasing(p=0.25, value=0) if preset == "strong" else None
+        if preset == "strong":
+            mixup, cutmix = mixup or 0.2, cutmix or 1.0
+        mixers = []
+        if mixup > 0:
+            mixers.append(v2.MixUp(alpha=mixup, num_classes=cfg.num_classes))
+        if cutmix > 0:
+            mixers.append(v2.CutMix(alpha=cutmix, num_classes=cfg.num_classes))
+        if cfg.multi_label:
+            mixers = []  # soft one-hot mixing is only defined for single-label targets
+        self.mix = v2.RandomChoice(mixers) if mixers else None
+
+    def geometric(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> same shape, each sample shifted/flipped by its own draw."""
+        b, _, h, w = x.shape
+        if self.pad:
+            p = self.pad
+            padded = torch.nn.functional.pad(x, (p, p, p, p), mode="replicate") if x.is_floating_point() else \
+                torch.nn.functional.pad(x.float(), (p, p, p, p), mode="replicate").to(x.dtype)
+            dy = torch.randint(0, 2 * p + 1, (b,), device=x.device)
+            dx = torch.randint(0, 2 * p + 1, (b,), device=x.device)
+            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+            bi = torch.arange(b, device=x.device)[:, None, None, None]
+            ci = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+            x = padded[bi, ci, rows, cols]
+        if self.flip:
+            mask = torch.rand(b, device=x.device) < 0.5
+            x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+        return x
+
+    def after_normalize(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.erase is not None:
+            x = torch.stack([self.erase(xi) for xi in x])
+        if self.mix is not None and x.shape[0] > 1:
+            x, y = self.mix(x, y)
+        return x, y
