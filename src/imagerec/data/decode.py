@@ -103,8 +103,10 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
         scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
     else:
-        # 'I;16*' images hold 0..65535; 'I' images from 16-bit PNGs do too.
-        scaled = arr.astype(np.float64) / (65535.0 if arr.max(initial=0) > 255 else 255.0) * 255.0
+        # 'I;16*' images always hold 0..65535 (a dark one must stay dark); 'I' images from 16-bit
+        # PNGs do too, but 'I' is also used for 8-bit data, so there the range is guessed.
+        sixteen = img.mode.startswith("I;16") or arr.max(initial=0) > 255
+        scaled = arr.astype(np.float64) / (65535.0 if sixteen else 255.0) * 255.0
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
 
 

@@ -137,7 +137,8 @@ def read_folder(root: Path) -> DataSpec:
             rel.append(p.relative_to(root).as_posix())
             sources.append(str(p))
     spec = _spec_from_layout(str(root), sources, rel)
-    present = {c for items in spec.splits.values() for it in items for c in [spec.class_names[it.target]]}
+    # top-level folders holding images (class folders, or a wrapper folder around the layout)
+    present = {r.split("/", 1)[0] for r in rel}
     if root.is_dir():
         candidates = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
         empty = [d.name for d in candidates if d.name.lower() not in SPLIT_ALIASES and d.name not in present]

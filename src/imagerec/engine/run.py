@@ -31,7 +31,7 @@ from imagerec.engine.pipeline import BatchPipeline
 from imagerec.engine.trainer import Trainer
 from imagerec.models import count_parameters, create_model, load_pretrained
 from imagerec.transforms import BatchAugment, base_transform, item_augment, train_base_size
-from imagerec.utils import ImageRecError, library_versions, resolve_device, resolve_precision, set_threads
+from imagerec.utils import ImageRecError, library_versions, mix_seed, resolve_device, resolve_precision, set_threads
 
 log = logging.getLogger("imagerec")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -191,6 +191,7 @@ def train(
 
     model_name = cfg.model if cfg.model != "auto" else ("cnn" if pre.input_size <= 64 else "resnet18")
     model_kwargs = {"in_chans": pre.channels, "img_size": pre.input_size}
+    torch.manual_seed(mix_seed(cfg.seed, -1))  # weight init is part of the run's seed too
     model = create_model(model_name, num_classes=pre.num_classes, **model_kwargs)
     if cfg.pretrained and resume_meta is None:
         report = load_pretrained(model, cfg.pretrained)

@@ -1,0 +1,519 @@
+"""Readers on real data (MNIST IDX, the CIFAR-10 JPEG archive) and on generated edge cases:
+EMNIST-like IDX, zip/tar/folder layouts, CIFAR python batches, manifests, train/val splits."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import pickle
+import tarfile
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagerec.data import DataSpec, Item, open_image, read_data, split_train_val
+from imagerec.data.decode import ArrayRef, TarMember, read_bytes, source_name
+from imagerec.utils import ImageRecError
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# digit counts of the original MNIST training labels
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+PER_CLASS = 3  # members per (split, class) copied out of the real archive
+
+
+def write_idx(path: Path, arr: np.ndarray) -> Path:
+    """Raw (non-gz) IDX: magic 0, 0, 0x08 (uint8), ndim; big-endian dims; data."""
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    path.write_bytes(header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
+    return path
+
+
+def png_bytes(color: tuple[int, int, int], size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# --- MNIST (real IDX files) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist(shared_datasets: Path) -> DataSpec:
+    root = shared_datasets / "mnist"
+    if not (root / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST not in {root}")
+    return read_data(str(root))
+
+
+def test_mnist_idx_dir(mnist: DataSpec) -> None:
+    assert mnist.counts() == {"train": 60000, "test": 10000}
+    assert mnist.class_names == [str(d) for d in range(10)]
+    assert mnist.arrays["train"].shape == (60000, 28, 28) and mnist.arrays["train"].dtype == np.uint8
+    assert mnist.arrays["test"].shape == (10000, 28, 28)
+    train, test = mnist.splits["train"], mnist.splits["test"]
+    assert train[0].target == 5 and train[1].target == 0 and test[0].target == 7
+    assert train[123].source == ArrayRef("train", 123)
+    counts = Counter(it.target for it in train)
+    assert [counts[d] for d in range(10)] == MNIST_TRAIN_COUNTS
+    img = open_image(train[0].source, channels=1, arrays=mnist.arrays)
+    assert img.mode == "L" and img.size == (28, 28)
+    assert np.array_equal(np.asarray(img), mnist.arrays["train"][0])
+    assert np.asarray(img).max() == 255 and np.asarray(img)[0, 0] == 0  # a white digit on black
+
+
+def test_mnist_split_train_val_is_stratified(mnist: DataSpec) -> None:
+    spec = split_train_val(mnist, 0.1, seed=0)
+    n_val = sum(round(0.1 * n) for n in MNIST_TRAIN_COUNTS)  # per-class rounding: 5999, not 6000
+    assert spec.counts() == {"train": 60000 - n_val, "val": n_val, "test": 10000}
+    val = Counter(it.target for it in spec.splits["val"])
+    assert [val[d] for d in range(10)] == [round(0.1 * n) for n in MNIST_TRAIN_COUNTS]
+    assert spec.splits["test"] is mnist.splits["test"]
+
+
+def test_idx_emnist_like_labels_start_at_one(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    train_labels = np.repeat(np.arange(1, 27, dtype=np.uint8), 2)  # 52 images, 'a'..'z' as 1..26
+    test_labels = rng.permutation(np.arange(1, 27, dtype=np.uint8))
+    for split, labels in (("train", train_labels), ("test", test_labels)):
+        images = np.broadcast_to((labels * 9)[:, None, None], (len(labels), 28, 28)).copy()
+        write_idx(tmp_path / f"emnist-letters-{split}-images-idx3-ubyte", images)
+        write_idx(tmp_path / f"emnist-letters-{split}-labels-idx1-ubyte", labels)
+    spec = read_data(str(tmp_path))
+    assert spec.counts() == {"train": 52, "test": 26}
+    assert spec.class_names == [str(v) for v in range(1, 27)]
+    assert [it.target for it in spec.splits["train"]] == [int(v) - 1 for v in train_labels]
+    assert [it.target for it in spec.splits["test"]] == [int(v) - 1 for v in test_labels]
+    for it in spec.splits["test"][:5]:
+        img = np.asarray(open_image(it.source, channels=1, arrays=spec.arrays))
+        assert (img == (it.target + 1) * 9).all()
+
+
+def test_truncated_idx_names_the_file(tmp_path: Path) -> None:
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((10, 28, 28), np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(10, np.uint8))
+    images = tmp_path / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-100])
+    with pytest.raises(ImageRecError, match="train-images-idx3-ubyte") as e:
+        read_data(str(tmp_path))
+    assert "(10, 28, 28)" in str(e.value)
+
+
+def test_truncated_gzip_idx_names_the_file(tmp_path: Path) -> None:
+    write_idx(tmp_path / "raw", np.zeros((10, 28, 28), np.uint8))
+    full = gzip.compress((tmp_path / "raw").read_bytes())
+    (tmp_path / "raw").unlink()
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(full[: len(full) // 2])
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 10]) + bytes(10)))
+    with pytest.raises(ImageRecError, match="train-images-idx3-ubyte.gz"):
+        read_data(str(tmp_path))
+
+
+def test_idx_image_label_count_mismatch(tmp_path: Path) -> None:
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((10, 28, 28), np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(9, np.uint8))
+    with pytest.raises(ImageRecError, match="10 images but 9 labels"):
+        read_data(str(tmp_path))
+
+
+# --- the CIFAR-10 JPEG archive (real) and the same layout in zip / tar / folders -------------------
+
+
+@pytest.fixture(scope="module")
+def cifar_archive(shared_datasets: Path) -> Path:
+    path = shared_datasets / "cifar10-jpg.tar.gz"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cifar_spec(cifar_archive: Path) -> DataSpec:
+    return read_data(str(cifar_archive))  # ~4 s: unpacks once into the session cache, lists 60k members
+
+
+@pytest.fixture(scope="module")
+def cifar_members(cifar_archive: Path) -> dict[str, bytes]:
+    """The first PER_CLASS files of every (split, class), extracted with tarfile: {name: bytes}."""
+    members: dict[str, bytes] = {}
+    taken: Counter[tuple[str, str]] = Counter()
+    with tarfile.open(cifar_archive, "r|gz") as tf:
+        for m in tf:
+            parts = m.name.split("/")
+            if not m.isfile() or len(parts) != 4 or taken[parts[1], parts[2]] >= PER_CLASS:
+                continue
+            taken[parts[1], parts[2]] += 1
+            members[m.name] = tf.extractfile(m).read()  # type: ignore[union-attr]
+            if len(taken) == 20 and min(taken.values()) == PER_CLASS:
+                break
+    assert len(members) == 2 * 10 * PER_CLASS
+    return members
+
+
+def test_cifar_archive_layout(cifar_spec: DataSpec, imagerec_cache: Path) -> None:
+    assert cifar_spec.counts() == {"train": 50000, "test": 10000}
+    assert cifar_spec.class_names == CIFAR_CLASSES
+    assert cifar_spec.notes == []
+    for split, per_class in (("train", 5000), ("test", 1000)):
+        items = cifar_spec.splits[split]
+        assert Counter(it.target for it in items) == {k: per_class for k in range(10)}
+        for it in items:
+            _, folder, cls, _ = it.source.name.split("/")
+            assert (folder, cls) == (split, CIFAR_CLASSES[it.target])
+    # the .tar.gz was unpacked into the session's temp cache, not into ~/.cache
+    archive = Path(cifar_spec.splits["train"][0].source.archive)
+    assert archive.is_relative_to(imagerec_cache) and archive.suffix == ".tar"
+
+
+def test_cifar_archive_members_decode(cifar_spec: DataSpec, cifar_members: dict[str, bytes]) -> None:
+    by_name = {it.source.name: it for split in cifar_spec.splits.values() for it in split}
+    for name, data in list(cifar_members.items())[::7]:
+        it = by_name[name]
+        assert isinstance(it.source, TarMember)
+        assert read_bytes(it.source) == data  # offsets into the cached tar point at the right bytes
+        img = open_image(it.source)
+        assert img.mode == "RGB" and img.size == (32, 32)
+        assert np.array_equal(np.asarray(img), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        assert np.asarray(img).std() > 5  # a real photo, not a blank
+
+
+def _check_small_cifar(spec: DataSpec, members: dict[str, bytes], splits: tuple[str, ...] = ("train", "test")) -> None:
+    """`spec` lists exactly the copied members, each with its class and its original bytes."""
+    assert spec.class_names == CIFAR_CLASSES
+    assert spec.counts() == {s: 10 * PER_CLASS for s in splits}
+    for split, items in spec.splits.items():
+        for it in items:
+            folder, cls, file = source_name(it.source).replace(os.sep, "/").split("/")[-3:]
+            assert SPLIT_NAMES[folder] == split and cls == CIFAR_CLASSES[it.target]
+            original = "test" if folder == "valid" else folder
+            assert read_bytes(it.source) == members[f"cifar10-jpg/{original}/{cls}/{file}"]  # type: ignore[arg-type]
+        first = open_image(items[0].source)
+        assert first.mode == "RGB" and first.size == (32, 32)
+
+
+SPLIT_NAMES = {"train": "train", "test": "test", "valid": "val"}
+
+
+def extract(members: dict[str, bytes], root: Path, wrapper: bool = True, test_as: str = "test") -> Path:
+    """Write members under root (keeping the `cifar10-jpg/` wrapper or not), test/ renamed to `test_as`."""
+    for name, data in members.items():
+        parts = name.split("/")
+        parts[1] = test_as if parts[1] == "test" else parts[1]
+        dest = root.joinpath(*(parts if wrapper else parts[1:]))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "tar.gz"])
+def test_small_archive_with_wrapper(tmp_path: Path, cifar_members: dict[str, bytes], kind: str) -> None:
+    path = tmp_path / f"small.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("__MACOSX/cifar10-jpg/train/cat/._0001.jpg", b"resource fork, not an image")
+            for name, data in cifar_members.items():
+                zf.writestr(name, data)
+    else:
+        with tarfile.open(path, "w:gz" if kind == "tar.gz" else "w") as tf:
+            for name, data in cifar_members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    spec = read_data(str(path))
+    _check_small_cifar(spec, cifar_members)
+    assert spec.notes == []
+
+
+def test_folder_with_split_dirs(tmp_path: Path, cifar_members: dict[str, bytes]) -> None:
+    root = extract(cifar_members, tmp_path / "root", wrapper=False)
+    spec = read_data(str(root))
+    _check_small_cifar(spec, cifar_members)
+    assert spec.notes == []
+    assert all(Path(it.source).is_relative_to(root) for it in spec.splits["train"])  # type: ignore[arg-type]
+
+
+def test_folder_with_wrapper_folder(tmp_path: Path, cifar_members: dict[str, bytes]) -> None:
+    root = extract(cifar_members, tmp_path / "root")
+    spec = read_data(str(root))
+    _check_small_cifar(spec, cifar_members)
+    assert spec.notes == []  # the wrapper is not reported as an empty class folder
+
+
+def test_folder_without_val_or_test_is_train_only(tmp_path: Path, cifar_members: dict[str, bytes]) -> None:
+    train_only = {k: v for k, v in cifar_members.items() if "/train/" in k}
+    spec = read_data(str(extract(train_only, tmp_path / "root", wrapper=False)))
+    assert list(spec.splits) == ["train"]
+    _check_small_cifar(spec, cifar_members, splits=("train",))
+
+
+def test_valid_folder_is_val(tmp_path: Path, cifar_members: dict[str, bytes]) -> None:
+    spec = read_data(str(extract(cifar_members, tmp_path / "root", wrapper=False, test_as="valid")))
+    assert set(spec.splits) == {"train", "val"}
+    _check_small_cifar(spec, cifar_members, splits=("train", "val"))
+    assert all("/valid/" in str(it.source) for it in spec.splits["val"])
+    # split_train_val keeps an existing val split
+    assert split_train_val(spec, 0.5, seed=0) is spec
+
+
+def test_class_folders_without_splits(tmp_path: Path) -> None:
+    for cls, color in (("cat", (200, 0, 0)), ("dog", (0, 0, 200))):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            (tmp_path / cls / f"{i}.png").write_bytes(png_bytes(color))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "cat" / "readme.txt").write_text("not an image")
+    spec = read_data(str(tmp_path))
+    assert spec.class_names == ["cat", "dog"] and spec.counts() == {"train": 6}
+    assert [it.target for it in spec.splits["train"]] == [0, 0, 0, 1, 1, 1]
+    assert np.asarray(open_image(spec.splits["train"][4].source))[0, 0].tolist() == [0, 0, 200]
+    assert any("empty" in n for n in spec.notes)
+
+
+def test_unsupported_and_missing_data(tmp_path: Path) -> None:
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(ImageRecError, match="unsupported file type"):
+        read_data(str(tmp_path / "data.txt"))
+    with pytest.raises(ImageRecError, match="data not found"):
+        read_data(str(tmp_path / "nope"))
+    (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ImageRecError, match="broken.zip"):
+        read_data(str(tmp_path / "broken.zip"))
+
+
+# --- CIFAR python batches (generated in the original format) -------------------------------------
+
+
+def write_pickle(path: Path, obj: object) -> None:
+    path.write_bytes(pickle.dumps(obj, protocol=2))  # the originals are python-2 cPickle files
+
+
+def cifar_rows(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 256, (n, 3072), dtype=np.uint8)  # (N, 3*32*32): R plane, G plane, B plane
+
+
+def test_cifar10_batches(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rows = {name: cifar_rows(rng, 6) for name in ("data_batch_1", "data_batch_2", "test_batch")}
+    rows["data_batch_1"][0] = np.repeat(np.array([255, 0, 0], np.uint8), 1024)  # image 0 is pure red
+    labels = {name: rng.integers(0, 10, 6).tolist() for name in rows}
+    for name in rows:
+        write_pickle(
+            tmp_path / name,
+            {b"batch_label": name.encode(), b"labels": labels[name], b"data": rows[name],
+             b"filenames": [f"{name}_{i}.png".encode() for i in range(6)]},
+        )
+    write_pickle(tmp_path / "batches.meta", {b"label_names": [c.encode() for c in CIFAR_CLASSES],
+                                            b"num_cases_per_batch": 6, b"num_vis": 3072})
+    spec = read_data(str(tmp_path))
+    assert spec.counts() == {"train": 12, "test": 6}
+    assert spec.class_names == CIFAR_CLASSES
+    assert [it.target for it in spec.splits["train"]] == labels["data_batch_1"] + labels["data_batch_2"]
+    assert [it.target for it in spec.splits["test"]] == labels["test_batch"]
+    assert np.asarray(open_image(spec.splits["train"][0].source, arrays=spec.arrays))[5, 7].tolist() == [255, 0, 0]
+    for split, i, row in (("train", 3, rows["data_batch_1"][3]), ("train", 8, rows["data_batch_2"][2]),
+                          ("test", 5, rows["test_batch"][5])):
+        img = np.asarray(open_image(spec.splits[split][i].source, arrays=spec.arrays))
+        assert img.shape == (32, 32, 3)
+        for c in range(3):
+            assert np.array_equal(img[..., c], row[c * 1024 : (c + 1) * 1024].reshape(32, 32))
+        gray = np.asarray(open_image(spec.splits[split][i].source, channels=1, arrays=spec.arrays))
+        assert gray.shape == (32, 32)
+
+
+def test_cifar100_batches(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    fine_names = [f"fine{i:02d}" for i in range(100)]
+    data = {"train": cifar_rows(rng, 10), "test": cifar_rows(rng, 4)}
+    fine = {s: rng.integers(0, 100, len(d)).tolist() for s, d in data.items()}
+    for split, rows in data.items():
+        write_pickle(tmp_path / split, {b"filenames": [b"x.png"] * len(rows), b"batch_label": split.encode(),
+                                        b"fine_labels": fine[split], b"coarse_labels": [i % 20 for i in fine[split]],
+                                        b"data": rows})
+    write_pickle(tmp_path / "meta", {b"fine_label_names": [n.encode() for n in fine_names],
+                                     b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
+    spec = read_data(str(tmp_path))
+    assert spec.counts() == {"train": 10, "test": 4}
+    assert spec.class_names == fine_names
+    assert [it.target for it in spec.splits["train"]] == fine["train"]
+    assert [it.target for it in spec.splits["test"]] == fine["test"]
+    img = np.asarray(open_image(spec.splits["test"][3].source, arrays=spec.arrays))
+    assert np.array_equal(img[..., 2], data["test"][3][2048:].reshape(32, 32))
+
+
+class Payload:
+    """Pickles into a call of os.makedirs(marker): proof that unpickling ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.makedirs, (str(self.marker),))
+
+
+class Plain:
+    def __init__(self) -> None:
+        self.x = 1
+
+
+@pytest.mark.parametrize("bad", ["payload", "instance", "function"])
+@pytest.mark.parametrize("where", ["data_batch_1", "batches.meta"])
+def test_cifar_pickle_with_objects_is_refused(tmp_path: Path, bad: str, where: str) -> None:
+    marker = tmp_path / "code-ran"
+    evil = {"payload": Payload(marker), "instance": Plain(), "function": os.system}[bad]
+    good = {b"data": cifar_rows(np.random.default_rng(0), 2), b"labels": [0, 1]}
+    write_pickle(tmp_path / "data_batch_1", {**good, b"extra": evil} if where == "data_batch_1" else good)
+    write_pickle(tmp_path / "test_batch", good)
+    meta = {b"label_names": [b"a", b"b"]}
+    write_pickle(tmp_path / "batches.meta", {**meta, b"extra": evil} if where == "batches.meta" else meta)
+    with pytest.raises(ImageRecError, match=where) as e:
+        read_data(str(tmp_path))
+    assert "refusing" in str(e.value)
+    assert not marker.exists()
+    if bad == "payload":  # the same bytes do run code under a plain pickle.load
+        pickle.loads((tmp_path / where).read_bytes())
+        assert marker.is_dir()
+
+
+def test_cifar_batch_with_wrong_shape(tmp_path: Path) -> None:
+    write_pickle(tmp_path / "data_batch_1", {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
+    with pytest.raises(ImageRecError, match=r"N x 3072.*\(2, 100\)"):
+        read_data(str(tmp_path))
+
+
+# --- manifests -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """tmp/imgs/{0..5}.png, image i filled with (40*i, 0, 0)."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.png").write_bytes(png_bytes((40 * i, 0, 0)))
+    return folder
+
+
+def test_csv_manifest_with_splits(tmp_path: Path, images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "path,label,split\nimgs/0.png,dog,train\nimgs/1.png,cat,train\nimgs/2.png,dog,\n"
+        "imgs/3.png,cat,valid\nimgs/4.png,bird,test\n" + f"{images / '5.png'},cat,train\n"
+    )
+    monkeypatch.chdir(images)  # paths are relative to the manifest, not to the working folder
+    spec = read_data(str(manifest))
+    assert spec.class_names == ["bird", "cat", "dog"] and not spec.multi_label
+    assert spec.counts() == {"train": 4, "val": 1, "test": 1}
+    assert [(Path(it.source).name, it.target) for it in spec.splits["train"]] == [
+        ("0.png", 2), ("1.png", 1), ("2.png", 2), ("5.png", 1)]
+    assert spec.splits["val"][0].source == str(tmp_path / "imgs" / "3.png")
+    assert np.asarray(open_image(spec.splits["test"][0].source))[0, 0].tolist() == [160, 0, 0]
+
+
+def test_csv_manifest_multi_label(tmp_path: Path, images: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\nimgs/0.png,sky;sea\nimgs/1.png,tree\nimgs/2.png,sea | tree | sky\n")
+    spec = read_data(str(manifest))
+    assert spec.multi_label and spec.class_names == ["sea", "sky", "tree"]
+    assert [it.target for it in spec.splits["train"]] == [(0, 1), (2,), (0, 1, 2)]
+
+
+def test_jsonl_manifest_labels_list(tmp_path: Path, images: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"path": "imgs/0.png", "labels": ["b", "a"]}, {"path": "imgs/1.png", "labels": ["c"], "split": "test"},
+            {"file": "imgs/2.png", "labels": []}]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    spec = read_data(str(manifest))
+    assert spec.multi_label and spec.class_names == ["a", "b", "c"]
+    assert [it.target for it in spec.splits["train"]] == [(0, 1), ()]
+    assert [it.target for it in spec.splits["test"]] == [(2,)]
+
+
+def test_jsonl_single_labels_are_not_multi_label(tmp_path: Path, images: Path) -> None:
+    manifest = tmp_path / "m.ndjson"
+    manifest.write_text('{"image": "imgs/0.png", "label": 3}\n{"image": "imgs/1.png", "class": "7"}\n')
+    spec = read_data(str(manifest))
+    assert not spec.multi_label and spec.class_names == ["3", "7"]
+    assert [it.target for it in spec.splits["train"]] == [0, 1]
+
+
+def test_manifest_missing_files_are_skipped_with_a_note(tmp_path: Path, images: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\nimgs/0.png,a\nimgs/gone.png,b\nimgs/1.png,b\n")
+    spec = read_data(str(manifest))
+    assert [Path(it.source).name for it in spec.splits["train"]] == ["0.png", "1.png"]
+    assert len(spec.notes) == 1 and "row 2" in spec.notes[0] and "gone.png" in spec.notes[0]
+    many = tmp_path / "many.csv"
+    many.write_text("path,label\nimgs/0.png,a\n" + "".join(f"imgs/missing{i}.png,a\n" for i in range(8)))
+    notes = read_data(str(many)).notes
+    assert len(notes) == 6 and "8 files" in notes[-1]
+
+
+def test_manifest_row_without_label(tmp_path: Path, images: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\nimgs/0.png,a\nimgs/1.png,a\nimgs/2.png,\n")
+    with pytest.raises(ImageRecError, match=r"m\.csv, row 3: needs a 'path' and a 'label'"):
+        read_data(str(manifest))
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text('{"path": "imgs/0.png", "label": "a"}\n{"path": "imgs/1.png"}\n')
+    with pytest.raises(ImageRecError, match=r"m\.jsonl, row 2"):
+        read_data(str(jsonl))
+    jsonl.write_text('{"path": "imgs/0.png", "label": "a"}\n{"path": \n')
+    with pytest.raises(ImageRecError, match=r"m\.jsonl, line 2: not valid JSON"):
+        read_data(str(jsonl))
+
+
+def test_manifest_where_no_file_exists(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\nx.png,a\n")
+    with pytest.raises(ImageRecError, match="none of the 1 files"):
+        read_data(str(manifest))
+
+
+# --- split_train_val -----------------------------------------------------------------------------
+
+SIZES = [50, 31, 7, 2, 1]  # items per class, imbalanced on purpose
+
+
+@pytest.fixture
+def unsplit() -> DataSpec:
+    items = [Item(f"c{k}/{i}.png", k) for k, n in enumerate(SIZES) for i in range(n)]
+    items = [items[i] for i in np.random.default_rng(0).permutation(len(items))]  # classes interleaved
+    return DataSpec("mem", [f"c{k}" for k in range(len(SIZES))], {"train": items, "test": items[:3]})
+
+
+def val_names(spec: DataSpec) -> list[str]:
+    return [it.source for it in spec.splits["val"]]  # type: ignore[misc]
+
+
+def test_split_train_val_is_deterministic_and_seeded(unsplit: DataSpec) -> None:
+    a, b, c = (split_train_val(unsplit, 0.2, seed=s) for s in (7, 7, 8))
+    assert val_names(a) == val_names(b)
+    assert val_names(a) != val_names(c)
+    assert a.splits["test"] == unsplit.splits["test"]
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5])
+def test_split_train_val_stratified_and_complete(unsplit: DataSpec, fraction: float) -> None:
+    spec = split_train_val(unsplit, fraction, seed=0)
+    train, val = spec.splits["train"], spec.splits["val"]
+    per_class = Counter(it.target for it in val)
+    for k, n in enumerate(SIZES):
+        expected = 0 if n < 2 else min(max(round(fraction * n), 1), n - 1)
+        assert per_class[k] == expected, (k, n)
+        assert abs(per_class[k] - round(fraction * n)) <= 1
+    train_names = [it.source for it in train]
+    assert not set(train_names) & set(val_names(spec))
+    assert sorted(train_names + val_names(spec)) == sorted(it.source for it in unsplit.splits["train"])
+    original = [it.source for it in unsplit.splits["train"]]
+    assert train_names == [s for s in original if s in set(train_names)]  # listing order kept
+
+
+def test_split_train_val_noop_cases(unsplit: DataSpec) -> None:
+    assert split_train_val(unsplit, 0.0, seed=0) is unsplit
+    only_test = DataSpec("mem", ["a"], {"test": unsplit.splits["test"]})
+    assert split_train_val(only_test, 0.2, seed=0) is only_test

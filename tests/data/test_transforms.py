@@ -1,0 +1,153 @@
+"""imagerec.transforms: the base transform, preprocessing ops and the batch augmentation.
+
+(Kept beside the data tests because this change may only add files under tests/data/; it belongs
+in tests/test_transforms.py.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagerec.config import PreprocessConfig
+from imagerec.transforms import OPS, BatchAugment, apply_ops, base_transform, parse_op
+from imagerec.utils import ImageRecError
+
+
+def cfg(size: int = 32, resize: int | None = None, channels: int = 3, ops: tuple[str, ...] = ()) -> PreprocessConfig:
+    return PreprocessConfig(size, channels, (0.5,) * channels, (0.5,) * channels, resize or size, ("a", "b"), ops=ops)
+
+
+def scene(mode: str) -> Image.Image:
+    """A 48x48 test picture with flat areas, edges, a gradient and noise."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:48, 0:48]
+    base = (x * 3 + (y > 24) * 90 + ((x // 8 + y // 8) % 2) * 60).astype(float)
+    rgb = np.stack([base, base[::-1] * 0.7, np.full_like(base, 90.0)], -1) + rng.normal(0, 12, (48, 48, 3))
+    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+    return img if mode == "RGB" else img.convert("L")
+
+
+def test_base_transform_shape_dtype_and_crop() -> None:
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    out = base_transform(cfg(32, 36))(rgb)
+    assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+    # the shorter side already equals resize_size: no resampling, a pure centre crop
+    square = np.random.default_rng(1).integers(0, 256, (36, 36), dtype=np.uint8)
+    out = base_transform(cfg(32, 36, channels=1))(Image.fromarray(square, "L"))
+    assert out.shape == (1, 32, 32)
+    assert np.array_equal(out[0].numpy(), square[2:34, 2:34])
+    flat = base_transform(cfg(16, 20))(Image.new("RGB", (70, 30), (12, 34, 56)))
+    assert flat.shape == (3, 16, 16) and flat[:, 5, 5].tolist() == [12, 34, 56] and (flat == flat[:, :1, :1]).all()
+
+
+def test_base_transform_applies_ops_and_rejects_bad_ones() -> None:
+    img = scene("RGB").resize((32, 32))
+    out = base_transform(cfg(32, ops=("grayscale",)))(img)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    assert not torch.equal(out, base_transform(cfg(32))(img))
+    with pytest.raises(ImageRecError, match="Did you mean 'sobel'"):
+        base_transform(cfg(32, ops=("sobl",)))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_every_op_runs_and_changes_pixels(op: str, mode: str) -> None:
+    img = scene(mode)
+    out = apply_ops(img, [op])
+    assert out.mode == mode and out.size == img.size
+    before, after = np.asarray(img).astype(int), np.asarray(out).astype(int)
+    if op == "grayscale" and mode == "L":
+        assert np.array_equal(after, before)  # already grey: nothing to do
+        return
+    assert np.abs(after - before).mean() > 1.0
+    if mode == "RGB" and op in ("grayscale", "sobel", "canny"):
+        assert np.array_equal(after[..., 0], after[..., 1]) and np.array_equal(after[..., 1], after[..., 2])
+    if op == "canny":
+        assert set(np.unique(after).tolist()) == {0, 255}
+    if op in ("equalize", "sobel"):
+        assert after.max() == 255
+
+
+def test_ops_on_a_flat_image() -> None:
+    flat = Image.new("L", (32, 32), 100)
+    assert np.asarray(apply_ops(flat, ["sobel"])).max() == 0
+    assert np.asarray(apply_ops(flat, ["canny"])).max() == 0
+    assert np.asarray(apply_ops(flat, ["median:5", "gaussian:2"])).tolist() == np.asarray(flat).tolist()
+
+
+def test_parse_op_arguments() -> None:
+    assert parse_op("median:5")[1] == (5.0,)
+    assert parse_op(" Canny:50 ")[1] == (50.0, 200.0)
+    assert parse_op("equalize")[1] == ()
+    with pytest.raises(ImageRecError, match="at most 0 argument"):
+        parse_op("equalize:3")
+    with pytest.raises(ImageRecError, match="must be numbers"):
+        parse_op("median:big")
+    with pytest.raises(ImageRecError, match="unknown preprocessing op 'medain'.*Did you mean 'median'"):
+        parse_op("medain:3")
+    with pytest.raises(ImageRecError) as e:
+        parse_op("blur")
+    assert "use one of median, gaussian" in str(e.value)
+
+
+# --- BatchAugment ------------------------------------------------------------------------------------
+
+
+def batch(n: int = 16, size: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_geometric_keeps_shape_dtype_and_is_seeded() -> None:
+    aug = BatchAugment(cfg(32), "standard", hflip=None, mixup=0, cutmix=0)
+    assert aug.pad == 4 and aug.flip
+    x = batch()
+    torch.manual_seed(0)
+    a = aug.geometric(x)
+    torch.manual_seed(0)
+    b = aug.geometric(x)
+    torch.manual_seed(1)
+    c = aug.geometric(x)
+    assert a.shape == x.shape and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, x)
+
+
+def test_geometric_is_a_shift_of_the_padded_sample_maybe_flipped() -> None:
+    aug = BatchAugment(cfg(32), "standard", hflip=None, mixup=0, cutmix=0)
+    x = batch(8)
+    torch.manual_seed(2)
+    out = aug.geometric(x)
+    padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="replicate").to(torch.uint8)
+    shifts = set()
+    for i in range(len(x)):
+        windows = {(dy, dx): padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)}
+        matches = [(dy, dx, flip) for (dy, dx), w in windows.items() for flip in (False, True)
+                   if torch.equal(out[i], w.flip(-1) if flip else w)]
+        assert matches, f"sample {i} is not a shifted crop of its own padded input"
+        shifts.add(matches[0])
+    assert len(shifts) > 1  # each sample gets its own draw
+
+
+def test_flip_only_mirrors_some_rows() -> None:
+    aug = BatchAugment(cfg(96, 110), "none", hflip=True, mixup=0, cutmix=0)
+    assert aug.pad == 0
+    x = batch(32, 16)
+    torch.manual_seed(0)
+    out = aug.geometric(x)
+    flipped = [bool(torch.equal(o, xi.flip(-1))) for o, xi in zip(out, x, strict=True)]
+    kept = [bool(torch.equal(o, xi)) for o, xi in zip(out, x, strict=True)]
+    assert all(f != k for f, k in zip(flipped, kept, strict=True))  # every row is one or the other
+    assert 0 < sum(flipped) < len(x)
+
+
+def test_no_augmentation_preset_is_identity() -> None:
+    aug = BatchAugment(cfg(96, 110), "none", hflip=None, mixup=0, cutmix=0)
+    x = batch(4, 16)
+    assert torch.equal(aug.geometric(x), x)
+    y = torch.tensor([0, 1, 0, 1])
+    xf = x.float()
+    xo, yo = aug.after_normalize(xf, y)
+    assert torch.equal(xo, xf) and torch.equal(yo, y)
