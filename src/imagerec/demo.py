@@ -17,10 +17,12 @@ def run_demo(out: str = "runs/demo", epochs: int = 4) -> dict:
     Example:
         >>> run_demo("runs/demo", epochs=4)["test"]["accuracy"]
     """
-    from imagerec.engine.run import resolve_out
-
-    out_dir = resolve_out(out, resume=False) if out != "runs/exp" else None
-    result = train(data="mnist-mini", out=str(out_dir or out), model="cnn", epochs=epochs)
+    # The demo is a throwaway run: a second `imagerec demo` goes to runs/demo2, ... instead of
+    # refusing with advice (--resume) that the demo command does not take.
+    out_dir, k = Path(out), 2
+    while out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        out_dir, k = Path(f"{out}{k}"), k + 1
+    result = train(data="mnist-mini", out=str(out_dir), model="cnn", epochs=epochs)
     run_dir = result.run_dir
 
     # Write a few real test digits as PNG files and classify them like a user would.

@@ -99,7 +99,10 @@ class Predictor:
 
     def _result(self, name: str, probs: torch.Tensor, top_k: int) -> dict[str, Any]:
         k = min(top_k, len(self.class_names))
-        scores, idx = probs.topk(k)
+        # A stable sort ranks tied scores (common with bf16 logits) lowest index first, like the
+        # argmax behind `imagerec eval`; topk's order for ties is unspecified.
+        scores, idx = probs.sort(descending=True, stable=True)
+        scores, idx = scores[:k], idx[:k]
         topk = [{"label": self.class_names[i], "score": round(float(s), 6)} for s, i in zip(scores.tolist(), idx.tolist(), strict=True)]
         out: dict[str, Any] = {"path": name, "label": topk[0]["label"], "score": topk[0]["score"], "topk": topk}
         if self.pre.multi_label:

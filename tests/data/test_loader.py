@@ -49,7 +49,8 @@ def make_loader(spec: DataSpec, **kw: object) -> ImageLoader:
     cfg = PreprocessConfig(SIZE, 3, (0.5,) * 3, (0.5,) * 3, SIZE, tuple(spec.class_names))
     items = spec.splits["train"]
     args: dict = {"batch_size": 4, "workers": 0, "cache": "ram", "seed": 3} | kw
-    return ImageLoader(items, spec.arrays, 3, SIZE, base_transform(cfg), targets=targets_tensor(items, 2, False), **args)
+    targets = targets_tensor(items, 2, False)
+    return ImageLoader(items, spec.arrays, 3, SIZE, base_transform(cfg), targets=targets, **args)
 
 
 def expected_tensor(spec: DataSpec, i: int) -> torch.Tensor:
@@ -57,7 +58,10 @@ def expected_tensor(spec: DataSpec, i: int) -> torch.Tensor:
     return base_transform(cfg)(open_image(spec.splits["train"][i].source))
 
 
-def collect(loader: ImageLoader, epoch: int = 0, start_step: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+Batches = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def collect(loader: ImageLoader, epoch: int = 0, start_step: int = 0) -> Batches:
     return [(b.x, b.y, b.index) for b in loader.epoch(epoch, start_step=start_step)]
 
 

@@ -467,6 +467,13 @@ def test_manifest_row_without_label(tmp_path: Path, images: Path) -> None:
         read_data(str(jsonl))
 
 
+def test_manifest_unknown_split_is_an_error(tmp_path: Path, images: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,split\nimgs/0.png,a,train\nimgs/1.png,a,holdout\n")
+    with pytest.raises(ImageRecError, match=r"m\.csv, row 2: unknown split 'holdout'"):
+        read_data(str(manifest))
+
+
 def test_manifest_where_no_file_exists(tmp_path: Path) -> None:
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label\nx.png,a\n")

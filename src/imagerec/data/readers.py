@@ -247,7 +247,10 @@ def read_manifest(path: Path) -> DataSpec:
             if missing <= 5:
                 notes.append(f"{path}, row {n}: file not found, skipped: {full}")
             continue
-        split = SPLIT_ALIASES.get(str(row.get("split") or "train").lower(), "train")
+        raw_split = str(row.get("split") or "train").lower()
+        if raw_split not in SPLIT_ALIASES:
+            raise ImageRecError(f"{path}, row {n}: unknown split '{raw_split}'; use train, val or test")
+        split = SPLIT_ALIASES[raw_split]
         parsed.append((str(full), split, labels))
     if missing > 5:
         notes.append(f"{path}: {missing} files listed in the manifest were not found and were skipped")
