@@ -13,7 +13,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import sys
 from pathlib import Path
@@ -23,32 +22,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from imagerec.data.idx import read_idx, write_idx  # noqa: E402
 from imagerec.data.named import NAMED_DATASETS, resolve_named_dataset  # noqa: E402
 
-IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
-LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 OUT_DIR = REPO / "src" / "imagerec" / "data" / "embedded" / "mnist-mini"
 NUM_CLASSES = 10
-
-
-def read_idx(path: Path, magic: int) -> np.ndarray:
-    """Parse a gzipped IDX file: big-endian int32 magic, one int32 per dimension, then uint8 data."""
-    raw = gzip.decompress(path.read_bytes())
-    found = int.from_bytes(raw[:4], "big")
-    if found != magic:
-        raise ValueError(f"{path}: IDX magic is {found:#010x}, expected {magic:#010x}")
-    ndim = magic & 0xFF
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape}, but there are {data.size} bytes of data")
-    return data.reshape(shape)
-
-
-def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
-    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
-    # gzip.compress writes no file name and, with mtime=0, no time stamp: reproducible bytes.
-    path.write_bytes(gzip.compress(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes(), 9, mtime=0))
 
 
 def stratified_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
@@ -109,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split, per_class in (("train", args.train_per_class), ("t10k", args.test_per_class)):
-        images = read_idx(source / f"{split}-images-idx3-ubyte.gz", IMAGES_MAGIC)
-        labels = read_idx(source / f"{split}-labels-idx1-ubyte.gz", LABELS_MAGIC)
+        images = read_idx(source / f"{split}-images-idx3-ubyte.gz")
+        labels = read_idx(source / f"{split}-labels-idx1-ubyte.gz")
         keep = stratified_indices(labels, per_class, rng)
-        write_idx(args.out / f"{split}-images-idx3-ubyte.gz", images[keep], IMAGES_MAGIC)
-        write_idx(args.out / f"{split}-labels-idx1-ubyte.gz", labels[keep], LABELS_MAGIC)
+        write_idx(args.out / f"{split}-images-idx3-ubyte.gz", images[keep])
+        write_idx(args.out / f"{split}-labels-idx1-ubyte.gz", labels[keep])
         counts[split] = keep.size
 
     (args.out / "README.md").write_text(README.format(

@@ -54,7 +54,9 @@ TRAIN_HELP = {
     "workers": "decode worker processes (-1 = auto)",
     "cache": "auto | ram | none: decode the dataset once into RAM when it fits",
     "early_stopping": "stop after this many epochs without improvement of --metric (0 = off)",
-    "metric": "validation metric for best checkpoint and early stopping: accuracy | loss | macro_f1 | balanced_accuracy | map",
+    "metric": "validation metric for the best checkpoint and early stopping: auto (macro_f1 on imbalanced data, "
+              "map for multi-label, else accuracy) | accuracy | loss | macro_f1 | balanced_accuracy | map",
+    "balance": "class imbalance: auto (class weights when the largest/smallest class ratio > 3) | weights | sampler | none",
     "max_pixels": "refuse images with more pixels than this (decompression bombs)",
     "save_every_steps": "also save the last checkpoint every N steps (0 = once per epoch)",
     "num_threads": "CPU threads (0 = one per available core)",

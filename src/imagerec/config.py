@@ -21,7 +21,8 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 AUGMENT_PRESETS = ("none", "light", "standard", "strong")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
 SCHEDULES = ("onecycle", "cosine", "constant")
-METRICS = ("accuracy", "loss", "macro_f1", "balanced_accuracy", "map")
+METRICS = ("auto", "accuracy", "loss", "macro_f1", "balanced_accuracy", "map")
+BALANCE = ("auto", "weights", "sampler", "none")
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ class TrainConfig:
     workers: int = -1
     cache: str = "auto"
     early_stopping: int = 0
-    metric: str = "accuracy"
+    metric: str = "auto"
+    balance: str = "auto"
     max_pixels: int = 89_478_485
     save_every_steps: int = 0
     num_threads: int = 0
@@ -117,6 +119,7 @@ class TrainConfig:
             ("metric", self.metric, METRICS),
             ("interpolation", self.interpolation, INTERPOLATIONS),
             ("cache", self.cache, ("auto", "ram", "none")),
+            ("balance", self.balance, BALANCE),
         ]
         for name, value, allowed in checks:
             if value not in allowed:

@@ -40,6 +40,15 @@ def read_idx(path: str | Path) -> np.ndarray:
     return arr.astype(arr.dtype.newbyteorder("=")) if arr.dtype.byteorder == ">" else arr
 
 
+def write_idx(path: str | Path, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (gzip-compressed, reproducibly, when the name ends in .gz)."""
+    arr = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    data = header + arr.tobytes()
+    p = Path(path)
+    p.write_bytes(gzip.compress(data, 9, mtime=0) if p.name.endswith(".gz") else data)
+
+
 def _idx_split(name: str) -> str | None:
     n = name.lower()
     if re.search(r"(^|[-_.])(train)([-_.]|$)", n):

@@ -142,8 +142,10 @@ class ImageLoader:
         max_pixels: int = 89_478_485,
         fast_arrays: bool = False,
         draft: int | None = None,
+        sample_weights: torch.Tensor | None = None,
     ) -> None:
         self.items, self.targets = items, targets
+        self.sample_weights = sample_weights
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.augment = augment
         self.workers = default_workers() if workers < 0 else workers
@@ -204,6 +206,10 @@ class ImageLoader:
         if not self.shuffle:
             return self.valid
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+        if self.sample_weights is not None:
+            # Class-balanced sampling with replacement: an epoch still has len(valid) draws.
+            w = self.sample_weights[torch.from_numpy(self.valid)]
+            return self.valid[torch.multinomial(w, len(self.valid), replacement=True, generator=g).numpy()]
         return self.valid[torch.randperm(len(self.valid), generator=g).numpy()]
 
     def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Batch]:

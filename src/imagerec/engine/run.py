@@ -70,6 +70,38 @@ def infer_geometry(spec: DataSpec, items_per_probe: int = 32) -> tuple[int, int]
     return channels, int(np.median(sides))
 
 
+def class_counts(items: list, num_classes: int) -> np.ndarray:
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for it in items:
+        for t in (it.target if isinstance(it.target, tuple) else (it.target,)):
+            counts[t] += 1
+    return counts
+
+
+def imbalance_ratio(counts: np.ndarray) -> float:
+    present = counts[counts > 0]
+    return float(present.max() / present.min()) if len(present) else 1.0
+
+
+def resolve_balance(cfg: TrainConfig, counts: np.ndarray, multi_label: bool) -> tuple[str, str]:
+    """(balance, metric) with 'auto' resolved: class weights and macro-F1 when the largest class
+    has more than 3x the images of the smallest."""
+    imbalanced = imbalance_ratio(counts) > 3.0
+    balance = cfg.balance if cfg.balance != "auto" else ("weights" if imbalanced else "none")
+    metric = cfg.metric
+    if metric == "auto":
+        metric = "map" if multi_label else ("macro_f1" if imbalanced else "accuracy")
+    return balance, metric
+
+
+def class_weights(counts: np.ndarray, n_items: int, multi_label: bool) -> torch.Tensor:
+    """Single-label: n / (K * n_c) (sklearn's 'balanced'); multi-label: BCE pos_weight = neg / pos,
+    both capped at 10 so a class with a handful of images cannot dominate the loss."""
+    c = np.maximum(counts, 1).astype(np.float64)
+    w = (n_items - c) / c if multi_label else n_items / (len(c) * c)
+    return torch.tensor(np.minimum(w, 10.0), dtype=torch.float32)
+
+
 def _limit(items: list, n: int, seed: int) -> list:
     if not n or n >= len(items):
         return items
@@ -93,10 +125,11 @@ def _mean_std(loader: ImageLoader, channels: int) -> tuple[tuple[float, ...], tu
     return tuple(round(float(v), 4) for v in x.mean(dim=1)), tuple(round(float(v), 4) for v in std)
 
 
-def _make_loader(spec: DataSpec, split: str, pre: PreprocessConfig, cfg: TrainConfig, train: bool) -> ImageLoader:
-    items = spec.splits[split]
-    if train:
-        items = _limit(items, cfg.limit_train, cfg.seed)
+def _make_loader(spec: DataSpec, items: list, pre: PreprocessConfig, cfg: TrainConfig, train: bool,
+                 class_sampling: torch.Tensor | None = None) -> ImageLoader:
+    sample_weights = None
+    if class_sampling is not None:  # per-class weights -> per-item sampling weights
+        sample_weights = torch.tensor([float(class_sampling[it.target]) for it in items])
     size = train_base_size(pre, cfg.augment) if train else pre.input_size
     return ImageLoader(
         items,
@@ -114,6 +147,7 @@ def _make_loader(spec: DataSpec, split: str, pre: PreprocessConfig, cfg: TrainCo
         max_pixels=cfg.max_pixels,
         fast_arrays=True,
         draft=pre.resize_size,
+        sample_weights=sample_weights,
     )
 
 
@@ -178,9 +212,18 @@ def train(
         resize = size if size <= 64 else int(round(size / 0.875))
         pre = PreprocessConfig(size, channels, (0.5,) * channels, (0.5,) * channels, resize, tuple(spec.class_names),
                                cfg.interpolation, tuple(cfg.ops), spec.multi_label)
+    train_items = _limit(spec.splits["train"], cfg.limit_train, cfg.seed)
+    counts = class_counts(train_items, pre.num_classes)
+    balance, metric = resolve_balance(cfg, counts, pre.multi_label)
+    cfg = replace(cfg, balance=balance, metric=metric)
+    weights = class_weights(counts, len(train_items), pre.multi_label) if balance != "none" else None
+    if balance != "none":
+        log.warning("class imbalance %.1f:1 -> balancing with %s; best checkpoint by val %s",
+                    imbalance_ratio(counts), balance, metric)
     t_data = time.perf_counter()
-    train_loader = _make_loader(spec, "train", pre, cfg, train=True)
-    val_loader = _make_loader(spec, "val", pre, cfg, train=False) if spec.splits.get("val") else None
+    train_loader = _make_loader(spec, train_items, pre, cfg, train=True,
+                                class_sampling=weights if balance == "sampler" and not pre.multi_label else None)
+    val_loader = _make_loader(spec, spec.splits["val"], pre, cfg, train=False) if spec.splits.get("val") else None
     if resume_meta is None:
         if cfg.pretrained:
             mean, std = (IMAGENET_MEAN, IMAGENET_STD) if pre.channels == 3 else ((0.449,), (0.226,))
@@ -200,7 +243,8 @@ def train(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, cfg, device)
-    task = ClassificationTask(pre.multi_label, 0.0 if pre.multi_label else cfg.label_smoothing)
+    loss_weights = weights.to(device) if weights is not None and (balance == "weights" or pre.multi_label) else None
+    task = ClassificationTask(pre.multi_label, 0.0 if pre.multi_label else cfg.label_smoothing, loss_weights)
     augment = BatchAugment(pre, cfg.augment, cfg.hflip, cfg.mixup, cfg.cutmix)
     pipeline = BatchPipeline(pre, device, cfg.channels_last, augment)
 
@@ -214,7 +258,9 @@ def train(
         "preprocess": pre.to_dict(),
         "train_config": cfg.to_dict(),
         "versions": library_versions(),
-        "data": {"origin": spec.origin, "fingerprint": spec.fingerprint(), "counts": spec.counts()},
+        "data": {"origin": spec.origin, "fingerprint": spec.fingerprint(), "counts": spec.counts(),
+                 "train_class_counts": dict(zip(spec.class_names, counts.tolist(), strict=True)),
+                 "imbalance_ratio": round(imbalance_ratio(counts), 3)},
     }
     if resume_meta is not None and resume_meta["data"]["fingerprint"] != meta["data"]["fingerprint"]:
         log.warning("the data changed since this run started (fingerprint differs); resuming anyway")
@@ -267,7 +313,7 @@ def train(
     }
     for split in ("val", "test"):
         if spec.splits.get(split):
-            loader = val_loader if split == "val" else _make_loader(spec, split, pre, cfg, train=False)
+            loader = val_loader if split == "val" else _make_loader(spec, spec.splits[split], pre, cfg, train=False)
             assert loader is not None
             m = trainer.evaluate(loader)
             skipped = sorted(set(skipped) | set(loader.skipped.values()))
