@@ -23,6 +23,8 @@ examples:
   imagerec train --resume runs/exp1 --epochs 30         continue (and extend) a run
   imagerec eval runs/mnist --split test --format json
   imagerec predict runs/mnist digits/*.png --top-k 3
+  imagerec check photos/ --html report.html            find bad, duplicate and leaking images
+  imagerec check photos/ --fix quarantine quarantined/  move the broken files out (undo with --undo)
   imagerec models
 """
 
@@ -33,7 +35,7 @@ TRAIN_HELP = {
     "backbone_lr_scale": "learning-rate multiplier for everything but the head (discriminative fine-tuning)",
     "epochs": "number of epochs (may be raised when resuming)",
     "optimizer": "sgd | adam | adamw | adagrad",
-    "lr": "peak learning rate (default per optimizer: sgd 0.1, adam 1e-3, adamw 3e-3, adagrad 1e-2)",
+    "lr": "peak learning rate (default per optimizer: sgd 0.05, adam 1e-3, adamw 3e-3, adagrad 1e-2)",
     "weight_decay": "weight decay (default per optimizer)",
     "schedule": "onecycle | cosine (with warm-up) | constant",
     "label_smoothing": "label smoothing for cross-entropy",
@@ -117,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write results to this file instead of stdout")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("check", help="find corrupt, odd, duplicate and leaking images before training")
+    p.add_argument("data", nargs="?", help="any DATA that train accepts")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--html", metavar="FILE", help="also write an HTML report with thumbnails of the problem images")
+    p.add_argument("--fix", nargs=2, metavar=("quarantine", "DIR"), help="move problem files (errors) to DIR; never deletes")
+    p.add_argument("--undo", metavar="MANIFEST", help="move quarantined files back (DIR/quarantine-manifest.json)")
+    p.add_argument("--max-pixels", type=int, default=89_478_485, help="report images above this many pixels as bombs")
 
     p = sub.add_parser("models", help="list the model registry")
     p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'res*'")
@@ -211,6 +221,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if errors == len(paths) else 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from imagerec.doctor import check_command
+
+    if not args.data and not args.undo:
+        raise ImageRecError("imagerec check needs DATA, or --undo MANIFEST")
+    fix, dest = (args.fix[0], args.fix[1]) if args.fix else (None, None)
+    if fix is not None and fix != "quarantine":
+        raise ImageRecError(f"unknown --fix action '{fix}': the only action is 'quarantine DIR' (files are moved, never deleted)")
+    return check_command(args.data, fmt=args.format, html=args.html, fix=fix, fix_dest=dest, undo=args.undo,
+                         max_pixels=args.max_pixels)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -236,7 +258,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models, "demo": cmd_demo}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "predict": cmd_predict,
+    "check": cmd_check,
+    "models": cmd_models,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

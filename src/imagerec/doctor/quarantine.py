@@ -1,0 +1,154 @@
+"""Move problem files of a folder source aside (never delete, never overwrite) and back.
+
+The manifest `<dest>/quarantine-manifest.json` is rewritten atomically before and after every
+move, so after a crash it still says exactly which files were moved: an entry is "moving"
+before its move and "moved" after; `undo_quarantine` checks where each file really is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagerec.doctor.problems import CATEGORIES, CheckReport
+from imagerec.utils import ImageRecError, sha256_file
+
+MANIFEST_NAME = "quarantine-manifest.json"
+
+
+def _write_atomic(path: Path, obj: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".quarantine-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _files_to_move(report: CheckReport, categories: list[str] | None) -> dict[Path, list[str]]:
+    root = Path(report.root).resolve()
+    chosen: dict[Path, list[str]] = {}
+    for p in report.problems:
+        if (p.category not in categories) if categories is not None else (p.severity != "error"):
+            continue
+        f = Path(p.path)
+        if not f.is_file():  # folders (empty_class, odd_split_name) and the dataset root stay
+            continue
+        resolved = f.resolve()
+        if root not in resolved.parents:
+            continue
+        chosen.setdefault(resolved, []).append(p.category)
+    return chosen
+
+
+def quarantine(report: CheckReport, dest_dir: str | Path, categories: list[str] | None = None) -> Path:
+    """Move every file with an error-severity problem (or one of `categories`) into `dest_dir`.
+
+    Relative paths under the data root are kept. Refuses when the source is not a folder,
+    when `dest_dir` already holds a manifest or any destination file, or lies inside the data.
+    Returns the manifest path.
+
+    Example:
+        >>> manifest = quarantine(check_data("data/pets"), "pets-quarantine")
+        >>> undo_quarantine(manifest)
+    """
+    if report.source != "folder":
+        raise ImageRecError(
+            f"{report.root}: only image folders can be quarantined, this is a {report.source} source; "
+            "fix or rebuild it (unpack an archive first to quarantine its files)"
+        )
+    root = Path(report.root).resolve()
+    dest = Path(dest_dir).resolve()
+    if dest == root or root in dest.parents:
+        raise ImageRecError(f"{dest}: the quarantine folder must be outside the data folder {root}")
+    manifest = dest / MANIFEST_NAME
+    if manifest.exists():
+        raise ImageRecError(f"{manifest} already exists: choose a new folder, or undo that quarantine first")
+    unknown = sorted(set(categories or []) - set(CATEGORIES))
+    if unknown:
+        raise ImageRecError(f"unknown problem categories: {', '.join(unknown)}")
+    files = _files_to_move(report, categories)
+    plan = [(src, dest / src.relative_to(root)) for src in sorted(files)]
+    clash = [str(d) for _, d in plan if d.exists() or d.is_symlink()]
+    if clash:
+        raise ImageRecError(f"refusing to overwrite {len(clash)} file(s) in {dest}, e.g. {clash[0]}; choose a new folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {
+        "version": 1,
+        "data_root": str(root),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "categories": categories,
+        "complete": False,
+        "moves": [],
+    }
+    _write_atomic(manifest, state)
+    for src, dst in plan:
+        entry = {"src": str(src), "dst": str(dst), "sha256": sha256_file(src), "categories": files[src], "state": "moving"}
+        state["moves"].append(entry)
+        _write_atomic(manifest, state)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            raise ImageRecError(f"{dst} appeared during the quarantine; stopped, nothing overwritten")
+        shutil.move(src, dst)
+        entry["state"] = "moved"
+        _write_atomic(manifest, state)
+    state["complete"] = True
+    _write_atomic(manifest, state)
+    return manifest
+
+
+@dataclass
+class UndoResult:
+    """What `undo_quarantine` did: restored source paths, and (path, reason) for the ones it left."""
+
+    restored: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.skipped
+
+
+def undo_quarantine(manifest_path: str | Path) -> UndoResult:
+    """Move quarantined files back to where they came from.
+
+    A file is only restored when its sha256 still matches the manifest and nothing has
+    appeared at its original path since; the others are listed in `skipped` with the reason.
+    """
+    manifest = Path(manifest_path)
+    try:
+        state = json.loads(manifest.read_text(encoding="utf-8"))
+        moves = state["moves"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ImageRecError(f"{manifest}: not a readable quarantine manifest ({e})") from e
+    result = UndoResult()
+    for entry in moves:
+        src, dst = Path(entry["src"]), Path(entry["dst"])
+        if entry.get("state") == "restored":
+            continue
+        if not dst.exists():
+            reason = "never moved (the quarantine stopped first)" if src.exists() else "missing from the quarantine folder"
+            result.skipped.append((str(src), reason))
+            continue
+        if src.exists() or src.is_symlink():
+            result.skipped.append((str(src), "a file exists at the original path now; not overwritten"))
+            continue
+        if sha256_file(dst) != entry["sha256"]:
+            result.skipped.append((str(src), f"{dst} changed since it was quarantined (sha256 differs)"))
+            continue
+        src.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(dst, src)
+        entry["state"] = "restored"
+        _write_atomic(manifest, state)
+        result.restored.append(str(src))
+    return result

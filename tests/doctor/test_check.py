@@ -1,0 +1,145 @@
+"""check_data on a folder seeded with every kind of bad file, on an archive, and on IDX arrays."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from imagerec.doctor import (
+    CATEGORIES,
+    check_command,
+    check_data,
+    render_table,
+    report_to_json,
+)
+from imagerec.doctor import check as check_module
+from imagerec.doctor.problems import SEVERITY
+
+
+@pytest.fixture(scope="module")
+def report(planted):  # type: ignore[no-untyped-def]
+    root, _ = planted
+    return check_data(str(root), workers=2)
+
+
+def _by_path(report, root: Path) -> dict[str, set[str]]:  # type: ignore[no-untyped-def]
+    out: dict[str, set[str]] = {}
+    for p in report.problems:
+        rel = Path(p.path).relative_to(root).as_posix() if Path(p.path) != root else "."
+        out.setdefault(rel, set()).add(p.category)
+    return out
+
+
+def test_every_planted_file_is_reported_in_its_category(planted, report) -> None:  # type: ignore[no-untyped-def]
+    root, info = planted
+    found = _by_path(report, root)
+    for rel, cats in info["expect"].items():
+        assert found.get(rel, set()) == cats, f"{rel}: expected {sorted(cats)}, got {sorted(found.get(rel, set()))}"
+    for rel, cat in info["folders"].items():
+        assert cat in found.get(rel, set()), f"{rel}: expected {cat}, got {found.get(rel)}"
+    assert "class_imbalance" in found["."]
+
+
+def test_no_false_positives_on_clean_images(planted, report) -> None:  # type: ignore[no-untyped-def]
+    root, info = planted
+    found = _by_path(report, root)
+    flagged = [rel for rel in info["clean"] if rel in found]
+    assert flagged == [], {rel: found[rel] for rel in flagged}
+    allowed = set(info["expect"]) | set(info["folders"]) | {"."}
+    assert set(found) <= allowed, set(found) - allowed
+
+
+def test_problem_details(planted, report) -> None:  # type: ignore[no-untyped-def]
+    root, _ = planted
+    probs = {(Path(p.path).relative_to(root).as_posix() if Path(p.path) != root else ".", p.category): p for p in report.problems}
+    leak = probs[("test/bird/leak_copy.jpg", "split_leakage")]
+    assert leak.severity == "error" and leak.extra["match"] == "exact"
+    assert leak.extra["duplicate_of"] == str(root / "train/bird/leak.jpg")
+    near_leak = probs[("val/cat/near_copy.jpg", "split_leakage")]
+    assert near_leak.severity == "warning" and near_leak.extra["match"] == "near"
+    assert near_leak.extra["duplicate_of"] == str(root / "train/cat/near_src.jpg")
+    assert probs[("train/dog/near_b.jpg", "near_duplicate")].extra["distance"] <= 4
+    assert probs[("train/cat/dup_b.jpg", "exact_duplicate")].extra["duplicate_of"] == str(root / "train/cat/dup_a.jpg")
+    assert probs[("train/cat/png_named.jpg", "wrong_extension")].extra["actual_format"] == "PNG"
+    assert "20000x20000" in probs[("train/cat/bomb.png", "decompression_bomb")].detail
+    assert probs[("vaidation", "odd_split_name")].extra["suggestion"] == "val"
+    assert probs[("val/Dog", "label_typo")].extra["similar_to"] == "dog"
+    assert probs[("train/golden_retreiver", "label_typo")].extra["similar_to"] == "golden_retriever"
+    assert probs[("train/cat/notes.txt", "non_image")].label == "cat"
+    assert probs[("train/cat/rotated.jpg", "exif_rotation")].extra["orientation"] == 6
+    imb = probs[(".", "class_imbalance")]
+    assert imb.extra["ratio"] > 3 and imb.path == str(root)
+    for p in report.problems:
+        assert p.severity in ("error", "warning", "info") and p.detail
+
+
+def test_summary_and_json_shape(report) -> None:  # type: ignore[no-untyped-def]
+    out = report_to_json(report)
+    json.dumps(out)  # serialisable
+    assert set(out) >= {"problems", "summary"}
+    for p in out["problems"]:
+        assert {"path", "category", "severity", "detail", "split", "label"} <= set(p)
+        assert p["category"] in CATEGORIES
+    s = out["summary"]
+    assert s["source"] == "folder"
+    assert s["classes"]["train"]["cat"] > 3 * s["classes"]["train"]["bird"]
+    assert s["images"]["train"] == sum(s["classes"]["train"].values())
+    assert s["imbalance_ratio"] > 3
+    assert s["problems"]["truncated"] == 2 and s["problems"]["split_leakage"] == 2
+    assert s["unlisted_images"] == 2  # vaidation/cat/odd.jpg and val/Dog/capital.jpg
+
+
+def test_categories_are_documented() -> None:
+    for cat in SEVERITY:
+        assert f"{cat} [" in check_module.__doc__, cat
+
+
+def test_table_and_command_exit_codes(planted, capsys) -> None:  # type: ignore[no-untyped-def]
+    root, _ = planted
+    assert check_command(str(root), fmt="json") == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["summary"]["severity"]["error"] >= 9
+    clean = root.parent / "clean"
+    (clean / "a").mkdir(parents=True)
+    (clean / "b").mkdir()
+    for i, src in enumerate(sorted((root / "train/cat").glob("clean_0*.jpg"))[:4]):
+        (clean / "ab"[i % 2] / src.name).write_bytes(src.read_bytes())
+    assert check_command(str(clean), fmt="table") == 0
+    assert "no problems found" in capsys.readouterr().out
+
+
+def test_render_table_lists_categories(report) -> None:  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(render_table(report))
+    text = console.export_text()
+    for cat in ("truncated", "decompression_bomb", "split_leakage", "label_typo"):
+        assert cat in text
+
+
+def test_archive_source(planted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, _ = planted
+    archive = tmp_path / "pets.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(root, arcname="pets")
+    rep = check_data(str(archive), workers=2)
+    cats = {(p.path.split("::")[-1], p.category) for p in rep.problems}
+    assert rep.source == "archive"
+    assert ("pets/train/cat/truncated.jpg", "truncated") in cats
+    assert ("pets/train/cat/bomb.png", "decompression_bomb") in cats
+    assert ("pets/test/bird/leak_copy.jpg", "split_leakage") in cats
+    assert any(p.category == "label_typo" for p in rep.problems)
+
+
+def test_mnist_arrays_summary() -> None:
+    rep = check_data("mnist-mini")
+    assert rep.source == "arrays"
+    assert rep.summary["num_classes"] == 10
+    assert rep.summary["images"] == {"train": 6000, "test": 1000}
+    assert rep.summary["imbalance_ratio"] == 1.0
+    # only hash/duplicate/imbalance checks apply to arrays
+    assert {p.category for p in rep.problems} <= {"exact_duplicate", "near_duplicate", "split_leakage", "class_imbalance"}

@@ -1,0 +1,114 @@
+"""Training features end to end on small real data: optimizers, schedules, early stopping,
+multi-label, fine-tuning, preprocessing ops travelling with the model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import imagerec
+from imagerec.config import TrainConfig, load_config_file
+from imagerec.data import read_data
+from imagerec.engine.optim import create_schedule
+from imagerec.utils import ImageRecError
+
+SMALL = {"data": "mnist-mini", "epochs": 1, "limit_train": 1024, "batch_size": 64}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "adagrad"])
+def test_every_optimizer_learns(tmp_path: Path, optimizer: str) -> None:
+    r = imagerec.train(out=str(tmp_path / optimizer), optimizer=optimizer, **{**SMALL, "epochs": 2})
+    hist = (tmp_path / optimizer / "history.csv").read_text().splitlines()
+    first, last = (dict(zip(hist[0].split(","), row.split(","), strict=True)) for row in (hist[1], hist[-1]))
+    assert float(last["train_loss"]) < float(first["train_loss"])
+    assert r.metrics["test"]["accuracy"] > 0.3  # far above chance (0.1) after 32 steps
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_schedules_shape(schedule: str) -> None:
+    f = create_schedule(TrainConfig(schedule=schedule, epochs=4, warmup_epochs=1), steps_per_epoch=10)
+    values = [f(s) for s in range(40)]
+    assert max(values) == pytest.approx(1.0, abs=0.05)
+    assert values[0] < 0.2  # every schedule warms up
+    if schedule == "constant":
+        assert values[-1] == 1.0
+    else:
+        assert values[-1] < 0.05  # and anneals to ~0
+
+
+def test_early_stopping_stops_and_says_why(tmp_path: Path) -> None:
+    # lr so high the val metric cannot keep improving: stops long before 8 epochs.
+    r = imagerec.train(out=str(tmp_path / "es"), early_stopping=1, lr=5.0, optimizer="sgd", **{**SMALL, "epochs": 8})
+    assert r.metrics["epochs_run"] < 8
+    meta = json.loads((tmp_path / "es" / "last.json").read_text())
+    assert meta["state"]["epochs_since_best"] >= 1
+
+
+def test_multi_label_manifest_trains_with_bce_and_reports_map(tmp_path: Path) -> None:
+    spec = read_data("mnist-mini")
+    rows = ["path,label,split"]
+    for split, key in (("train", "train"), ("test", "test")):
+        for k, it in enumerate(spec.splits[split][:: 4 if split == "train" else 5]):
+            digit = int(spec.class_names[it.target])
+            labels = [f"d{digit}", "even" if digit % 2 == 0 else "odd"] + (["big"] if digit >= 5 else [])
+            p = tmp_path / f"{key}{k}.png"
+            Image.fromarray(spec.arrays[key][it.source.index]).save(p)
+            rows.append(f"{p.name},{';'.join(labels)},{split}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    r = imagerec.train(data=str(tmp_path / "m.csv"), out=str(tmp_path / "ml"), epochs=3, batch_size=64)
+    test = r.metrics["test"]
+    assert {"map", "macro_f1", "micro_f1", "per_class"} <= set(test)
+    assert test["per_class"]["even"]["ap"] > 0.8 and test["map"] > 0.5
+    pred = imagerec.load(tmp_path / "ml").predict([tmp_path / "test0.png"], top_k=3)[0]
+    assert "labels" in pred and all(0 <= t["score"] <= 1 for t in pred["topk"])
+
+
+def test_fine_tune_from_run_with_frozen_backbone(tmp_path: Path) -> None:
+    base = imagerec.train(out=str(tmp_path / "base"), **SMALL)
+    r = imagerec.train(out=str(tmp_path / "ft"), pretrained=str(base.run_dir), freeze_backbone=True, **SMALL)
+    a = load_file(str(tmp_path / "base" / "best.safetensors"))
+    b = load_file(str(tmp_path / "ft" / "best.safetensors"))
+    conv = next(k for k in a if k.endswith("weight") and a[k].ndim == 4)
+    assert torch.equal(a[conv], b[conv])  # frozen backbone weights unchanged
+    head = [k for k in a if k.startswith("model.head")]
+    assert head and any(not torch.equal(a[k], b[k]) for k in head)
+    assert r.metrics["test"]["accuracy"] > 0.5
+
+
+def test_preprocessing_ops_are_saved_and_used_by_predict(tmp_path: Path) -> None:
+    r = imagerec.train(out=str(tmp_path / "ops"), ops=["median:3", "clahe"], **SMALL)
+    meta = json.loads((tmp_path / "ops" / "best.json").read_text())
+    assert meta["preprocess"]["ops"] == ["median:3", "clahe"]
+    spec = read_data("mnist-mini")
+    img = Image.fromarray(spec.arrays["test"][0])
+    predictor = imagerec.load(r.run_dir)
+    x = predictor.preprocess(img)
+    plain = torch.from_numpy(np.asarray(img))[None]
+    assert x.shape == plain.shape and not torch.equal(x, plain)  # the ops ran in predict too
+
+
+def test_yaml_config_file(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("epochs: 3\nmodel: mlp\nops: [median:3]\nlr: 0.01\nhflip: false\n")
+    cfg = load_config_file(tmp_path / "c.yaml")
+    assert (cfg.epochs, cfg.model, cfg.ops, cfg.lr, cfg.hflip) == (3, "mlp", ["median:3"], 0.01, False)
+    (tmp_path / "bad.yaml").write_text("epochs: three\n")
+    with pytest.raises(ImageRecError, match="'epochs' must be an integer"):
+        load_config_file(tmp_path / "bad.yaml")
+    (tmp_path / "typo.yaml").write_text("learning_rate: 0.1\n")
+    with pytest.raises(ImageRecError, match="unknown config key 'learning_rate'"):
+        load_config_file(tmp_path / "typo.yaml")
+
+
+def test_bad_values_are_refused_before_training(tmp_path: Path) -> None:
+    for kwargs, pattern in [({"epochs": 0}, "epochs must be at least 1"), ({"optimizer": "adamw2"}, "Did you mean 'adamw'"),
+                            ({"val_fraction": 1.5}, "val_fraction"), ({"ops": ["blur"]}, "unknown preprocessing op")]:
+        with pytest.raises(ImageRecError, match=pattern):
+            imagerec.train(out=str(tmp_path / "x"), **{**SMALL, **kwargs})
+    assert not math.isnan(0.0)
