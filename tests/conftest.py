@@ -20,8 +20,11 @@ def shared_datasets() -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def imagerec_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One temp cache per test session, so unpacked archives never land in ~/.cache."""
+    """One temp cache and home per test session, so unpacked archives never land in ~/.cache and
+    the runs the CLI records go to a throwaway store, not ~/.local/share/imagerec."""
     cache = tmp_path_factory.mktemp("imagerec-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IMAGEREC_CACHE", str(cache))
+        mp.setenv("IMAGEREC_HOME", str(tmp_path_factory.mktemp("imagerec-home")))
+        mp.delenv("IMAGEREC_DB", raising=False)
         yield cache

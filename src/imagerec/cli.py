@@ -25,6 +25,9 @@ examples:
   imagerec predict runs/mnist digits/*.png --top-k 3
   imagerec check photos/ --html report.html            find bad, duplicate and leaking images
   imagerec check photos/ --fix quarantine quarantined/  move the broken files out (undo with --undo)
+  imagerec ingest photos/ --dataset pets                 store images (SQLite, or --db postgresql://...)
+  imagerec train store:pets --out runs/pets
+  imagerec runs --compare 1 2
   imagerec models
 """
 
@@ -101,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=argparse.SUPPRESS, help="run directory (default runs/exp, runs/exp2, ...)")
     p.add_argument("--config", help="YAML file of training settings (flags override it)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
+    p.add_argument("--db", help="store to record the run in (default $IMAGEREC_DB or ~/.local/share/imagerec/store.db)")
     _add_train_flags(p)
 
     p = sub.add_parser("eval", help="evaluate a trained run on a data split")
@@ -110,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
+    p.add_argument("--db", help="store to record the evaluation in")
 
     p = sub.add_parser("predict", help="classify images, folders or globs")
     p.add_argument("run", help="run directory")
@@ -127,6 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fix", nargs=2, metavar=("quarantine", "DIR"), help="move problem files (errors) to DIR; never deletes")
     p.add_argument("--undo", metavar="MANIFEST", help="move quarantined files back (DIR/quarantine-manifest.json)")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="report images above this many pixels as bombs")
+
+    p = sub.add_parser("ingest", help="add images from any DATA source to the image store")
+    p.add_argument("source", help="any DATA that train accepts")
+    p.add_argument("--dataset", required=True, help="dataset name in the store (then train on store:NAME)")
+    p.add_argument("--split", help="ingest only this split (or put a split-less source under it)")
+    p.add_argument("--db", help="store URL: a SQLite path or postgresql://... (default $IMAGEREC_DB)")
+
+    p = sub.add_parser("datasets", help="list the store's datasets with counts per split and label")
+    p.add_argument("--db")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("runs", help="list recorded training runs, or compare some side by side")
+    p.add_argument("--db")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--compare", type=int, nargs="+", metavar="ID", help="run ids to compare")
+
+    p = sub.add_parser("export-dataset", help="write a stored dataset back to an image folder (byte-identical)")
+    p.add_argument("name", help="store:NAME or NAME")
+    p.add_argument("out", help="an empty or new folder")
+    p.add_argument("--db")
 
     p = sub.add_parser("models", help="list the model registry")
     p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'res*'")
@@ -151,10 +176,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config_file(args.config) if args.config else TrainConfig()
         cfg = apply_overrides(cfg, {"data": args.data, **overrides}, "the command line")
         result = train(cfg)
+    _record(result.run_dir, "interrupted" if result.interrupted else "completed", args.db)
     if result.interrupted:
         return 130
     _print_run_summary(result)
     return 0
+
+
+def _record(run_dir: Path, status: str, db: str | None) -> None:
+    """Record a run (and its evaluations) in the store; a store problem never fails a finished run."""
+    from imagerec.store import open_store, record_run_dir
+
+    try:
+        with open_store(db) as store:
+            record_run_dir(store, run_dir, status)
+    except (ImageRecError, OSError) as e:
+        logging.getLogger("imagerec").warning("run not recorded in the store: %s", e)
 
 
 def _print_run_summary(result: Any) -> None:
@@ -174,6 +211,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from imagerec.report import metrics_table, summary_line
 
     m = evaluate_run(args.run, args.data, args.split, batch_size=args.batch_size, device=args.device)
+    _record(Path(args.run), "completed", args.db)
     if args.format == "json":
         print(json.dumps(m))
         return 0
@@ -233,6 +271,30 @@ def cmd_check(args: argparse.Namespace) -> int:
                          max_pixels=args.max_pixels)
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from imagerec.store import ingest_command
+
+    return ingest_command(args.source, args.dataset, args.split, args.db)
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from imagerec.store import datasets_command
+
+    return datasets_command(args.db, args.format)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from imagerec.store import runs_command
+
+    return runs_command(args.db, args.format, args.compare)
+
+
+def cmd_export_dataset(args: argparse.Namespace) -> int:
+    from imagerec.store import export_dataset_command
+
+    return export_dataset_command(args.name.removeprefix("store:"), args.out, args.db)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -263,6 +325,10 @@ COMMANDS = {
     "eval": cmd_eval,
     "predict": cmd_predict,
     "check": cmd_check,
+    "ingest": cmd_ingest,
+    "datasets": cmd_datasets,
+    "runs": cmd_runs,
+    "export-dataset": cmd_export_dataset,
     "models": cmd_models,
     "demo": cmd_demo,
 }

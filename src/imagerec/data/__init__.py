@@ -46,7 +46,9 @@ def read_data(data: str, data_dir: str | None = None) -> DataSpec:
     from imagerec.data.named import is_named_dataset, resolve_named_dataset
 
     if data.startswith("store:"):
-        raise ImageRecError(f"{data}: the image store is not available in this version; give a folder or file")
+        from imagerec.store import read_store
+
+        return read_store(data.removeprefix("store:"))
     p = Path(data).expanduser()
     if not p.exists() and is_named_dataset(data):
         p = resolve_named_dataset(data, data_dir=data_dir)

@@ -61,13 +61,15 @@ def source_name(src: Source) -> str:
         return src
     if isinstance(src, TarMember | ZipMember):
         return f"{src.archive}::{src.name}"
-    return f"{src.key}[{src.index}]"
+    if isinstance(src, ArrayRef):
+        return f"{src.key}[{src.index}]"
+    return str(src)  # imagerec.store.StoreBlob: "store:<sha256>"
 
 
 _ZIPS: dict[str, zipfile.ZipFile] = {}  # one open handle per archive per process (workers too)
 
 
-def read_bytes(src: TarMember | ZipMember | str) -> bytes:
+def read_bytes(src: Source) -> bytes:
     if isinstance(src, str):
         with open(src, "rb") as f:
             return f.read()
@@ -75,6 +77,10 @@ def read_bytes(src: TarMember | ZipMember | str) -> bytes:
         with open(src.archive, "rb") as f:
             f.seek(src.offset)
             return f.read(src.size)
+    if not isinstance(src, ZipMember):  # imagerec.store.StoreBlob; imported lazily (the store imports data)
+        from imagerec.store.blobref import read_blob
+
+        return read_blob(src)
     zf = _ZIPS.get(src.archive)
     if zf is None:
         zf = _ZIPS[src.archive] = zipfile.ZipFile(src.archive)

@@ -1,0 +1,256 @@
+"""What is in the store: datasets with their counts, training runs, and predictions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from imagerec.store.db import Store
+from imagerec.store.ingest import insert_ignoring_conflicts
+from imagerec.store.schema import blobs, datasets, images, predictions, runs
+from imagerec.utils import ImageRecError, sha256_file
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite hands back naive datetimes; they were written as UTC
+        value = value.replace(tzinfo=timezone.utc)
+    return value.isoformat()
+
+
+def list_datasets(store: Store) -> list[dict[str, Any]]:
+    """Every dataset with its image counts: total, per split, per label, and per split and label.
+
+    Example:
+        >>> [(d["name"], d["splits"]) for d in list_datasets(store)]
+        [('mnist-mini', {'train': 6000, 'test': 1000})]
+    """
+    with store.read() as conn:
+        rows = conn.execute(sa.select(datasets).order_by(datasets.c.name)).all()
+        counts = conn.execute(
+            sa.select(images.c.dataset_id, images.c.split, images.c.labels, sa.func.count())
+            .group_by(images.c.dataset_id, images.c.split, images.c.labels)
+        ).all()
+        sizes = dict(
+            conn.execute(
+                sa.select(images.c.dataset_id, sa.func.coalesce(sa.func.sum(blobs.c.size), 0))
+                .join(blobs, blobs.c.sha256 == images.c.sha256)
+                .group_by(images.c.dataset_id)
+            ).all()
+        )
+    result = []
+    for ds in rows:
+        splits: dict[str, int] = {}
+        labels: dict[str, int] = {}
+        split_labels: dict[str, dict[str, int]] = {}
+        for dataset_id, split, image_labels, n in counts:
+            if dataset_id != ds.id:
+                continue
+            splits[split] = splits.get(split, 0) + n
+            for label in image_labels:
+                labels[label] = labels.get(label, 0) + n
+                per = split_labels.setdefault(split, {})
+                per[label] = per.get(label, 0) + n
+        order = {c: k for k, c in enumerate(ds.class_names)}
+        result.append(
+            {
+                "name": ds.name,
+                "created_at": _iso(ds.created_at),
+                "class_names": list(ds.class_names),
+                "multi_label": bool(ds.multi_label),
+                "images": sum(splits.values()),
+                "bytes": int(sizes.get(ds.id, 0)),
+                "splits": {s: splits[s] for s in sorted(splits, key=_split_key)},
+                "labels": {c: labels[c] for c in sorted(labels, key=lambda c: order.get(c, len(order)))},
+                "split_labels": {
+                    s: {c: v[c] for c in sorted(v, key=lambda c: order.get(c, len(order)))}
+                    for s, v in sorted(split_labels.items(), key=lambda kv: _split_key(kv[0]))
+                },
+            }
+        )
+    return result
+
+
+def _split_key(split: str) -> tuple[int, str]:
+    order = ("train", "val", "test")
+    return (order.index(split) if split in order else 9, split)
+
+
+def record_run(
+    store: Store,
+    run_dir: str | Path,
+    config: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    versions: Mapping[str, Any],
+    status: str,
+    *,
+    name: str | None = None,
+    started_at: datetime | None = None,
+    finished_at: datetime | None = None,
+    data_origin: str | None = None,
+    data_fingerprint: str | None = None,
+) -> int:
+    """Record (or update, keyed by `run_dir`) a training run; return its id.
+
+    Call it with status "running" at the start and again with "completed"/"failed" at the end:
+    the second call updates the same row. `finished_at` defaults to now for any status but
+    "running".
+
+    Example:
+        >>> run_id = record_run(store, "runs/exp1", cfg, {"test": {"accuracy": 0.98}}, {"torch": "2.4"}, "completed")
+    """
+    run_dir = str(Path(run_dir).expanduser().resolve())
+    now = datetime.now(timezone.utc)
+    update: dict[str, Any] = {
+        "config": dict(config),
+        "metrics": dict(metrics),
+        "versions": dict(versions),
+        "status": status,
+        "finished_at": finished_at or (None if status == "running" else now),
+    }
+    given = {"name": name, "started_at": started_at, "data_origin": data_origin, "data_fingerprint": data_fingerprint}
+    update |= {k: v for k, v in given.items() if v is not None}  # an update keeps what it is not given
+    with store.write() as conn:
+        conn.execute(
+            insert_ignoring_conflicts(store, runs, "run_dir"),
+            given | update | {"run_dir": run_dir, "name": name or Path(run_dir).name, "started_at": started_at or now},
+        )
+        conn.execute(sa.update(runs).where(runs.c.run_dir == run_dir).values(**update))
+        return int(conn.execute(sa.select(runs.c.id).where(runs.c.run_dir == run_dir)).scalar_one())
+
+
+def record_run_dir(store: Store, run_dir: str | Path, status: str) -> int:
+    """Record a run directory written by `imagerec train` from its JSON files: settings, versions and
+    data from last.json, metrics from metrics.json, and every eval-<split>.json under "evals"."""
+    import json
+
+    d = Path(run_dir)
+    meta_path = d / "last.json"
+    if not meta_path.is_file():
+        raise ImageRecError(f"{d} is not a run directory (no last.json)")
+    meta = json.loads(meta_path.read_text())
+    metrics = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
+    metrics.pop("skipped_files", None)
+    evals = {}
+    for f in sorted(d.glob("eval-*.json")):
+        e = json.loads(f.read_text())
+        evals[f.stem.removeprefix("eval-")] = {k: e[k] for k in ("accuracy", "top5", "loss", "macro_f1", "map", "data") if k in e}
+    if evals:
+        metrics["evals"] = evals
+    data = meta.get("data", {})
+    return record_run(store, d, meta.get("train_config", {}), metrics, meta.get("versions", {}), status,
+                      name=d.name, data_origin=data.get("origin"), data_fingerprint=data.get("fingerprint"))
+
+
+def _run_dict(row: sa.Row) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "run_dir": row.run_dir,
+        "status": row.status,
+        "started_at": _iso(row.started_at),
+        "finished_at": _iso(row.finished_at),
+        "data_origin": row.data_origin,
+        "data_fingerprint": row.data_fingerprint,
+        "config": row.config,
+        "metrics": row.metrics,
+        "versions": row.versions,
+    }
+
+
+def list_runs(store: Store) -> list[dict[str, Any]]:
+    """Every recorded run, oldest first."""
+    with store.read() as conn:
+        return [_run_dict(r) for r in conn.execute(sa.select(runs).order_by(runs.c.id))]
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"test": {"accuracy": 0.9}} -> {"test.accuracy": 0.9}; lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def compare_runs(store: Store, ids: Iterable[int]) -> dict[str, Any]:
+    """Metrics of several runs side by side: {"runs": [...], "metrics": {name: {run_id: value}}}.
+
+    Nested metrics are flattened with dots ("test.accuracy"); a run without a metric has None.
+
+    Example:
+        >>> compare_runs(store, [1, 2])["metrics"]["test.accuracy"]
+        {1: 0.97, 2: 0.98}
+    """
+    ids = list(dict.fromkeys(int(i) for i in ids))
+    if not ids:
+        raise ImageRecError("compare_runs needs at least one run id (see: imagerec runs)")
+    with store.read() as conn:
+        found = {r.id: r for r in conn.execute(sa.select(runs).where(runs.c.id.in_(ids)))}
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ImageRecError(
+            f"no run with id {', '.join(map(str, missing))} in the store {store.display_url}; list them with: imagerec runs"
+        )
+    flat = {i: flatten_metrics(found[i].metrics or {}) for i in ids}
+    names = sorted({k for f in flat.values() for k in f})
+    return {
+        "runs": [{k: v for k, v in _run_dict(found[i]).items() if k not in ("config", "metrics", "versions")} for i in ids],
+        "metrics": {m: {i: flat[i].get(m) for i in ids} for m in names},
+    }
+
+
+def record_predictions(
+    store: Store, model_id: str, rows: Iterable[Mapping[str, Any]], run_id: int | None = None
+) -> int:
+    """Store prediction rows for model `model_id` (a run id, run dir or model name); return how many.
+
+    Each row needs "topk" (any JSON, e.g. [{"label": "cat", "prob": 0.9}, ...]) and either the
+    image's "sha256" or a "path" to hash.
+
+    Example:
+        >>> record_predictions(store, "runs/exp1", [{"path": "cat.jpg", "topk": [{"label": "cat", "prob": 0.93}]}])
+        1
+    """
+    now = datetime.now(timezone.utc)
+    values = []
+    for n, row in enumerate(rows, 1):
+        if "topk" not in row or not ("sha256" in row or "path" in row):
+            raise ImageRecError(f"prediction row {n} needs 'topk' and 'sha256' or 'path'; got keys {sorted(row)}")
+        sha = row.get("sha256") or sha256_file(row["path"])
+        values.append(
+            {"image_sha256": sha, "run_id": run_id, "model_id": str(model_id), "topk": row["topk"], "created_at": now}
+        )
+    if values:
+        with store.write() as conn:
+            conn.execute(sa.insert(predictions), values)
+    return len(values)
+
+
+def list_predictions(store: Store, sha256: str | None = None, model_id: str | None = None) -> list[dict[str, Any]]:
+    """Recorded predictions, oldest first, optionally only for one image and/or model."""
+    query = sa.select(predictions).order_by(predictions.c.id)
+    if sha256 is not None:
+        query = query.where(predictions.c.image_sha256 == sha256)
+    if model_id is not None:
+        query = query.where(predictions.c.model_id == str(model_id))
+    with store.read() as conn:
+        return [
+            {
+                "id": r.id,
+                "sha256": r.image_sha256,
+                "run_id": r.run_id,
+                "model_id": r.model_id,
+                "topk": r.topk,
+                "created_at": _iso(r.created_at),
+            }
+            for r in conn.execute(query)
+        ]

@@ -1,0 +1,137 @@
+"""Opening the store: resolve the URL, connect, bring the schema to the Alembic head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy.engine import URL, Engine
+
+from imagerec.store.engine import connect_error, create_store_engine, mask_url, resolve_url
+from imagerec.utils import ImageRecError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_PG_MIGRATION_LOCK = 0x696D677265630001  # pg_advisory_xact_lock key: "imgrec" + 1
+
+
+@dataclass
+class Store:
+    """An open image store. Use `with open_store() as store:` or call `close()`."""
+
+    engine: Engine
+    url: URL
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @property
+    def url_text(self) -> str:
+        """The full URL (with password) for handing to worker processes, never for printing."""
+        return self.url.render_as_string(hide_password=False)
+
+    @property
+    def display_url(self) -> str:
+        return mask_url(self.url)
+
+    @contextmanager
+    def read(self) -> Iterator[sa.Connection]:
+        """A connection in a read transaction."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[sa.Connection]:
+        """A connection in a write transaction (SQLite: BEGIN IMMEDIATE); commits on success."""
+        with self.engine.connect().execution_options(imagerec_write=True) as conn, conn.begin():
+            yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest schema revision this version of imagerec knows."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def migrate(engine: Engine) -> list[str]:
+    """Upgrade the schema to head; return the revisions applied (empty when already current).
+
+    All revisions run in one transaction that first takes a lock (PostgreSQL: an advisory lock;
+    SQLite: BEGIN IMMEDIATE), so processes opening a new store at once migrate it exactly once.
+    """
+    head = head_revision()
+    before = current_revision(engine)
+    if before == head:
+        return []
+    script = ScriptDirectory.from_config(_alembic_config())
+    cfg = _alembic_config()
+    try:
+        with engine.connect().execution_options(imagerec_write=True) as conn, conn.begin():
+            if engine.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+            before = MigrationContext.configure(conn).get_current_revision()  # again, under the lock
+            if before == head:
+                return []
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    except CommandError as e:
+        raise ImageRecError(
+            f"the store {mask_url(engine.url)} has schema revision {before}, which this imagerec does not know "
+            f"(newest known: {head}); upgrade imagerec ({e})"
+        ) from e
+    applied = [rev.revision for rev in script.iterate_revisions(head, before)]
+    return list(reversed(applied))
+
+
+def open_store(url: str | None = None) -> Store:
+    """Open (creating and migrating if needed) the image store at `url`.
+
+    `url` None means `$IMAGEREC_DB`, else the SQLite file `$IMAGEREC_HOME/store.db`, else
+    `~/.local/share/imagerec/store.db`. A plain path is a SQLite file; `postgresql://...` uses
+    psycopg 3. SQLite runs in WAL mode with foreign keys on.
+
+    Example:
+        >>> with open_store("/tmp/imagerec-doctest.db") as store:
+        ...     store.dialect
+        'sqlite'
+    """
+    resolved = resolve_url(url)
+    engine = create_store_engine(resolved)
+    try:
+        migrate(engine)
+    except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DatabaseError) as e:
+        engine.dispose()
+        raise connect_error(resolved, e) from e
+    except BaseException:
+        engine.dispose()
+        raise
+    return Store(engine, resolved)

@@ -1,0 +1,128 @@
+"""Turning a store URL into a SQLAlchemy engine: URL defaults, SQLite pragmas, password masking.
+
+This module imports nothing from the rest of imagerec but `utils`, so the decode path can use it
+(through `blobref`) without an import cycle.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine
+
+from imagerec.utils import ImageRecError
+
+URL_HELP = (
+    "give --db (or set IMAGEREC_DB) as a SQLite file path, sqlite:////abs/path/store.db, "
+    "or postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+)
+SQLITE_BUSY_TIMEOUT_MS = 60_000  # writers queue behind each other's batch transactions
+PG_CONNECT_TIMEOUT_S = 10
+
+
+def default_store_path() -> Path:
+    """`$IMAGEREC_HOME/store.db`, else `~/.local/share/imagerec/store.db`."""
+    home = os.environ.get("IMAGEREC_HOME")
+    base = Path(home).expanduser() if home else Path.home() / ".local" / "share" / "imagerec"
+    return base / "store.db"
+
+
+def mask_url(url: str | URL) -> str:
+    """The URL as text with its password replaced by ***."""
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL: mask anything between ':' and '@' after the scheme
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def resolve_url(url: str | None = None) -> URL:
+    """The store URL: `url`, else `$IMAGEREC_DB`, else the default SQLite file.
+
+    A plain path (no `://`) is a SQLite file; `postgresql://` and `postgres://` use psycopg 3.
+    """
+    if not url:
+        url = os.environ.get("IMAGEREC_DB") or str(default_store_path())
+    if "://" not in url:
+        return sa.URL.create("sqlite", database=str(Path(url).expanduser().resolve()))
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError as e:
+        raise ImageRecError(f"cannot parse the store URL {mask_url(url)} ({e}); {URL_HELP}") from e
+    backend = parsed.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        if parsed.drivername in ("postgresql", "postgres"):
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return parsed
+    if backend == "sqlite":
+        if not parsed.database or parsed.database == ":memory:" or parsed.database.startswith("file:"):
+            raise ImageRecError(
+                f"the store URL {mask_url(parsed)} is not a SQLite file; the store must outlive the process "
+                "(workers read from it): use sqlite:////abs/path/store.db"
+            )
+        return parsed.set(database=str(Path(parsed.database).expanduser().resolve()))
+    raise ImageRecError(f"unsupported store URL {mask_url(parsed)} (backend '{backend}'); {URL_HELP}")
+
+
+def _sqlite_events(engine: Engine) -> None:
+    """WAL, foreign keys, and explicit BEGIN (IMMEDIATE for writers) instead of pysqlite's own.
+
+    pysqlite's default BEGIN is deferred and emitted lazily: a transaction that reads and then
+    writes can fail with SQLITE_BUSY at the write under concurrency, which no busy timeout fixes.
+    Write transactions (`Store.write()`) take the write lock up front with BEGIN IMMEDIATE instead.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+        cur = dbapi_connection.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode: a commit survives the process being killed, not a power cut.
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        write = conn.get_execution_options().get("imagerec_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def create_store_engine(url: URL) -> Engine:
+    """A pooled engine for `url` (already resolved); SQLite files get their folder created."""
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        path = Path(url.database or "")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ImageRecError(
+                f"cannot create the folder for the store {path} ({e}): set IMAGEREC_HOME or --db to a writable place"
+            ) from e
+        engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        _sqlite_events(engine)
+        return engine
+    try:
+        return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
+    except (ImportError, sa.exc.NoSuchModuleError) as e:
+        raise ImageRecError(
+            f"cannot use the store URL {mask_url(url)}: its database driver is missing ({e}); "
+            "install it with: pip install 'psycopg[binary]'"
+        ) from e
+
+
+def connect_error(url: URL, e: Exception) -> ImageRecError:
+    """A user-facing error for a store that cannot be opened."""
+    detail = str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if url.get_backend_name() == "sqlite":
+        hint = "check that the file is a SQLite database and its folder is writable, or choose another with --db"
+    elif "does not exist" in detail and "database" in detail:
+        hint = f"create it first (createdb {url.database}) or point IMAGEREC_DB at an existing database"
+    else:
+        hint = "check that the server is running and reachable, and the user, password and database are right; " + URL_HELP
+    return ImageRecError(f"cannot open the image store {mask_url(url)}: {detail}. {hint}")

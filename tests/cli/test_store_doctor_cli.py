@@ -1,0 +1,85 @@
+"""The store and doctor subcommands through the real CLI: ingest -> train store:NAME -> runs,
+datasets, export-dataset; check with JSON output and quarantine/undo."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from imagerec.data import read_data
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "imagerec.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_ingest_train_runs_datasets_export(tmp_path: Path) -> None:
+    env = dict(os.environ, IMAGEREC_DB=str(tmp_path / "store.db"))
+    folder = tmp_path / "digits"
+    spec = read_data("mnist-mini")
+    for split in ("train", "test"):
+        for k, it in enumerate(spec.splits[split][:: 10 if split == "train" else 5]):
+            d = folder / split / spec.class_names[it.target]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(spec.arrays[split][it.source.index]).save(d / f"{k}.png")
+    (folder / "train" / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    r = cli("ingest", str(folder), "--dataset", "digits", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "800 added" in r.stdout and "1 unreadable" in r.stdout
+    again = cli("ingest", str(folder), "--dataset", "digits", cwd=tmp_path, env=env)
+    assert "0 added, 800 already stored" in again.stdout
+
+    ds = json.loads(cli("datasets", "--format", "json", cwd=tmp_path, env=env).stdout)
+    row = next(d for d in ds["datasets"] if d["name"] == "digits")
+    assert row["images"] == 800 and row["splits"] == {"train": 600, "test": 200}
+
+    t = cli("train", "store:digits", "--out", "run", "--epochs", "5", cwd=tmp_path, env=env)
+    assert t.returncode == 0, t.stderr
+    assert cli("eval", "run", "--format", "json", cwd=tmp_path, env=env).returncode == 0
+    runs = json.loads(cli("runs", "--format", "json", cwd=tmp_path, env=env).stdout)["runs"]
+    run = next(x for x in runs if x["name"] == "run")
+    assert run["status"] == "completed" and run["data_origin"] == "store:digits"
+    assert run["metrics"]["test"]["accuracy"] > 0.5
+    assert run["metrics"]["evals"]["test"]["accuracy"] == run["metrics"]["test"]["accuracy"]
+
+    out = tmp_path / "exported"
+    e = cli("export-dataset", "store:digits", str(out), cwd=tmp_path, env=env)
+    assert e.returncode == 0, e.stderr
+    src = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*.png") if p.name != "broken.png")
+    dst = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.png"))
+    assert src == dst  # byte-identical images back
+
+
+def test_check_json_quarantine_and_undo(tmp_path: Path) -> None:
+    env = dict(os.environ)
+    data = tmp_path / "pets"
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (data / cls).mkdir(parents=True)
+        for k in range(6):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(data / cls / f"{k}.png")
+    (data / "cat" / "empty.jpg").write_bytes(b"")
+    (data / "dog" / "text.jpg").write_text("not an image")
+    r = cli("check", str(data), "--format", "json", cwd=tmp_path, env=env)
+    assert r.returncode == 1  # error-severity problems found
+    report = json.loads(r.stdout)
+    found = {(Path(p["path"]).name, p["category"]) for p in report["problems"]}
+    assert ("empty.jpg", "zero_byte") in found and ("text.jpg", "not_an_image") in found
+    assert "Traceback" not in r.stderr
+
+    q = cli("check", str(data), "--fix", "quarantine", str(tmp_path / "q"), cwd=tmp_path, env=env)
+    assert not (data / "cat" / "empty.jpg").exists() and (tmp_path / "q" / "quarantine-manifest.json").is_file()
+    assert cli("check", str(data), "--format", "json", cwd=tmp_path, env=env).returncode == 0, q.stdout
+    u = cli("check", "--undo", str(tmp_path / "q" / "quarantine-manifest.json"), cwd=tmp_path, env=env)
+    assert u.returncode == 0, u.stderr
+    assert (data / "dog" / "text.jpg").read_text() == "not an image"
+
+    bad = cli("check", str(data), "--fix", "delete", "x", cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "error: unknown --fix action 'delete'" in bad.stderr

@@ -1,0 +1,95 @@
+"""Crash safety and concurrency: SIGKILL an ingest part-way and resume it; ingest from two processes at once."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from imagerec.store import Store, ingest, open_store
+from imagerec.store.schema import blobs
+from store_helpers import SourceFacts, assert_healthy, integrity, stored_counts
+
+INGEST_SCRIPT = """
+import sys
+from imagerec.store import ingest, open_store
+with open_store(sys.argv[1]) as store:
+    ingest(store, "mnist-mini", "mnist", batch_size=int(sys.argv[2]), progress=False)
+"""
+BATCH = 250
+KILL_AFTER = 2 * BATCH  # at least two batches committed
+
+
+def _image_count(store: Store) -> int:
+    with store.read() as conn:
+        return conn.exec_driver_sql("SELECT count(*) FROM images").scalar()
+
+
+def test_sigkill_during_ingest_then_rerun_stores_every_image_exactly_once(
+    store_url: str, mnist_source: SourceFacts
+) -> None:
+    watcher = open_store(store_url)  # migrates first, so the child starts ingesting at once
+    child = subprocess.Popen([sys.executable, "-c", INGEST_SCRIPT, store_url, str(BATCH)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while _image_count(watcher) < KILL_AFTER:
+            assert child.poll() is None, f"ingest exited early: {child.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "ingest made no progress in 120 s"
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        watcher.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+    after_kill = assert_healthy(store_url)  # whole batches or nothing: no orphans either way
+    assert KILL_AFTER <= after_kill["images"] < 7000, f"not killed part-way: {after_kill}"
+    assert after_kill["blobs"] == after_kill["images"]
+
+    with open_store(store_url) as store:
+        if store.dialect == "sqlite":
+            with store.read() as conn:
+                assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+        report = ingest(store, "mnist-mini", "mnist", batch_size=BATCH, progress=False)
+        assert report.added == 7000 - after_kill["images"]
+        assert report.already_present == after_kill["images"]
+        with store.read() as conn:
+            for sha, data in conn.execute(sa.select(blobs.c.sha256, blobs.c.data)):
+                assert hashlib.sha256(bytes(data)).hexdigest() == sha
+
+    final = assert_healthy(store_url)
+    assert final["images"] == final["blobs"] == 7000
+    assert stored_counts(store_url, "mnist") == mnist_source.counts()
+
+
+def _ingest_in_child(url: str, source: str, dataset: str) -> None:
+    with open_store(url) as store:
+        ingest(store, source, dataset, batch_size=20, progress=False)
+
+
+def test_concurrent_ingests_from_two_processes(store_url: str, cifar_folder: Path, cifar_source: SourceFacts) -> None:
+    open_store(store_url).close()
+    # fork: the children skip re-importing torch; each opens its own engine
+    ctx = multiprocessing.get_context("fork")
+    for datasets in (("left", "right"), ("same", "same")):
+        procs = [ctx.Process(target=_ingest_in_child, args=(store_url, str(cifar_folder), d)) for d in datasets]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+            assert p.exitcode == 0, f"{p.name} exited with {p.exitcode}"
+    for dataset in ("left", "right", "same"):
+        assert stored_counts(store_url, dataset) == cifar_source.counts()
+    facts = assert_healthy(store_url)
+    # three datasets of the same 300 images: 900 image rows sharing 300 blobs
+    assert (facts["images"], facts["blobs"]) == (900, 300)
+    assert integrity(store_url)["duplicate_images"] == 0
