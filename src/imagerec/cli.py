@@ -28,6 +28,9 @@ examples:
   imagerec ingest photos/ --dataset pets                 store images (SQLite, or --db postgresql://...)
   imagerec train store:pets --out runs/pets
   imagerec runs --compare 1 2
+  imagerec export runs/mnist --format onnx --int8 --out bundles/mnist
+  imagerec predict bundles/mnist digits/                runs the fastest runtime that passed parity
+  imagerec benchmark bundles/mnist
   imagerec models
 """
 
@@ -117,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="store to record the evaluation in")
 
     p = sub.add_parser("predict", help="classify images, folders or globs")
-    p.add_argument("run", help="run directory")
+    p.add_argument("run", help="run directory or exported bundle folder")
     p.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
@@ -152,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="store:NAME or NAME")
     p.add_argument("out", help="an empty or new folder")
     p.add_argument("--db")
+
+    p = sub.add_parser("export", help="export a run to a parity-gated ONNX/TorchScript bundle folder")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", required=True, help="bundle folder to create")
+    p.add_argument("--int8", action="store_true", help="also quantize to int8 (static, calibrated on training images)")
+    p.add_argument("--parity-images", type=int, default=256, help="validation images for the parity check")
+    p.add_argument("--max-drop", type=float, default=1.0, help="refuse int8 if accuracy drops by more points than this")
+    p.add_argument("--data", help="images for parity/calibration (default: the run's own data)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+
+    p = sub.add_parser("benchmark", help="latency and throughput of every runtime available for a run or bundle")
+    p.add_argument("source", help="run directory or bundle folder")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--seconds", type=float, default=2.0, help="time per runtime and batch size")
 
     p = sub.add_parser("models", help="list the model registry")
     p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'res*'")
@@ -295,6 +314,19 @@ def cmd_export_dataset(args: argparse.Namespace) -> int:
     return export_dataset_command(args.name.removeprefix("store:"), args.out, args.db)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from imagerec.export import export_command
+
+    return export_command(args.run, args.format, args.out, int8=args.int8, parity_images=args.parity_images,
+                          max_drop=args.max_drop, data=args.data, overwrite=args.overwrite)
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from imagerec.export import benchmark_command
+
+    return benchmark_command(args.source, args.format, tuple(args.batch_sizes), args.seconds)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -329,6 +361,8 @@ COMMANDS = {
     "datasets": cmd_datasets,
     "runs": cmd_runs,
     "export-dataset": cmd_export_dataset,
+    "export": cmd_export,
+    "benchmark": cmd_benchmark,
     "models": cmd_models,
     "demo": cmd_demo,
 }

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -22,6 +22,9 @@ from imagerec.engine.checkpoint import load_model
 from imagerec.engine.pipeline import autocast
 from imagerec.transforms import base_transform, normalize_batch
 from imagerec.utils import ImageRecError, available_cpus, resolve_device, resolve_precision, set_threads
+
+if TYPE_CHECKING:
+    from imagerec.export.runtime import Runtime
 
 ImageInput = str | Path | bytes | Image.Image
 
@@ -53,18 +56,30 @@ class Predictor:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | None,
         pre: PreprocessConfig,
         device: str = "auto",
         precision: str = "auto",
         batch_size: int = 64,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         meta: dict[str, Any] | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
+        """`model` runs in eager PyTorch; or pass `model=None` and a `runtime` (an exported bundle's
+        ONNX Runtime / TorchScript session: uint8 (B, C, H, W) -> probabilities) instead."""
         set_threads()
-        self.device = resolve_device(device)
-        self.amp_dtype = resolve_precision(precision, self.device)
-        self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
+        if (model is None) == (runtime is None):
+            raise ImageRecError("a Predictor needs exactly one of a PyTorch model or an export runtime")
+        self.runtime = runtime
+        if runtime is not None:
+            if device not in ("auto", "cpu"):
+                raise ImageRecError(f"exported bundles run on the CPU; got device '{device}': use --device cpu or a run directory")
+            self.device, self.amp_dtype, self.model = torch.device("cpu"), None, None
+        else:
+            assert model is not None
+            self.device = resolve_device(device)
+            self.amp_dtype = resolve_precision(precision, self.device)
+            self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
         self.pre, self.batch_size, self.max_pixels = pre, batch_size, max_pixels
         self.meta = meta or {}
         self.transform = base_transform(pre)
@@ -74,7 +89,18 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: str | Path, **kwargs: Any) -> Predictor:
         model, meta = load_model(run_dir)
+        if "runtime" in kwargs:
+            raise ImageRecError(f"{run_dir} is a run directory; runtime= applies to exported bundles ('imagerec export')")
         return cls(model, PreprocessConfig.from_dict(meta["preprocess"]), meta=meta, **kwargs)
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, runtime: str | None = None, **kwargs: Any) -> Predictor:
+        """A Predictor over an exported bundle (verified by sha256), with its fastest gated runtime or `runtime`."""
+        from imagerec.export.bundle import load_bundle
+
+        bundle = load_bundle(bundle_dir)
+        kwargs.pop("precision", None)  # the runtime's precision is the bundle's (fp32 or int8)
+        return cls(None, bundle.pre, meta=bundle.manifest, runtime=bundle.create_runtime(runtime), **kwargs)
 
     # --- preprocessing ----------------------------------------------------------------------------
     def preprocess(self, image: ImageInput) -> torch.Tensor:
@@ -92,6 +118,9 @@ class Predictor:
     @torch.no_grad()
     def predict_batch(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> probabilities (B, K) (softmax, or sigmoid for multi-label)."""
+        if self.runtime is not None:
+            return self.runtime.run(x.cpu()).float()  # normalisation and softmax/sigmoid are inside the graph
+        assert self.model is not None
         x = normalize_batch(x.to(self.device), self.pre.mean, self.pre.std).contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp_dtype):
             logits = self.model(x).float()
@@ -143,7 +172,10 @@ def _name(image: ImageInput, i: int) -> str:
 
 
 def load(source: str | Path, **kwargs: Any) -> Predictor:
-    """A Predictor for a run directory (its best checkpoint)."""
+    """A Predictor for a run directory (its best checkpoint) or an exported bundle folder (has imagerec.json)."""
     if not Path(source).exists():
-        raise ImageRecError(f"model not found: {source} (give a run directory written by 'imagerec train')")
+        raise ImageRecError(f"model not found: {source} (give a run directory written by 'imagerec train' "
+                            f"or a bundle folder written by 'imagerec export')")
+    if (Path(source) / "imagerec.json").is_file():
+        return Predictor.from_bundle(source, **kwargs)
     return Predictor.from_run(source, **kwargs)

@@ -143,3 +143,32 @@ def test_mnist_arrays_summary() -> None:
     assert rep.summary["imbalance_ratio"] == 1.0
     # only hash/duplicate/imbalance checks apply to arrays
     assert {p.category for p in rep.problems} <= {"exact_duplicate", "near_duplicate", "split_leakage", "class_imbalance"}
+
+
+def test_planted_set_covers_at_least_twenty_kinds(planted, report) -> None:  # type: ignore[no-untyped-def]
+    root, info = planted
+    kinds = {c for cats in info["expect"].values() for c in cats} | set(info["folders"].values())
+    assert len(kinds | {"class_imbalance"}) >= 20, sorted(kinds)
+    assert len({p.category for p in report.problems}) >= 20
+
+
+def test_training_on_the_planted_folder_completes_and_lists_skipped_files(planted, report, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import imagerec
+    from imagerec.data import DecodeError, open_image, read_data
+
+    root, _ = planted
+    result = imagerec.train(data=str(root), out=str(tmp_path / "run"), epochs=1, batch_size=8, image_size=32)
+    skipped = "\n".join(result.metrics["skipped_files"])
+    listed = [str(it.source) for items in read_data(str(root)).splits.values() for it in items]
+    undecodable = []
+    for path in listed:
+        try:
+            open_image(path)
+        except DecodeError:
+            undecodable.append(path)
+    assert len(undecodable) >= 4, undecodable  # zero-byte, truncated, bomb, text-as-jpg, ...
+    errors = {p.path for p in report.problems if p.severity == "error"}
+    for path in undecodable:
+        assert path in skipped, f"{path} not listed as skipped"
+        assert path in errors, f"{path} not reported as an error by the doctor"
+    assert result.metrics["test"]["num_samples"] > 0 and (tmp_path / "run" / "metrics.json").is_file()

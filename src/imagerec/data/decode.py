@@ -87,7 +87,7 @@ def read_bytes(src: Source) -> bytes:
     return zf.read(src.name)
 
 
-_DECODE_ERRORS = (
+DECODE_ERRORS = (
     OSError,
     SyntaxError,
     ValueError,
@@ -161,7 +161,7 @@ def decode_bytes(
         raise
     except Image.UnidentifiedImageError as e:
         raise DecodeError(f"{name}: not an image file PIL can identify (wrong type or corrupt)") from e
-    except _DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         raise DecodeError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
@@ -185,7 +185,7 @@ def open_image(
         raise DecodeError(f"{name}: file not found") from e
     except IsADirectoryError as e:
         raise DecodeError(f"{name}: is a directory, not an image file") from e
-    except _DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         raise DecodeError(f"{name}: cannot read ({type(e).__name__}: {e})") from e
     return decode_bytes(data, name, channels, max_pixels, draft_size)
 

@@ -6,6 +6,7 @@ history.csv, metrics.json, eval-<split>.json and confusion-<split>.png.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -20,7 +21,7 @@ from rich.console import Console
 
 from imagerec.config import PreprocessConfig, TrainConfig, apply_overrides, write_json
 from imagerec.data import DataSpec, read_data, split_train_val
-from imagerec.data.decode import ArrayRef, read_bytes
+from imagerec.data.decode import DECODE_ERRORS, ArrayRef, read_bytes
 from imagerec.data.loader import ImageLoader, targets_tensor
 from imagerec.engine.callbacks import Callback, EarlyStopping, HistoryCSV, ProgressBar
 from imagerec.engine.checkpoint import load_checkpoint_tensors, read_checkpoint_meta, restore_optimizer
@@ -57,13 +58,11 @@ def infer_geometry(spec: DataSpec, items_per_probe: int = 32) -> tuple[int, int]
     modes, sides = [], []
     for it in train[::step][:items_per_probe]:
         try:
-            import io
-
             with Image.open(io.BytesIO(read_bytes(it.source))) as im:  # header only, no full decode
                 modes.append(im.mode)
                 sides.append(min(im.size))
-        except (OSError, ValueError, SyntaxError):
-            continue
+        except DECODE_ERRORS:
+            continue  # a bad file is reported (and skipped) by the loader
     if not sides:
         raise ImageRecError(f"{spec.origin}: none of the probed training images could be opened; run 'imagerec check' on it")
     channels = 1 if all(m in _GRAY_MODES for m in modes) else 3

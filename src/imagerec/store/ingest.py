@@ -126,7 +126,7 @@ def array_png(arr: Any) -> bytes:
 
 def probe_image(data: bytes, name: str) -> tuple[int, int, str, str]:
     """(width, height, mode, format) of encoded image bytes, after checking that they fully decode."""
-    from imagerec.data.decode import _DECODE_ERRORS, DEFAULT_MAX_PIXELS, DecodeError
+    from imagerec.data.decode import DECODE_ERRORS, DEFAULT_MAX_PIXELS, DecodeError
 
     if not data:
         raise DecodeError(f"{name}: empty file (0 bytes)")
@@ -144,7 +144,7 @@ def probe_image(data: bytes, name: str) -> tuple[int, int, str, str]:
         raise
     except Image.UnidentifiedImageError as e:
         raise DecodeError(f"{name}: not an image file PIL can identify (wrong type or corrupt)") from e
-    except _DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         raise DecodeError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
@@ -158,7 +158,7 @@ def item_name(spec: DataSpec, item: Item) -> str:
 
 def _prepare(spec: DataSpec, split: str, item: Item, name: str) -> dict[str, Any]:
     """Read, hash and check one item; raises DecodeError for anything unreadable."""
-    from imagerec.data.decode import _DECODE_ERRORS, ArrayRef, DecodeError, read_bytes
+    from imagerec.data.decode import DECODE_ERRORS, ArrayRef, DecodeError, read_bytes
 
     if isinstance(item.source, ArrayRef):
         try:
@@ -172,7 +172,7 @@ def _prepare(spec: DataSpec, split: str, item: Item, name: str) -> dict[str, Any
             raise DecodeError(f"{name}: file not found") from e
         except IsADirectoryError as e:
             raise DecodeError(f"{name}: is a directory, not an image file") from e
-        except _DECODE_ERRORS as e:
+        except DECODE_ERRORS as e:
             raise DecodeError(f"{name}: cannot read ({type(e).__name__}: {e})") from e
     width, height, mode, fmt = probe_image(data, name)
     target = item.target

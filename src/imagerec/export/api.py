@@ -1,0 +1,206 @@
+"""`export_run` / `export_model`: a parity-gated bundle folder from a run or from a (model, preprocess) pair."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from imagerec.config import PreprocessConfig
+from imagerec.engine.checkpoint import find_run_checkpoint, load_model
+from imagerec.export.bundle import finalize_bundle, staging_dir
+from imagerec.export.onnx import export_onnx
+from imagerec.export.parity import (
+    ImageSet,
+    compare,
+    load_images,
+    reference_probs,
+    refusal_message,
+    run_batched,
+    synthetic_images,
+    throughput,
+)
+from imagerec.export.quantize import quantize_onnx
+from imagerec.export.runtime import OrtRuntime, Runtime, TorchScriptRuntime
+from imagerec.export.torchscript import export_torchscript
+from imagerec.utils import ImageRecError, library_versions
+
+FORMATS = ("onnx", "torchscript")
+FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "int8": "model.int8.onnx"}
+
+
+def _versions() -> dict[str, str]:
+    v = library_versions()
+    for mod in ("onnx", "onnxruntime"):
+        try:
+            v[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return v
+
+
+def export_model(
+    model: nn.Module,
+    pre: PreprocessConfig,
+    fmt: str,
+    out: str | Path,
+    *,
+    int8: bool = False,
+    images: ImageSet | None = None,
+    calibration: torch.Tensor | None = None,
+    max_drop: float = 1.0,
+    source: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    timing_seconds: float = 0.5,
+) -> dict[str, Any]:
+    """Export `model` with its preprocessing to a bundle folder `out`, gated on parity with PyTorch.
+
+    `images` are the parity images (default: 32 synthetic ones); `calibration` the uint8 images
+    int8 is calibrated on (default: the parity images). A runtime that fails its gate raises
+    ImageRecError naming the differing images, and nothing is left at `out`.
+
+    Example:
+        >>> model = create_model("cnn", num_classes=10, in_chans=1, img_size=28)
+        >>> export_model(model, pre, "onnx", "exports/cnn")["runtimes"][0]["parity"]["passed"]
+        True
+    """
+    if fmt not in FORMATS:
+        raise ImageRecError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
+    if int8 and fmt != "onnx":
+        raise ImageRecError("int8 export uses ONNX Runtime quantization: use format onnx with int8")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ImageRecError(f"{out} already exists: choose another output folder, or pass overwrite=True / --overwrite")
+    # Export a private fp32 copy: tracing must not change the caller's model (memory format, dtype, mode).
+    model = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
+    images = images or synthetic_images(pre)
+    src = (source or {}).get("run_dir", "the given model")
+    t0 = time.perf_counter()
+    reference = reference_probs(model, pre, images.x)
+    tmp = staging_dir(out)
+    try:
+        if fmt == "onnx":
+            info = export_onnx(model, pre, tmp / FILES["onnx"])
+            runtime: Runtime = OrtRuntime(tmp / FILES["onnx"], "onnx-fp32")
+            entries = [{"name": "onnx-fp32", "file": FILES["onnx"], "engine": "onnxruntime", "precision": "fp32"}]
+        else:
+            info = export_torchscript(model, pre, tmp / FILES["torchscript"])
+            runtime = TorchScriptRuntime(tmp / FILES["torchscript"], "torchscript-fp32")
+            entries = [{"name": "torchscript-fp32", "file": FILES["torchscript"], "engine": "torchscript", "precision": "fp32"}]
+        runtimes = [runtime]
+        entries[0]["parity"] = compare(reference, run_batched(runtime, images.x), images, "fp32", pre.multi_label)
+        if not entries[0]["parity"]["passed"]:
+            raise ImageRecError(refusal_message(runtime.name, entries[0]["parity"], src))
+        quant = None
+        if int8:
+            calib = calibration if calibration is not None else images.x
+            quant = quantize_onnx(tmp / FILES["onnx"], tmp / FILES["int8"], calib)
+            quant["calibration_data"] = "training images" if calibration is not None else f"parity images ({images.origin})"
+            rt8 = OrtRuntime(tmp / FILES["int8"], "onnx-int8")
+            res = compare(reference, run_batched(rt8, images.x), images, "int8", pre.multi_label, max_drop)
+            entries.append({"name": "onnx-int8", "file": FILES["int8"], "engine": "onnxruntime", "precision": "int8",
+                            "parity": res})
+            if not res["passed"]:
+                raise ImageRecError(refusal_message("onnx-int8", res, src))
+            runtimes.append(rt8)
+        # predict uses the fastest runtime that passed (all have, by now), timed here on this machine.
+        if timing_seconds > 0:
+            batch = images.x[:32]
+            for entry, rt in zip(entries, runtimes, strict=True):
+                entry["images_per_s"] = round(throughput(rt, batch, timing_seconds), 1)
+                entry["timed_batch_size"] = len(batch)
+            preferred = max(entries, key=lambda e: e["images_per_s"])["name"]
+        else:
+            preferred = entries[-1]["name"]
+        del runtimes, runtime  # close sessions before the folder is renamed
+        manifest = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "export_format": fmt,
+            "model": (source or {}).get("model", type(model).__name__),
+            "preprocess": pre.to_dict(),
+            "class_names": list(pre.class_names),
+            "input": {"name": info.get("input", "image"), "dtype": "uint8", "layout": "NCHW",
+                      "shape": ["batch", pre.channels, pre.input_size, pre.input_size],
+                      "normalisation": "inside the graph: (x - mean*255) / (std*255); feed the uint8 output of the "
+                                       "preprocess transform"},
+            "output": {"name": info.get("output", "probs"), "activation": "sigmoid" if pre.multi_label else "softmax"},
+            "runtimes": entries,
+            "preferred_runtime": preferred,
+            "source": source or {"model": type(model).__name__, "run_dir": None},
+            "export": info,
+            "quantization": quant,
+            "versions": _versions(),
+            "export_seconds": round(time.perf_counter() - t0, 2),
+        }
+        manifest = finalize_bundle(tmp, out, manifest, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest["path"] = str(out)
+    return manifest
+
+
+def export_run(
+    run_dir: str | Path,
+    fmt: str,
+    out: str | Path,
+    int8: bool = False,
+    parity_images: int = 256,
+    max_drop: float = 1.0,
+    data: str | None = None,
+    calibration_images: int = 300,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export a run's best checkpoint to a bundle folder, gated on its own validation images.
+
+    Parity images are the run's validation split, re-created from its training data with its
+    val_fraction and seed (or the val/test/train split of `data`), through the eval transform.
+    int8 is calibrated on `calibration_images` training images. Returns the bundle's manifest.
+
+    Example:
+        >>> m = export_run("runs/mnist", "onnx", "exports/mnist", int8=True)
+        >>> m["runtimes"][1]["parity"]["accuracy_after"]
+    """
+    model, meta = load_model(run_dir)
+    pre = PreprocessConfig.from_dict(meta["preprocess"])
+    cfg = meta.get("train_config", {})
+    where = data or cfg.get("data")
+    if not where:
+        raise ImageRecError(f"{run_dir}: the checkpoint does not say what data it was trained on; pass data=... / --data")
+    kw = {"val_fraction": cfg.get("val_fraction", 0.1), "seed": cfg.get("seed", 0), "max_pixels": cfg.get("max_pixels", 89_478_485)}
+    try:
+        images = load_images(where, pre, ("val", "test") if data is None else ("val", "test", "train"), parity_images, **kw)
+        calib = load_images(cfg.get("data") or where, pre, ("train",), calibration_images, **kw).x if int8 else None
+    except ImageRecError as e:
+        raise ImageRecError(f"{e}. Parity images come from the run's data; pass data=... / --data to use other images") from e
+    stem = find_run_checkpoint(run_dir)
+    source = {"run_dir": str(Path(run_dir).resolve()), "checkpoint": stem.name + ".json", "model": meta.get("model"),
+              "model_kwargs": meta.get("model_kwargs", {}), "data_origin": (meta.get("data") or {}).get("origin"),
+              "data_fingerprint": (meta.get("data") or {}).get("fingerprint")}
+    return export_model(model, pre, fmt, out, int8=int8, images=images, calibration=calib, max_drop=max_drop,
+                        source=source, overwrite=overwrite)
+
+
+def summarize_export(manifest: dict[str, Any]) -> str:
+    """A few human lines about a written bundle (for the CLI)."""
+    lines = [f"wrote {manifest['path']} ({manifest['export_format']}; predict uses {manifest['preferred_runtime']})"]
+    for r in manifest["runtimes"]:
+        p = r["parity"]
+        speed = f", {r['images_per_s']:.0f} img/s at batch {r['timed_batch_size']}" if "images_per_s" in r else ""
+        lines.append(f"  {r['name']}: top-1 agreement {p['top1_agreement']:.2%}, max |dprob| {p['max_abs_diff']:.2g}, "
+                     f"accuracy {p['accuracy_before']:.2%} -> {p['accuracy_after']:.2%} on {p['images']} {p['split']} images{speed}")
+    return "\n".join(lines)
+
+
+def export_command(run_dir: str, fmt: str, out: str, int8: bool = False, parity_images: int = 256, max_drop: float = 1.0,
+                   data: str | None = None, overwrite: bool = False) -> int:
+    """`imagerec export`: export_run plus a printed summary; returns the exit code."""
+    manifest = export_run(run_dir, fmt, out, int8=int8, parity_images=parity_images, max_drop=max_drop, data=data,
+                          overwrite=overwrite)
+    print(summarize_export(manifest))
+    return 0

@@ -1,0 +1,111 @@
+"""`benchmark`: batch-1 latency and batch-N throughput of every runtime available for a run or bundle."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imagerec.config import PreprocessConfig
+from imagerec.engine.checkpoint import load_model
+from imagerec.export.bundle import is_bundle, load_bundle
+from imagerec.export.graph import example_input
+from imagerec.export.runtime import Runtime, TorchRuntime
+from imagerec.utils import (
+    ImageRecError,
+    cpu_supports_bf16,
+    resolve_device,
+    resolve_precision,
+    set_threads,
+)
+
+
+def _runtimes(source: str | Path) -> tuple[list[tuple[Runtime, bool | None]], PreprocessConfig, str]:
+    """[(runtime, passed its parity gate)], the preprocessing config, and the runtime predict uses."""
+    found: list[tuple[Runtime, bool | None]] = []
+    run_dir: Path | None = None
+    if is_bundle(source):
+        bundle = load_bundle(source)
+        pre, uses = bundle.pre, bundle.preferred_runtime
+        for name in bundle.runtime_names:
+            found.append((bundle.create_runtime(name), bool(bundle.runtime_entry(name)["parity"]["passed"])))
+        rd = (bundle.manifest.get("source") or {}).get("run_dir")
+        run_dir = Path(rd) if rd and Path(rd).exists() else None
+    elif Path(source).exists():
+        run_dir = Path(source)
+        pre = PreprocessConfig.from_dict(load_model(run_dir)[1]["preprocess"])
+        amp = resolve_precision("auto", resolve_device("cpu"))
+        uses = "torch-bf16" if amp == torch.bfloat16 else "torch-fp32"
+    else:
+        raise ImageRecError(f"model not found: {source} (give a run directory or a bundle folder)")
+    if run_dir is not None:
+        model, _ = load_model(run_dir)
+        found.insert(0, (TorchRuntime(model, pre, None), True))  # the reference itself
+        if cpu_supports_bf16():
+            found.insert(1, (TorchRuntime(model, pre, torch.bfloat16), None))  # not parity-gated
+    return found, pre, uses
+
+
+def _time_calls(runtime: Runtime, x: torch.Tensor, seconds: float) -> list[float]:
+    for _ in range(2):
+        runtime.run(x)  # warm-up: allocation, kernel selection, oneDNN primitive caches
+    times: list[float] = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 5:
+        t0 = time.perf_counter()
+        runtime.run(x)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def benchmark(source: str | Path, batch_sizes: tuple[int, ...] = (1, 32), seconds: float = 2.0) -> list[dict[str, Any]]:
+    """Latency percentiles and throughput for every runtime of `source` (run directory or bundle).
+
+    Inputs are pre-decoded uint8 batches, so this measures the model, not JPEG decoding. Each
+    result says whether that runtime passed its parity gate and whether predict would use it.
+
+    Example:
+        >>> for r in benchmark("exports/mnist", seconds=1): print(r["runtime"], r["batch_size"], r["images_per_s"])
+    """
+    set_threads()
+    runtimes, pre, uses = _runtimes(source)
+    results = []
+    for runtime, passed in runtimes:
+        for bs in batch_sizes:
+            times = np.array(_time_calls(runtime, example_input(pre, bs), seconds)) * 1000.0
+            results.append({
+                "source": str(source), "runtime": runtime.name, "batch_size": bs,
+                "input": f"uint8 {bs}x{pre.channels}x{pre.input_size}x{pre.input_size}",
+                "p50_ms": round(float(np.percentile(times, 50)), 3), "p95_ms": round(float(np.percentile(times, 95)), 3),
+                "p99_ms": round(float(np.percentile(times, 99)), 3), "calls": len(times),
+                "images_per_s": round(bs * len(times) / (times.sum() / 1000.0), 1),
+                "passed_parity": passed, "predict_uses": runtime.name == uses,
+            })
+    return results
+
+
+def benchmark_command(source: str, fmt: str = "table", batch_sizes: tuple[int, ...] = (1, 32), seconds: float = 2.0) -> int:
+    """`imagerec benchmark SOURCE`: print one JSON line per result (fmt json) or a table; returns the exit code."""
+    if fmt not in ("table", "json"):
+        raise ImageRecError(f"unknown output format '{fmt}': use table or json")
+    results = benchmark(source, batch_sizes, seconds)
+    if fmt == "json":
+        for r in results:
+            print(json.dumps(r))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"inference speed: {source}")
+    for col in ("runtime", "batch", "p50 ms", "p95 ms", "p99 ms", "images/s", "parity", "predict"):
+        table.add_column(col, justify="left" if col == "runtime" else "right")
+    for r in results:
+        parity = {True: "passed", False: "FAILED", None: "-"}[r["passed_parity"]]
+        table.add_row(r["runtime"], str(r["batch_size"]), f"{r['p50_ms']:.2f}", f"{r['p95_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                      f"{r['images_per_s']:.0f}", parity, "<-" if r["predict_uses"] else "")
+    Console().print(table)
+    return 0

@@ -1,0 +1,146 @@
+"""Export of a trained run: the parity gate on its own validation images, int8, refusals, loading, predict."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import imagerec
+from imagerec.export import api as export_api
+from imagerec.export import benchmark, export_run, load_bundle
+from imagerec.export.onnx import export_onnx
+from imagerec.utils import ImageRecError
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(cnn_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bundles") / "cnn-onnx"
+    return out, export_run(cnn_run, "onnx", out, int8=True, parity_images=256, calibration_images=300)
+
+
+def test_int8_export_passes_gate_and_reports_accuracy(cnn_run: Path, onnx_bundle: tuple[Path, dict]) -> None:
+    out, manifest = onnx_bundle
+    fp32, int8 = manifest["runtimes"]
+    assert (fp32["name"], int8["name"]) == ("onnx-fp32", "onnx-int8")
+    # fp32: the gate's figures, on the run's own 256 validation images with their labels.
+    p = fp32["parity"]
+    assert p["passed"] and p["split"] == "val" and p["images"] == 256 and p["labelled"]
+    assert p["top1_agreement"] >= 0.995 and p["max_abs_diff"] <= 1e-3
+    assert p["accuracy_before"] == p["accuracy_after"] > 0.8  # trained: well above chance (0.1)
+    q = int8["parity"]
+    assert q["passed"] and q["accuracy_drop_points"] <= 1.0
+    assert q["accuracy_before"] == p["accuracy_before"] and 0.0 < q["accuracy_after"] <= 1.0
+    assert q["accuracy_drop_points"] == pytest.approx((q["accuracy_before"] - q["accuracy_after"]) * 100, abs=1e-3)
+    assert manifest["quantization"]["calibration_images"] == 300
+    assert manifest["preferred_runtime"] in ("onnx-fp32", "onnx-int8")
+    # Provenance: the source run, its data fingerprint, every file hashed.
+    best = json.loads((cnn_run / "best.json").read_text())
+    on_disk = json.loads((out / "imagerec.json").read_text())
+    assert on_disk["source"]["data_fingerprint"] == best["data"]["fingerprint"]
+    assert on_disk["source"]["run_dir"] == str(cnn_run.resolve())
+    assert on_disk["preprocess"] == best["preprocess"] and on_disk["format_version"] == 1
+    assert set(on_disk["files"]) == {"model.onnx", "model.int8.onnx"}
+    assert on_disk["export"]["opset"] >= 17 and on_disk["versions"]["onnxruntime"]
+
+
+def test_bundle_predicts_like_the_run(cnn_run: Path, onnx_bundle: tuple[Path, dict], digit_pngs: list[Path],
+                                      tmp_path: Path) -> None:
+    ts_out = tmp_path / "cnn-ts"
+    export_run(cnn_run, "torchscript", ts_out, parity_images=64)
+    paths = [str(p) for p in digit_pngs]
+    want = imagerec.load(str(cnn_run), precision="fp32").predict(paths, top_k=3)
+    for bundle, runtime in ((onnx_bundle[0], "onnx-fp32"), (onnx_bundle[0], None), (ts_out, None)):
+        predictor = imagerec.load(str(bundle), runtime=runtime, batch_size=16)
+        got = predictor.predict(paths, top_k=3)
+        assert [g["path"] for g in got] == paths
+        assert set(got[0]) == set(want[0])  # same output dicts
+        if runtime == "onnx-fp32" or bundle == ts_out:  # fp32 runtimes: the same label for every image
+            assert [g["label"] for g in got] == [w["label"] for w in want]
+            assert max(abs(g["score"] - w["score"]) for g, w in zip(got, want, strict=True)) < 1e-3
+        else:  # the preferred runtime (may be int8): nearly every label
+            same = sum(g["label"] == w["label"] for g, w in zip(got, want, strict=True))
+            assert same >= len(paths) - 2
+        # The same Predictor API: preprocess gives the eval uint8 tensor; unreadable files are reported.
+        assert predictor.preprocess(paths[0]).dtype == torch.uint8
+        bad = predictor.predict([tmp_path / "missing.png"])[0]
+        assert "error" in bad
+
+
+def test_cli_predict_accepts_a_bundle(onnx_bundle: tuple[Path, dict], digit_pngs: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from imagerec.cli import main
+
+    assert main(["predict", str(onnx_bundle[0]), str(digit_pngs[0]), str(digit_pngs[1]), "--format", "json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [r["path"] for r in lines] == [str(digit_pngs[0]), str(digit_pngs[1])]
+    assert all(r["label"] in [str(d) for d in range(10)] for r in lines)
+
+
+def test_mismatched_export_is_refused_naming_images(cnn_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def export_perturbed(model: torch.nn.Module, pre, path):  # a broken exporter: weights differ from the model's
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        return export_onnx(model, pre, path)
+
+    monkeypatch.setattr(export_api, "export_onnx", export_perturbed)
+    out = tmp_path / "bad"
+    with pytest.raises(ImageRecError) as e:
+        export_run(cnn_run, "onnx", out, parity_images=64)
+    msg = str(e.value)
+    assert "export refused: onnx-fp32 differs from PyTorch" in msg and "Differing images:" in msg
+    assert re.search(r"Differing images: train\[\d+\]", msg)  # validation images, named by their source (IDX key[index])
+    assert "No bundle was written" in msg
+    assert not out.exists()
+    assert not list(tmp_path.iterdir())  # no staging folder left behind either
+
+
+def test_int8_refused_when_accuracy_drop_too_large(cnn_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    with pytest.raises(ImageRecError, match=r"onnx-int8 .*accuracy .* drop of .*allowed: -1"):
+        export_run(cnn_run, "onnx", out, int8=True, parity_images=32, calibration_images=32, max_drop=-1.0)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_tampered_bundle_is_refused(onnx_bundle: tuple[Path, dict], tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(onnx_bundle[0], copy)
+    load_bundle(copy)  # intact: loads
+    data = bytearray((copy / "model.int8.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.int8.onnx").write_bytes(bytes(data))
+    with pytest.raises(ImageRecError, match=r"model\.int8\.onnx has been modified or damaged"):
+        load_bundle(copy)
+    with pytest.raises(ImageRecError, match=r"model\.int8\.onnx"):
+        imagerec.load(str(copy))
+    (copy / "model.int8.onnx").unlink()
+    with pytest.raises(ImageRecError, match=r"model\.int8\.onnx is missing"):
+        load_bundle(copy)
+
+
+def test_export_argument_errors(cnn_run: Path, onnx_bundle: tuple[Path, dict], tmp_path: Path) -> None:
+    with pytest.raises(ImageRecError, match="unknown export format 'tflite'"):
+        export_run(cnn_run, "tflite", tmp_path / "x", parity_images=8)
+    with pytest.raises(ImageRecError, match="int8 .* use format onnx"):
+        export_run(cnn_run, "torchscript", tmp_path / "x", int8=True, parity_images=8)
+    with pytest.raises(ImageRecError, match="already exists"):
+        export_run(cnn_run, "onnx", onnx_bundle[0], parity_images=8)
+    with pytest.raises(ImageRecError, match="runtime 'onnx-bf16'"):
+        load_bundle(onnx_bundle[0]).create_runtime("onnx-bf16")
+
+
+def test_benchmark_lists_every_runtime(onnx_bundle: tuple[Path, dict]) -> None:
+    results = benchmark(onnx_bundle[0], batch_sizes=(1, 4), seconds=0.05)
+    names = {r["runtime"] for r in results}
+    assert {"torch-fp32", "onnx-fp32", "onnx-int8"} <= names
+    assert {r["batch_size"] for r in results} == {1, 4}
+    chosen = {r["runtime"] for r in results if r["predict_uses"]}
+    assert chosen == {onnx_bundle[1]["preferred_runtime"]}
+    for r in results:
+        assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["images_per_s"] > 0
+    assert all(r["passed_parity"] for r in results if r["runtime"] != "torch-bf16")
