@@ -31,6 +31,7 @@ examples:
   imagerec export runs/mnist --format onnx --int8 --out bundles/mnist
   imagerec predict bundles/mnist digits/                runs the fastest runtime that passed parity
   imagerec benchmark bundles/mnist
+  imagerec serve runs/mnist --port 8000                 then open http://127.0.0.1:8000/
   imagerec models
 """
 
@@ -171,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--seconds", type=float, default=2.0, help="time per runtime and batch size")
+
+    p = sub.add_parser("serve", help="HTTP API + web page for one or more runs/bundles (micro-batched)")
+    p.add_argument("models", nargs="+", help="PATH, NAME=PATH or NAME@VERSION=PATH (run dir or bundle); the first is the default")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="largest micro-batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a micro-batch")
+    p.add_argument("--queue-size", type=int, default=256, help="queued images before answering 503")
+    p.add_argument("--api-key-file", help="file with one API key per line; keys are then required")
+    p.add_argument("--max-body-mb", type=float, default=20.0)
+    p.add_argument("--max-pixels", type=int, default=40_000_000)
+    p.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout")
+    p.add_argument("--cors-origin", action="append", help="allowed CORS origin (repeatable); off by default")
+    p.add_argument("--db", help="record predictions in this store")
 
     p = sub.add_parser("models", help="list the model registry")
     p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'res*'")
@@ -327,6 +342,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return benchmark_command(args.source, args.format, tuple(args.batch_sizes), args.seconds)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from imagerec.serve import serve
+
+    serve(args.models, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+          queue_size=args.queue_size, api_key_file=args.api_key_file, max_body_mb=args.max_body_mb,
+          max_pixels=args.max_pixels, timeout_s=args.timeout_s, cors_origins=args.cors_origin or (), db=args.db)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -363,6 +387,7 @@ COMMANDS = {
     "export-dataset": cmd_export_dataset,
     "export": cmd_export,
     "benchmark": cmd_benchmark,
+    "serve": cmd_serve,
     "models": cmd_models,
     "demo": cmd_demo,
 }

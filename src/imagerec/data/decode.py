@@ -7,11 +7,13 @@ whether to skip it (training) or report it (predict).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +132,33 @@ def convert_mode(img: Image.Image, channels: int) -> Image.Image:
     return img if img.mode == target else img.convert(target)
 
 
+@contextlib.contextmanager
+def decode_errors(name: str, action: str = "decode image") -> Iterator[None]:
+    """Turn any exception a hostile or broken file can raise while reading or decoding into a
+    DecodeError naming `name`."""
+    try:
+        yield
+    except DecodeError:
+        raise
+    except FileNotFoundError as e:
+        raise DecodeError(f"{name}: file not found") from e
+    except IsADirectoryError as e:
+        raise DecodeError(f"{name}: is a directory, not an image file") from e
+    except Image.UnidentifiedImageError as e:
+        raise DecodeError(f"{name}: not an image file PIL can identify (wrong type or corrupt)") from e
+    except DECODE_ERRORS as e:
+        raise DecodeError(f"{name}: cannot {action} ({type(e).__name__}: {e})") from e
+
+
+def check_pixels(name: str, size: tuple[int, int], max_pixels: int) -> None:
+    w, h = size
+    if w * h > max_pixels:
+        raise DecodeError(
+            f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+            "(possible decompression bomb); raise max_pixels if the image is genuine"
+        )
+
+
 def decode_bytes(
     data: bytes,
     name: str,
@@ -144,25 +173,14 @@ def decode_bytes(
     """
     if not data:
         raise DecodeError(f"{name}: empty file (0 bytes); remove it or replace it with a real image")
-    try:
+    with decode_errors(name):
         img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > max_pixels:
-            raise DecodeError(
-                f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-                "(possible decompression bomb); raise max_pixels if the image is genuine"
-            )
+        check_pixels(name, img.size, max_pixels)
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB" if channels == 3 else "L", draft_size)
         img.load()
         img = ImageOps.exif_transpose(img) or img
         return convert_mode(img, channels)
-    except DecodeError:
-        raise
-    except Image.UnidentifiedImageError as e:
-        raise DecodeError(f"{name}: not an image file PIL can identify (wrong type or corrupt)") from e
-    except DECODE_ERRORS as e:
-        raise DecodeError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
 def open_image(
@@ -179,14 +197,8 @@ def open_image(
             raise DecodeError(f"{name}: the array this image lives in was not loaded")
         arr = arrays[src.key][src.index]
         return convert_mode(Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB"), channels)
-    try:
+    with decode_errors(name, "read"):
         data = read_bytes(src)
-    except FileNotFoundError as e:
-        raise DecodeError(f"{name}: file not found") from e
-    except IsADirectoryError as e:
-        raise DecodeError(f"{name}: is a directory, not an image file") from e
-    except DECODE_ERRORS as e:
-        raise DecodeError(f"{name}: cannot read ({type(e).__name__}: {e})") from e
     return decode_bytes(data, name, channels, max_pixels, draft_size)
 
 

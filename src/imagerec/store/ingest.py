@@ -126,26 +126,18 @@ def array_png(arr: Any) -> bytes:
 
 def probe_image(data: bytes, name: str) -> tuple[int, int, str, str]:
     """(width, height, mode, format) of encoded image bytes, after checking that they fully decode."""
-    from imagerec.data.decode import DECODE_ERRORS, DEFAULT_MAX_PIXELS, DecodeError
+    from imagerec.data.decode import DEFAULT_MAX_PIXELS, DecodeError, check_pixels, decode_errors
 
     if not data:
         raise DecodeError(f"{name}: empty file (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            info = (w, h, img.mode, img.format or "unknown")
-            if w * h > DEFAULT_MAX_PIXELS:
-                raise DecodeError(f"{name}: {w}x{h} pixels exceeds the limit of {DEFAULT_MAX_PIXELS} (decompression bomb?)")
-            if img.format == "JPEG":  # decode at 1/8 scale: still reads (and checks) the whole stream
-                img.draft(None, (max(1, w // 8), max(1, h // 8)))
-            img.load()
-        return info
-    except DecodeError:
-        raise
-    except Image.UnidentifiedImageError as e:
-        raise DecodeError(f"{name}: not an image file PIL can identify (wrong type or corrupt)") from e
-    except DECODE_ERRORS as e:
-        raise DecodeError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
+    with decode_errors(name), Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        check_pixels(name, (w, h), DEFAULT_MAX_PIXELS)
+        info = (w, h, img.mode, img.format or "unknown")
+        if img.format == "JPEG":  # decode at 1/8 scale: still reads (and checks) the whole stream
+            img.draft(None, (max(1, w // 8), max(1, h // 8)))
+        img.load()
+    return info
 
 
 def item_name(spec: DataSpec, item: Item) -> str:
@@ -158,7 +150,7 @@ def item_name(spec: DataSpec, item: Item) -> str:
 
 def _prepare(spec: DataSpec, split: str, item: Item, name: str) -> dict[str, Any]:
     """Read, hash and check one item; raises DecodeError for anything unreadable."""
-    from imagerec.data.decode import DECODE_ERRORS, ArrayRef, DecodeError, read_bytes
+    from imagerec.data.decode import ArrayRef, DecodeError, decode_errors, read_bytes
 
     if isinstance(item.source, ArrayRef):
         try:
@@ -166,14 +158,8 @@ def _prepare(spec: DataSpec, split: str, item: Item, name: str) -> dict[str, Any
         except (KeyError, IndexError, ValueError, TypeError) as e:
             raise DecodeError(f"{name}: cannot read the array image ({type(e).__name__}: {e})") from e
     else:
-        try:
+        with decode_errors(name, "read"):
             data = read_bytes(item.source)
-        except FileNotFoundError as e:
-            raise DecodeError(f"{name}: file not found") from e
-        except IsADirectoryError as e:
-            raise DecodeError(f"{name}: is a directory, not an image file") from e
-        except DECODE_ERRORS as e:
-            raise DecodeError(f"{name}: cannot read ({type(e).__name__}: {e})") from e
     width, height, mode, fmt = probe_image(data, name)
     target = item.target
     label_idx = list(target) if isinstance(target, tuple) else [target]

@@ -1,0 +1,154 @@
+"""The FastAPI app and `serve()`: models load in the lifespan, inference runs in batcher threads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from imagerec import __version__
+from imagerec.serve.auth import ApiKeys
+from imagerec.serve.errors import install_error_handlers
+from imagerec.serve.limits import BodyLimitMiddleware
+from imagerec.serve.metrics import MetricsMiddleware, ServeMetrics
+from imagerec.serve.recording import Recorder
+from imagerec.serve.registry import ModelRegistry
+from imagerec.serve.routes import STATIC_DIR, router
+from imagerec.serve.settings import ServeSettings, create_settings
+from imagerec.utils import available_cpus
+
+log = logging.getLogger("imagerec.serve")
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    """The server as an ASGI app; models are loaded when it starts (lifespan), not here.
+
+    Example:
+        >>> app = create_app(ServeSettings(models=("runs/mnist",)))
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+    """
+    metrics = ServeMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        workers = settings.decode_workers or available_cpus()
+        app.state.decode_pool = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="decode"
+        )
+        registry = ModelRegistry(settings, metrics)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            None, registry.load_startup
+        )  # blocking: off the loop
+        app.state.recorder = await loop.run_in_executor(
+            None, Recorder, settings
+        )  # may open/migrate the store
+        app.state.registry = registry
+        log.info(
+            "serving %d model version(s); default %s@%s",
+            len(registry.entries()),
+            registry.default().name,
+            registry.default().version,
+        )
+        try:
+            yield
+        finally:
+            registry.stop_all()
+            app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            app.state.recorder.close()
+
+    app = FastAPI(
+        title="imagerec",
+        version=__version__,
+        lifespan=lifespan,
+        redoc_url=None,
+        description="Image classification with dynamic micro-batching. POST images to /v1/predict.",
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.keys = ApiKeys(settings.api_key_file)
+    app.state.inflight = 0
+    install_error_handlers(app, on_error=lambda type: metrics.errors.labels(type).inc())
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            max_age=600,
+        )
+    # Added last = outermost: metrics see every response, including early 413s.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_body_bytes,
+        on_error=lambda type: metrics.errors.labels(type).inc(),
+    )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def create_server(settings: ServeSettings) -> uvicorn.Server:
+    """A uvicorn server for `settings` (call `.run()`, or run it in a thread for tests)."""
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_keep_alive=5,
+        server_header=False,
+        proxy_headers=False,
+        h11_max_incomplete_event_size=64
+        * 1024,  # oversized request headers -> 4xx from uvicorn
+    )
+    return uvicorn.Server(config)
+
+
+def serve(
+    source: Sequence[str] | str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 32,
+    max_wait_ms: float = 5.0,
+    queue_size: int = 256,
+    api_key_file: str | None = None,
+    max_body_mb: float = 20.0,
+    max_pixels: int = 40_000_000,
+    timeout_s: float = 30.0,
+    cors_origins: Sequence[str] = (),
+    db: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """Serve one or more models over HTTP until interrupted.
+
+    `source` items are run directories or bundles, optionally named: "PATH", "NAME=PATH" or
+    "NAME@VERSION=PATH"; the first is the default. Other ServeSettings fields go in `kwargs`.
+
+    Example:
+        >>> serve(["runs/mnist", "digits@2=runs/mnist-v2"], port=8000, api_key_file="keys.txt")
+    """
+    settings = create_settings(
+        source,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        queue_size=queue_size,
+        api_key_file=api_key_file,
+        max_body_mb=max_body_mb,
+        max_pixels=max_pixels,
+        timeout_s=timeout_s,
+        cors_origins=tuple(cors_origins),
+        db=db,
+        **kwargs,
+    )
+    create_server(settings).run()

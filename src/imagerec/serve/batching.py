@@ -1,0 +1,171 @@
+"""Dynamic micro-batching: one inference thread per model version gathers images from concurrent
+requests and runs `predict_batch` once per batch.
+
+A batch is dispatched when it holds `max_batch` images, or when its oldest image has waited
+`max_wait_ms`. Images that waited while the previous batch ran are therefore sent at once: under
+load batches fill up by themselves, at low load an image waits at most `max_wait_ms`.
+The queue is bounded; `submit` never blocks, it raises `QueueFull` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("imagerec.serve")
+
+
+class QueueFull(Exception):
+    """The batcher's queue cannot take the images now; try again shortly."""
+
+
+class BatcherClosed(Exception):
+    """The batcher was stopped (its model version was unloaded or replaced)."""
+
+
+@dataclass
+class _Job:
+    x: torch.Tensor  # uint8 (C, H, W)
+    future: Future[torch.Tensor]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Collects uint8 (C, H, W) images and resolves one future per image with its (K,) probabilities.
+
+    Example:
+        >>> batcher = Batcher(predictor.predict_batch, max_batch=32, max_wait_ms=5, capacity=256).start()
+        >>> probs = batcher.submit_many([predictor.preprocess(b"...")])[0].result()
+    """
+
+    def __init__(
+        self,
+        predict_batch: Callable[[torch.Tensor], torch.Tensor],
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        capacity: int = 256,
+        name: str = "model",
+        on_batch: Callable[[int, float], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        self.predict_batch, self.name = predict_batch, name
+        self.max_batch, self.max_wait, self.capacity = (
+            max_batch,
+            max_wait_ms / 1000.0,
+            capacity,
+        )
+        self.on_batch, self.on_depth = on_batch, on_depth
+        self._pending: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.batches_run = 0
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> Batcher:
+        self._thread = threading.Thread(
+            target=self._run, name=f"batcher-{self.name}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop taking images; finish the queued ones (drain) or fail them with BatcherClosed."""
+        with self._cond:
+            self._stopping = True
+            if not drain:
+                while self._pending:
+                    job = self._pending.popleft()
+                    if job.future.set_running_or_notify_cancel():
+                        job.future.set_exception(
+                            BatcherClosed(f"model {self.name} was unloaded")
+                        )
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return (
+            self._thread is not None and self._thread.is_alive() and not self._stopping
+        )
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    # --- producer side (any thread) ---------------------------------------------------------------
+    def submit_many(self, xs: Sequence[torch.Tensor]) -> list[Future[torch.Tensor]]:
+        """Queue all images of one request, or none of them (QueueFull / BatcherClosed)."""
+        with self._cond:
+            if self._stopping:
+                raise BatcherClosed(f"model {self.name} is being unloaded")
+            if len(self._pending) + len(xs) > self.capacity:
+                raise QueueFull(
+                    f"{len(self._pending)} images already queued for {self.name} (capacity {self.capacity})"
+                )
+            jobs = [_Job(x, Future()) for x in xs]
+            self._pending.extend(jobs)
+            depth = len(self._pending)
+            self._cond.notify()
+        if self.on_depth is not None:
+            self.on_depth(depth)
+        return [j.future for j in jobs]
+
+    # --- the inference thread -----------------------------------------------------------------------
+    def _take_batch(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._pending:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            deadline = self._pending[0].enqueued + self.max_wait
+            while len(self._pending) < self.max_batch and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            n = min(self.max_batch, len(self._pending))
+            batch = [self._pending.popleft() for _ in range(n)]
+            depth = len(self._pending)
+        if self.on_depth is not None:
+            self.on_depth(depth)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            # Requests that timed out meanwhile cancelled their futures: skip their images.
+            jobs = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            # All images of one model share a shape; grouping only guards a misbehaving preprocess.
+            groups: dict[tuple[int, ...], list[_Job]] = {}
+            for j in jobs:
+                groups.setdefault(tuple(j.x.shape), []).append(j)
+            for group in groups.values():
+                self._run_group(group)
+
+    def _run_group(self, jobs: list[_Job]) -> None:
+        start = time.perf_counter()
+        try:
+            probs = self.predict_batch(torch.stack([j.x for j in jobs]))  # (B, K)
+        except Exception as e:  # handed to every waiting request, never swallowed
+            log.exception(
+                "inference failed for a batch of %d on %s", len(jobs), self.name
+            )
+            for j in jobs:
+                j.future.set_exception(e)
+            return
+        self.batches_run += 1
+        if self.on_batch is not None:
+            self.on_batch(len(jobs), time.perf_counter() - start)
+        for i, j in enumerate(jobs):
+            j.future.set_result(probs[i])

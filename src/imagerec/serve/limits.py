@@ -1,0 +1,136 @@
+"""Input limits: body size (by Content-Length and while streaming), image type by magic bytes.
+
+The body limit is a pure ASGI middleware so it covers every route, including ones whose body
+FastAPI parses itself, and it answers before the app reads a byte when Content-Length is too big.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from imagerec.serve.errors import ApiError, error_body
+
+# Magic-byte signatures of the formats the decoder accepts; the client's filename and
+# Content-Type are never trusted.
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+IMAGE_TYPES = ("jpeg", "png", "gif", "bmp", "tiff", "webp")
+
+
+def sniff_image_type(data: bytes) -> str | None:
+    """'jpeg', 'png', 'gif', 'bmp', 'tiff' or 'webp' from the leading bytes, else None."""
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    for magic, kind in _SIGNATURES:
+        if data.startswith(magic):
+            return kind
+    return None
+
+
+class BodyTooLarge(ApiError):
+    def __init__(self, limit: int, seen: int | None = None) -> None:
+        got = f" ({seen} bytes)" if seen is not None else ""
+        super().__init__(
+            413,
+            "body_too_large",
+            f"request body{got} exceeds the limit of {limit} bytes ({limit / 2**20:.1f} MiB); send fewer or smaller images",
+        )
+
+
+class BodyLimitMiddleware:
+    """Reject bodies over `limit` bytes: at once by Content-Length, else as soon as the stream passes it."""
+
+    def __init__(
+        self, app: ASGIApp, limit: int, on_error: Callable[[str], None] | None = None
+    ) -> None:
+        self.app, self.limit, self.on_error = app, limit, on_error
+
+    def _note(self, type: str) -> None:
+        if self.on_error is not None:
+            self.on_error(type)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared == -1:
+            self._note("bad_content_length")
+            await _send_json(
+                send,
+                400,
+                error_body(
+                    "bad_content_length",
+                    "Content-Length header is not a non-negative integer",
+                ),
+            )
+            return
+        if declared is not None and declared > self.limit:
+            self._note("body_too_large")
+            too_large = BodyTooLarge(self.limit, declared)
+            await _send_json(
+                send, 413, error_body(too_large.type, too_large.message), close=True
+            )
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as e:
+            if started:
+                raise
+            self._note(e.type)
+            await _send_json(send, 413, error_body(e.type, e.message), close=True)
+
+
+def _content_length(scope: Scope) -> int | None:
+    """The declared length, None if absent, -1 if malformed (or given twice with different values)."""
+    values = {v for k, v in scope.get("headers", ()) if k == b"content-length"}
+    if not values:
+        return None
+    if len(values) > 1:
+        return -1
+    raw = values.pop().strip()
+    return int(raw) if raw.isdigit() and len(raw) < 19 else -1
+
+
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], close: bool = False
+) -> None:
+    payload = json.dumps(body).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    if close:
+        # The unread body makes the connection unusable for another request.
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})

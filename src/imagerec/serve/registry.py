@@ -1,0 +1,295 @@
+"""The loaded model versions, each with its own batcher, and the default one.
+
+Readers never lock: the entries dict is replaced, never mutated (copy-on-write), and the default
+is a single reference. A request reads the entry it will use once, at its start, so switching
+the default or reloading a version lets in-flight requests finish on the model they started with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagerec.serve.batching import Batcher
+from imagerec.serve.errors import ApiError
+from imagerec.serve.metrics import ServeMetrics
+from imagerec.serve.settings import NAME_RE, ModelSource, ServeSettings
+
+log = logging.getLogger("imagerec.serve")
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    version: str
+    path: str
+    predictor: Any
+    batcher: Batcher
+    metrics: dict[str, Any] = field(default_factory=dict)
+    loaded_at: str = field(
+        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
+    )
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, self.version)
+
+    def card(self, default: bool = False) -> dict[str, Any]:
+        """What a client needs to know about this model version (no server paths)."""
+        p = self.predictor
+        pre = p.pre.to_dict() if hasattr(p.pre, "to_dict") else dict(vars(p.pre))
+        pre.pop("class_names", None)
+        meta = getattr(p, "meta", {}) or {}
+        train = meta.get("train_config") or {}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "default": default,
+            "architecture": meta.get("model"),
+            "classes": list(p.class_names),
+            "num_classes": len(p.class_names),
+            "multi_label": bool(pre.get("multi_label", False)),
+            "preprocessing": pre,
+            "metrics": self.metrics,
+            "train": {
+                k: train[k]
+                for k in ("data", "epochs", "image_size", "augment")
+                if k in train
+            },
+            "num_params": meta.get("num_params"),
+            "loaded_at": self.loaded_at,
+        }
+
+
+def read_eval_metrics(source: str) -> dict[str, Any]:
+    """Scalar val/test metrics from a run's metrics.json ({} for a bundle without one)."""
+    path = Path(source) / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log.warning("cannot read %s; serving without evaluation metrics", path)
+        return {}
+    out: dict[str, Any] = {
+        k: data[k] for k in ("best_epoch", "epochs_run", "train_images") if k in data
+    }
+    for split in ("val", "test"):
+        if isinstance(data.get(split), dict):
+            out[split] = {
+                k: v
+                for k, v in data[split].items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+    return out
+
+
+def _default_name(path: str) -> str:
+    name = (
+        re.sub(r"[^A-Za-z0-9._-]", "-", Path(path).resolve().name).strip("-._")
+        or "model"
+    )
+    return name[:64]
+
+
+class ModelRegistry:
+    def __init__(self, settings: ServeSettings, metrics: ServeMetrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self._entries: dict[tuple[str, str], ModelEntry] = {}
+        self._default: ModelEntry | None = None
+        self._lock = threading.Lock()  # serialises writers only
+
+    # --- reads (any thread, lock-free) ----------------------------------------------------------
+    def default(self) -> ModelEntry:
+        entry = self._default
+        if entry is None:
+            raise ApiError(
+                503,
+                "not_ready",
+                "no model is loaded yet; retry shortly",
+                {"Retry-After": "1"},
+            )
+        return entry
+
+    def get(self, name: str, version: str) -> ModelEntry:
+        entry = self._entries.get((name, version))
+        if entry is None:
+            have = ", ".join(f"{n}@{v}" for n, v in self._entries) or "none"
+            raise ApiError(
+                404,
+                "model_not_found",
+                f"no model '{name}' version '{version}' (loaded: {have}); see GET /v1/models",
+            )
+        return entry
+
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries.values())
+
+    def cards(self) -> list[dict[str, Any]]:
+        default = self._default
+        return [e.card(default=e is default) for e in self._entries.values()]
+
+    @property
+    def ready(self) -> bool:
+        d = self._default
+        return d is not None and all(e.batcher.alive for e in self._entries.values())
+
+    # --- writes (blocking: call from a worker thread) ---------------------------------------------
+    def load_startup(self) -> None:
+        for i, source in enumerate(self.settings.sources):
+            self.load(source, make_default=i == 0)
+
+    def _create_entry(self, name: str, version: str, path: str) -> ModelEntry:
+        loader = self.settings.loader
+        if loader is None:
+            from imagerec.predict import load as loader
+        predictor = loader(path)
+        if hasattr(predictor, "max_pixels"):
+            predictor.max_pixels = self.settings.max_pixels
+        label = f"{name}@{version}"
+        pre = predictor.pre
+        # One warm-up call so the first request does not pay for lazy initialisation.
+        predictor.predict_batch(
+            torch.zeros(
+                (1, pre.channels, pre.input_size, pre.input_size), dtype=torch.uint8
+            )
+        )
+        batch_hist, infer_hist = (
+            self.metrics.batch_size.labels(label),
+            self.metrics.inference.labels(label),
+        )
+        depth, images = (
+            self.metrics.queue_depth.labels(label),
+            self.metrics.images.labels(label),
+        )
+
+        def on_batch(n: int, seconds: float) -> None:
+            batch_hist.observe(n)
+            infer_hist.observe(seconds)
+            images.inc(n)
+
+        batcher = Batcher(
+            predictor.predict_batch,
+            self.settings.max_batch,
+            self.settings.max_wait_ms,
+            self.settings.queue_size,
+            name=label,
+            on_batch=on_batch,
+            on_depth=depth.set,
+        ).start()
+        return ModelEntry(
+            name, version, path, predictor, batcher, read_eval_metrics(path)
+        )
+
+    def load(self, source: ModelSource, make_default: bool = False) -> ModelEntry:
+        """Load a new model version (its name/version default to the folder name and the next integer)."""
+        name = source.name or _default_name(source.path)
+        if not NAME_RE.match(name):
+            raise ApiError(
+                422, "invalid_name", f"model name '{name}' must match {NAME_RE.pattern}"
+            )
+        with self._lock:
+            version = source.version or str(
+                1
+                + max(
+                    (int(v) for n, v in self._entries if n == name and v.isdigit()),
+                    default=0,
+                )
+            )
+            if (name, version) in self._entries:
+                raise ApiError(
+                    409,
+                    "version_exists",
+                    f"model '{name}' version '{version}' is already loaded; use another version or POST /v1/admin/reload",
+                )
+            entry = self._create_entry(name, version, source.path)
+            self._entries = {**self._entries, entry.key: entry}
+            if make_default or self._default is None:
+                self._default = entry
+        log.info(
+            "loaded model %s@%s from %s%s",
+            name,
+            version,
+            source.path,
+            " (default)" if self._default is entry else "",
+        )
+        return entry
+
+    def set_default(self, name: str, version: str) -> ModelEntry:
+        with self._lock:
+            entry = self.get(name, version)
+            self._default = (
+                entry  # one reference swap: requests already running keep their entry
+            )
+        log.info("default model is now %s@%s", name, version)
+        return entry
+
+    def reload(
+        self, name: str | None = None, version: str | None = None
+    ) -> list[ModelEntry]:
+        """Re-read the checkpoints of all versions (or one) and swap them in; old batchers drain and stop."""
+        targets = (
+            [self.get(name, version)]
+            if name is not None and version is not None
+            else self.entries()
+        )
+        fresh = []
+        with self._lock:
+            for old in targets:
+                new = self._create_entry(old.name, old.version, old.path)
+                self._entries = {**self._entries, new.key: new}
+                if self._default is old:
+                    self._default = new
+                self._retire(old)
+                fresh.append(new)
+        return fresh
+
+    def _retire(self, entry: ModelEntry) -> None:
+        # Requests that picked this entry before the swap may still be decoding: let them queue for
+        # as long as a request may live, then drain what is queued and stop the thread.
+        timer = threading.Timer(self.settings.timeout_s + 1.0, entry.batcher.stop)
+        timer.daemon = True
+        timer.start()
+
+    def stop_all(self) -> None:
+        for e in self._entries.values():
+            e.batcher.stop(drain=False, timeout=5.0)
+
+
+def resolve_model_path(raw: str, allowed: tuple[Path, ...]) -> Path:
+    """A path the admin endpoint may load: inside one of the server's allowed model dirs, existing."""
+    if not raw or "\x00" in raw or len(raw) > 4096:
+        raise ApiError(
+            400, "invalid_path", "'path' must be a non-empty path on the server"
+        )
+    if "://" in raw:
+        raise ApiError(
+            400,
+            "invalid_path",
+            "URLs are never fetched: give the path of a run directory or bundle inside the server's model dirs",
+        )
+    given = Path(raw)
+    candidates = [given] if given.is_absolute() else [d / given for d in allowed]
+    for c in candidates:
+        resolved = c.resolve()
+        if any(resolved == d or resolved.is_relative_to(d) for d in allowed):
+            if resolved.exists():
+                return resolved
+            raise ApiError(
+                404,
+                "path_not_found",
+                f"'{raw}' does not exist in the server's model dirs",
+            )
+    raise ApiError(
+        403,
+        "path_not_allowed",
+        f"'{raw}' is outside the server's model dirs ({', '.join(map(str, allowed))})",
+    )

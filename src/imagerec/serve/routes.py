@@ -1,0 +1,404 @@
+"""The HTTP endpoints. Async handlers only await: reading, decoding and inference run in the
+decode pool and the batcher threads; admin handlers are plain `def` (FastAPI's thread pool)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from imagerec.serve.auth import require_admin_key, require_predict_key
+from imagerec.serve.batching import BatcherClosed, QueueFull
+from imagerec.serve.errors import ApiError, error_response
+from imagerec.serve.inputs import Prepared, Upload, parse_body, prepare_image
+from imagerec.serve.registry import ModelEntry, resolve_model_path
+from imagerec.serve.settings import ModelSource
+from imagerec.utils import ImageRecError
+
+router = APIRouter()
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+INDEX_HTML = STATIC_DIR / "index.html"
+
+# The request body is parsed by hand (streamed under a size cap, decoded in the pool), so the
+# OpenAPI schema for it is written out here for /docs.
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more images (repeat the field)",
+                        }
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "byte"},
+                            "description": "base64-encoded image files",
+                        },
+                        "names": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "optional names echoed back",
+                        },
+                    },
+                }
+            },
+        },
+    },
+    "responses": {
+        "400": {"description": "bad input"},
+        "401": {"description": "API key missing or wrong"},
+        "413": {"description": "body, file count or pixel count over the limit"},
+        "415": {"description": "not an image"},
+        "422": {"description": "undecodable image or bad parameter"},
+        "503": {"description": "overloaded (see Retry-After)"},
+        "504": {"description": "timed out"},
+    },
+}
+_CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+
+
+# --- health, metrics, page -----------------------------------------------------------------------
+@router.get("/healthz", tags=["ops"])
+def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["ops"])
+def readyz(request: Request) -> Response:
+    """Models loaded and every batcher running."""
+    registry = getattr(request.app.state, "registry", None)
+    if registry is None or not registry.ready:
+        return error_response(
+            503,
+            "not_ready",
+            "models are not loaded yet (or a batcher stopped)",
+            {"Retry-After": "1"},
+        )
+    default = registry.default()
+    return JSONResponse(
+        {
+            "status": "ready",
+            "models": len(registry.entries()),
+            "default": {"name": default.name, "version": default.version},
+        }
+    )
+
+
+@router.get("/metrics", tags=["ops"])
+def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    m = request.app.state.metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
+@router.get("/", include_in_schema=False)
+def index() -> FileResponse:
+    return FileResponse(
+        INDEX_HTML,
+        media_type="text/html",
+        headers={"Content-Security-Policy": _CSP, "X-Content-Type-Options": "nosniff"},
+    )
+
+
+# --- models --------------------------------------------------------------------------------------
+@router.get("/v1/models", tags=["models"])
+def list_models(request: Request) -> dict[str, Any]:
+    """Every loaded model version: classes, preprocessing, evaluation metrics, and which is the default."""
+    registry = request.app.state.registry
+    d = registry.default()
+    return {
+        "default": {"name": d.name, "version": d.version},
+        "models": registry.cards(),
+    }
+
+
+@router.get("/v1/models/{name}/versions/{version}", tags=["models"])
+def model_card(request: Request, name: str, version: str) -> dict[str, Any]:
+    registry = request.app.state.registry
+    entry = registry.get(name, version)
+    return entry.card(default=entry is registry.default())
+
+
+# --- predictions ---------------------------------------------------------------------------------
+@router.post(
+    "/v1/predict",
+    tags=["predict"],
+    dependencies=[Depends(require_predict_key)],
+    openapi_extra=_PREDICT_BODY,
+)
+async def predict(
+    request: Request,
+    top_k: int = Query(5, ge=1, description="labels to return per image"),
+) -> JSONResponse:
+    """Classify one or more images with the default model."""
+    return await _predict(request, request.app.state.registry.default(), top_k)
+
+
+@router.post(
+    "/v1/models/{name}/versions/{version}/predict",
+    tags=["predict"],
+    dependencies=[Depends(require_predict_key)],
+    openapi_extra=_PREDICT_BODY,
+)
+async def predict_version(
+    request: Request, name: str, version: str, top_k: int = Query(5, ge=1)
+) -> JSONResponse:
+    """Classify with one given model version."""
+    return await _predict(request, request.app.state.registry.get(name, version), top_k)
+
+
+async def _predict(request: Request, entry: ModelEntry, top_k: int) -> JSONResponse:
+    state, settings = request.app.state, request.app.state.settings
+    if top_k > settings.max_top_k:
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"top_k={top_k} is over the limit of {settings.max_top_k}",
+        )
+    retry = {"Retry-After": str(settings.retry_after_s)}
+    if state.inflight >= settings.max_inflight:
+        raise ApiError(
+            503,
+            "overloaded",
+            f"the server is handling {state.inflight} requests (limit {settings.max_inflight}); retry later",
+            retry,
+        )
+    state.inflight += 1
+    state.metrics.inflight.set(state.inflight)
+    phase = ["body"]
+    try:
+        return await asyncio.wait_for(
+            _predict_steps(request, entry, top_k, phase), settings.timeout_s
+        )
+    except asyncio.TimeoutError as e:
+        if phase[0] == "body":
+            raise ApiError(
+                408,
+                "request_timeout",
+                f"the request body did not arrive within {settings.timeout_s:g} s",
+            ) from e
+        raise ApiError(
+            504,
+            "timeout",
+            f"the prediction did not finish within {settings.timeout_s:g} s; retry later or send fewer images",
+            retry,
+        ) from e
+    finally:
+        state.inflight -= 1
+        state.metrics.inflight.set(state.inflight)
+
+
+async def _predict_steps(
+    request: Request, entry: ModelEntry, top_k: int, phase: list[str]
+) -> JSONResponse:
+    state, settings = request.app.state, request.app.state.settings
+    loop = asyncio.get_running_loop()
+    pool = state.decode_pool
+    chunks = [
+        chunk async for chunk in request.stream()
+    ]  # size-capped by BodyLimitMiddleware
+    body = b"".join(chunks)
+    phase[0] = "decode"
+    if not body:
+        raise ApiError(
+            400,
+            "empty_body",
+            "the request body is empty: send multipart/form-data with field 'file', or JSON {\"images\": [...]}",
+        )
+    uploads: list[Upload] = await loop.run_in_executor(
+        pool, parse_body, body, request.headers.get("content-type"), settings.max_files
+    )
+    del body, chunks
+    results = await asyncio.gather(
+        *(
+            loop.run_in_executor(
+                pool, prepare_image, entry.predictor, up, settings.max_pixels
+            )
+            for up in uploads
+        ),
+        return_exceptions=True,
+    )
+    for r in results:  # report the first bad image by index
+        if isinstance(r, BaseException):
+            raise r
+    prepared: list[Prepared] = results  # type: ignore[assignment]
+    phase[0] = "infer"
+    retry = {"Retry-After": str(settings.retry_after_s)}
+    try:
+        futures = entry.batcher.submit_many([p.tensor for p in prepared])
+    except QueueFull as e:
+        raise ApiError(
+            503, "queue_full", f"the inference queue is full ({e}); retry later", retry
+        ) from e
+    except BatcherClosed as e:
+        raise ApiError(503, "model_unloading", f"{e}; retry", retry) from e
+    wrapped = [asyncio.wrap_future(f) for f in futures]
+    try:
+        probs = await asyncio.gather(*wrapped)
+    except asyncio.CancelledError:
+        for f in futures:  # queued images of a cancelled (timed out) request are skipped by the batcher
+            f.cancel()
+        raise
+    except BatcherClosed as e:
+        raise ApiError(503, "model_unloading", f"{e}; retry", retry) from e
+
+    predictions = []
+    for up, prep, row in zip(uploads, prepared, probs, strict=True):
+        result = entry.predictor._result(up.name or up.label, row, top_k)
+        result.pop("path", None)
+        predictions.append(
+            {
+                "index": up.index,
+                "name": up.name,
+                **result,
+                "sha256": prep.sha256,
+                "format": prep.format,
+                "width": prep.width,
+                "height": prep.height,
+            }
+        )
+    request_id = uuid.uuid4().hex
+    if state.recorder.enabled:
+        created = datetime.now(timezone.utc).isoformat()
+        state.recorder.record(
+            [
+                {
+                    "request_id": request_id,
+                    "created_at": created,
+                    "model": entry.name,
+                    "version": entry.version,
+                    "model_path": entry.path,
+                    "sha256": p["sha256"],
+                    "name": p["name"],
+                    "label": p["label"],
+                    "score": p["score"],
+                    "topk": p["topk"],
+                }
+                for p in predictions
+            ]
+        )
+    return JSONResponse(
+        {
+            "model": entry.name,
+            "version": entry.version,
+            "request_id": request_id,
+            "predictions": predictions,
+        },
+        headers={"X-Model-Version": f"{entry.name}@{entry.version}"},
+    )
+
+
+# --- admin ---------------------------------------------------------------------------------------
+class LoadModelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(
+        description="run directory or bundle, inside one of the server's model dirs"
+    )
+    name: str | None = None
+    version: str | None = None
+    make_default: bool = False
+
+
+class DefaultRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    version: str
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    version: str | None = None
+    keys: bool = True
+
+
+@router.post(
+    "/v1/admin/models",
+    tags=["admin"],
+    status_code=201,
+    dependencies=[Depends(require_admin_key)],
+)
+def admin_load_model(request: Request, body: LoadModelRequest) -> dict[str, Any]:
+    """Load a model version from a path in the server's model dirs (never a URL)."""
+    registry, settings = request.app.state.registry, request.app.state.settings
+    path = resolve_model_path(body.path, settings.allowed_model_dirs)
+    try:
+        entry = registry.load(
+            ModelSource(str(path), body.name, body.version),
+            make_default=body.make_default,
+        )
+    except ApiError:
+        raise
+    except Exception as e:  # a broken checkpoint is the admin's input, not a server bug
+        raise ApiError(
+            422,
+            "model_load_failed",
+            f"cannot load '{body.path}': {type(e).__name__}: {e}"[:500],
+        ) from e
+    return entry.card(default=entry is registry.default())
+
+
+@router.post(
+    "/v1/admin/default", tags=["admin"], dependencies=[Depends(require_admin_key)]
+)
+def admin_set_default(request: Request, body: DefaultRequest) -> dict[str, Any]:
+    """Make a loaded version the default for /v1/predict (atomic; running requests are unaffected)."""
+    entry = request.app.state.registry.set_default(body.name, body.version)
+    return {"default": {"name": entry.name, "version": entry.version}}
+
+
+@router.post(
+    "/v1/admin/reload", tags=["admin"], dependencies=[Depends(require_admin_key)]
+)
+def admin_reload(request: Request, body: ReloadRequest | None = None) -> dict[str, Any]:
+    """Re-read checkpoints (all versions, or one) and the API key file."""
+    body = body or ReloadRequest()
+    if (body.name is None) != (body.version is None):
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            "give both 'name' and 'version' to reload one model, or neither to reload all",
+        )
+    try:
+        fresh = request.app.state.registry.reload(body.name, body.version)
+    except ApiError:
+        raise
+    except Exception as e:
+        raise ApiError(
+            422, "model_load_failed", f"reload failed: {type(e).__name__}: {e}"[:500]
+        ) from e
+    try:
+        n_keys = (
+            request.app.state.keys.reload()
+            if body.keys and request.app.state.keys.path
+            else None
+        )
+    except ImageRecError as e:
+        raise ApiError(
+            422, "key_file_invalid", f"{e}; the previous keys stay in force"
+        ) from e
+    return {
+        "reloaded": [{"name": e.name, "version": e.version} for e in fresh],
+        "api_keys": n_keys,
+    }

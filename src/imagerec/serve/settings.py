@@ -1,0 +1,138 @@
+"""The one typed settings object behind `create_app` and `serve` (and `imagerec serve`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from imagerec.utils import ImageRecError, did_you_mean
+
+# A model source is "PATH", "NAME=PATH" or "NAME@VERSION=PATH".
+_SPEC = re.compile(
+    r"^(?:(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,63})(?:@(?P<version>[A-Za-z0-9][A-Za-z0-9._-]{0,31}))?=)?(?P<path>.+)$"
+)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RecordHook = Callable[[list[dict[str, Any]]], None]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One model version to load: where from, and under which name/version it is served."""
+
+    path: str
+    name: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelSource:
+        m = _SPEC.match(spec.strip())
+        if not m:
+            raise ImageRecError(
+                f"bad model source '{spec}': use PATH, NAME=PATH or NAME@VERSION=PATH"
+            )
+        return cls(m["path"], m["name"], m["version"])
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything the server needs; frozen, validated on creation.
+
+    Example:
+        >>> settings = ServeSettings(models=("runs/mnist",), max_batch=32, api_key_file="keys.txt")
+        >>> app = create_app(settings)
+    """
+
+    models: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Micro-batching: a batch goes to the model when it holds `max_batch` images or when its
+    # first image has waited `max_wait_ms`; at most `queue_size` images wait per model version.
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    queue_size: int = 256
+    # Requests being read/decoded/waiting at once; beyond this the server answers 503 at once.
+    # Bodies are held in memory, so the worst case is about max_inflight * max_body_mb.
+    max_inflight: int = 64
+    timeout_s: float = 30.0
+    retry_after_s: int = 1
+    api_key_file: str | None = None
+    max_body_mb: float = 20.0
+    max_files: int = 16
+    max_pixels: int = 40_000_000
+    max_top_k: int = 100
+    decode_workers: int = 0  # 0: one per available CPU
+    cors_origins: tuple[str, ...] = ()
+    # Folders the admin endpoint may load models from; empty: the folders holding `models`.
+    model_dirs: tuple[str, ...] = ()
+    db: str | None = None
+    record_predictions: RecordHook | None = None
+    # How a source path becomes a Predictor; None: `imagerec.predict.load` (run dirs and bundles).
+    loader: Callable[[str], Any] | None = None
+    log_level: str = "info"
+    sources: tuple[ModelSource, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        if isinstance(self.models, str | Path):
+            object.__setattr__(self, "models", (str(self.models),))
+        object.__setattr__(self, "models", tuple(str(m) for m in self.models))
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        object.__setattr__(self, "model_dirs", tuple(str(d) for d in self.model_dirs))
+        if not self.models:
+            raise ImageRecError(
+                "no model to serve: give at least one run directory or bundle"
+            )
+        object.__setattr__(
+            self, "sources", tuple(ModelSource.parse(m) for m in self.models)
+        )
+        for name in (
+            "max_batch",
+            "queue_size",
+            "max_inflight",
+            "max_files",
+            "max_pixels",
+            "max_top_k",
+            "retry_after_s",
+        ):
+            if int(getattr(self, name)) < 1:
+                raise ImageRecError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_wait_ms",):
+            if float(getattr(self, name)) < 0:
+                raise ImageRecError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("timeout_s", "max_body_mb"):
+            if float(getattr(self, name)) <= 0:
+                raise ImageRecError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.queue_size < self.max_files:
+            raise ImageRecError(
+                f"queue_size ({self.queue_size}) must be >= max_files ({self.max_files}), or a full request could never be queued"
+            )
+        if self.api_key_file is not None and not Path(self.api_key_file).is_file():
+            raise ImageRecError(
+                f"API key file not found: {self.api_key_file} (one key per line)"
+            )
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def allowed_model_dirs(self) -> tuple[Path, ...]:
+        dirs = self.model_dirs or tuple(
+            str(Path(s.path).resolve().parent) for s in self.sources
+        )
+        return tuple(dict.fromkeys(Path(d).resolve() for d in dirs))
+
+
+def create_settings(models: Sequence[str] | str, **kwargs: Any) -> ServeSettings:
+    """ServeSettings from a list of sources and keyword overrides; unknown keys fail with a suggestion."""
+    known = {f.name for f in fields(ServeSettings) if f.init}
+    for key in kwargs:
+        if key not in known:
+            raise ImageRecError(
+                f"unknown serve setting '{key}'.{did_you_mean(key, known)}"
+            )
+    return ServeSettings(
+        models=(models,) if isinstance(models, str) else tuple(models), **kwargs
+    )

@@ -1,0 +1,279 @@
+"""Every limit and every kind of bad input -> the right 4xx with a JSON error naming the problem."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import pytest
+from conftest import auth
+from PIL import Image
+
+
+def png_header_only(
+    width: int, height: int, bit_depth: int = 1, color_type: int = 0, rows: int = 0
+) -> bytes:
+    """A PNG that declares width x height; with `rows`, holds that many real (zero) rows."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    row = b"\x00" + b"\x00" * ((width * bit_depth + 7) // 8)
+    idat = zlib.compress(row * rows, 9) if rows else zlib.compress(b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def bomb_png() -> bytes:
+    """A real 20000x20000 1-bit PNG (400 M pixels, about 50 KB compressed)."""
+    return png_header_only(20000, 20000, rows=20000)
+
+
+def post(server, **kwargs):
+    with server.client(headers=auth()) as c:
+        return c.post("/v1/predict", **kwargs)
+
+
+def expect(resp, status: int, type: str, *in_message: str) -> None:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    err = resp.json()["error"]
+    assert err["type"] == type, err
+    for text in in_message:
+        assert text in err["message"], err["message"]
+
+
+def test_body_too_large_by_content_length(server):
+    expect(
+        post(
+            server,
+            files={
+                "file": (
+                    "big.png",
+                    b"\x89PNG\r\n\x1a\n" + b"\0" * (3 * 2**20),
+                    "image/png",
+                )
+            },
+        ),
+        413,
+        "body_too_large",
+        "exceeds",
+    )
+
+
+def test_body_too_large_while_streaming(server):
+    def chunks():  # no Content-Length: chunked transfer encoding
+        for _ in range(40):
+            yield b"x" * 100_000
+
+    expect(
+        post(
+            server,
+            content=chunks(),
+            headers={"Content-Type": "application/json", **auth()},
+        ),
+        413,
+        "body_too_large",
+    )
+
+
+def test_too_many_files(server, digits):
+    files = [("file", (f"d{i}.png", digits[i], "image/png")) for i in range(9)]
+    expect(post(server, files=files), 413, "too_many_files", "limit is 8")
+    data = {"images": ["iVBORw0KGgo="] * 9}
+    expect(post(server, json=data), 413, "too_many_files")
+
+
+def test_decompression_bomb(server, bomb_png):
+    expect(
+        post(server, files={"file": ("bomb.png", bomb_png, "image/png")}),
+        413,
+        "too_many_pixels",
+        "image 0 ('bomb.png')",
+        "decompression bomb",
+    )
+
+
+def test_image_over_server_pixel_limit(server):
+    # 3000 x 3000 = 9 M pixels: under PIL's own limit, over this server's 4 M.
+    expect(
+        post(
+            server,
+            files={"file": ("big.png", png_header_only(3000, 3000), "image/png")},
+        ),
+        413,
+        "too_many_pixels",
+        "3000x3000",
+    )
+
+
+def test_text_posing_as_png(server):
+    expect(
+        post(
+            server,
+            files={
+                "file": (
+                    "cat.png",
+                    b"<html><script>alert(1)</script></html>",
+                    "image/png",
+                )
+            },
+        ),
+        415,
+        "unsupported_media_type",
+        "cat.png",
+    )
+
+
+def test_png_header_plus_html_polyglot(server):
+    body = b"\x89PNG\r\n\x1a\n<html><body>hello</body></html>" * 3
+    expect(
+        post(server, files={"file": ("poly.png", body, "image/png")}),
+        422,
+        "undecodable_image",
+        "image 0 ('poly.png')",
+    )
+
+
+def test_truncated_image_names_index_and_file(server, digits):
+    files = [
+        ("file", ("ok.png", digits[0], "image/png")),
+        ("file", ("cut.png", digits[1][: len(digits[1]) // 2], "image/png")),
+    ]
+    expect(post(server, files=files), 422, "undecodable_image", "image 1 ('cut.png')")
+
+
+def test_empty_body_and_empty_file(server):
+    expect(
+        post(
+            server, content=b"", headers={"Content-Type": "application/json", **auth()}
+        ),
+        400,
+        "empty_body",
+    )
+    expect(
+        post(server, files={"file": ("empty.png", b"", "image/png")}),
+        400,
+        "empty_file",
+        "empty.png",
+    )
+
+
+def test_bad_base64_and_bad_json(server, digits):
+    import base64
+
+    good = base64.b64encode(digits[0]).decode()
+    expect(
+        post(server, json={"images": [good, "not base64 !!"]}),
+        400,
+        "bad_base64",
+        "image 1",
+    )
+    expect(
+        post(
+            server,
+            content=b"{not json",
+            headers={"Content-Type": "application/json", **auth()},
+        ),
+        400,
+        "invalid_json",
+    )
+    expect(post(server, json={"images": "abc"}), 400, "invalid_json", "list of base64")
+    expect(post(server, json={"pictures": [good]}), 400, "invalid_json")
+    # A data: URL prefix and URL-safe base64 are both accepted.
+    assert (
+        post(server, json={"images": ["data:image/png;base64," + good]}).status_code
+        == 200
+    )
+
+
+def test_wrong_content_type(server, digits):
+    expect(
+        post(
+            server, content=digits[0], headers={"Content-Type": "text/plain", **auth()}
+        ),
+        415,
+        "unsupported_content_type",
+        "text/plain",
+    )
+    expect(
+        post(server, content=digits[0], headers=auth()), 415, "unsupported_content_type"
+    )
+
+
+def test_content_type_comes_from_bytes_not_the_client(server, digits):
+    # A real PNG sent as "text/plain" named "x.txt" is still a PNG.
+    r = post(server, files={"file": ("x.txt", digits[0], "text/plain")})
+    assert r.status_code == 200 and r.json()["predictions"][0]["format"] == "png"
+
+
+def test_every_signature_is_accepted(server):
+    img = Image.new("L", (40, 30), 128)
+    for fmt in ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP"):
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        r = post(
+            server,
+            files={
+                "file": (f"x.{fmt.lower()}", buf.getvalue(), "application/octet-stream")
+            },
+        )
+        assert r.status_code == 200, (fmt, r.text)
+        assert r.json()["predictions"][0]["format"] == fmt.lower().replace(
+            "jpeg", "jpeg"
+        )
+
+
+def test_bad_multipart(server):
+    h = {"Content-Type": "multipart/form-data", **auth()}
+    expect(
+        post(server, content=b"--x\r\n", headers=h), 400, "bad_multipart", "boundary"
+    )
+    h = {"Content-Type": "multipart/form-data; boundary=abc", **auth()}
+    expect(
+        post(server, content=b"garbage without any boundary", headers=h),
+        400,
+        "bad_multipart",
+        "malformed",
+    )
+    body = b'--abc\r\nContent-Disposition: form-data; name="other"\r\n\r\nvalue\r\n--abc--\r\n'
+    expect(post(server, content=body, headers=h), 400, "no_images", "'file'")
+
+
+def test_bad_parameters(server, digits):
+    files = {"file": ("x.png", digits[0], "image/png")}
+    expect(
+        post(server, files=files, params={"top_k": 0}),
+        422,
+        "invalid_parameter",
+        "top_k",
+    )
+    expect(
+        post(server, files=files, params={"top_k": 10_000}),
+        422,
+        "invalid_parameter",
+        "top_k",
+    )
+    expect(post(server, files=files, params={"top_k": "x"}), 422, "invalid_parameter")
+    r = post(
+        server, files=files, params={"top_k": 50}
+    )  # clamped to the number of classes
+    assert r.status_code == 200 and len(r.json()["predictions"][0]["topk"]) == 10
+
+
+def test_unknown_routes_and_methods(server):
+    with server.client() as c:
+        expect(c.get("/v1/nothing"), 404, "not_found")
+        expect(c.get("/v1/predict"), 405, "method_not_allowed")

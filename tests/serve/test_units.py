@@ -1,0 +1,208 @@
+"""Pieces without a server: the batcher, settings, magic bytes, keys, prediction recording."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+import torch
+from conftest import start_thread_server
+
+from imagerec.serve import ServeSettings, create_settings
+from imagerec.serve.auth import ApiKeys
+from imagerec.serve.batching import Batcher, QueueFull
+from imagerec.serve.limits import sniff_image_type
+from imagerec.serve.settings import ModelSource
+from imagerec.utils import ImageRecError
+
+
+def test_batcher_groups_concurrent_images_and_keeps_order():
+    sizes: list[int] = []
+
+    def predict(
+        x: torch.Tensor,
+    ) -> torch.Tensor:  # (B, 1, 2, 2) -> (B, 1): the image's own value back
+        time.sleep(0.01)
+        return x.float().flatten(1)[:, :1]
+
+    b = Batcher(
+        predict,
+        max_batch=8,
+        max_wait_ms=20,
+        capacity=64,
+        on_batch=lambda n, s: sizes.append(n),
+    ).start()
+    futures = b.submit_many(
+        [torch.full((1, 2, 2), i, dtype=torch.uint8) for i in range(20)]
+    )
+    assert [int(f.result(5)[0]) for f in futures] == list(range(20))
+    assert sizes == [8, 8, 4]
+    b.stop()
+    assert not b.alive
+
+
+def test_batcher_queue_is_bounded_and_all_or_nothing():
+    gate = threading.Event()
+    b = Batcher(
+        lambda x: (gate.wait(5), x.float().flatten(1))[1],
+        max_batch=1,
+        max_wait_ms=0,
+        capacity=3,
+    ).start()
+    first = b.submit_many([torch.zeros(1, 1, 1, dtype=torch.uint8)])
+    time.sleep(0.05)  # the first image is now inside predict
+    b.submit_many([torch.zeros(1, 1, 1, dtype=torch.uint8)] * 2)
+    with pytest.raises(QueueFull):
+        b.submit_many([torch.zeros(1, 1, 1, dtype=torch.uint8)] * 2)
+    assert b.depth == 2
+    gate.set()
+    assert first[0].result(5).shape == (1,)
+    b.stop()
+
+
+def test_cancelled_images_are_skipped():
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def predict(x):
+        calls.append(len(x))
+        gate.wait(5)
+        return x.float().flatten(1)
+
+    b = Batcher(predict, max_batch=4, max_wait_ms=0, capacity=16).start()
+    b.submit_many([torch.zeros(1, 1, 1, dtype=torch.uint8)])
+    time.sleep(0.05)
+    later = b.submit_many([torch.zeros(1, 1, 1, dtype=torch.uint8)] * 3)
+    later[0].cancel()
+    gate.set()
+    assert [f.result(5).shape for f in later[1:]] == [(1,), (1,)]
+    b.stop()
+    assert calls == [1, 2]
+
+
+def test_magic_bytes():
+    assert sniff_image_type(b"\x89PNG\r\n\x1a\nrest") == "png"
+    assert sniff_image_type(b"\xff\xd8\xff\xe0") == "jpeg"
+    assert sniff_image_type(b"RIFF\x10\x00\x00\x00WEBPVP8 ") == "webp"
+    assert sniff_image_type(b"RIFF\x10\x00\x00\x00WAVEfmt ") is None
+    assert sniff_image_type(b"<html>") is None and sniff_image_type(b"") is None
+
+
+def test_settings_validation_and_sources():
+    assert ModelSource.parse("digits@3=/runs/a") == ModelSource(
+        "/runs/a", "digits", "3"
+    )
+    assert ModelSource.parse("/runs/a") == ModelSource("/runs/a")
+    with pytest.raises(ImageRecError, match="max_batch"):
+        ServeSettings(models=("x",), max_batch=0)
+    with pytest.raises(ImageRecError, match="Did you mean 'max_batch'"):
+        create_settings(["x"], max_bach=4)
+    with pytest.raises(ImageRecError, match="API key file not found"):
+        ServeSettings(models=("x",), api_key_file="/nonexistent/keys")
+
+
+def test_keys_are_hashed_and_rejected_when_short(tmp_path):
+    f = tmp_path / "k.txt"
+    f.write_text("short\n")
+    with pytest.raises(ImageRecError, match="at least 16"):
+        ApiKeys(str(f))
+    f.write_text("a-long-enough-key-1234\n")
+    keys = ApiKeys(str(f))
+    assert keys.check("a-long-enough-key-1234") and not keys.check(
+        "a-long-enough-key-1235"
+    )
+    assert all(
+        len(h) == 32 for h in keys._hashes
+    )  # sha256 digests only, no plaintext kept
+    assert "a-long-enough-key-1234" not in repr(vars(keys))
+
+
+def test_predictions_are_recorded_through_the_hook(run_dir, digits):
+    import hashlib
+
+    import httpx
+
+    rows: list[dict] = []
+    running = start_thread_server(
+        ServeSettings(models=(str(run_dir),), record_predictions=rows.extend)
+    )
+    try:
+        r = httpx.post(
+            running.url + "/v1/predict",
+            files=[
+                ("file", ("a.png", digits[0], "image/png")),
+                ("file", ("b.png", digits[1], "image/png")),
+            ],
+        )
+        assert r.status_code == 200
+        deadline = time.monotonic() + 5
+        while len(rows) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        running.stop()
+    assert [row["sha256"] for row in rows] == [
+        hashlib.sha256(d).hexdigest() for d in digits[:2]
+    ]
+    assert (
+        rows[0]["label"] == r.json()["predictions"][0]["label"]
+        and rows[0]["model"] == run_dir.name
+    )
+    assert rows[0]["request_id"] == r.json()["request_id"]
+
+
+def test_db_records_predictions_in_the_store(run_dir, digits, tmp_path):
+    import hashlib
+
+    import httpx
+    import sqlalchemy as sa
+
+    from imagerec.store import open_store
+    from imagerec.store.schema import predictions
+
+    db = str(tmp_path / "store.db")
+    running = start_thread_server(ServeSettings(models=(str(run_dir),), db=db))
+    try:
+        r = httpx.post(
+            running.url + "/v1/predict",
+            files={"file": ("a.png", digits[2], "image/png")},
+        )
+        assert r.status_code == 200
+    finally:
+        running.stop()  # the recorder is flushed on shutdown
+    with open_store(db) as store, store.read() as conn:
+        rows = conn.execute(
+            sa.select(
+                predictions.c.image_sha256, predictions.c.model_id, predictions.c.topk
+            )
+        ).all()
+    assert [row[0] for row in rows] == [hashlib.sha256(digits[2]).hexdigest()]
+    assert (
+        rows[0][1] == str(run_dir) and rows[0][2] == r.json()["predictions"][0]["topk"]
+    )
+
+
+def test_db_without_an_importable_store_only_warns(
+    run_dir, digits, caplog, monkeypatch
+):
+    import sys
+
+    import httpx
+
+    monkeypatch.setitem(
+        sys.modules, "imagerec.store", None
+    )  # "import imagerec.store" now raises ImportError
+    with caplog.at_level(logging.WARNING, logger="imagerec.serve"):
+        running = start_thread_server(
+            ServeSettings(models=(str(run_dir),), db="sqlite:///unused.db")
+        )
+        try:
+            r = httpx.post(
+                running.url + "/v1/predict",
+                files={"file": ("a.png", digits[0], "image/png")},
+            )
+            assert r.status_code == 200 and r.json()["predictions"][0]["sha256"]
+        finally:
+            running.stop()
+    assert any("will not be recorded" in rec.getMessage() for rec in caplog.records)
