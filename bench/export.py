@@ -3,7 +3,8 @@
 Compares, on the same model in the same process:
 - imagerec's predict path (`Predictor.predict_batch` on pre-decoded uint8 batches, through the
   runtime the bundle prefers, and through eager PyTorch as for a run directory),
-- the raw runtime calls with nothing around them (ORT `session.run` on a prepared array, fp32 and
+- the raw runtime calls with nothing around them (OpenVINO compiled-model calls, bf16 and int8;
+  ORT `session.run` on a prepared array, fp32 and
   int8; PyTorch bf16 autocast and fp32 on a prepared normalised float tensor),
 and prints the predict-path / best-raw ratios for batch-N throughput and batch-1 latency.
 Weights are random (speed does not depend on them), so the int8 gate is opened (max_drop=100).
@@ -65,6 +66,12 @@ def main() -> None:
         export_s = time.perf_counter() - t0
         bundle = load_bundle(Path(tmp) / "r18")
         ort = {n: bundle.create_runtime(n) for n in ("onnx-fp32", "onnx-int8")}
+        import openvino as ov  # raw OpenVINO, compiled here directly, not through imagerec's runtime class
+
+        core = ov.Core()
+        ov_cfg = {"INFERENCE_NUM_THREADS": available_cpus(), "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
+        ov_raw = {name: core.compile_model(core.read_model(str(Path(tmp) / "r18" / f)), "CPU", ov_cfg)
+                  for name, f in (("bf16", "model.onnx"), ("int8", "model.int8.onnx"))}
         bundle_pred = Predictor.from_bundle(Path(tmp) / "r18")
         eager_pred = Predictor(model, pre, device="cpu", precision="auto")
         common = {"model": "resnet18", "input": "3x224x224", "threads": available_cpus(), "torch": torch.__version__,
@@ -91,6 +98,8 @@ def main() -> None:
                 f"predict:torch-{'bf16' if eager_pred.amp_dtype == torch.bfloat16 else 'fp32'}": ("predict", lambda x=x: eager_pred.predict_batch(x)),
                 "raw:ort-fp32": ("raw", lambda x_np=x_np: ort["onnx-fp32"].session.run(None, {"image": x_np})),
                 "raw:ort-int8": ("raw", lambda x_np=x_np: ort["onnx-int8"].session.run(None, {"image": x_np})),
+                "raw:openvino-bf16": ("raw", lambda x_np=x_np: ov_raw["bf16"](x_np)),
+                "raw:openvino-int8": ("raw", lambda x_np=x_np: ov_raw["int8"](x_np)),
                 "raw:torch-bf16": ("raw", torch_raw(torch.bfloat16)),
                 "raw:torch-fp32": ("raw", torch_raw(None)),
             }

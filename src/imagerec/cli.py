@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import logging
@@ -122,10 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify images, folders or globs")
     p.add_argument("run", help="run directory or exported bundle folder")
-    p.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("paths", nargs="+", help="image files, folders, glob patterns, store:NAME, or videos (mp4/avi/mkv/mov/webm)")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    p.add_argument("--output", help="write results to this file instead of stdout")
+    p.add_argument("--format", choices=("table", "json", "csv", "parquet"), default="table")
+    p.add_argument("--output", help="write results to this file instead of stdout (needed for parquet)")
+    p.add_argument("--resume", action="store_true", help="skip images already predicted in --output")
+    p.add_argument("--every", type=int, default=1, metavar="N", help="videos: classify every N-th frame")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
 
@@ -259,38 +260,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from imagerec.predict import expand_paths, load
+    from imagerec.predict_run import run_predict
 
-    if args.top_k < 1:
-        raise ImageRecError(f"--top-k must be at least 1, got {args.top_k}")
-    predictor = load(args.run, batch_size=args.batch_size, device=args.device)
-    paths = expand_paths(args.paths)
-    if not paths:
-        raise ImageRecError(f"no images found in: {' '.join(args.paths)}")
-    out = open(args.output, "w", newline="") if args.output else sys.stdout
-    errors = 0
-    try:
-        writer = csv.writer(out) if args.format == "csv" else None
-        if writer:
-            writer.writerow(["path", "label", "score", "topk", "error"])
-        for r in predictor.predict_iter(paths, top_k=args.top_k):
-            errors += "error" in r
-            if "error" in r:
-                print(f"error: {r['error']}", file=sys.stderr)
-            if args.format == "json":
-                out.write(json.dumps(r) + "\n")
-            elif writer:
-                topk = ";".join(f"{t['label']}:{t['score']:.4f}" for t in r.get("topk", []))
-                writer.writerow([r["path"], r.get("label", ""), r.get("score", ""), topk, r.get("error", "")])
-            elif "error" not in r:
-                alts = "  ".join(f"{t['label']} {t['score']:.1%}" for t in r["topk"][1:])
-                out.write(f"{r['path']}\t{r['label']}\t{r['score']:.1%}\t{alts}\n")
-    finally:
-        if args.output:
-            out.close()
-    if errors:
-        print(f"{errors} of {len(paths)} file(s) could not be read", file=sys.stderr)
-    return 1 if errors == len(paths) else 0
+    return run_predict(args.run, args.paths, top_k=args.top_k, fmt=args.format, output=args.output,
+                       resume=args.resume, every=args.every, batch_size=args.batch_size, device=args.device)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -17,7 +17,17 @@ import torch
 from PIL import Image
 
 from imagerec.config import PreprocessConfig
-from imagerec.data.decode import DEFAULT_MAX_PIXELS, DecodeError, convert_mode, decode_bytes, is_image_path, open_image
+from imagerec.data import read_data
+from imagerec.data.decode import (
+    DEFAULT_MAX_PIXELS,
+    DecodeError,
+    Source,
+    convert_mode,
+    decode_bytes,
+    is_image_path,
+    open_image,
+    source_name,
+)
 from imagerec.engine.checkpoint import load_model
 from imagerec.engine.pipeline import autocast
 from imagerec.transforms import base_transform, normalize_batch
@@ -26,16 +36,20 @@ from imagerec.utils import ImageRecError, available_cpus, resolve_device, resolv
 if TYPE_CHECKING:
     from imagerec.export.runtime import Runtime
 
-ImageInput = str | Path | bytes | Image.Image
+ImageInput = str | Path | bytes | Image.Image | Source
 
 
-def expand_paths(patterns: Iterable[str | Path]) -> list[str]:
-    """Files as given, folders searched recursively for images, globs expanded; order kept.
-    A pattern that matches nothing is kept as is, so it is reported as not found."""
-    out: list[str] = []
+def expand_paths(patterns: Iterable[str | Path]) -> list[str | Source]:
+    """Files as given, folders searched recursively for images, globs expanded, and `store:NAME`
+    expanded to the stored dataset's images; order kept. A pattern that matches nothing is kept as
+    is, so it is reported as not found."""
+    out: list[str | Source] = []
     for pat in patterns:
         p = Path(pat)
-        if p.is_dir():
+        if str(pat).startswith("store:"):
+            spec = read_data(str(pat))
+            out.extend(it.source for split in sorted(spec.splits) for it in spec.splits[split])
+        elif p.is_dir():
             out.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file() and is_image_path(f.name))
         elif p.exists():
             out.append(str(p))
@@ -111,7 +125,8 @@ class Predictor:
         elif isinstance(image, bytes):
             img = decode_bytes(image, "upload", self.pre.channels, self.max_pixels, draft)
         else:
-            img = open_image(str(image), self.pre.channels, max_pixels=self.max_pixels, draft_size=draft)
+            src = str(image) if isinstance(image, Path) else image
+            img = open_image(src, self.pre.channels, max_pixels=self.max_pixels, draft_size=draft)
         return self.transform(img)
 
     # --- inference --------------------------------------------------------------------------------
@@ -168,7 +183,9 @@ class Predictor:
 
 
 def _name(image: ImageInput, i: int) -> str:
-    return str(image) if isinstance(image, str | Path) else f"<image {i}>"
+    if isinstance(image, bytes | Image.Image):
+        return f"<image {i}>"
+    return str(image) if isinstance(image, str | Path) else source_name(image)
 
 
 def load(source: str | Path, **kwargs: Any) -> Predictor:

@@ -24,8 +24,12 @@ def onnx_bundle(cnn_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 def test_int8_export_passes_gate_and_reports_accuracy(cnn_run: Path, onnx_bundle: tuple[Path, dict]) -> None:
     out, manifest = onnx_bundle
-    fp32, int8 = manifest["runtimes"]
+    fp32, int8, *optional = manifest["runtimes"]
     assert (fp32["name"], int8["name"]) == ("onnx-fp32", "onnx-int8")
+    # OpenVINO variants (when installed) are tried too, and kept only when they pass their own gate.
+    for entry in optional + manifest["rejected_runtimes"]:
+        assert entry["engine"] == "openvino" and entry["parity"]["passed"] == (entry in optional)
+        assert entry["parity"]["images"] == 256
     # fp32: the gate's figures, on the run's own 256 validation images with their labels.
     p = fp32["parity"]
     assert p["passed"] and p["split"] == "val" and p["images"] == 256 and p["labelled"]
@@ -36,7 +40,8 @@ def test_int8_export_passes_gate_and_reports_accuracy(cnn_run: Path, onnx_bundle
     assert q["accuracy_before"] == p["accuracy_before"] and 0.0 < q["accuracy_after"] <= 1.0
     assert q["accuracy_drop_points"] == pytest.approx((q["accuracy_before"] - q["accuracy_after"]) * 100, abs=1e-3)
     assert manifest["quantization"]["calibration_images"] == 300
-    assert manifest["preferred_runtime"] in ("onnx-fp32", "onnx-int8")
+    timed = {r["name"]: r["images_per_s"] for r in manifest["runtimes"]}
+    assert manifest["preferred_runtime"] == max(timed, key=timed.get)  # the fastest that passed
     # Provenance: the source run, its data fingerprint, every file hashed.
     best = json.loads((cnn_run / "best.json").read_text())
     on_disk = json.loads((out / "imagerec.json").read_text())

@@ -26,17 +26,31 @@ from imagerec.export.parity import (
     throughput,
 )
 from imagerec.export.quantize import quantize_onnx
-from imagerec.export.runtime import OrtRuntime, Runtime, TorchScriptRuntime
+from imagerec.export.runtime import OpenVinoRuntime, OrtRuntime, Runtime, TorchScriptRuntime, openvino_available
 from imagerec.export.torchscript import export_torchscript
-from imagerec.utils import ImageRecError, library_versions
+from imagerec.utils import ImageRecError, cpu_supports_bf16, library_versions
 
 FORMATS = ("onnx", "torchscript")
 FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "int8": "model.int8.onnx"}
 
 
+def openvino_runtimes(folder: Path, int8: bool) -> list[tuple[dict[str, Any], Runtime]]:
+    """OpenVINO variants of the ONNX files in `folder`: bf16 where the CPU has bf16 units, and the
+    int8 graph when there is one. Each still has to pass its parity gate."""
+    hint = "bf16" if cpu_supports_bf16() else "f32"
+    variants = [("openvino-bf16", FILES["onnx"], "bf16")] if hint == "bf16" else []
+    if int8:
+        variants.append(("openvino-int8", FILES["int8"], "int8"))
+    out: list[tuple[dict[str, Any], Runtime]] = []
+    for name, file, precision in variants:
+        rt = OpenVinoRuntime(folder / file, name, hint)
+        out.append(({"name": name, "file": file, "engine": "openvino", "precision": precision, "hint": hint}, rt))
+    return out
+
+
 def _versions() -> dict[str, str]:
     v = library_versions()
-    for mod in ("onnx", "onnxruntime"):
+    for mod in ("onnx", "onnxruntime", "openvino"):
         try:
             v[mod] = __import__(mod).__version__
         except ImportError:
@@ -108,7 +122,20 @@ def export_model(
             if not res["passed"]:
                 raise ImageRecError(refusal_message("onnx-int8", res, src))
             runtimes.append(rt8)
-        # predict uses the fastest runtime that passed (all have, by now), timed here on this machine.
+        rejected = []
+        requested = entries[-1]["name"]  # without timing, predict uses what the user asked for
+        if fmt == "onnx" and openvino_available():
+            for entry, rt in openvino_runtimes(tmp, int8):
+                entry["parity"] = compare(reference, run_batched(rt, images.x), images, entry["precision"],
+                                          pre.multi_label, max_drop)
+                # Optional runtimes that miss their gate are left out, not fatal: the export still
+                # has the ones the user asked for.
+                if entry["parity"]["passed"]:
+                    entries.append(entry)
+                    runtimes.append(rt)
+                else:
+                    rejected.append(entry)
+        # predict uses the fastest runtime that passed, timed here on this machine.
         if timing_seconds > 0:
             batch = images.x[:32]
             for entry, rt in zip(entries, runtimes, strict=True):
@@ -116,7 +143,7 @@ def export_model(
                 entry["timed_batch_size"] = len(batch)
             preferred = max(entries, key=lambda e: e["images_per_s"])["name"]
         else:
-            preferred = entries[-1]["name"]
+            preferred = requested
         del runtimes, runtime  # close sessions before the folder is renamed
         manifest = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -131,6 +158,7 @@ def export_model(
             "output": {"name": info.get("output", "probs"), "activation": "sigmoid" if pre.multi_label else "softmax"},
             "runtimes": entries,
             "preferred_runtime": preferred,
+            "rejected_runtimes": rejected,
             "source": source or {"model": type(model).__name__, "run_dir": None},
             "export": info,
             "quantization": quant,

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from imagerec.config import PreprocessConfig, write_json
-from imagerec.export.runtime import OrtRuntime, Runtime, TorchScriptRuntime
+from imagerec.export.runtime import OpenVinoRuntime, OrtRuntime, Runtime, TorchScriptRuntime, openvino_available
 from imagerec.utils import ImageRecError, sha256_file
 
 MANIFEST = "imagerec.json"
 FORMAT = "imagerec-bundle"
 FORMAT_VERSION = 1
-ENGINES = ("onnxruntime", "torchscript")
+ENGINES = ("onnxruntime", "openvino", "torchscript")
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -113,8 +113,13 @@ class Bundle:
 
     @property
     def preferred_runtime(self) -> str:
-        """The fastest runtime that passed its gate at export time (what predict uses)."""
-        return str(self.manifest.get("preferred_runtime") or self.runtime_names[0])
+        """The fastest runtime that passed its gate at export time and can run here (what predict
+        uses): a bundle exported where OpenVINO was installed still loads without it."""
+        usable = [r for r in self.manifest["runtimes"] if r["engine"] != "openvino" or openvino_available()]
+        preferred = self.manifest.get("preferred_runtime")
+        if any(r["name"] == preferred for r in usable):
+            return str(preferred)
+        return str(max(usable, key=lambda r: r.get("images_per_s", 0.0))["name"])
 
     def runtime_entry(self, name: str) -> dict[str, Any]:
         for r in self.manifest["runtimes"]:
@@ -129,6 +134,8 @@ class Bundle:
             return OrtRuntime(path, entry["name"], threads)
         if entry["engine"] == "torchscript":
             return TorchScriptRuntime(path, entry["name"])
+        if entry["engine"] == "openvino":
+            return OpenVinoRuntime(path, entry["name"], entry.get("hint", "f32"), threads)
         raise ImageRecError(f"bundle {self.path}: unknown engine '{entry['engine']}' (known: {', '.join(ENGINES)})")
 
 
