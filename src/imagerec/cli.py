@@ -41,7 +41,7 @@ TRAIN_HELP = {
     "backbone_lr_scale": "learning-rate multiplier for everything but the head (discriminative fine-tuning)",
     "epochs": "number of epochs (may be raised when resuming)",
     "optimizer": "sgd | adam | adamw | adagrad",
-    "lr": "peak learning rate (default per optimizer: sgd 0.05, adam 1e-3, adamw 3e-3, adagrad 1e-2)",
+    "lr": "peak learning rate (default per optimizer: sgd 0.02, adam 1e-3, adamw 3e-3, adagrad 1e-2)",
     "weight_decay": "weight decay (default per optimizer)",
     "schedule": "onecycle | cosine (with warm-up) | constant",
     "label_smoothing": "label smoothing for cross-entropy",

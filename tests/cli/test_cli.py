@@ -425,14 +425,14 @@ def test_predict_skips_bad_files_and_names_them(run_dir: Path, work: Path, env: 
     err_lines = proc.stderr.strip().splitlines()
     for name in bad:
         assert any(line.startswith(f"error: {name}") for line in err_lines), (name, proc.stderr)
-    assert err_lines[-1] == "3 of 13 file(s) could not be read"
+    assert err_lines[-1] == "3 of 13 input(s) could not be read"
 
     # nothing readable at all: exit 1, and still no traceback
     proc = run_cli("predict", run_dir, *bad, cwd=work, env=env)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
-    assert proc.stderr.strip().splitlines()[-1] == "3 of 3 file(s) could not be read"
+    assert proc.stderr.strip().splitlines()[-1] == "3 of 3 input(s) could not be read"
 
 
 def test_training_folder_with_bad_files_completes(work: Path, env: dict[str, str]) -> None:

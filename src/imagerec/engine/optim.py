@@ -13,7 +13,7 @@ import torch
 from imagerec.config import TrainConfig
 from imagerec.models import create_param_groups
 
-DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 3e-3, "adagrad": 1e-2}
+DEFAULT_LR = {"sgd": 0.02, "adam": 1e-3, "adamw": 3e-3, "adagrad": 1e-2}
 DEFAULT_WD = {"sgd": 5e-4, "adam": 0.0, "adamw": 0.05, "adagrad": 0.0}
 
 
