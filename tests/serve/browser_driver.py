@@ -1,7 +1,7 @@
 """Drives headless chromium with Playwright against a running server; prints what it saw as JSON.
 
-Run in its own interpreter by test_browser.py: Playwright's driver thread crashed (SIGSEGV) when
-it shared a process with the rest of the suite's native libraries (torch, ONNX Runtime, OpenVINO).
+Run in its own interpreter by test_browser.py, so the pytest process does no native work for
+this test (see the note there).
 
     python browser_driver.py URL DIGIT.png SCREENSHOT.png
 """
