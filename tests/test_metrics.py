@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from PIL import Image
 from rich.console import Console
 
-from imagerec.metrics import average_precision, classification_metrics, multilabel_metrics
+from imagerec.metrics import (
+    average_precision,
+    classification_metrics,
+    expected_calibration_error,
+    multilabel_metrics,
+)
 from imagerec.report import metrics_table, save_confusion_matrix_png, summary_line
 
 NAMES3 = ["a", "b", "c"]
@@ -99,6 +104,16 @@ def test_classification_hand_computed() -> None:
                {"num_samples", "per_class", "confusion_matrix"})
     assert all(type(v) is int for row in m["confusion_matrix"] for v in row)
     json.dumps(m, allow_nan=False)  # raises if anything is not JSON-serialisable
+
+
+def test_ece_uses_15_equal_width_bins() -> None:
+    # 0.61 and 0.69 share a bin with 10 bins ((0.6, 0.7]) but not with 15
+    # ((0.6, 0.667] and (0.667, 0.733]), so this pins the bin count.
+    ece = expected_calibration_error(np.array([0.61, 0.69]), np.array([1, 0]))
+    assert ece == pytest.approx((0.39 + 0.69) / 2)
+    # Confidence 1.0 falls in the last bin, not past it.
+    assert expected_calibration_error(np.array([1.0, 1.0]), np.array([1, 0])) \
+        == pytest.approx(0.5)
 
 
 def test_class_never_predicted_has_zero_precision() -> None:

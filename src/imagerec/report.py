@@ -48,14 +48,15 @@ def save_confusion_matrix_png(
     # Rows of classes with no samples stay at 0 instead of dividing by zero.
     norm = np.divide(counts, row_sums, out=np.zeros(counts.shape), where=row_sums > 0)
 
-    side = float(np.clip(2.5 + 0.28 * k, 5.0, 32.0))  # inches
-    tick_size = float(np.clip(11 - k / 10, 4, 10))
+    # ~0.2 in (24 px at dpi 120) per class keeps 100 tick labels apart without huge files.
+    side = float(np.clip(3.0 + 0.2 * k, 5.0, 24.0))  # inches
+    tick_size = float(np.clip(11 - k / 15, 5, 10))
     # Figure + Agg canvas directly: no pyplot, so no global backend or figure state.
-    fig = Figure(figsize=(side + 1.2, side), layout="constrained")
+    fig = Figure(figsize=(side + 1.0, side), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     image = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="fraction of true class")
+    fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02, label="fraction of true class")
 
     ticks = np.arange(k)
     ax.set_xticks(ticks, labels=class_names, rotation=90 if k > 10 else 45,
