@@ -74,7 +74,6 @@ def expected_calibration_error(
     correct = np.asarray(correct, dtype=np.float64)
     # Bin b holds confidences in (b/num_bins, (b+1)/num_bins]; confidence 0 goes to bin 0.
     bins = np.clip(np.ceil(confidence * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
-    counts = np.bincount(bins, minlength=num_bins)
     conf_sum = np.bincount(bins, weights=confidence, minlength=num_bins)
     acc_sum = np.bincount(bins, weights=correct, minlength=num_bins)
     gap = np.abs(acc_sum - conf_sum)  # = count * |acc - conf| per bin

@@ -8,7 +8,6 @@ server is unreachable the PostgreSQL tests FAIL, unless IMAGEREC_SKIP_POSTGRES=1
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import secrets
 import tarfile
