@@ -1,8 +1,12 @@
 """Load test for `imagerec serve` on loopback: served throughput vs offline batch throughput, and
 p99 latency at half load vs batch-1 latency. Bounded in requests and time; prints one JSON line per result.
 
-    python bench/serve_load.py                      # trains a tiny mnist-mini run first (~10 s)
+    python bench/serve_load.py                      # ResNet-18 at 224 px, CIFAR-10 JPEGs as requests
+    python bench/serve_load.py --model mnist-cnn    # a tiny digit CNN: measures the server's own overhead
     python bench/serve_load.py --run runs/mnist --seconds 10 --clients 32
+
+The ResNet-18 bundle has random weights (the speed of a 224 px ResNet-18 does not depend on what
+it learned); it goes through the same export, parity gate and runtime choice as any bundle.
 Targets: served/offline >= 0.85 with 0 errors; p99 at half load <= 4x batch-1 latency.
 """
 
@@ -80,7 +84,7 @@ def closed_loop(url: str, images: list[bytes], clients: int, seconds: float) -> 
                 r = c.post(
                     "/v1/predict",
                     params={"top_k": 1},
-                    files={"file": ("x.png", images[i % len(images)], "image/png")},
+                    files={"file": ("x", images[i % len(images)], "application/octet-stream")},
                 )
                 d = time.perf_counter() - t
                 with lock:
@@ -118,7 +122,7 @@ def open_loop(url: str, images: list[bytes], rate: float, seconds: float) -> dic
         r = c.post(
             "/v1/predict",
             params={"top_k": 1},
-            files={"file": ("x.png", images[i % len(images)], "image/png")},
+            files={"file": ("x", images[i % len(images)], "application/octet-stream")},
         )
         d = time.perf_counter() - scheduled
         with lock:
@@ -148,14 +152,57 @@ def open_loop(url: str, images: list[bytes], rate: float, seconds: float) -> dic
     }
 
 
+def build_model(kind: str) -> str:
+    import imagerec
+
+    out = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    if kind == "mnist-cnn":
+        imagerec.train(data="mnist-mini", out=str(out / "mnist"), epochs=1, limit_train=1000)
+        return str(out / "mnist")
+    from imagerec.config import PreprocessConfig
+    from imagerec.export import export_model, synthetic_images
+    from imagerec.models import create_model
+
+    torch.manual_seed(0)
+    names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    pre = PreprocessConfig(224, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 256, names)
+    model = create_model("resnet18", num_classes=10, img_size=224).eval()
+    export_model(model, pre, "onnx", out / "r18", int8=True, images=synthetic_images(pre, 32),
+                 calibration=synthetic_images(pre, 64, seed=1).x, max_drop=100.0, timing_seconds=1.0)
+    return str(out / "r18")
+
+
+def request_images(kind: str, n: int = 256) -> list[bytes]:
+    """Real images as clients would send them: PNG digits, or CIFAR-10 test JPEGs."""
+    if kind == "mnist-cnn":
+        from imagerec.data import read_data
+
+        arrays = read_data("mnist-mini").arrays["test"]
+        images = []
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(np.asarray(arrays[i])).save(buf, format="PNG")
+            images.append(buf.getvalue())
+        return images
+    import tarfile
+
+    archive = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+    images = []
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if member.isfile() and "/test/" in member.name:
+                images.append(tar.extractfile(member).read())
+                if len(images) == n:
+                    break
+    return images
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument(
-        "--run",
-        help="run directory or bundle to serve (default: train a tiny mnist-mini run)",
-    )
+    ap.add_argument("--run", help="run directory or bundle to serve (default: built from --model)")
+    ap.add_argument("--model", choices=("resnet18-224", "mnist-cnn"), default="resnet18-224")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
@@ -164,18 +211,9 @@ def main() -> None:
     args.seconds = min(args.seconds, 120.0)
 
     import imagerec
-    from imagerec.data import read_data
 
-    run = args.run
-    if run is None:
-        run = str(Path(tempfile.mkdtemp(prefix="serve-bench-")) / "mnist")
-        imagerec.train(data="mnist-mini", out=run, epochs=1, limit_train=1000)
-    arrays = read_data("mnist-mini").arrays["test"]
-    images = []
-    for i in range(256):
-        buf = io.BytesIO()
-        Image.fromarray(np.asarray(arrays[i])).save(buf, format="PNG")
-        images.append(buf.getvalue())
+    run = args.run or build_model(args.model)
+    images = request_images(args.model)
 
     # Offline: the same Predictor on pre-decoded uint8 batches of max_batch (no HTTP, no decode).
     predictor = imagerec.load(run)

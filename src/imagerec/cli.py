@@ -58,6 +58,11 @@ TRAIN_HELP = {
     "deterministic": "use deterministic algorithms only (slower on GPU)",
     "precision": "auto (bf16 on CPUs with AVX512-BF16/AMX, AMP on CUDA) | fp32 | bf16 | fp16",
     "device": "auto | cpu | cuda | cuda:N",
+    "recipe": "default | fast: fast = airbench-style net and schedule for small images (MNIST/CIFAR-like); "
+              "it fills in every setting you leave at its default",
+    "norm_lr_scale": "learning-rate multiplier for normalisation-layer shifts (the fast recipe uses 64)",
+    "lookahead": "lookahead weight averaging every 5 steps (airbench's schedule)",
+    "translate": "random translation in pixels for small images (default: size/8)",
     "channels_last": "channels_last memory format (faster convolutions)",
     "workers": "decode worker processes (-1 = auto)",
     "cache": "auto | ram | none: decode the dataset once into RAM when it fits",

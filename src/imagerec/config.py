@@ -20,7 +20,8 @@ from imagerec.utils import ImageRecError, did_you_mean
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 AUGMENT_PRESETS = ("none", "light", "standard", "strong")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
-SCHEDULES = ("onecycle", "cosine", "constant")
+SCHEDULES = ("onecycle", "cosine", "constant", "triangle")
+RECIPES = ("default", "fast")
 METRICS = ("auto", "accuracy", "loss", "macro_f1", "balanced_accuracy", "map")
 BALANCE = ("auto", "weights", "sampler", "none")
 
@@ -73,6 +74,7 @@ class TrainConfig:
 
     data: str = ""
     out: str = "runs/exp"
+    recipe: str = "default"
     model: str = "auto"
     pretrained: str | None = None
     freeze_backbone: bool = False
@@ -83,12 +85,15 @@ class TrainConfig:
     lr: float | None = None
     weight_decay: float | None = None
     momentum: float = 0.9
+    norm_lr_scale: float = 1.0
+    lookahead: bool = False
     schedule: str = "onecycle"
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     grad_clip: float = 0.0
     augment: str = "light"
     hflip: bool | None = None
+    translate: int | None = None
     mixup: float = 0.0
     cutmix: float = 0.0
     image_size: int | None = None
@@ -114,6 +119,7 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             ("optimizer", self.optimizer, OPTIMIZERS),
+            ("recipe", self.recipe, RECIPES),
             ("schedule", self.schedule, SCHEDULES),
             ("augment", self.augment, AUGMENT_PRESETS),
             ("metric", self.metric, METRICS),
@@ -138,6 +144,10 @@ class TrainConfig:
             raise ImageRecError(f"lr must be positive, got {self.lr}")
         if self.image_size is not None and not 8 <= self.image_size <= 1024:
             raise ImageRecError(f"image_size must be between 8 and 1024, got {self.image_size}")
+        if self.translate is not None and not 0 <= self.translate <= 64:
+            raise ImageRecError(f"translate must be between 0 and 64 pixels, got {self.translate}")
+        if self.norm_lr_scale <= 0:
+            raise ImageRecError(f"norm_lr_scale must be positive, got {self.norm_lr_scale}")
         if self.channels is not None and self.channels not in (1, 3):
             raise ImageRecError(f"channels must be 1 or 3, got {self.channels}")
 

@@ -168,9 +168,12 @@ class BatchAugment:
     """Random translate (pad + crop) and horizontal flip on a uint8 batch, per sample, vectorised
     (airbench's batch_crop/batch_flip_lr); random erasing and mixup/cutmix after normalisation."""
 
-    def __init__(self, cfg: PreprocessConfig, preset: str, hflip: bool | None, mixup: float, cutmix: float) -> None:
+    def __init__(self, cfg: PreprocessConfig, preset: str, hflip: bool | None, mixup: float, cutmix: float,
+                 translate: int | None = None) -> None:
         small = is_small(cfg)
         self.pad = max(1, cfg.input_size // 8) if small and preset != "none" else 0
+        if translate is not None:
+            self.pad = translate
         self.flip = (preset in ("standard", "strong")) if hflip is None else hflip
         self.erase = v2.RandomErasing(p=0.25, value=0) if preset == "strong" else None
         if preset == "strong":

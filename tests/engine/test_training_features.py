@@ -110,3 +110,8 @@ def test_bad_values_are_refused_before_training(tmp_path: Path) -> None:
                             ({"val_fraction": 1.5}, "val_fraction"), ({"ops": ["blur"]}, "unknown preprocessing op")]:
         with pytest.raises(ImageRecError, match=pattern):
             imagerec.train(out=str(tmp_path / "x"), **{**SMALL, **kwargs})
+
+
+def test_divergence_is_a_clear_error_not_a_nan_model(tmp_path: Path) -> None:
+    with pytest.raises(ImageRecError, match="training diverged.*lower --lr"):
+        imagerec.train(data="mnist-mini", out=str(tmp_path / "run"), model="mlp", optimizer="sgd", lr=1e12, epochs=1, limit_train=256)

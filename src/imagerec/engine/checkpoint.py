@@ -57,8 +57,10 @@ def save_checkpoint(
     model: torch.nn.Module,
     meta: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write `<stem>.safetensors` and `<stem>.json` atomically (temp file + rename)."""
+    """Write `<stem>.safetensors` and `<stem>.json` atomically (temp file + rename).
+    `extra` holds other training state (e.g. lookahead weights), stored as `extra.<key>`."""
     stem = Path(path_stem)
     tensors = {f"model.{k}": v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
@@ -66,6 +68,7 @@ def save_checkpoint(
         opt_tensors, opt_meta = _optimizer_split(optimizer)
         tensors.update(opt_tensors)
         meta["optimizer_state"] = opt_meta
+    tensors.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in (extra or {}).items()})
     tmp = stem.with_name(stem.name + ".safetensors.tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     os.replace(tmp, stem.with_suffix(".safetensors"))
@@ -91,8 +94,10 @@ def read_checkpoint_meta(path_stem: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint_tensors(path_stem: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(model state dict, optimizer tensors) from `<stem>.safetensors`."""
+def load_checkpoint_tensors(
+    path_stem: str | Path, prefix: str = "optim."
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(model state dict, the tensors under `prefix`: optimizer state, or `extra.` state) from `<stem>.safetensors`."""
     spath = Path(path_stem).with_suffix(".safetensors")
     if not spath.is_file():
         raise ImageRecError(f"checkpoint weights missing: {spath}")
@@ -101,8 +106,8 @@ def load_checkpoint_tensors(path_stem: str | Path) -> tuple[dict[str, torch.Tens
     except (SafetensorError, OSError, ValueError) as e:
         raise ImageRecError(f"{spath}: cannot read checkpoint weights ({e}); the file is damaged or incomplete") from e
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-    return model, optim
+    other = {k[len(prefix):] if prefix == "extra." else k: v for k, v in tensors.items() if k.startswith(prefix)}
+    return model, other
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

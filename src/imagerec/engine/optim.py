@@ -21,6 +21,8 @@ def create_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.dev
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
     wd = cfg.weight_decay if cfg.weight_decay is not None else DEFAULT_WD[cfg.optimizer]
     groups = create_param_groups(model, lr, wd, cfg.backbone_lr_scale, cfg.freeze_backbone)
+    if cfg.norm_lr_scale != 1.0:
+        groups = split_norm_groups(model, groups, cfg.norm_lr_scale)
     # foreach kernels batch the per-parameter updates; fused is faster still where supported (CUDA).
     fast = {"fused": True} if device.type == "cuda" and cfg.optimizer in ("adam", "adamw", "sgd") else {"foreach": True}
     if cfg.optimizer == "sgd":
@@ -30,6 +32,24 @@ def create_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.dev
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, **fast)
     return torch.optim.Adagrad(groups, lr=lr, foreach=True)
+
+
+def split_norm_groups(model: torch.nn.Module, groups: list[dict], scale: float) -> list[dict]:
+    """Give normalisation-layer parameters their own groups with lr * scale and weight decay / scale,
+    so their (coupled) decay per step is unchanged: airbench trains BN shifts 64x faster."""
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
+    out = []
+    for g in groups:
+        plain = [p for p in g["params"] if id(p) not in norm_ids]
+        norm = [p for p in g["params"] if id(p) in norm_ids]
+        if plain:
+            out.append({**g, "params": plain})
+        if norm:
+            out.append({**g, "name": f"{g.get('name', 'group')}_norm", "params": norm, "lr": g["lr"] * scale, "weight_decay": g.get("weight_decay", 0.0) / scale})
+    return out
+
+
+_NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
 def create_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -46,6 +66,16 @@ def create_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], f
             return 0.5 * (1 + math.cos(math.pi * t)) * (1 - 1e-4) + 1e-4
 
         return onecycle
+    if cfg.schedule == "triangle":
+        # airbench94: linear 0.2 -> 1 over the first 23% of steps, then linear down to 0.07.
+        peak = max(1, int(0.23 * total))
+
+        def triangle(step: int) -> float:
+            if step < peak:
+                return 0.2 + 0.8 * step / peak
+            return 1.0 - 0.93 * min(1.0, (step - peak) / max(1, total - peak))
+
+        return triangle
     warm = int(cfg.warmup_epochs * steps_per_epoch)
 
     def warmup_then(step: int) -> float:

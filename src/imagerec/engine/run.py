@@ -29,9 +29,10 @@ from imagerec.engine.evaluate import write_eval_outputs
 from imagerec.engine.optim import create_optimizer
 from imagerec.engine.task import ClassificationTask
 from imagerec.engine.pipeline import BatchPipeline
+from imagerec.engine.recipes import apply_recipe
 from imagerec.engine.trainer import Trainer
 from imagerec.models import count_parameters, create_model, load_pretrained
-from imagerec.transforms import BatchAugment, base_transform, item_augment, train_base_size
+from imagerec.transforms import BatchAugment, base_transform, item_augment, normalize_batch, train_base_size
 from imagerec.utils import ImageRecError, library_versions, mix_seed, resolve_device, resolve_precision, set_threads
 
 log = logging.getLogger("imagerec")
@@ -124,6 +125,21 @@ def _mean_std(loader: ImageLoader, channels: int) -> tuple[tuple[float, ...], tu
     return tuple(round(float(v), 4) for v in x.mean(dim=1)), tuple(round(float(v), 4) for v in std)
 
 
+def _sample_images(loader: ImageLoader, pre: PreprocessConfig, n: int = 5000) -> torch.Tensor:
+    """Up to n normalised training images (B, C, H, W), without augmentation."""
+    if loader.cache is not None:
+        x = loader.cache[torch.from_numpy(loader.valid[:n])]
+    else:
+        batches, count = [], 0
+        for b in loader.epoch(0):
+            batches.append(b.x)
+            count += len(b.x)
+            if count >= n:
+                break
+        x = torch.cat(batches)[:n]
+    return normalize_batch(x, pre.mean, pre.std)
+
+
 def _make_loader(spec: DataSpec, items: list, pre: PreprocessConfig, cfg: TrainConfig, train: bool,
                  class_sampling: torch.Tensor | None = None) -> ImageLoader:
     sample_weights = None
@@ -196,17 +212,21 @@ def train(
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    spec = split_train_val(read_data(cfg.data), cfg.val_fraction, cfg.seed)
-    for note in spec.notes:
-        log.warning(note)
+    spec = read_data(cfg.data)
     if "train" not in spec.splits or not spec.splits["train"]:
         raise ImageRecError(f"{cfg.data}: no training images found")
+    if resume_meta is None:
+        channels, native = infer_geometry(spec)
+        channels = cfg.channels or channels
+        cfg = apply_recipe(cfg, channels, cfg.image_size or native, bool(spec.splits.get("test")))
+        cfg.validate()
+    spec = split_train_val(spec, cfg.val_fraction, cfg.seed)
+    for note in spec.notes:
+        log.warning(note)
 
     if resume_meta is not None:
         pre = PreprocessConfig.from_dict(resume_meta["preprocess"])
     else:
-        channels, native = infer_geometry(spec)
-        channels = cfg.channels or channels
         size = cfg.image_size or (native if native <= 64 else 224)
         resize = size if size <= 64 else int(round(size / 0.875))
         pre = PreprocessConfig(size, channels, (0.5,) * channels, (0.5,) * channels, resize, tuple(spec.class_names),
@@ -238,13 +258,15 @@ def train(
     if cfg.pretrained and resume_meta is None:
         report = load_pretrained(model, cfg.pretrained)
         log.info("pretrained weights from %s: %d tensors loaded", cfg.pretrained, report["loaded"])
+    if resume_meta is None and hasattr(model, "init_from_data"):
+        model.init_from_data(_sample_images(train_loader, pre))  # e.g. airbench's whitening stem
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, cfg, device)
     loss_weights = weights.to(device) if weights is not None and (balance == "weights" or pre.multi_label) else None
     task = ClassificationTask(pre.multi_label, 0.0 if pre.multi_label else cfg.label_smoothing, loss_weights)
-    augment = BatchAugment(pre, cfg.augment, cfg.hflip, cfg.mixup, cfg.cutmix)
+    augment = BatchAugment(pre, cfg.augment, cfg.hflip, cfg.mixup, cfg.cutmix, cfg.translate)
     pipeline = BatchPipeline(pre, device, cfg.channels_last, augment)
 
     run_dir = resolve_out(cfg.out, resume is not None)
@@ -274,7 +296,7 @@ def train(
         weights, optim_tensors = load_checkpoint_tensors(Path(resume) / "last")
         model.load_state_dict(weights)
         restore_optimizer(optimizer, optim_tensors, resume_meta)
-        trainer.load_state(resume_meta["state"])
+        trainer.load_state(resume_meta["state"], load_checkpoint_tensors(Path(resume) / "last", "extra.")[1])
         if trainer.state.epoch >= cfg.epochs:
             console.print(f"{run_dir} already finished {trainer.state.epoch} epoch(s); raise --epochs to train further")
 

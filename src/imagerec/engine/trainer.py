@@ -23,11 +23,12 @@ from imagerec.config import TrainConfig
 from imagerec.data.loader import ImageLoader
 from imagerec.engine.callbacks import Callback, StopTraining
 from imagerec.engine.checkpoint import save_checkpoint
+from imagerec.engine.lookahead import Lookahead
 from imagerec.engine.optim import create_schedule, set_lr
 from imagerec.engine.pipeline import BatchPipeline, autocast, predict_logits
 from imagerec.engine.task import ClassificationTask
 from imagerec.metrics import classification_metrics, multilabel_metrics
-from imagerec.utils import mix_seed
+from imagerec.utils import ImageRecError, mix_seed
 
 
 @dataclass
@@ -71,6 +72,8 @@ class Trainer:
         self.callbacks = callbacks or []
         self.state = TrainState()
         self.schedule = create_schedule(cfg, len(train_loader))
+        self.total_steps = cfg.epochs * len(train_loader)
+        self.lookahead = Lookahead(model) if cfg.lookahead else None
         # fp16 needs loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         self.stop_reason = ""
@@ -110,6 +113,8 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
+            if self.lookahead is not None:
+                self.lookahead.step(s.global_step + 1, self.total_steps)
             n = x.shape[0]
             loss_sum += loss.detach() * n
             correct += self.task.correct(out["logits"].detach(), y)
@@ -162,6 +167,13 @@ class Trainer:
 
     def _end_epoch(self, seconds: float, images: int) -> dict[str, Any]:
         s, cfg = self.state, self.cfg
+        if not math.isfinite(s.loss_sum) or not all(
+            bool(t.isfinite().all()) for t in self.model.state_dict().values() if t.is_floating_point()  # BN statistics too
+        ):
+            raise ImageRecError(
+                f"training diverged: the loss became NaN or infinite in epoch {s.epoch + 1}; "
+                f"lower --lr (it is {cfg.lr if cfg.lr is not None else 'the default'}) or set --grad-clip 1.0"
+            )
         row: dict[str, Any] = {
             "epoch": s.epoch + 1,
             "train_loss": s.loss_sum / max(1, s.seen),
@@ -197,11 +209,15 @@ class Trainer:
         meta = dict(self.meta)
         meta["state"] = asdict(self.state)
         meta["state"]["skipped"] = sorted(set(self.state.skipped))
-        save_checkpoint(self.run_dir / name, self.model, meta, self.optimizer if name == "last" else None)
+        last = name == "last"
+        extra = self.lookahead.state_dict() if last and self.lookahead is not None else None
+        save_checkpoint(self.run_dir / name, self.model, meta, self.optimizer if last else None, extra)
         self._emit("on_checkpoint", name)
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def load_state(self, state: dict[str, Any], extra: dict[str, torch.Tensor]) -> None:
         self.state = TrainState(**state)
+        if self.lookahead is not None:
+            self.lookahead.load_state_dict(extra)
 
 
 @contextlib.contextmanager

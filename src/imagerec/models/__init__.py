@@ -6,7 +6,7 @@ Example:
 """
 
 # Importing the architecture modules registers their entrypoints.
-from imagerec.models import cnn, mlp, resnet, rnn, vit  # noqa: F401
+from imagerec.models import airbench, cnn, mlp, resnet, rnn, vit  # noqa: F401
 from imagerec.models._registry import count_parameters, create_model, describe_model, list_models, register_model
 from imagerec.models.base import Classifier
 from imagerec.models.pretrained import classifier_parameter_names, create_param_groups, load_pretrained
