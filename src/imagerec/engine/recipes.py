@@ -17,8 +17,11 @@
   airbench, the recipe's epochs are fixed, so there is nothing for a val split to choose.
 - epochs and width per image kind were chosen by measuring time-to-accuracy on a 2-core CPU
   without bf16 (README "Performance"): on colour 32px images 64-128-256 wide, batch 512 (faster
-  per image than 1024 on a CPU: 340 vs 210 img/s), 7 epochs; on 28px grayscale 16-32-64 wide with
-  a stride-2 stem (4x fewer FLOPs, 3.7x the img/s), one epoch of batch 256 at lr 0.6.
+  per image than 1024 on a CPU: 340 vs 210 img/s), 6 epochs: 88.3% on CIFAR-10-jpg in 18.5 min
+  there; on 28px grayscale 16-32-64 wide with a stride-2 stem (4x fewer FLOPs, 3.7x the img/s),
+  one epoch of batch 256 at lr 0.6 (lr 0.375 gave 99.07%, 0.6 gave 99.16%): MNIST 99.16% in ~9 s.
+- BatchNorm eps is 1e-5, not airbench's 1e-12: with the stride-2 stem the last group sees 1x1
+  maps, and 1e-12 let a near-constant channel blow up to NaN in the first epoch.
 """
 
 from __future__ import annotations
