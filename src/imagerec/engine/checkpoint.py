@@ -39,6 +39,8 @@ def _optimizer_split(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor
 def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
+        if not key.startswith("optim."):
+            continue  # other training state (extra.*)
         _, pid, name = key.split(".", 2)
         state.setdefault(int(pid), {})[name] = v
     for pid, extra in meta.get("scalar_state", {}).items():
@@ -94,10 +96,8 @@ def read_checkpoint_meta(path_stem: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint_tensors(
-    path_stem: str | Path, prefix: str = "optim."
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(model state dict, the tensors under `prefix`: optimizer state, or `extra.` state) from `<stem>.safetensors`."""
+def load_checkpoint_tensors(path_stem: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(model state dict, training state: the `optim.*` and `extra.*` tensors) from `<stem>.safetensors`."""
     spath = Path(path_stem).with_suffix(".safetensors")
     if not spath.is_file():
         raise ImageRecError(f"checkpoint weights missing: {spath}")
@@ -106,8 +106,7 @@ def load_checkpoint_tensors(
     except (SafetensorError, OSError, ValueError) as e:
         raise ImageRecError(f"{spath}: cannot read checkpoint weights ({e}); the file is damaged or incomplete") from e
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    other = {k[len(prefix):] if prefix == "extra." else k: v for k, v in tensors.items() if k.startswith(prefix)}
-    return model, other
+    return model, {k: v for k, v in tensors.items() if not k.startswith("model.")}
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

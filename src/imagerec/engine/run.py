@@ -109,35 +109,24 @@ def _limit(items: list, n: int, seed: int) -> list:
     return [items[i] for i in keep]
 
 
+def _uint8_sample(loader: ImageLoader, channels: int, n: int) -> torch.Tensor:
+    """About n uint8 training images (B, C, H, W): every k-th image of the RAM cache, or the first
+    four streamed batches (at most n)."""
+    if loader.cache is not None:
+        return loader.cache[torch.from_numpy(loader.valid[:: max(1, loader.num_items // n)])]
+    batches = []
+    for k, b in enumerate(loader.epoch(0)):
+        batches.append(b.x)
+        if k >= 3:
+            break
+    return torch.cat(batches)[:n] if batches else torch.zeros(1, channels, 1, 1, dtype=torch.uint8)
+
+
 def _mean_std(loader: ImageLoader, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean/std of the (uint8) training images, from up to 10k of them."""
-    if loader.cache is not None:
-        sample = loader.cache[torch.from_numpy(loader.valid[:: max(1, loader.num_items // 10000)])]
-    else:
-        batches = []
-        for k, b in enumerate(loader.epoch(0)):
-            batches.append(b.x)
-            if k >= 3:
-                break
-        sample = torch.cat(batches) if batches else torch.zeros(1, channels, 1, 1, dtype=torch.uint8)
-    x = sample.float().div_(255).transpose(0, 1).reshape(channels, -1)  # (C, N*H*W)
+    x = _uint8_sample(loader, channels, 10000).float().div_(255).transpose(0, 1).reshape(channels, -1)  # (C, N*H*W)
     std = x.std(dim=1).clamp_min(1e-3)
     return tuple(round(float(v), 4) for v in x.mean(dim=1)), tuple(round(float(v), 4) for v in std)
-
-
-def _sample_images(loader: ImageLoader, pre: PreprocessConfig, n: int = 5000) -> torch.Tensor:
-    """Up to n normalised training images (B, C, H, W), without augmentation."""
-    if loader.cache is not None:
-        x = loader.cache[torch.from_numpy(loader.valid[:n])]
-    else:
-        batches, count = [], 0
-        for b in loader.epoch(0):
-            batches.append(b.x)
-            count += len(b.x)
-            if count >= n:
-                break
-        x = torch.cat(batches)[:n]
-    return normalize_batch(x, pre.mean, pre.std)
 
 
 def _make_loader(spec: DataSpec, items: list, pre: PreprocessConfig, cfg: TrainConfig, train: bool,
@@ -259,7 +248,8 @@ def train(
         report = load_pretrained(model, cfg.pretrained)
         log.info("pretrained weights from %s: %d tensors loaded", cfg.pretrained, report["loaded"])
     if resume_meta is None and hasattr(model, "init_from_data"):
-        model.init_from_data(_sample_images(train_loader, pre))  # e.g. airbench's whitening stem
+        sample = _uint8_sample(train_loader, pre.channels, 5000)
+        model.init_from_data(normalize_batch(sample, pre.mean, pre.std))  # e.g. airbench's whitening stem
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -293,10 +283,11 @@ def train(
     trainer = Trainer(cfg, model, optimizer, task, train_loader, val_loader, pipeline, device, amp_dtype, run_dir, meta,
                       cbs + (callbacks or []))
     if resume_meta is not None:
-        weights, optim_tensors = load_checkpoint_tensors(Path(resume) / "last")
+        weights, state_tensors = load_checkpoint_tensors(Path(resume) / "last")
         model.load_state_dict(weights)
-        restore_optimizer(optimizer, optim_tensors, resume_meta)
-        trainer.load_state(resume_meta["state"], load_checkpoint_tensors(Path(resume) / "last", "extra.")[1])
+        restore_optimizer(optimizer, state_tensors, resume_meta)
+        extra = {k.removeprefix("extra."): v for k, v in state_tensors.items() if k.startswith("extra.")}
+        trainer.load_state(resume_meta["state"], extra)
         if trainer.state.epoch >= cfg.epochs:
             console.print(f"{run_dir} already finished {trainer.state.epoch} epoch(s); raise --epochs to train further")
 
