@@ -27,6 +27,7 @@ import torch
 from imagerec.config import PreprocessConfig
 from imagerec.export import export_model, load_bundle, synthetic_images
 from imagerec.export.graph import example_input
+from imagerec.export.runtime import keep_signal_stack
 from imagerec.models import create_model
 from imagerec.predict import Predictor
 from imagerec.transforms import normalize_batch
@@ -72,8 +73,9 @@ def main() -> None:
 
             core = ov.Core()
             ov_cfg = {"INFERENCE_NUM_THREADS": available_cpus(), "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
-            ov_raw = {name: core.compile_model(core.read_model(str(Path(tmp) / "r18" / f)), "CPU", ov_cfg)
-                      for name, f in (("bf16", "model.onnx"), ("int8", "model.int8.onnx"))}
+            with keep_signal_stack():  # openvino leaves a dangling signal stack otherwise (runtime.py)
+                ov_raw = {name: core.compile_model(core.read_model(str(Path(tmp) / "r18" / f)), "CPU", ov_cfg)
+                          for name, f in (("bf16", "model.onnx"), ("int8", "model.int8.onnx"))}
         except ImportError:
             print(json.dumps({**{"event": "note"}, "openvino": "not installed: raw OpenVINO baselines skipped"}))
         bundle_pred = Predictor.from_bundle(Path(tmp) / "r18")

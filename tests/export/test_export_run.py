@@ -149,3 +149,30 @@ def test_benchmark_lists_every_runtime(onnx_bundle: tuple[Path, dict]) -> None:
     for r in results:
         assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["images_per_s"] > 0
     assert all(r["passed_parity"] for r in results if r["runtime"] != "torch-bf16")
+
+
+def _signal_stack() -> tuple[int | None, int, int]:
+    import ctypes
+
+    from imagerec.export.runtime import _SignalStack
+
+    st = _SignalStack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(st)) == 0
+    return st.ss_sp, st.ss_size, st.ss_flags
+
+
+def test_openvino_leaves_the_threads_signal_stack_as_it_was(onnx_bundle: tuple[Path, dict]) -> None:
+    # openvino's compile_model swaps in a signal stack of its own and later unmaps it: left in place,
+    # the next signal handled on this thread killed the whole test process with SIGSEGV.
+    pytest.importorskip("openvino")
+    import numpy as np
+
+    from imagerec.export.runtime import OpenVinoRuntime
+
+    out, _ = onnx_bundle
+    before = _signal_stack()
+    rt = OpenVinoRuntime(out / "model.onnx", hint="f32")
+    rt.run(np.zeros((2, 1, 28, 28), np.uint8))
+    assert _signal_stack() == before
+    del rt
+    assert _signal_stack() == before

@@ -1,9 +1,13 @@
 """Runtimes: one interface, `run(uint8 batch (B, C, H, W)) -> probabilities (B, K)`, over
-ONNX Runtime, TorchScript and eager PyTorch, so the Predictor does not care which one it holds."""
+ONNX Runtime, OpenVINO, TorchScript and eager PyTorch, so the Predictor does not care which one it holds."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -57,6 +61,35 @@ class OrtRuntime:
         return torch.from_numpy(out)
 
 
+class _SignalStack(ctypes.Structure):  # stack_t, <signal.h>
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def keep_signal_stack() -> Iterator[None]:
+    """Put the calling thread's alternate signal stack back as it was after the block (Linux).
+
+    OpenVINO's compile_model installs a signal stack of its own (11,568 bytes, mmap'd) on the
+    calling thread and later unmaps it without restoring the previous one. The thread is then left
+    with a dangling sigaltstack: the next signal whose handler runs on it (faulthandler's,
+    Python's SIGINT) cannot be delivered and the kernel kills the process with SIGSEGV, and until
+    then the address can be reused by another mapping that a signal frame would overwrite. This is
+    what crashed the full test suite in the main thread (openvino 2026.4, found by logging
+    sigaltstack before every test: dangling from the first OpenVINO export onward)."""
+    if sys.platform != "linux":
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    old = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(old)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(old), None)
+
+
 class OpenVinoRuntime:
     """OpenVINO on the CPU, compiled from the bundle's ONNX file with a precision hint: "bf16" runs
     the fp32 graph on AVX512-BF16/AMX units, and the int8 QDQ graph runs on OpenVINO's int8
@@ -72,13 +105,15 @@ class OpenVinoRuntime:
         config = {"INFERENCE_NUM_THREADS": threads or available_cpus(), "INFERENCE_PRECISION_HINT": hint,
                   "PERFORMANCE_HINT": "LATENCY"}
         try:
-            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            with keep_signal_stack():
+                self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         except Exception as e:
             raise ImageRecError(f"{path}: OpenVINO cannot compile this model ({e})") from e
         self.name, self.path, self.hint = name, Path(path), hint
 
     def run(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.compiled(as_uint8(x))[0], dtype=np.float32))
+        with keep_signal_stack():
+            return torch.from_numpy(np.array(self.compiled(as_uint8(x))[0], dtype=np.float32))
 
 
 def openvino_available() -> bool:
