@@ -1,8 +1,8 @@
 """The web page in headless Debian chromium: upload a real MNIST digit, see the predicted label.
 
-Both the server (`imagerec serve`) and the Playwright driver run as their own processes: in the
-pytest process, after the rest of the suite has loaded torch, ONNX Runtime and OpenVINO, an
-in-process server plus Playwright crashed the interpreter (SIGSEGV; not reproducible alone).
+Both the server (`imagerec serve`) and the Playwright driver run as their own processes, as a user
+would run them. (The SIGSEGV that once hit this test in the pytest process was OpenVINO leaving a
+dangling signal stack on the main thread, fixed in export/runtime.py: keep_signal_stack.)
 """
 
 from __future__ import annotations
