@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import sys
 import warnings
 from collections.abc import Iterator
@@ -65,6 +66,11 @@ class _SignalStack(ctypes.Structure):  # stack_t, <signal.h>
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 @contextlib.contextmanager
 def keep_signal_stack() -> Iterator[None]:
     """Put the calling thread's alternate signal stack back as it was after the block (Linux).
@@ -79,7 +85,7 @@ def keep_signal_stack() -> Iterator[None]:
     if sys.platform != "linux":
         yield
         return
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     old = _SignalStack()
     if libc.sigaltstack(None, ctypes.byref(old)) != 0:
         yield
