@@ -12,6 +12,8 @@ took enough CPU to cut the served rate and the batch size (README, "Serving").
 
 The ResNet-18 bundle has random weights (the speed of a 224 px ResNet-18 does not depend on what
 it learned); it goes through the same export, parity gate and runtime choice as any bundle.
+Each `--instances` value (default 1 and 2) gets its own server and its own three loads, so
+one model instance using all cores and two instances of one core each are compared in one run.
 Targets: served/offline >= 0.85 with 0 errors, where offline is `Predictor.predict` on the same
 encoded images (what `imagerec predict` does: decode, preprocess, batched inference; the ratio to
 inference alone on pre-decoded batches is printed too); p99 at half load <= 4x batch-1 latency.
@@ -55,7 +57,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def start_server(
-    run: str, max_batch: int, max_wait_ms: float
+    run: str, max_batch: int, max_wait_ms: float, instances: int = 1
 ) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,7 +65,7 @@ def start_server(
     code = (
         "import sys; from imagerec.serve import serve; "
         f"serve([sys.argv[1]], host='127.0.0.1', port={port}, max_batch={max_batch}, max_wait_ms={max_wait_ms}, "
-        "queue_size=1024, max_inflight=1024, log_level='warning')"
+        f"instances={instances}, queue_size=1024, max_inflight=1024, log_level='warning')"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, run],
@@ -241,6 +243,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--load-generator", choices=("auto", "wrk", "python"), default="auto")
+    ap.add_argument("--instances", type=int, nargs="+", default=[1, 2],
+                    help="server model instances to measure, one server each (serve --instances)")
     args = ap.parse_args()
     gen = args.load_generator
     if gen == "auto":
@@ -277,7 +281,6 @@ def main() -> None:
     emit(bench="offline_predict_batch", batch=args.max_batch, img_per_s=round(ceiling, 1), note="inference only")
     del predictor
 
-    proc, url = start_server(run, args.max_batch, args.max_wait_ms)
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
     list_file = tmp / "images.txt"
     paths = []
@@ -285,6 +288,34 @@ def main() -> None:
         (tmp / f"{i}.img").write_bytes(data)
         paths.append(str(tmp / f"{i}.img"))
     list_file.write_text("\n".join(paths) + "\n")
+    try:
+        for instances in args.instances:
+            proc, url = start_server(run, args.max_batch, args.max_wait_ms, instances)
+            try:
+                measure_server(url, gen, list_file, images, args, offline, ceiling, instances)
+            finally:
+                proc.terminate()
+                proc.wait(20)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def settle(url: str, timeout: float = 30.0) -> None:
+    """Wait until the server has no request in flight: a closed-loop run leaves up to one request
+    per client queued when the load generator stops, and the next phase must not wait behind them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(url + "/metrics", timeout=10).text
+        found = re.search(r"^imagerec_inflight_requests ([0-9.e+]+)$", text, re.M)
+        if found and float(found.group(1)) == 0:
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"server at {url} still busy {timeout} s after the load stopped")
+
+
+def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], args: argparse.Namespace,
+                   offline: float, ceiling: float, instances: int) -> None:
+    """Full load, batch-1 and half load against one running server; one JSON line each."""
     if gen == "wrk":
         closed = lambda clients, seconds: wrk_load(url, list_file, clients, seconds)  # noqa: E731
         # 64 connections with exponential think times of mean 64/rate: Poisson-like arrivals.
@@ -292,55 +323,41 @@ def main() -> None:
     else:
         closed = lambda clients, seconds: closed_loop(url, images, clients, seconds)  # noqa: E731
         half_load = lambda rate, seconds: open_loop(url, images, rate, seconds)  # noqa: E731
-    try:
-        closed(args.clients, 1.0)  # warm-up
-        full = closed(args.clients, args.seconds)
-        emit(
-            bench="served_concurrent",
-            load_generator=gen,
-            clients=args.clients,
-            **rounded(full),
-            ratio_to_offline=round(full["img_per_s"] / offline, 3),
-            ratio_to_inference_only=round(full["img_per_s"] / ceiling, 3),
-            target_ratio=0.85,
-        )
-        single = closed(1, min(args.seconds, 5.0))
-        emit(
-            bench="served_batch1",
-            load_generator=gen,
-            clients=1,
-            **rounded(single),
-        )
-        half = half_load(full["img_per_s"] / 2, 2 * args.seconds)  # twice as long: p99 needs the samples
-        emit(
-            bench="served_half_load",
-            load_generator=gen,
-            target_rate=round(full["img_per_s"] / 2, 1),
-            **rounded(half),
-            p99_over_batch1_p50=round(half["p99_ms"] / single["p50_ms"], 2),
-            target=4.0,
-        )
-        text = httpx.get(url + "/metrics").text
-        sums = [
-            float(l.rsplit(" ", 1)[1])
-            for l in text.splitlines()
-            if l.startswith("imagerec_batch_size_sum")
-        ]
-        counts = [
-            float(l.rsplit(" ", 1)[1])
-            for l in text.splitlines()
-            if l.startswith("imagerec_batch_size_count")
-        ]
-        emit(
-            bench="server_batches",
-            mean_batch=round(sum(sums) / max(sum(counts), 1), 2),
-            batches=int(sum(counts)),
-        )
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        shutil.rmtree(tmp, ignore_errors=True)
-
+    common = {"load_generator": gen, "instances": instances}
+    closed(args.clients, 1.0)  # warm-up
+    full = closed(args.clients, args.seconds)
+    emit(
+        bench="served_concurrent",
+        **common,
+        clients=args.clients,
+        **rounded(full),
+        ratio_to_offline=round(full["img_per_s"] / offline, 3),
+        ratio_to_inference_only=round(full["img_per_s"] / ceiling, 3),
+        target_ratio=0.85,
+    )
+    settle(url)
+    single = closed(1, min(args.seconds, 5.0))
+    emit(bench="served_batch1", **common, clients=1, **rounded(single))
+    settle(url)
+    half = half_load(full["img_per_s"] / 2, 2 * args.seconds)  # twice as long: p99 needs the samples
+    emit(
+        bench="served_half_load",
+        **common,
+        target_rate=round(full["img_per_s"] / 2, 1),
+        **rounded(half),
+        p99_over_batch1_p50=round(half["p99_ms"] / single["p50_ms"], 2),
+        target=4.0,
+    )
+    text = httpx.get(url + "/metrics").text
+    total = {}
+    for key in ("imagerec_batch_size_sum", "imagerec_batch_size_count"):
+        total[key] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(key))
+    emit(
+        bench="server_batches",
+        instances=instances,
+        mean_batch=round(total["imagerec_batch_size_sum"] / max(total["imagerec_batch_size_count"], 1), 2),
+        batches=int(total["imagerec_batch_size_count"]),
+    )
 
 if __name__ == "__main__":
     main()

@@ -78,10 +78,12 @@ class Predictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         meta: dict[str, Any] | None = None,
         runtime: Runtime | None = None,
+        threads: int = 0,
     ) -> None:
         """`model` runs in eager PyTorch; or pass `model=None` and a `runtime` (an exported bundle's
-        ONNX Runtime / TorchScript session: uint8 (B, C, H, W) -> probabilities) instead."""
-        set_threads()
+        ONNX Runtime / TorchScript session: uint8 (B, C, H, W) -> probabilities) instead.
+        `threads`: PyTorch's intra-op threads (0: one per available core)."""
+        set_threads(threads)
         if (model is None) == (runtime is None):
             raise ImageRecError("a Predictor needs exactly one of a PyTorch model or an export runtime")
         self.runtime = runtime
@@ -114,7 +116,8 @@ class Predictor:
 
         bundle = load_bundle(bundle_dir)
         kwargs.pop("precision", None)  # the runtime's precision is the bundle's (fp32 or int8)
-        return cls(None, bundle.pre, meta=bundle.manifest, runtime=bundle.create_runtime(runtime), **kwargs)
+        session = bundle.create_runtime(runtime, threads=kwargs.get("threads", 0))
+        return cls(None, bundle.pre, meta=bundle.manifest, runtime=session, **kwargs)
 
     # --- preprocessing ----------------------------------------------------------------------------
     def preprocess(self, image: ImageInput) -> torch.Tensor:

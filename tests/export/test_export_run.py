@@ -186,3 +186,20 @@ def test_openvino_leaves_the_threads_signal_stack_as_it_was(onnx_bundle: tuple[P
     t.join()
     assert "after" in seen, "the OpenVINO runtime failed in the thread"
     assert seen["after"] == seen["before"]
+
+
+def test_openvino_instances_with_fewer_threads_than_cores_are_not_pinned(onnx_bundle: tuple[Path, dict]) -> None:
+    # OpenVINO pins each compiled model's threads starting from the first core: two 1-thread
+    # models (serve --instances 2 on 2 cores) then shared core 0 (42 img/s in all, 89 unpinned).
+    pytest.importorskip("openvino")
+    from imagerec.export.runtime import OpenVinoRuntime
+    from imagerec.utils import available_cpus
+
+    out, _ = onnx_bundle
+    if available_cpus() < 2:
+        pytest.skip("needs 2 or more cores for a 1-thread instance to be fewer than the cores")
+    single = OpenVinoRuntime(out / "model.onnx", hint="f32", threads=1)
+    assert single.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert single.compiled.get_property("ENABLE_CPU_PINNING") is False
+    whole = OpenVinoRuntime(out / "model.onnx", hint="f32")
+    assert whole.compiled.get_property("INFERENCE_NUM_THREADS") == available_cpus()

@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from conftest import auth, metric_value
+from conftest import auth, metric_value, start_process_server
 
 import imagerec
 
@@ -64,6 +64,34 @@ def test_32_concurrent_clients_get_the_predictors_answers_in_batches(
     print(
         f"\n{int(images)} images in {int(batches)} batches (mean {images / batches:.1f})"
     )
+
+
+def test_two_instances_answer_concurrent_clients_like_the_predictor(run_dir, digits):
+    """serve --instances 2: two model copies of one thread each share the queue (in a subprocess:
+    the instances set PyTorch's thread count for their whole process)."""
+    expected = imagerec.load(str(run_dir)).predict(digits[:64])
+    srv = start_process_server([str(run_dir), "--instances=2", "--max_wait_ms=2"])
+    try:
+        with srv.client() as c:
+            card = c.get("/v1/models").json()["models"][0]
+        assert card["instances"] == 2
+
+        def client(i: int) -> tuple[int, dict]:
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                r = c.post("/v1/predict", files={"file": (f"{i}.png", digits[i], "image/png")})
+                assert r.status_code == 200, r.text
+                return i, r.json()["predictions"][0]
+
+        with ThreadPoolExecutor(N_CLIENTS) as pool:
+            results = list(pool.map(client, range(64)))
+        for i, got in results:
+            assert got["label"] == expected[i]["label"], i
+            assert abs(got["score"] - expected[i]["score"]) < 1e-5
+        with srv.client() as c:
+            text = c.get("/metrics").text
+        assert metric_value(text, "imagerec_batch_size_sum", model="mnist@1") == 64
+    finally:
+        srv.stop()
 
 
 def test_switching_default_under_load_fails_no_request(server, digits):

@@ -82,6 +82,90 @@ def test_cancelled_images_are_skipped():
     assert calls == [1, 2]
 
 
+def test_batcher_instances_run_batches_at_the_same_time_from_one_queue():
+    """Two instances: while one is inside predict, the other takes the next batch. A 2-party
+    barrier inside predict only opens if both instances are in it at once (one instance: it
+    times out and every image fails)."""
+    inside = threading.Barrier(2, timeout=5)
+    used: list[str] = []
+
+    def instance(name: str):
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            used.append(name)
+            inside.wait()
+            return x.float().flatten(1)[:, :1]
+
+        return predict
+
+    b = Batcher([instance("a"), instance("b")], max_batch=1, max_wait_ms=0, capacity=16).start()
+    futures = b.submit_many([torch.full((1, 1, 1), i, dtype=torch.uint8) for i in range(2)])
+    assert [int(f.result(10)[0]) for f in futures] == [0, 1]
+    assert sorted(set(used)) == ["a", "b"] and b.batches_run == 2
+    assert b.alive
+    b.stop()
+    assert not b.alive
+
+
+def test_batcher_instances_share_the_queue_out():
+    """Ten images queued while both instances are busy: the first free instance takes half (5),
+    not all 10, so the other can start on the rest as soon as it is free."""
+    gate = threading.Event()
+    sizes: list[int] = []
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        gate.wait(5)
+        sizes.append(len(x))
+        return x.float().flatten(1)
+
+    b = Batcher([predict, predict], max_batch=32, max_wait_ms=0, capacity=64).start()
+    first = b.submit_many([torch.zeros(1, 1, 1, dtype=torch.uint8)])
+    time.sleep(0.05)
+    second = b.submit_many([torch.zeros(1, 1, 1, dtype=torch.uint8)])
+    time.sleep(0.05)  # both instances are now inside predict
+    rest = b.submit_many([torch.zeros(1, 1, 1, dtype=torch.uint8)] * 10)
+    gate.set()
+    for f in first + second + rest:
+        f.result(5)
+    b.stop()
+    assert max(sizes) == 5 and sum(sizes) == 12  # never one batch of all 10
+
+
+def test_one_batcher_instance_runs_one_batch_at_a_time():
+    """The control for the test above: a single instance never overlaps two batches."""
+    active, peak = [0], [0]
+    lock = threading.Lock()
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.02)
+        with lock:
+            active[0] -= 1
+        return x.float().flatten(1)
+
+    b = Batcher(predict, max_batch=2, max_wait_ms=0, capacity=16).start()
+    for f in b.submit_many([torch.zeros(1, 1, 1, dtype=torch.uint8)] * 8):
+        f.result(5)
+    b.stop()
+    assert peak[0] == 1
+
+
+def test_default_instances_two_for_bundles_on_two_cores_one_for_runs(tmp_path, monkeypatch):
+    from imagerec.serve import registry
+
+    bundle, run = tmp_path / "bundle", tmp_path / "run"
+    bundle.mkdir()
+    run.mkdir()
+    (bundle / "imagerec.json").write_text("{}")
+    monkeypatch.setattr(registry, "available_cpus", lambda: 2)
+    assert registry.default_instances(str(bundle)) == 2
+    assert registry.default_instances(str(run)) == 1
+    assert registry.default_instances(str(bundle), custom_loader=True) == 1
+    monkeypatch.setattr(registry, "available_cpus", lambda: 1)
+    assert registry.default_instances(str(bundle)) == 1
+
+
 def test_magic_bytes():
     assert sniff_image_type(b"\x89PNG\r\n\x1a\nrest") == "png"
     assert sniff_image_type(b"\xff\xd8\xff\xe0") == "jpeg"
@@ -97,6 +181,8 @@ def test_settings_validation_and_sources():
     assert ModelSource.parse("/runs/a") == ModelSource("/runs/a")
     with pytest.raises(ImageRecError, match="max_batch"):
         ServeSettings(models=("x",), max_batch=0)
+    with pytest.raises(ImageRecError, match="instances must be >= 0, got -1"):
+        ServeSettings(models=("x",), instances=-1)
     with pytest.raises(ImageRecError, match="Did you mean 'max_batch'"):
         create_settings(["x"], max_bach=4)
     with pytest.raises(ImageRecError, match="API key file not found"):

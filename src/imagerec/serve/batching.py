@@ -1,10 +1,15 @@
-"""Dynamic micro-batching: one inference thread per model version gathers images from concurrent
-requests and runs `predict_batch` once per batch.
+"""Dynamic micro-batching: inference threads per model version gather images from concurrent
+requests and run `predict_batch` once per batch.
 
 A batch is dispatched when it holds `max_batch` images, or when its oldest image has waited
 `max_wait_ms`. Images that waited while the previous batch ran are therefore sent at once: under
 load batches fill up by themselves, at low load an image waits at most `max_wait_ms`.
 The queue is bounded; `submit` never blocks, it raises `QueueFull` instead.
+
+With several model instances (one `predict_batch` each, e.g. two single-threaded runtimes on two
+cores), each instance has its own thread and they all take batches from the one queue: while one
+instance runs a batch, the next batch starts on another instead of waiting (Triton's instance
+groups, TorchServe's workers).
 """
 
 from __future__ import annotations
@@ -37,8 +42,13 @@ class _Job:
     enqueued: float = field(default_factory=time.monotonic)
 
 
+PredictBatch = Callable[[torch.Tensor], torch.Tensor]
+
+
 class Batcher:
     """Collects uint8 (C, H, W) images and resolves one future per image with its (K,) probabilities.
+
+    `predict_batch` is one function, or one per model instance (each gets its own thread).
 
     Example:
         >>> batcher = Batcher(predictor.predict_batch, max_batch=32, max_wait_ms=5, capacity=256).start()
@@ -47,7 +57,7 @@ class Batcher:
 
     def __init__(
         self,
-        predict_batch: Callable[[torch.Tensor], torch.Tensor],
+        predict_batch: PredictBatch | Sequence[PredictBatch],
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         capacity: int = 256,
@@ -55,7 +65,10 @@ class Batcher:
         on_batch: Callable[[int, float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
     ) -> None:
-        self.predict_batch, self.name = predict_batch, name
+        self.instances = list(predict_batch) if isinstance(predict_batch, Sequence) else [predict_batch]
+        if not self.instances:
+            raise ValueError("a Batcher needs at least one predict_batch function")
+        self.name = name
         self.max_batch, self.max_wait, self.capacity = (
             max_batch,
             max_wait_ms / 1000.0,
@@ -65,15 +78,18 @@ class Batcher:
         self._pending: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._count_lock = threading.Lock()
         self.batches_run = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Batcher:
-        self._thread = threading.Thread(
-            target=self._run, name=f"batcher-{self.name}", daemon=True
-        )
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, args=(fn,), name=f"batcher-{self.name}-{i}", daemon=True)
+            for i, fn in enumerate(self.instances)
+        ]
+        for t in self._threads:
+            t.start()
         return self
 
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
@@ -88,14 +104,14 @@ class Batcher:
                             BatcherClosed(f"model {self.name} was unloaded")
                         )
             self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def alive(self) -> bool:
-        return (
-            self._thread is not None and self._thread.is_alive() and not self._stopping
-        )
+        return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._stopping
 
     @property
     def depth(self) -> int:
@@ -122,24 +138,31 @@ class Batcher:
     # --- the inference thread -----------------------------------------------------------------------
     def _take_batch(self) -> list[_Job] | None:
         with self._cond:
-            while not self._pending:
-                if self._stopping:
-                    return None
-                self._cond.wait()
-            deadline = self._pending[0].enqueued + self.max_wait
-            while len(self._pending) < self.max_batch and not self._stopping:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            while True:
+                while not self._pending:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                deadline = self._pending[0].enqueued + self.max_wait
+                while len(self._pending) < self.max_batch and not self._stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if self._pending:  # another instance may have taken them meanwhile
                     break
-                self._cond.wait(remaining)
-            n = min(self.max_batch, len(self._pending))
+            # With several instances the queue is shared out: one instance taking everything would
+            # leave the others idle while its one long batch runs.
+            n = min(self.max_batch, -(-len(self._pending) // len(self.instances)))
             batch = [self._pending.popleft() for _ in range(n)]
             depth = len(self._pending)
+            if depth:
+                self._cond.notify()  # an idle instance can start on the rest now
         if self.on_depth is not None:
             self.on_depth(depth)
         return batch
 
-    def _run(self) -> None:
+    def _run(self, predict_batch: PredictBatch) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
@@ -151,12 +174,12 @@ class Batcher:
             for j in jobs:
                 groups.setdefault(tuple(j.x.shape), []).append(j)
             for group in groups.values():
-                self._run_group(group)
+                self._run_group(predict_batch, group)
 
-    def _run_group(self, jobs: list[_Job]) -> None:
+    def _run_group(self, predict_batch: PredictBatch, jobs: list[_Job]) -> None:
         start = time.perf_counter()
         try:
-            probs = self.predict_batch(torch.stack([j.x for j in jobs]))  # (B, K)
+            probs = predict_batch(torch.stack([j.x for j in jobs]))  # (B, K)
         except Exception as e:  # handed to every waiting request, never swallowed
             log.exception(
                 "inference failed for a batch of %d on %s", len(jobs), self.name
@@ -164,7 +187,8 @@ class Batcher:
             for j in jobs:
                 j.future.set_exception(e)
             return
-        self.batches_run += 1
+        with self._count_lock:
+            self.batches_run += 1
         if self.on_batch is not None:
             self.on_batch(len(jobs), time.perf_counter() - start)
         for i, j in enumerate(jobs):

@@ -53,6 +53,10 @@ class ServeSettings:
     max_batch: int = 32
     max_wait_ms: float = 5.0
     queue_size: int = 256
+    # Model instances per version, each with its own inference thread and cores/instances
+    # intra-op threads, all fed from the one queue. 0 (auto): 2 for an exported bundle on a
+    # machine with 2 or more cores (measured: README "Serving"), else 1.
+    instances: int = 0
     # Requests being read/decoded/waiting at once; beyond this the server answers 503 at once.
     # Bodies are held in memory, so the worst case is about max_inflight * max_body_mb.
     max_inflight: int = 64
@@ -98,7 +102,7 @@ class ServeSettings:
         ):
             if int(getattr(self, name)) < 1:
                 raise ImageRecError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms",):
+        for name in ("max_wait_ms", "instances"):
             if float(getattr(self, name)) < 0:
                 raise ImageRecError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("timeout_s", "max_body_mb"):
