@@ -306,7 +306,7 @@ def settle(url: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = httpx.get(url + "/metrics", timeout=10).text
-        found = re.search(r"^imagerec_inflight_requests ([0-9.e+]+)$", text, re.M)
+        found = re.search(r"^imagerec_inflight_requests ([0-9.e+]+)$", text, re.MULTILINE)
         if found and float(found.group(1)) == 0:
             return
         time.sleep(0.05)
