@@ -82,8 +82,10 @@ class Predictor:
     ) -> None:
         """`model` runs in eager PyTorch; or pass `model=None` and a `runtime` (an exported bundle's
         ONNX Runtime / TorchScript session: uint8 (B, C, H, W) -> probabilities) instead.
-        `threads`: PyTorch's intra-op threads (0: one per available core)."""
-        set_threads(threads)
+        `threads`: the model's intra-op threads (0: one per available core). For a runtime they
+        were given to its session (`from_bundle`); PyTorch's process-wide count is left at all
+        cores then, so a bundle never slows a PyTorch model served beside it."""
+        set_threads(threads if runtime is None else 0)
         if (model is None) == (runtime is None):
             raise ImageRecError("a Predictor needs exactly one of a PyTorch model or an export runtime")
         self.runtime = runtime

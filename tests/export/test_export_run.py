@@ -203,3 +203,18 @@ def test_openvino_instances_with_fewer_threads_than_cores_are_not_pinned(onnx_bu
     assert single.compiled.get_property("ENABLE_CPU_PINNING") is False
     whole = OpenVinoRuntime(out / "model.onnx", hint="f32")
     assert whole.compiled.get_property("INFERENCE_NUM_THREADS") == available_cpus()
+
+
+def test_a_bundles_threads_size_its_session_not_pytorchs_process_wide_count(onnx_bundle: tuple[Path, dict]) -> None:
+    # serve --instances 2 loads bundles with threads=1; PyTorch models served beside them keep
+    # their threads whatever the load order.
+    import torch
+
+    from imagerec.predict import Predictor
+    from imagerec.utils import available_cpus
+
+    out, _ = onnx_bundle
+    before = torch.get_num_threads()
+    predictor = Predictor.from_bundle(out, runtime="onnx-fp32", threads=1)
+    assert predictor.runtime.session.get_session_options().intra_op_num_threads == 1
+    assert torch.get_num_threads() == before == available_cpus()
