@@ -34,6 +34,7 @@ from imagerec.transforms import base_transform, normalize_batch
 from imagerec.utils import ImageRecError, available_cpus, resolve_device, resolve_precision, set_threads
 
 if TYPE_CHECKING:
+    from imagerec.export.bundle import Bundle
     from imagerec.export.runtime import Runtime
 
 ImageInput = str | Path | bytes | Image.Image | Source
@@ -112,11 +113,12 @@ class Predictor:
         return cls(model, PreprocessConfig.from_dict(meta["preprocess"]), meta=meta, **kwargs)
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, runtime: str | None = None, **kwargs: Any) -> Predictor:
-        """A Predictor over an exported bundle (verified by sha256), with its fastest gated runtime or `runtime`."""
-        from imagerec.export.bundle import load_bundle
+    def from_bundle(cls, bundle_dir: str | Path | Bundle, runtime: str | None = None, **kwargs: Any) -> Predictor:
+        """A Predictor over an exported bundle (verified by sha256), with its fastest gated runtime or
+        `runtime`. Pass a `Bundle` from `load_bundle` to make several copies without verifying again."""
+        from imagerec.export.bundle import Bundle, load_bundle
 
-        bundle = load_bundle(bundle_dir)
+        bundle = bundle_dir if isinstance(bundle_dir, Bundle) else load_bundle(bundle_dir)
         kwargs.pop("precision", None)  # the runtime's precision is the bundle's (fp32 or int8)
         session = bundle.create_runtime(runtime, threads=kwargs.get("threads", 0))
         return cls(None, bundle.pre, meta=bundle.manifest, runtime=session, **kwargs)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import logging
+import socket
 import struct
+import time
 import zlib
 
 import pytest
-from conftest import auth
+from conftest import KEY, auth, metric_value
 from PIL import Image
 
 
@@ -277,3 +280,30 @@ def test_unknown_routes_and_methods(server):
     with server.client() as c:
         expect(c.get("/v1/nothing"), 404, "not_found")
         expect(c.get("/v1/predict"), 405, "method_not_allowed")
+
+
+def test_client_gone_mid_body_is_not_a_server_error(server, caplog):
+    """A client that sends headers and part of its body, then hangs up (wrk stopping at its
+    deadline does this), is counted as client_disconnected: no 500, no "internal error" log."""
+    def errors(type: str) -> float:
+        with server.client() as c:
+            return metric_value(c.get("/metrics").text, "imagerec_errors_total", type=type)
+
+    internal, gone = errors("internal_error"), errors("client_disconnected")
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (
+        f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+    )
+    with caplog.at_level(logging.INFO, logger="imagerec.serve"):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(head.encode() + b"--b\r\nContent-Disposition: form-data; name=file\r\n\r\n\x89PNG")
+            time.sleep(0.3)  # the handler is now waiting for the rest of the body
+        deadline = time.monotonic() + 10
+        while errors("client_disconnected") == gone and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert errors("client_disconnected") == gone + 1
+    assert errors("internal_error") == internal
+    assert not [r for r in caplog.records if "internal error" in r.getMessage()]
+    with server.client() as c:  # still serving
+        assert c.get("/healthz").status_code == 200

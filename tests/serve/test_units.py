@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -152,18 +153,57 @@ def test_one_batcher_instance_runs_one_batch_at_a_time():
 
 
 def test_default_instances_two_for_bundles_on_two_cores_one_for_runs(tmp_path, monkeypatch):
+    from imagerec.export.bundle import FORMAT, FORMAT_VERSION
     from imagerec.serve import registry
 
-    bundle, run = tmp_path / "bundle", tmp_path / "run"
-    bundle.mkdir()
+    def bundle(name: str, engine: str):
+        path = tmp_path / name
+        path.mkdir()
+        runtimes = [{"name": f"{engine}-fp32", "engine": engine, "images_per_s": 100.0}]
+        (path / "imagerec.json").write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                        "runtimes": runtimes}))
+        return str(path)
+
+    onnx, torchscript, run = bundle("onnx", "onnxruntime"), bundle("ts", "torchscript"), tmp_path / "run"
     run.mkdir()
-    (bundle / "imagerec.json").write_text("{}")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "imagerec.json").write_text("{")
     monkeypatch.setattr(registry, "available_cpus", lambda: 2)
-    assert registry.default_instances(str(bundle)) == 2
+    assert registry.default_instances(onnx) == 2
     assert registry.default_instances(str(run)) == 1
-    assert registry.default_instances(str(bundle), custom_loader=True) == 1
+    assert registry.default_instances(onnx, custom_loader=True) == 1
+    # TorchScript threads are PyTorch's process-wide ones: two copies would each use all cores.
+    assert registry.default_instances(torchscript) == 1
+    assert registry.default_instances(str(damaged)) == 1  # loading it reports the damage
     monkeypatch.setattr(registry, "available_cpus", lambda: 1)
-    assert registry.default_instances(str(bundle)) == 1
+    assert registry.default_instances(onnx) == 1
+
+
+def test_instances_of_a_bundle_hash_its_files_once(run_dir, tmp_path, monkeypatch):
+    """Two instances of one bundle: its files are verified once, and both copies answer alike."""
+    from imagerec.export import bundle as bundle_mod
+    from imagerec.export import export_run
+    from imagerec.serve.metrics import ServeMetrics
+    from imagerec.serve.registry import ModelRegistry
+
+    out = tmp_path / "bundle"
+    export_run(run_dir, "onnx", out, parity_images=32)
+    files = json.loads((out / "imagerec.json").read_text())["files"]
+    hashed = []
+    real = bundle_mod.sha256_file
+    monkeypatch.setattr(bundle_mod, "sha256_file", lambda p: hashed.append(p) or real(p))
+    reg = ModelRegistry(ServeSettings(models=(str(out),), instances=2), ServeMetrics())
+    reg.load_startup()
+    try:
+        entry = reg.default()
+        assert len(entry.batcher.instances) == 2
+        assert len(hashed) == len(files)
+        x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+        a, b = (fn(x) for fn in entry.batcher.instances)
+        torch.testing.assert_close(a, b)
+    finally:
+        reg.stop_all()
 
 
 def test_magic_bytes():

@@ -73,6 +73,16 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def preferred_runtime_entry(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's entry for `Bundle.preferred_runtime`; readable before the bundle is verified."""
+    usable = [r for r in manifest["runtimes"] if r["engine"] != "openvino" or openvino_available()]
+    if not usable:
+        raise ImageRecError("the bundle has no runtime that can run here (its runtimes need openvino: pip install openvino)")
+    by_name = {r["name"]: r for r in usable}
+    return dict(by_name.get(manifest.get("preferred_runtime"))
+                or max(usable, key=lambda r: r.get("images_per_s", 0.0)))
+
+
 def verify_bundle(path: str | Path) -> dict[str, Any]:
     """The manifest, once every file it lists is present with its recorded sha256."""
     root = Path(path)
@@ -115,11 +125,7 @@ class Bundle:
     def preferred_runtime(self) -> str:
         """The fastest runtime that passed its gate at export time and can run here (what predict
         uses): a bundle exported where OpenVINO was installed still loads without it."""
-        usable = [r for r in self.manifest["runtimes"] if r["engine"] != "openvino" or openvino_available()]
-        preferred = self.manifest.get("preferred_runtime")
-        if any(r["name"] == preferred for r in usable):
-            return str(preferred)
-        return str(max(usable, key=lambda r: r.get("images_per_s", 0.0))["name"])
+        return str(preferred_runtime_entry(self.manifest)["name"])
 
     def runtime_entry(self, name: str) -> dict[str, Any]:
         for r in self.manifest["runtimes"]:

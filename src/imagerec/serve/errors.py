@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("imagerec.serve")
 
@@ -95,6 +96,15 @@ def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
         return error_response(
             422, "invalid_parameter", "; ".join(parts) or "invalid request"
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+        # The client closed the connection before its body arrived (a load generator stopping, a
+        # browser tab closed): nobody is there to answer, and it is not a server bug. Without this
+        # handler it was logged as "internal error" with two tracebacks and counted as a 500.
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        note("client_disconnected")
+        return error_response(499, "client_disconnected", "the client closed the connection")
 
     @app.exception_handler(Exception)
     async def _server_bug(request: Request, e: Exception) -> JSONResponse:

@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
+from imagerec.export.bundle import MANIFEST, load_bundle, preferred_runtime_entry, read_manifest
 from imagerec.serve.batching import Batcher
 from imagerec.serve.errors import ApiError
 from imagerec.serve.metrics import ServeMetrics
 from imagerec.serve.settings import NAME_RE, ModelSource, ServeSettings
-from imagerec.utils import available_cpus
+from imagerec.utils import ImageRecError, available_cpus
 
 log = logging.getLogger("imagerec.serve")
 
@@ -98,10 +99,16 @@ def read_eval_metrics(source: str) -> dict[str, Any]:
 def default_instances(path: str, custom_loader: bool = False) -> int:
     """Model instances when the user did not say: two single-core instances of an exported bundle
     on 2+ cores served more images with a shorter tail than one instance with two threads (ONNX
-    Runtime and OpenVINO threads are per session). A PyTorch run stays at one: its thread count is
-    process-wide, so instances would change it for everything else in the process."""
-    is_bundle = (Path(path) / "imagerec.json").is_file()
-    return min(2, available_cpus()) if is_bundle and not custom_loader else 1
+    Runtime and OpenVINO threads are per session). A PyTorch run, or a bundle whose runtime is
+    TorchScript, stays at one: PyTorch's thread count is process-wide, so copies would either
+    change it for everything else in the process or each run on all cores at once."""
+    if custom_loader or not (Path(path) / MANIFEST).is_file():
+        return 1
+    try:
+        engine = preferred_runtime_entry(read_manifest(path))["engine"]
+    except (ImageRecError, KeyError, TypeError, AttributeError):
+        return 1  # a damaged manifest: loading it reports the problem
+    return 1 if engine == "torchscript" else min(2, available_cpus())
 
 
 def _default_name(path: str) -> str:
@@ -164,11 +171,18 @@ class ModelRegistry:
         n = self.settings.instances or default_instances(path, custom_loader=self.settings.loader is not None)
         loader = self.settings.loader
         if loader is None:
-            from imagerec.predict import load
+            from imagerec.predict import Predictor, load
 
             # The cores are shared out: n instances of cores/n threads each.
-            loader = functools.partial(load, threads=max(1, available_cpus() // n)) if n > 1 else load
-        predictors = [loader(path) for _ in range(n)]
+            threads = max(1, available_cpus() // n) if n > 1 else 0
+            if n > 1 and (Path(path) / MANIFEST).is_file():
+                bundle = load_bundle(path)  # files hashed once, not once per copy
+                loader = functools.partial(Predictor.from_bundle, bundle, threads=threads)
+            else:
+                loader = functools.partial(load, path, threads=threads)
+        else:
+            loader = functools.partial(loader, path)
+        predictors = [loader() for _ in range(n)]
         for predictor in predictors:
             if hasattr(predictor, "max_pixels"):
                 predictor.max_pixels = self.settings.max_pixels
