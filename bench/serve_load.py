@@ -232,6 +232,34 @@ def request_images(kind: str, n: int = 256) -> list[bytes]:
     return images
 
 
+def offline_rates(run: str, images: list[bytes], args: argparse.Namespace) -> tuple[float, float]:
+    """Offline, two baselines with the same Predictor and the same request images:
+    - predict: `imagerec predict` on the encoded images (decode + preprocess in its pool, batched
+      inference): the same work the server does per image, minus HTTP. The target's baseline.
+    - predict_batch: inference alone on pre-decoded uint8 batches of max_batch: the ceiling.
+    The Predictor is gone when this returns, before any server starts."""
+    import imagerec
+
+    predictor = imagerec.load(run)
+    predictor.batch_size = args.max_batch
+
+    def rate(fn, per_call: int) -> float:
+        fn()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < min(args.seconds, 5.0):
+            fn()
+            n += per_call
+        return n / (time.perf_counter() - t0)
+
+    x = torch.stack([predictor.preprocess(b) for b in images[: args.max_batch]])
+    offline = rate(lambda: predictor.predict(images), len(images))
+    emit(bench="offline_predict", batch=args.max_batch, images=len(images), img_per_s=round(offline, 1),
+         runtime=getattr(predictor.runtime, "name", "torch"))
+    ceiling = rate(lambda: predictor.predict_batch(x), len(x))
+    emit(bench="offline_predict_batch", batch=args.max_batch, img_per_s=round(ceiling, 1), note="inference only")
+    return offline, ceiling
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -253,33 +281,9 @@ def main() -> None:
         raise SystemExit("--load-generator wrk: wrk is not installed (apt-get install wrk)")
     args.seconds = min(args.seconds, 120.0)
 
-    import imagerec
-
     run = args.run or build_model(args.model)
     images = request_images(args.model)
-
-    # Offline, two baselines with the same Predictor and the same request images:
-    # - predict: `imagerec predict` on the encoded images (decode + preprocess in its pool, batched
-    #   inference): the same work the server does per image, minus HTTP. The target's baseline.
-    # - predict_batch: inference alone on pre-decoded uint8 batches of max_batch: the ceiling.
-    predictor = imagerec.load(run)
-    predictor.batch_size = args.max_batch
-
-    def rate(fn, per_call: int) -> float:
-        fn()
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < min(args.seconds, 5.0):
-            fn()
-            n += per_call
-        return n / (time.perf_counter() - t0)
-
-    x = torch.stack([predictor.preprocess(b) for b in images[: args.max_batch]])
-    offline = rate(lambda: predictor.predict(images), len(images))
-    emit(bench="offline_predict", batch=args.max_batch, images=len(images), img_per_s=round(offline, 1),
-         runtime=getattr(predictor.runtime, "name", "torch"))
-    ceiling = rate(lambda: predictor.predict_batch(x), len(x))
-    emit(bench="offline_predict_batch", batch=args.max_batch, img_per_s=round(ceiling, 1), note="inference only")
-    del predictor
+    offline, ceiling = offline_rates(run, images, args)
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
     list_file = tmp / "images.txt"

@@ -81,7 +81,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from imagerec.config import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("data", "out"):
+        if f.name in ("data", "out") or f.metadata.get("internal"):
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)

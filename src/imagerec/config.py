@@ -115,6 +115,10 @@ class TrainConfig:
     save_every_steps: int = 0
     num_threads: int = 0
     limit_train: int = 0
+    # Keys set through apply_overrides (command line, config file, train() arguments): a recipe
+    # fills in only the others, so `--recipe fast --epochs 10` trains 10 epochs even though 10 is
+    # also the default. Written to config.yaml; not a flag or a config key itself.
+    explicit: list[str] = field(default_factory=list, metadata={"internal": True})
 
     def validate(self) -> None:
         checks = [
@@ -186,7 +190,7 @@ def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], origin: str) -> TrainConfig:
     """Return `cfg` with `overrides` applied; unknown keys fail with a suggestion."""
-    by_name = {f.name: f for f in fields(TrainConfig)}
+    by_name = {f.name: f for f in fields(TrainConfig) if not f.metadata.get("internal")}
     updates = {}
     for key, value in overrides.items():
         norm = str(key).replace("-", "_")
@@ -194,7 +198,7 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], origin: str) ->
             raise ImageRecError(f"unknown config key '{key}' in {origin}.{did_you_mean(norm, by_name)}")
         f = by_name[norm]
         updates[norm] = _coerce(norm, value, f.default, str(f.type))
-    return dataclasses.replace(cfg, **updates)
+    return dataclasses.replace(cfg, **updates, explicit=sorted({*cfg.explicit, *updates}))
 
 
 def load_config_file(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:

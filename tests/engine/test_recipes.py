@@ -24,6 +24,25 @@ def test_recipe_fills_only_settings_left_at_their_defaults() -> None:
     assert cfg.lr == pytest.approx(1.5 * cfg.batch_size / 1024)
 
 
+def test_recipe_keeps_settings_the_user_gave_even_at_their_default_value(tmp_path) -> None:
+    """`--recipe fast --epochs 10` trained 6 epochs: 10 is also TrainConfig's default, and the recipe
+    took any default-valued field as unset."""
+    from imagerec.cli import build_parser
+    from imagerec.config import apply_overrides, load_config_file
+
+    cfg = apply_overrides(TrainConfig(), {"recipe": "fast", "epochs": 10, "batch_size": 128}, "test")
+    cfg = apply_recipe(cfg, channels=3, size=32, has_test_split=True)
+    assert (cfg.epochs, cfg.batch_size, cfg.model) == (10, 128, "airbench")
+    # A config file's keys count as given, and the flag list has no --explicit.
+    path = tmp_path / "cfg.yaml"
+    path.write_text("recipe: fast\nepochs: 10\n")
+    assert apply_recipe(load_config_file(path), channels=3, size=32, has_test_split=True).epochs == 10
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "x", "--explicit", "epochs"])
+    with pytest.raises(ImageRecError, match="unknown config key 'explicit'"):
+        apply_overrides(TrainConfig(), {"explicit": ["epochs"]}, "test")
+
+
 def test_recipe_per_image_kind() -> None:
     gray = apply_recipe(TrainConfig(recipe="fast"), channels=1, size=28, has_test_split=False)
     assert gray.hflip is False and gray.epochs == 1 and gray.lr == 0.6 and gray.grad_clip == 5.0

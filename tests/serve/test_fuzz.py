@@ -278,14 +278,14 @@ def build_cases(digits: list[bytes], rng: random.Random) -> list[tuple[str, dict
     ]
     for i in range(150):
         add("bad_json", jsons[i % len(jsons)], {"Content-Type": "application/json"})
-    for i in range(40):
+    for _ in range(40):
         name = rng.choice(["X-Fuzz", "Authorization", "X-API-Key", "Cookie"])
         add(
             "huge_headers",
             multipart([file_part(b"junk")])[0],
             {**multipart([])[1], name: "A" * rng.choice([70_000, 100_000, 200_000])},
         )
-    for i in range(60):
+    for _ in range(60):
         path = rng.choice(
             [
                 "/v1/predict?top_k=-1",
@@ -308,7 +308,7 @@ def build_cases(digits: list[bytes], rng: random.Random) -> list[tuple[str, dict
             multipart([])[1],
             path=path,
         )
-    for i in range(40):
+    for _ in range(40):
         s = bytearray(rng.choice(samples))
         for _ in range(rng.randint(1, 5)):
             s[rng.randrange(len(s))] ^= 1 << rng.randrange(8)

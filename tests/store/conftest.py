@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from store_helpers import CORRUPT_FILES, SourceFacts
 
 from imagerec.data import read_data
 from imagerec.store import ingest, open_store
 from imagerec.store.ingest import array_png
-from store_helpers import CORRUPT_FILES, SourceFacts
 
 PG_ADMIN_URL = os.environ.get("IMAGEREC_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]

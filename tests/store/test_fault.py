@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import sqlalchemy as sa
+from store_helpers import SourceFacts, assert_healthy, integrity, stored_counts
 
 from imagerec.store import Store, ingest, open_store
 from imagerec.store.schema import blobs
-from store_helpers import SourceFacts, assert_healthy, integrity, stored_counts
 
 INGEST_SCRIPT = """
 import sys

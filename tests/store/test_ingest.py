@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from store_helpers import CORRUPT_FILES, SourceFacts, assert_healthy, stored_counts
 
 from imagerec.data import read_data
 from imagerec.data.decode import decode_bytes
 from imagerec.store import export_dataset, ingest, list_datasets, open_store, read_blob, read_store
 from imagerec.utils import ImageRecError
-
-from store_helpers import CORRUPT_FILES, SourceFacts, assert_healthy, stored_counts
 
 
 def test_ingest_mnist_counts_match_source(mnist_store: tuple, mnist_source: SourceFacts) -> None:
@@ -109,7 +108,7 @@ def test_ingest_cifar_jpeg_folder(store_url: str, cifar_folder: Path, cifar_sour
         # export: original file names, original bytes, original folders
         out = tmp_path / "out"
         assert export_dataset(store, "cifar", out) == 300
-        for split, its in cifar_source.spec.splits.items():
+        for its in cifar_source.spec.splits.values():
             for it in its:
                 rel = Path(it.source).relative_to(cifar_folder)
                 if rel.as_posix() in CORRUPT_FILES:

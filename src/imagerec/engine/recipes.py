@@ -56,7 +56,8 @@ FAST_COLOUR = {"epochs": 6, "batch_size": 512, "hflip": True}
 
 
 def apply_recipe(cfg: TrainConfig, channels: int, size: int, has_test_split: bool) -> TrainConfig:
-    """`cfg` with its recipe's settings in every field still at TrainConfig's default."""
+    """`cfg` with its recipe's settings in every field the user did not set (`cfg.explicit`) and that
+    is still at TrainConfig's default (a TrainConfig built directly has no record of what was set)."""
     if cfg.recipe == "default":
         return cfg
     if size > 64:
@@ -65,7 +66,8 @@ def apply_recipe(cfg: TrainConfig, channels: int, size: int, has_test_split: boo
     if has_test_split:
         settings["val_fraction"] = 0.0
     defaults = TrainConfig()
-    updates = {k: v for k, v in settings.items() if getattr(cfg, k) == getattr(defaults, k)}
+    updates = {k: v for k, v in settings.items()
+               if k not in cfg.explicit and getattr(cfg, k) == getattr(defaults, k)}
     cfg = dataclasses.replace(cfg, **updates)
     if cfg.lr is None:
         cfg = dataclasses.replace(cfg, lr=1.5 * cfg.batch_size / 1024)

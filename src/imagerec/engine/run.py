@@ -27,9 +27,9 @@ from imagerec.engine.callbacks import Callback, EarlyStopping, HistoryCSV, Progr
 from imagerec.engine.checkpoint import load_checkpoint_tensors, read_checkpoint_meta, restore_optimizer
 from imagerec.engine.evaluate import write_eval_outputs
 from imagerec.engine.optim import create_optimizer
-from imagerec.engine.task import ClassificationTask
 from imagerec.engine.pipeline import BatchPipeline
 from imagerec.engine.recipes import apply_recipe
+from imagerec.engine.task import ClassificationTask
 from imagerec.engine.trainer import Trainer
 from imagerec.models import count_parameters, create_model, load_pretrained
 from imagerec.transforms import BatchAugment, base_transform, item_augment, normalize_batch, train_base_size

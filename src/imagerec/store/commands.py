@@ -48,7 +48,7 @@ def ingest_command(source: str, dataset: str, split: str | None = None, db: str 
         report = ingest(store, source, dataset, split=split, progress=True)
         console = _console()
         console.print(report.summary(), highlight=False)
-        for name, reason in report.skipped[:MAX_SKIPPED_SHOWN]:
+        for _name, reason in report.skipped[:MAX_SKIPPED_SHOWN]:  # reason names the file
             console.print(f"  skipped {reason}", highlight=False, markup=False)
         if len(report.skipped) > MAX_SKIPPED_SHOWN:
             console.print(f"  ... and {len(report.skipped) - MAX_SKIPPED_SHOWN} more unreadable file(s)")
