@@ -117,7 +117,8 @@ class TrainConfig:
     limit_train: int = 0
     # Keys set through apply_overrides (command line, config file, train() arguments): a recipe
     # fills in only the others, so `--recipe fast --epochs 10` trains 10 epochs even though 10 is
-    # also the default. Written to config.yaml; not a flag or a config key itself.
+    # also the default. Not a flag or a config key, and left out of to_dict (config.yaml), so a
+    # run's config.yaml stays a valid --config file.
     explicit: list[str] = field(default_factory=list, metadata={"internal": True})
 
     def validate(self) -> None:
@@ -156,7 +157,8 @@ class TrainConfig:
             raise ImageRecError(f"channels must be 1 or 3, got {self.channels}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        internal = {f.name for f in fields(self) if f.metadata.get("internal")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in internal}
 
 
 def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:

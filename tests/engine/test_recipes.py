@@ -41,6 +41,11 @@ def test_recipe_keeps_settings_the_user_gave_even_at_their_default_value(tmp_pat
         build_parser().parse_args(["train", "x", "--explicit", "epochs"])
     with pytest.raises(ImageRecError, match="unknown config key 'explicit'"):
         apply_overrides(TrainConfig(), {"explicit": ["epochs"]}, "test")
+    # A run's config.yaml (to_dict) is still a valid --config file.
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert load_config_file(path).epochs == 10 and "explicit" not in cfg.to_dict()
 
 
 def test_recipe_per_image_kind() -> None:

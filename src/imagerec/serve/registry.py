@@ -175,11 +175,11 @@ class ModelRegistry:
 
             # The cores are shared out: n instances of cores/n threads each.
             threads = max(1, available_cpus() // n) if n > 1 else 0
-            if n > 1 and (Path(path) / MANIFEST).is_file():
+            if (Path(path) / MANIFEST).is_file():
                 bundle = load_bundle(path)  # files hashed once, not once per copy
                 loader = functools.partial(Predictor.from_bundle, bundle, threads=threads)
             else:
-                loader = functools.partial(load, path, threads=threads)
+                loader = functools.partial(load, path, threads=threads)  # "model not found" checks
         else:
             loader = functools.partial(loader, path)
         predictors = [loader() for _ in range(n)]
