@@ -232,7 +232,8 @@ def request_images(kind: str, n: int = 256) -> list[bytes]:
     return images
 
 
-def offline_rates(run: str, images: list[bytes], args: argparse.Namespace) -> tuple[float, float]:
+def offline_rates(run: str, images: list[bytes], args: argparse.Namespace,
+                  label: str = "offline_predict") -> tuple[float, float]:
     """Offline, two baselines with the same Predictor and the same request images:
     - predict: `imagerec predict` on the encoded images (decode + preprocess in its pool, batched
       inference): the same work the server does per image, minus HTTP. The target's baseline.
@@ -253,10 +254,10 @@ def offline_rates(run: str, images: list[bytes], args: argparse.Namespace) -> tu
 
     x = torch.stack([predictor.preprocess(b) for b in images[: args.max_batch]])
     offline = rate(lambda: predictor.predict(images), len(images))
-    emit(bench="offline_predict", batch=args.max_batch, images=len(images), img_per_s=round(offline, 1),
+    emit(bench=label, batch=args.max_batch, images=len(images), img_per_s=round(offline, 1),
          runtime=getattr(predictor.runtime, "name", "torch"))
     ceiling = rate(lambda: predictor.predict_batch(x), len(x))
-    emit(bench="offline_predict_batch", batch=args.max_batch, img_per_s=round(ceiling, 1), note="inference only")
+    emit(bench=label + "_batch", batch=args.max_batch, img_per_s=round(ceiling, 1), note="inference only")
     return offline, ceiling
 
 
@@ -292,16 +293,26 @@ def main() -> None:
         (tmp / f"{i}.img").write_bytes(data)
         paths.append(str(tmp / f"{i}.img"))
     list_file.write_text("\n".join(paths) + "\n")
+    served: dict[int, float] = {}
     try:
         for instances in args.instances:
             proc, url = start_server(run, args.max_batch, args.max_wait_ms, instances)
             try:
-                measure_server(url, gen, list_file, images, args, offline, ceiling, instances)
+                served[instances] = measure_server(url, gen, list_file, images, args, offline, ceiling, instances)
             finally:
                 proc.terminate()
                 proc.wait(20)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    # The offline baseline again, after the servers: on a shared VM the speed drifts over the tens
+    # of seconds between the first baseline and the last served phase (steal time reached 29% in
+    # some seconds of a run on the session-6 machine), so each served rate is also compared with the
+    # mean of the baselines taken before and after it.
+    after, _ = offline_rates(run, images, args, label="offline_predict_after")
+    for instances, rate in served.items():
+        emit(bench="served_vs_offline_bracketed", instances=instances, img_per_s=round(rate, 1),
+             offline_before=round(offline, 1), offline_after=round(after, 1),
+             ratio=round(2 * rate / (offline + after), 3), target_ratio=0.85)
 
 
 def settle(url: str, timeout: float = 30.0) -> None:
@@ -318,8 +329,9 @@ def settle(url: str, timeout: float = 30.0) -> None:
 
 
 def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], args: argparse.Namespace,
-                   offline: float, ceiling: float, instances: int) -> None:
-    """Full load, batch-1 and half load against one running server; one JSON line each."""
+                   offline: float, ceiling: float, instances: int) -> float:
+    """Full load, batch-1 and half load against one running server; one JSON line each. Returns
+    the served rate under full load."""
     if gen == "wrk":
         closed = lambda clients, seconds: wrk_load(url, list_file, clients, seconds)  # noqa: E731
         # 64 connections with exponential think times of mean 64/rate: Poisson-like arrivals.
@@ -362,6 +374,7 @@ def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], arg
         mean_batch=round(total["imagerec_batch_size_sum"] / max(total["imagerec_batch_size_count"], 1), 2),
         batches=int(total["imagerec_batch_size_count"]),
     )
+    return full["img_per_s"]
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,13 @@ def evaluate(run_dir: str, data: str | None = None, split: str = "test", **kwarg
     return evaluate_run(run_dir, data, split, **kwargs)
 
 
+def evaluate_robustness(source: str, data: str | None = None, split: str = "test", **kwargs: Any) -> dict[str, Any]:
+    """Accuracy under common corruptions and FGSM/PGD attacks; see `imagerec.robustness.evaluate_robustness`."""
+    from imagerec.robustness import evaluate_robustness as _evaluate_robustness
+
+    return _evaluate_robustness(source, data, split, **kwargs)
+
+
 def load(source: str, **kwargs: Any) -> Predictor:
     """A Predictor for a run directory; see `imagerec.predict.Predictor`."""
     from imagerec.predict import load as _load
@@ -49,4 +56,4 @@ def list_models(pattern: str = "*") -> list[str]:
     return _list(pattern)
 
 
-__all__ = ["__version__", "create_model", "evaluate", "list_models", "load", "train"]
+__all__ = ["__version__", "create_model", "evaluate", "evaluate_robustness", "list_models", "load", "train"]

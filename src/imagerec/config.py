@@ -115,6 +115,7 @@ class TrainConfig:
     save_every_steps: int = 0
     num_threads: int = 0
     limit_train: int = 0
+    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
     # Keys set through apply_overrides (command line, config file, train() arguments): a recipe
     # fills in only the others, so `--recipe fast --epochs 10` trains 10 epochs even though 10 is
     # also the default. Not a flag or a config key, and left out of to_dict (config.yaml), so a

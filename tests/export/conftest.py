@@ -1,4 +1,4 @@
-"""Shared fixtures for export tests: one small trained CNN run on mnist-mini, and PNG digits."""
+"""Shared fixtures for export tests: PNG digits (the trained `cnn_run` is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import imagerec
 from imagerec.data import read_data
-
-
-@pytest.fixture(scope="session")
-def cnn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A `cnn` trained for 3 epochs on 1,000 mnist-mini digits (~93% val accuracy, ~12 s on 2 cores).
-
-    A barely trained model has many near-tied classes that int8 rounding flips; this one is
-    trained enough that the int8 gate measures quantization, not coin tosses."""
-    out = tmp_path_factory.mktemp("export-run") / "cnn"
-    result = imagerec.train(data="mnist-mini", out=str(out), model="cnn", epochs=3, limit_train=1000, batch_size=64,
-                            lr=0.005, augment="none", val_fraction=0.05)
-    return Path(result.run_dir)
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,19 @@ host; normalisation and batch augmentation happen on the device.
 Every random draw is seeded from (seed, epoch, position), so an epoch's batches do not depend on
 worker count or on where a resumed run starts: `epoch(e, start_step=k)` yields exactly the
 batches an uninterrupted run would from step k on.
+
+Under torchrun (`world_size` > 1) a training loader yields this rank's part of each global batch
+of `batch_size * world_size` items: positions rank, rank + world_size, ... of the batch a single
+process with that batch size would take. So N processes see the same global batches as one, and
+every rank takes the same number of steps (DDP needs that, or the ranks wait on each other
+forever). An evaluation loader holds only this rank's share of the items.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -22,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from imagerec.data.decode import ArrayRef, DecodeError, open_image
 from imagerec.data.readers import Item
-from imagerec.utils import available_cpus, mix_seed
+from imagerec.utils import ImageRecError, available_cpus, mix_seed
 
 log = logging.getLogger("imagerec")
 
@@ -113,8 +120,15 @@ def available_memory() -> int:
     return 4 << 30
 
 
-def default_workers() -> int:
-    return max(1, min(8, available_cpus() - 1))
+def default_workers(processes: int = 1) -> int:
+    """Decode workers for one of `processes` training processes sharing this machine's cores."""
+    return max(1, min(8, available_cpus() // max(1, processes) - 1))
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches every process of the terminal's group. A worker leaves stopping to its main
+    # process, which under torchrun first finishes its step so that all ranks stop together.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ImageLoader:
@@ -143,7 +157,22 @@ class ImageLoader:
         fast_arrays: bool = False,
         draft: int | None = None,
         sample_weights: torch.Tensor | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        cache_share: int = 1,
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.rank, self.world_size = rank, world_size
+        self.positions: np.ndarray | None = None  # evaluation shard: positions in the full item list
+        if world_size > 1 and not shuffle:
+            # This rank decodes and scores only items rank, rank + world_size, ...; the trainer
+            # gathers the logits. Batch.index keeps positions in the full list.
+            self.positions = np.arange(rank, len(items), world_size)
+            items = [items[i] for i in self.positions]
+            targets = targets[torch.from_numpy(self.positions)]
+            if sample_weights is not None:
+                sample_weights = sample_weights[torch.from_numpy(self.positions)]
         self.items, self.targets = items, targets
         self.sample_weights = sample_weights
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -152,14 +181,20 @@ class ImageLoader:
         self.skipped: dict[int, str] = {}
         self.decode = DecodeDataset(items, arrays, channels, transform, None, max_pixels, draft=draft)
         nbytes = len(items) * channels * size * size
-        self.cached = cache == "ram" or (cache == "auto" and nbytes < min(available_memory() // 4, 8 << 30))
+        # `cache_share` processes on this machine each hold such a cache (torchrun's local world size).
+        budget = min(available_memory() // 4, 8 << 30)
+        self.cached = cache == "ram" or (cache == "auto" and nbytes * cache_share < budget)
         self.cache: torch.Tensor | None = None
         self.valid = np.arange(len(items))
         if self.cached:
             self._build_cache(arrays, channels, size, fast_arrays)
 
     def _build_cache(self, arrays: dict[str, np.ndarray], channels: int, size: int, fast_arrays: bool) -> None:
-        """Decode every item once. IDX/CIFAR arrays already at the right size are copied directly."""
+        """Decode every item once. IDX/CIFAR arrays already at the right size are copied directly.
+
+        Under torchrun every rank decodes the whole training set into its own cache: each epoch's
+        shuffle sends every item to some rank, so each needs them all (an evaluation loader holds
+        only its shard)."""
         refs = [it.source for it in self.items]
         if fast_arrays and refs and all(isinstance(r, ArrayRef) and r.key == refs[0].key for r in refs):
             arr = arrays[refs[0].key]
@@ -196,11 +231,18 @@ class ImageLoader:
     def num_items(self) -> int:
         return len(self.valid)
 
+    @property
+    def global_batch_size(self) -> int:
+        """Items per training step over all ranks."""
+        return self.batch_size * self.world_size if self.shuffle else self.batch_size
+
     def __len__(self) -> int:
-        n = self.num_items
-        if self.shuffle and n > self.batch_size:
-            return n // self.batch_size  # drop the ragged last batch: a batch of 1 breaks BatchNorm
-        return (n + self.batch_size - 1) // self.batch_size
+        n, g = self.num_items, self.global_batch_size
+        if self.shuffle and n > g:
+            # Drop the ragged last batch: a batch of 1 breaks BatchNorm, and under torchrun every
+            # rank then gets exactly batch_size items per step.
+            return n // g
+        return (n + g - 1) // g
 
     def order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -215,12 +257,13 @@ class ImageLoader:
     def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Batch]:
         """The batches of `epoch`, starting at batch `start_step`."""
         order = self.order(epoch)
-        n_batches = len(self)
-        chunks = [order[k * self.batch_size : (k + 1) * self.batch_size] for k in range(start_step, n_batches)]
+        g = self.global_batch_size
+        r, w = (self.rank, self.world_size) if self.shuffle else (0, 1)  # an eval loader is already a shard
+        chunks = [order[k * g : (k + 1) * g][r::w] for k in range(start_step, len(self))]  # this rank's part
         if self.cache is not None and self.augment is None:
             for idx in chunks:
                 t = torch.from_numpy(idx)
-                yield Batch(self.cache[t], self.targets[t], t, [])
+                yield Batch(self.cache[t], self.targets[t], self._full_positions(t), [])
             return
         dataset: Dataset
         if self.cache is not None:
@@ -238,9 +281,19 @@ class ImageLoader:
             prefetch_factor=4 if workers else None,
             persistent_workers=False,
             multiprocessing_context="fork" if workers and os.name == "posix" else None,
+            worker_init_fn=_ignore_sigint if workers else None,
         )
         for idx, x, errors in dl:
             skipped = self._note_errors(errors)
             if x is None:
+                if self.shuffle and self.world_size > 1:
+                    # Skipping the step here would leave the other ranks waiting for this one.
+                    raise ImageRecError(
+                        f"every image of a batch of rank {self.rank} was unreadable ({'; '.join(errors[:2])}); "
+                        "find and move the bad files with: imagerec check DATA --fix quarantine DIR"
+                    )
                 continue
-            yield Batch(x, self.targets[idx], idx, skipped)
+            yield Batch(x, self.targets[idx], self._full_positions(idx), skipped)
+
+    def _full_positions(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx if self.positions is None else torch.from_numpy(self.positions)[idx]

@@ -93,7 +93,8 @@ class ProgressBar(Callback):
         stats = None
         if self.steps % self.refresh_every == 0:
             s = trainer.state
-            rate = self.seen / max(1e-9, time.perf_counter() - self.t0)
+            # rank 0's images times the processes: under torchrun every rank takes a batch per step
+            rate = self.seen * trainer.world_size / max(1e-9, time.perf_counter() - self.t0)
             loss = s.loss_sum / max(1, s.seen)
             acc = s.correct / max(1, s.seen)
             stats = f"loss {loss:.4f}  acc {acc:.2%}  {rate:,.0f} img/s"

@@ -2,6 +2,8 @@
 
 Run directory: config.yaml (resolved settings), best/last checkpoints (.safetensors + .json),
 history.csv, metrics.json, eval-<split>.json and confusion-<split>.png.
+
+Under torchrun every process runs `train()`; rank 0 alone writes the run directory and prints.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from rich.console import Console
 from imagerec.config import PreprocessConfig, TrainConfig, apply_overrides, write_json
 from imagerec.data import DataSpec, read_data, split_train_val
 from imagerec.data.decode import DECODE_ERRORS, ArrayRef, read_bytes
-from imagerec.data.loader import ImageLoader, targets_tensor
+from imagerec.data.loader import ImageLoader, default_workers, targets_tensor
+from imagerec.engine import distributed
 from imagerec.engine.callbacks import Callback, EarlyStopping, HistoryCSV, ProgressBar
 from imagerec.engine.checkpoint import load_checkpoint_tensors, read_checkpoint_meta, restore_optimizer
 from imagerec.engine.evaluate import write_eval_outputs
@@ -33,7 +36,7 @@ from imagerec.engine.task import ClassificationTask
 from imagerec.engine.trainer import Trainer
 from imagerec.models import count_parameters, create_model, load_pretrained
 from imagerec.transforms import BatchAugment, base_transform, item_augment, normalize_batch, train_base_size
-from imagerec.utils import ImageRecError, library_versions, mix_seed, resolve_device, resolve_precision, set_threads
+from imagerec.utils import ImageRecError, library_versions, mix_seed, resolve_precision, set_threads
 
 log = logging.getLogger("imagerec")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -46,6 +49,7 @@ class RunResult:
     metrics: dict[str, Any]
     model_name: str
     interrupted: bool = False
+    main_process: bool = True  # False on torchrun ranks other than 0, which write nothing
 
 
 def infer_geometry(spec: DataSpec, items_per_probe: int = 32) -> tuple[int, int]:
@@ -135,6 +139,7 @@ def _make_loader(spec: DataSpec, items: list, pre: PreprocessConfig, cfg: TrainC
     if class_sampling is not None:  # per-class weights -> per-item sampling weights
         sample_weights = torch.tensor([float(class_sampling[it.target]) for it in items])
     size = train_base_size(pre, cfg.augment) if train else pre.input_size
+    procs = distributed.local_world_size()
     return ImageLoader(
         items,
         spec.arrays,
@@ -146,12 +151,15 @@ def _make_loader(spec: DataSpec, items: list, pre: PreprocessConfig, cfg: TrainC
         shuffle=train,
         seed=cfg.seed,
         augment=item_augment(pre, cfg.augment) if train else None,
-        workers=cfg.workers,
+        workers=cfg.workers if cfg.workers >= 0 else default_workers(procs),
         cache=cfg.cache,
         max_pixels=cfg.max_pixels,
         fast_arrays=True,
         draft=pre.resize_size,
         sample_weights=sample_weights,
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
+        cache_share=procs,
     )
 
 
@@ -179,12 +187,14 @@ def train(
 ) -> RunResult:
     """Train a classifier and write a run directory.
 
+    Under torchrun (WORLD_SIZE > 1) this is one process of a data-parallel run: batch_size is per
+    process, and rank 0 writes the run directory.
+
     Example:
         >>> from imagerec import train
         >>> result = train(data="mnist-mini", out="runs/mini", epochs=2)
         >>> result.metrics["test"]["accuracy"]
     """
-    console = console or Console(stderr=True, soft_wrap=True)
     resume_meta = None
     if resume is not None:
         resume_meta = read_checkpoint_meta(Path(resume) / "last")
@@ -195,9 +205,17 @@ def train(
     cfg.validate()
     if not cfg.data:
         raise ImageRecError("no DATA given: pass a folder, archive, manifest or dataset name")
-    set_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    with distributed.process_group(cfg.device) as device:
+        return _train(cfg, device, resume, resume_meta, callbacks, console)
+
+
+def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_meta: dict[str, Any] | None,
+           callbacks: list[Callback] | None, console: Console | None) -> RunResult:
+    main, world = distributed.is_main(), distributed.world_size()
+    console = console if main and console is not None else Console(stderr=True, soft_wrap=True, quiet=not main)
+    set_threads(cfg.num_threads or distributed.default_threads())
     amp_dtype = resolve_precision(cfg.precision, device)
+    sync_bn = distributed.check_sync_bn(cfg.sync_bn, device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -231,13 +249,17 @@ def train(
     t_data = time.perf_counter()
     train_loader = _make_loader(spec, train_items, pre, cfg, train=True,
                                 class_sampling=weights if balance == "sampler" and not pre.multi_label else None)
+    if train_loader.num_items < world:
+        raise ImageRecError(f"{train_loader.num_items} training image(s) cannot be shared by {world} processes: "
+                            "use more data or fewer processes (--nproc_per_node)")
     val_loader = _make_loader(spec, spec.splits["val"], pre, cfg, train=False) if spec.splits.get("val") else None
     if resume_meta is None:
         if cfg.pretrained:
             mean, std = (IMAGENET_MEAN, IMAGENET_STD) if pre.channels == 3 else ((0.449,), (0.226,))
         else:
             mean, std = _mean_std(train_loader, pre.channels)
-        pre = replace(pre, mean=mean, std=std)
+        # Rank 0's: a streaming loader samples only this rank's share of the images.
+        pre = distributed.broadcast_object(replace(pre, mean=mean, std=std))
     data_seconds = time.perf_counter() - t_data
 
     model_name = cfg.model if cfg.model != "auto" else ("cnn" if pre.input_size <= 64 else "resnet18")
@@ -250,6 +272,8 @@ def train(
     if resume_meta is None and hasattr(model, "init_from_data"):
         sample = _uint8_sample(train_loader, pre.channels, 5000)
         model.init_from_data(normalize_batch(sample, pre.mean, pre.std))  # e.g. airbench's whitening stem
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters, so same checkpoint keys
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -259,9 +283,14 @@ def train(
     augment = BatchAugment(pre, cfg.augment, cfg.hflip, cfg.mixup, cfg.cutmix, cfg.translate)
     pipeline = BatchPipeline(pre, device, cfg.channels_last, augment)
 
-    run_dir = resolve_out(cfg.out, resume is not None)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    def make_run_dir() -> Path:
+        d = resolve_out(cfg.out, resume is not None)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    run_dir = distributed.run_on_main(make_run_dir)  # one directory, named by rank 0
     cfg = replace(cfg, out=str(run_dir))
+    global_batch = train_loader.global_batch_size
     meta = {
         "model": model_name,
         "model_kwargs": model_kwargs,
@@ -269,15 +298,18 @@ def train(
         "preprocess": pre.to_dict(),
         "train_config": cfg.to_dict(),
         "versions": library_versions(),
+        "distributed": {"world_size": world, "global_batch_size": global_batch},
         "data": {"origin": spec.origin, "fingerprint": spec.fingerprint(), "counts": spec.counts(),
                  "train_class_counts": dict(zip(spec.class_names, counts.tolist(), strict=True)),
                  "imbalance_ratio": round(imbalance_ratio(counts), 3)},
     }
     if resume_meta is not None and resume_meta["data"]["fingerprint"] != meta["data"]["fingerprint"]:
         log.warning("the data changed since this run started (fingerprint differs); resuming anyway")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if main:
+        head = f"# torchrun: {world} processes x batch_size {cfg.batch_size} = global batch {global_batch}\n" if world > 1 else ""
+        (run_dir / "config.yaml").write_text(head + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    cbs: list[Callback] = [ProgressBar(console), HistoryCSV(run_dir / "history.csv")]
+    cbs: list[Callback] = [ProgressBar(console), HistoryCSV(run_dir / "history.csv")] if main else []
     if cfg.early_stopping:
         cbs.append(EarlyStopping(cfg.metric, cfg.early_stopping))
     trainer = Trainer(cfg, model, optimizer, task, train_loader, val_loader, pipeline, device, amp_dtype, run_dir, meta,
@@ -288,32 +320,37 @@ def train(
         restore_optimizer(optimizer, state_tensors, resume_meta)
         extra = {k.removeprefix("extra."): v for k, v in state_tensors.items() if k.startswith("extra.")}
         trainer.load_state(resume_meta["state"], extra)
+        _adapt_resume_to_world(trainer, resume_meta, len(train_loader))
         if trainer.state.epoch >= cfg.epochs:
             console.print(f"{run_dir} already finished {trainer.state.epoch} epoch(s); raise --epochs to train further")
 
     console.print(
         f"training {model_name} ({meta['num_params']:,} params) on {spec.origin}: "
-        f"{train_loader.num_items} train / {val_loader.num_items if val_loader else 0} val images, "
+        f"{train_loader.num_items} train / {trainer.val_items} val images, "
         f"{pre.num_classes} classes, {pre.channels}x{pre.input_size}x{pre.input_size}, "
         f"{device.type} {str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'}"
-        f"{', data in RAM' if train_loader.cache is not None else ''}",
+        f"{', data in RAM' if train_loader.cache is not None else ''}"
+        f"{f', {world} processes x batch {cfg.batch_size} = global batch {global_batch}' if world > 1 else ''}",
         highlight=False,
     )
     t0 = time.perf_counter()
     try:
         state = trainer.fit()
     except KeyboardInterrupt:
+        launcher = f"torchrun --nproc_per_node {distributed.local_world_size()} -m imagerec" if world > 1 else "imagerec"
         console.print(f"interrupted: saved {run_dir}/last at epoch {trainer.state.epoch + 1}, step {trainer.state.epoch_step}; "
-                      f"continue with: imagerec train --resume {run_dir}")
-        return RunResult(run_dir, {}, model_name, interrupted=True)
+                      f"continue with: {launcher} train --resume {run_dir}")
+        return RunResult(run_dir, {}, model_name, interrupted=True, main_process=main)
     train_seconds = time.perf_counter() - t0
     if trainer.stop_reason:
         console.print(trainer.stop_reason)
 
-    # Final evaluation with the best weights on every held-out split.
-    best, _ = load_checkpoint_tensors(run_dir / "best")
-    model.load_state_dict(best)
-    skipped = sorted(set(state.skipped) | set(train_loader.skipped.values()) | set(val_loader.skipped.values() if val_loader else []))
+    # Final evaluation with the best weights on every held-out split (rank 0 reads them; the
+    # others get them from it, so no rank needs to see rank 0's disk).
+    if main:
+        model.load_state_dict(load_checkpoint_tensors(run_dir / "best")[0])
+    distributed.broadcast_module(model)
+    skipped = set(state.skipped) | set(train_loader.skipped.values()) | set(val_loader.skipped.values() if val_loader else [])
     metrics: dict[str, Any] = {
         "model": model_name,
         "best_epoch": state.best_epoch,
@@ -322,17 +359,35 @@ def train(
         "train_seconds": round(train_seconds, 2),
         "data_seconds": round(data_seconds, 2),
         "train_images": train_loader.num_items,
+        "world_size": world,
+        "global_batch_size": global_batch,
     }
     for split in ("val", "test"):
         if spec.splits.get(split):
             loader = val_loader if split == "val" else _make_loader(spec, spec.splits[split], pre, cfg, train=False)
             assert loader is not None
             m = trainer.evaluate(loader)
-            skipped = sorted(set(skipped) | set(loader.skipped.values()))
-            write_eval_outputs(run_dir, split, m)
+            skipped |= set(loader.skipped.values())
+            if main:
+                write_eval_outputs(run_dir, split, m)
             metrics[split] = m
-    metrics["skipped_files"] = skipped
-    write_json(run_dir / "metrics.json", metrics)
-    if skipped:
-        console.print(f"skipped {len(skipped)} unreadable file(s); listed in {run_dir / 'metrics.json'}")
-    return RunResult(run_dir, metrics, model_name)
+    metrics["skipped_files"] = sorted(set().union(*distributed.all_gather_object(skipped)))  # streamed shards differ
+    if main:
+        write_json(run_dir / "metrics.json", metrics)
+    if metrics["skipped_files"]:
+        console.print(f"skipped {len(metrics['skipped_files'])} unreadable file(s); listed in {run_dir / 'metrics.json'}")
+    return RunResult(run_dir, metrics, model_name, main_process=main)
+
+
+def _adapt_resume_to_world(trainer: Trainer, meta: dict[str, Any], steps_per_epoch: int) -> None:
+    """Resuming with another number of processes: a step is one global batch (batch_size x processes),
+    so the epoch's batches differ. Count the schedule in the new steps and restart a partial epoch."""
+    before = meta.get("distributed", {}).get("world_size", 1)
+    if before == distributed.world_size():
+        return  # the same global batches: exact, even mid-epoch
+    s = trainer.state
+    if s.epoch_step:
+        log.warning("%s stopped in epoch %d with %d process(es); with %d the epoch's batches differ, so it restarts "
+                    "from its beginning", trainer.run_dir, s.epoch + 1, before, distributed.world_size())
+    s.epoch_step, s.loss_sum, s.correct, s.seen = 0, 0.0, 0.0, 0
+    s.global_step = s.epoch * steps_per_epoch

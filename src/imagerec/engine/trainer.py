@@ -3,6 +3,13 @@
 A run is a pure function of (config, seed, data): every random draw in step k of epoch e comes
 from a generator seeded with (seed, e, k), so `--resume` continues bit-exactly from any saved
 step, including a checkpoint written when the run was interrupted.
+
+Under torchrun the model trains inside DistributedDataParallel; `self.model` stays the plain
+module, which is what checkpoints, lookahead and evaluation use. All ranks hold the same weights
+(DDP averages the gradients), and rank 0's BatchNorm statistics are copied to the others before
+each evaluation, so every rank evaluates, and rank 0 saves, the same model. Epoch sums and
+validation outputs are combined over the ranks, so every rank sees the same row and the same
+metric, and early stopping decides the same everywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 
 from imagerec.config import TrainConfig
 from imagerec.data.loader import ImageLoader
+from imagerec.engine import distributed
 from imagerec.engine.callbacks import Callback, StopTraining
 from imagerec.engine.checkpoint import save_checkpoint
 from imagerec.engine.lookahead import Lookahead
@@ -70,6 +78,13 @@ class Trainer:
         self.train_loader, self.val_loader, self.pipeline = train_loader, val_loader, pipeline
         self.device, self.amp_dtype, self.run_dir, self.meta = device, amp_dtype, run_dir, meta
         self.callbacks = callbacks or []
+        self.world_size = distributed.world_size()
+        # Under torchrun augmentation and dropout draw from (seed, epoch, step, rank): ranks hold
+        # different images, and the same draws on all of them would correlate their augmentations.
+        self._seed_rank = (distributed.rank(),) if self.world_size > 1 else ()
+        self.train_model = distributed.wrap_model(model, device)
+        self.val_items = int(distributed.all_reduce_sum([val_loader.num_items if val_loader is not None else 0])[0])
+        self._stop: distributed.StopFlag | None = None
         self.state = TrainState()
         self.schedule = create_schedule(cfg, len(train_loader))
         self.total_steps = cfg.epochs * len(train_loader)
@@ -89,16 +104,16 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------
     def train_one_epoch(self) -> None:
         s, cfg = self.state, self.cfg
-        self.model.train()
+        self.train_model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         for batch in self.train_loader.epoch(s.epoch, s.epoch_step):
             s.skipped.extend(batch.skipped)
-            torch.manual_seed(mix_seed(cfg.seed, s.epoch, s.epoch_step, 1))  # augmentation, dropout
+            torch.manual_seed(mix_seed(cfg.seed, s.epoch, s.epoch_step, 1, *self._seed_rank))  # augmentation, dropout
             x, y = self.pipeline(batch, train=True)
             set_lr(self.optimizer, self.schedule(s.global_step))
             with self.autocast():
-                out = self.task(self.model, x, y)
+                out = self.task(self.train_model, x, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss = out["loss"]
             if self.scaler is not None:
@@ -130,12 +145,16 @@ class Trainer:
             self._emit("on_train_batch_end", n)
             if cfg.save_every_steps and s.global_step % cfg.save_every_steps == 0:
                 self.save("last")
+            if self._stop is not None and self._stop.requested():
+                raise KeyboardInterrupt  # every rank at the same step, before fetching the next batch
         s.loss_sum += float(loss_sum)
         s.correct += float(correct)
 
     def evaluate(self, loader: ImageLoader) -> dict[str, Any]:
         self._emit("on_eval_start")
-        logits, targets, _ = predict_logits(self.model, loader, self.pipeline, self.amp_dtype)
+        logits, targets, index = predict_logits(self.model, loader, self.pipeline, self.amp_dtype)
+        if loader.world_size > 1:  # a shard per rank: every rank scores all of them, identically
+            logits, targets = distributed.gather_predictions(logits, targets, index)
         names = list(self.meta["preprocess"]["class_names"])
         if self.task.multi_label:
             metrics = multilabel_metrics(logits, targets, names)
@@ -148,7 +167,10 @@ class Trainer:
         """Train from the current state to cfg.epochs; returns the final state."""
         s, cfg = self.state, self.cfg
         self._emit("on_fit_start")
-        with _sigterm_as_interrupt():
+        # One process: SIGTERM raises KeyboardInterrupt at once. Under torchrun: a flag that the
+        # ranks check together after each step (see distributed.StopFlag).
+        guard = distributed.stop_on_signal() if self.world_size > 1 else _sigterm_as_interrupt()
+        with guard as self._stop:
             try:
                 while s.epoch < cfg.epochs:
                     self._emit("on_epoch_start")
@@ -162,28 +184,35 @@ class Trainer:
             except KeyboardInterrupt:
                 self.save("last")
                 raise
+            finally:
+                self._stop = None
         self._emit("on_fit_end")
         return s
 
     def _end_epoch(self, seconds: float, images: int) -> dict[str, Any]:
         s, cfg = self.state, self.cfg
-        if not math.isfinite(s.loss_sum) or not all(
+        finite = math.isfinite(s.loss_sum) and all(
             bool(t.isfinite().all()) for t in self.model.state_dict().values() if t.is_floating_point()  # BN statistics too
-        ):
+        )
+        # Sums over all ranks (no-op in one process), so every rank writes and decides the same.
+        loss_sum, correct, seen, images, diverged = distributed.all_reduce_sum(
+            [s.loss_sum, s.correct, s.seen, images, 0.0 if finite else 1.0])
+        if diverged:
             raise ImageRecError(
                 f"training diverged: the loss became NaN or infinite in epoch {s.epoch + 1}; "
                 f"lower --lr (it is {cfg.lr if cfg.lr is not None else 'the default'}) or set --grad-clip 1.0"
             )
         row: dict[str, Any] = {
             "epoch": s.epoch + 1,
-            "train_loss": s.loss_sum / max(1, s.seen),
-            "train_acc": s.correct / max(1, s.seen),
+            "train_loss": loss_sum / max(1, seen),
+            "train_acc": correct / max(1, seen),
             "lr": self.optimizer.param_groups[-1]["lr"],
             "img_per_s": images / max(seconds, 1e-9),
             "epoch_time_s": seconds,
         }
         metric_value = None
-        if self.val_loader is not None and self.val_loader.num_items:
+        if self.val_loader is not None and self.val_items:
+            distributed.broadcast_module(self.model, buffers_only=True)  # rank 0's BatchNorm statistics
             m = self.evaluate(self.val_loader)
             for k in ("loss", "accuracy", "top5", "macro_f1", "balanced_accuracy", "map"):
                 if k in m:
@@ -206,6 +235,8 @@ class Trainer:
         return row
 
     def save(self, name: str) -> None:
+        if not distributed.is_main():
+            return  # rank 0 writes the run directory
         meta = dict(self.meta)
         meta["state"] = asdict(self.state)
         meta["state"]["skipped"] = sorted(set(self.state.skipped))
