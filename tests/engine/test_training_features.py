@@ -89,7 +89,7 @@ def test_preprocessing_ops_are_saved_and_used_by_predict(tmp_path: Path) -> None
     img = Image.fromarray(spec.arrays["test"][0])
     predictor = imagerec.load(r.run_dir)
     x = predictor.preprocess(img)
-    plain = torch.from_numpy(np.asarray(img))[None]
+    plain = torch.from_numpy(np.array(img))[None]  # np.array: a writable copy (from_numpy warns on a read-only view)
     assert x.shape == plain.shape and not torch.equal(x, plain)  # the ops ran in predict too
 
 
