@@ -26,11 +26,9 @@ from rich.table import Table
 
 from imagerec.config import write_json
 from imagerec.corruptions import SEVERITIES, check_severities, corrupt, resolve_corruptions
-from imagerec.data import read_data, split_train_val
-from imagerec.data.readers import Item
 from imagerec.engine.attacks import ATTACKS, PGD_STEP_FRACTION, PGD_STEPS, run_attack
 from imagerec.engine.checkpoint import find_run_checkpoint, read_checkpoint_meta
-from imagerec.engine.evaluate import create_eval_loader, remap_items
+from imagerec.engine.evaluate import create_eval_loader, read_run_split
 from imagerec.predict import Predictor, load
 from imagerec.utils import ImageRecError, did_you_mean, mix_seed
 
@@ -83,19 +81,6 @@ def _training_config(predictor: Predictor) -> dict[str, Any]:
         return dict(read_checkpoint_meta(find_run_checkpoint(run_dir)).get("train_config", {})) if run_dir else {}
     except ImageRecError:
         return {}
-
-
-def _split_items(source: str | Path, predictor: Predictor, data: str | None, split: str) -> tuple[Any, list[Item], dict[str, Any]]:
-    """(DataSpec, the split's items with the model's class indices, training settings), as `imagerec eval` reads them."""
-    cfg = _training_config(predictor)
-    where = data or cfg.get("data")
-    if not where:
-        raise ImageRecError(f"{source}: it does not say which data it was trained on; give the images: "
-                            f"imagerec robustness {source} DATA")
-    spec = split_train_val(read_data(where), cfg.get("val_fraction", 0.1), cfg.get("seed", 0))
-    if split not in spec.splits:
-        raise ImageRecError(f"{spec.origin} has no '{split}' split; it has: {', '.join(sorted(spec.splits))}")
-    return spec, remap_items(spec, split, list(predictor.pre.class_names)), cfg
 
 
 def _check_eps(eps: Sequence[float]) -> list[float]:
@@ -159,7 +144,8 @@ def evaluate_robustness(
         notes.append(f"attacks skipped: {source} is an exported bundle, which has no gradients; "
                      f"FGSM/PGD need the run directory it was exported from (a PyTorch checkpoint)")
         atks, eps_list = [], []
-    spec, items, cfg = _split_items(source, predictor, data, split)
+    cfg = _training_config(predictor)
+    spec, items = read_run_split(cfg, data, split, list(pre.class_names), source)
     picked = stratified_subset([int(it.target) for it in items], limit, seed)  # type: ignore[arg-type]  # single-label
     loader = create_eval_loader(spec, [items[i] for i in picked], pre, CHUNK, max_pixels=cfg.get("max_pixels", 89_478_485))
 

@@ -67,21 +67,16 @@ def default_threads() -> int:
 
 def resolve_ddp_device(name: str, local_rank: int) -> torch.device:
     """The device of process LOCAL_RANK: cuda:LOCAL_RANK for auto/cuda when GPUs are visible, else cpu."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ImageRecError(f"unknown device '{name}': use auto, cpu or cuda") from e
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise ImageRecError(f"device '{name}' is not supported under torchrun: use cpu (gloo) or cuda (nccl)")
-    if not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise ImageRecError(
             f"--device {name} under torchrun needs one CUDA GPU per process (the nccl backend), but this machine "
             "has none visible: use --device cpu (gloo), or run where GPUs are"
         )
+    device = resolve_device(name)  # auto -> cuda when GPUs are visible, else cpu; bad names refused there
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ImageRecError(f"device '{name}' is not supported under torchrun: use cpu (gloo) or cuda (nccl)")
     if device.index is not None:
         raise ImageRecError(f"--device {name}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda "
                             "and choose GPUs with CUDA_VISIBLE_DEVICES")

@@ -44,6 +44,19 @@ def remap_items(spec: DataSpec, split: str, model_classes: list[str]) -> list[It
     return [Item(it.source, conv(it.target)) for it in items]
 
 
+def read_run_split(train_config: dict[str, Any], data: str | None, split: str, class_names: list[str],
+                   source: str | Path) -> tuple[DataSpec, list[Item]]:
+    """`split` of `data` (default: the data the run at `source` was trained on), with the run's own
+    val carve-out (val_fraction, seed) and labels renumbered to the model's classes."""
+    where = data or train_config.get("data")
+    if not where:
+        raise ImageRecError(f"{source}: it does not say which data it was trained on; give the images as DATA")
+    spec = split_train_val(read_data(where), train_config.get("val_fraction", 0.1), train_config.get("seed", 0))
+    if split not in spec.splits:
+        raise ImageRecError(f"{spec.origin} has no '{split}' split; it has: {', '.join(sorted(spec.splits))}")
+    return spec, remap_items(spec, split, class_names)
+
+
 def create_eval_loader(spec: DataSpec, items: list[Item], pre: PreprocessConfig, batch_size: int = 256, workers: int = -1,
                        max_pixels: int = 89_478_485) -> ImageLoader:
     """Batches of `items` through the model's own eval transform (the one used after training)."""
@@ -71,10 +84,7 @@ def evaluate_run(
     model, meta = load_model(run_dir)
     pre = PreprocessConfig.from_dict(meta["preprocess"])
     cfg = meta["train_config"]
-    spec = split_train_val(read_data(data or cfg["data"]), cfg.get("val_fraction", 0.1), cfg.get("seed", 0))
-    if split not in spec.splits:
-        raise ImageRecError(f"{spec.origin} has no '{split}' split; it has: {', '.join(sorted(spec.splits))}")
-    items = remap_items(spec, split, list(pre.class_names))
+    spec, items = read_run_split(cfg, data, split, list(pre.class_names), run_dir)
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     model.to(dev).to(memory_format=torch.channels_last)
