@@ -4,6 +4,7 @@ same invocation, on the machine it runs on.
     python bench/train.py throughput          # (a) ResNet-18 step vs stock eager fp32 and the matmul peak
     python bench/train.py mnist --runs 3      # (b) --recipe fast vs the pytorch/examples MNIST recipe
     python bench/train.py cifar --runs 3      # (c) --recipe fast vs the seed recipe, CIFAR-10-jpg
+    python bench/train.py cifar --train-args "--model airbench94 --time-limit 19"   # (c) with more settings
     python bench/train.py loader              # (d) our loader vs ImageFolder + DataLoader, RSS per epoch
 
 Precision: the trainer uses bf16 autocast only where the CPU has native bf16 (AVX512-BF16/AMX)
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -93,11 +95,12 @@ def run_cli(args: list[str], tmp: Path) -> tuple[dict[str, Any], float]:
     return json.loads((out / "metrics.json").read_text()), wall
 
 
-def fast_recipe_runs(job: str, data: Path, runs: int, target: float, target_s: float) -> dict[str, Any]:
+def fast_recipe_runs(job: str, data: Path, runs: int, first_seed: int, target: float, target_s: float,
+                     extra: list[str]) -> dict[str, Any]:
     accs, walls, trains = [], [], []
-    for seed in range(runs):
+    for seed in range(first_seed, first_seed + runs):
         with tempfile.TemporaryDirectory() as tmp:
-            m, wall = run_cli(["train", str(data), "--recipe", "fast", "--seed", str(seed)], Path(tmp))
+            m, wall = run_cli(["train", str(data), "--recipe", "fast", "--seed", str(seed), *extra], Path(tmp))
         accs.append(m["test"]["accuracy"])
         walls.append(wall)
         trains.append(m["train_seconds"])
@@ -105,7 +108,7 @@ def fast_recipe_runs(job: str, data: Path, runs: int, target: float, target_s: f
               "wall_s": round(wall, 1), "train_s": m["train_seconds"], "epochs": m["epochs_run"]})
     (acc, acc_sd), (wall, wall_sd) = mean_std(accs), mean_std(walls)
     return {"bench": "train", "job": job, "case": "fast-summary", "runs": runs,
-            "command": f"imagerec train {data.relative_to(SHARED.parent.parent)} --recipe fast",
+            "command": " ".join(["imagerec train", str(data.relative_to(SHARED.parent.parent)), "--recipe fast", *extra]),
             "test_accuracy_mean": round(acc, 4), "test_accuracy_std": round(acc_sd, 4),
             "min_accuracy": round(min(accs), 4), "wall_s_mean": round(wall, 1), "wall_s_std": round(wall_sd, 1),
             "train_s_mean": round(statistics.fmean(trains), 1),
@@ -176,8 +179,8 @@ def cifar_seed_recipe(seed: int) -> dict[str, Any]:
             "wall_s": round(time.perf_counter() - t, 1), "epochs": 10}
 
 
-def bench_cifar(runs: int, baseline_runs: int) -> None:
-    summary = fast_recipe_runs("cifar10", CIFAR, runs, 0.93, 20 * 60)
+def bench_cifar(runs: int, first_seed: int, baseline_runs: int, extra: list[str]) -> None:
+    summary = fast_recipe_runs("cifar10", CIFAR, runs, first_seed, 0.93, 20 * 60, extra)
     base = [cifar_seed_recipe(s) for s in range(baseline_runs)]
     for b in base:
         emit(b)
@@ -427,11 +430,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("job", choices=("throughput", "mnist", "cifar", "loader"))
     p.add_argument("--runs", type=int, default=3, help="runs of the fast recipe (seeds 0..N-1)")
+    p.add_argument("--first-seed", type=int, default=0, help="cifar: seeds first..first+runs-1")
     p.add_argument("--baseline-runs", type=int, default=1, help="runs of the baseline recipe")
+    p.add_argument("--train-args", default="", help="cifar: more `imagerec train` flags for the fast-recipe runs")
     args = p.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     jobs = {
-        "cifar": lambda: bench_cifar(args.runs, args.baseline_runs),
+        "cifar": lambda: bench_cifar(args.runs, args.first_seed, args.baseline_runs, shlex.split(args.train_args)),
         "mnist": lambda: bench_mnist(args.runs, args.baseline_runs),
         "throughput": lambda: bench_throughput(args.runs),
         "loader": lambda: bench_loader(10, 2),

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from imagerec import __version__
+from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.utils import ImageRecError
 
 EXAMPLES = """\
@@ -41,7 +42,10 @@ TRAIN_HELP = {
     "pretrained": "initial weights: a .safetensors file, a run directory, or hf-hub:ORG/NAME",
     "freeze_backbone": "train only the classifier head",
     "backbone_lr_scale": "learning-rate multiplier for everything but the head (discriminative fine-tuning)",
-    "epochs": "number of epochs (may be raised when resuming)",
+    "epochs": "number of epochs (may be raised when resuming; with --time-limit, the most to plan)",
+    "time_limit": "train for about this many minutes from the start of the command (data loading included): "
+                  "the epoch count and schedule are planned from the measured speed, and training stops at the limit "
+                  "(the final test evaluation comes after it; 0 = off)",
     "optimizer": "sgd | adam | adamw | adagrad",
     "lr": "peak learning rate (default per optimizer: sgd 0.02, adam 1e-3, adamw 3e-3, adagrad 1e-2)",
     "weight_decay": "weight decay (default per optimizer)",
@@ -159,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", help="also write an HTML report with thumbnails of the problem images")
     p.add_argument("--fix", nargs=2, metavar=("quarantine", "DIR"), help="move problem files (errors) to DIR; never deletes")
     p.add_argument("--undo", metavar="MANIFEST", help="move quarantined files back (DIR/quarantine-manifest.json)")
-    p.add_argument("--max-pixels", type=int, default=89_478_485, help="report images above this many pixels as bombs")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="report images above this many pixels as bombs")
 
     p = sub.add_parser("ingest", help="add images from any DATA source to the image store")
     p.add_argument("source", help="any DATA that train accepts")

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.utils import ImageRecError, did_you_mean
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
@@ -80,6 +81,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     backbone_lr_scale: float = 1.0
     epochs: int = 10
+    time_limit: float = 0.0  # minutes from the start of `train`; plans the epoch count (0 = off)
     batch_size: int = 128
     optimizer: str = "adamw"
     lr: float | None = None
@@ -111,7 +113,7 @@ class TrainConfig:
     early_stopping: int = 0
     metric: str = "auto"
     balance: str = "auto"
-    max_pixels: int = 89_478_485
+    max_pixels: int = DEFAULT_MAX_PIXELS
     save_every_steps: int = 0
     num_threads: int = 0
     limit_train: int = 0
@@ -142,6 +144,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ImageRecError(f"{name} must be at least 1, got {value}")
+        if not 0.0 <= self.time_limit <= 60 * 24 * 366:
+            raise ImageRecError(f"time_limit is in minutes and must be between 0 (off) and a year, got {self.time_limit}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ImageRecError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.label_smoothing < 1.0:

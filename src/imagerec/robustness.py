@@ -26,6 +26,7 @@ from rich.table import Table
 
 from imagerec.config import write_json
 from imagerec.corruptions import SEVERITIES, check_severities, corrupt, resolve_corruptions
+from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.engine.attacks import ATTACKS, PGD_STEP_FRACTION, PGD_STEPS, run_attack
 from imagerec.engine.checkpoint import find_run_checkpoint, read_checkpoint_meta
 from imagerec.engine.evaluate import create_eval_loader, read_run_split
@@ -147,7 +148,7 @@ def evaluate_robustness(
     cfg = _training_config(predictor)
     spec, items = read_run_split(cfg, data, split, list(pre.class_names), source)
     picked = stratified_subset([int(it.target) for it in items], limit, seed)  # type: ignore[arg-type]  # single-label
-    loader = create_eval_loader(spec, [items[i] for i in picked], pre, CHUNK, max_pixels=cfg.get("max_pixels", 89_478_485))
+    loader = create_eval_loader(spec, [items[i] for i in picked], pre, CHUNK, max_pixels=cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
 
     n = clean = 0
     hits = {c: dict.fromkeys(sevs, 0) for c in names}

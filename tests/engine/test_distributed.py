@@ -7,6 +7,7 @@ with its whole process group and the test fails instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -33,12 +34,32 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 TIMEOUT = 120  # a launch takes ~10-20 s on 2 busy cores; a hung rank takes forever
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts each rank in a session of its own, out of its group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def launch(args: list[str], timeout: float = TIMEOUT) -> tuple[int, str]:
-    """Run a command to the end; kill its process group and fail if it outlives `timeout`."""
+    """Run a command to the end; kill it with every process under it and fail if it outlives `timeout`."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        for pid in descendants(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         pytest.fail(f"{' '.join(args[-12:])} did not finish in {timeout} s (a rank hung?):\n{out[-4000:]}")
@@ -205,6 +226,46 @@ def test_early_stopping_and_validation_agree_on_every_rank(tmp_path: Path) -> No
     assert r0["rows"] == r1["rows"]  # train sums and val metrics, bit for bit
     assert (r0["best_epoch"], r0["test"]) == (r1["best_epoch"], r1["test"])
     assert len(_history(tmp_path / "run")) == len(r0["rows"])
+
+
+TIME_LIMIT_SCRIPT = """
+import json, os, sys
+import imagerec
+from imagerec.engine.callbacks import Callback
+
+class Clock(Callback):  # a fake clock per rank: rank 1's runs 3x faster, so its own plan would differ
+    def __init__(self, step_s):
+        self.t, self.step_s, self.plans = 0.0, step_s, []
+    def __call__(self):
+        return self.t
+    def on_fit_start(self, trainer):
+        trainer.clock, trainer.deadline = self, 95.0
+    def on_train_batch_end(self, trainer, n):
+        self.t += self.step_s
+    def on_plan(self, trainer, message):
+        self.plans.append(message.split(" planned")[0])
+    def on_fit_end(self, trainer):
+        self.rows = [{k: v for k, v in r.items() if k not in ("img_per_s", "epoch_time_s")} for r in trainer.state.history]
+
+clock = Clock(1.0 if os.environ["RANK"] == "0" else 3.0)
+r = imagerec.train(data="mnist-mini", out=sys.argv[1], model="mlp", limit_train=640, batch_size=32, time_limit=30,
+                   cache="ram", workers=0, callbacks=[clock])
+with open(sys.argv[1] + f"-rank{os.environ['RANK']}.json", "w") as f:
+    json.dump({"plans": clock.plans, "rows": clock.rows, "epochs": r.metrics["epochs_run"]}, f)
+"""
+
+
+def test_time_limit_follows_rank_0_on_every_rank(tmp_path: Path) -> None:
+    # 640 images, 2 x 32 per step: 10 steps an epoch. Rank 0 (1 s a step) fits 9 epochs in 95 s;
+    # rank 1's clock alone would plan 3 and stop at step 32. Both must follow rank 0 step for step.
+    script = tmp_path / "tl.py"
+    script.write_text(TIME_LIMIT_SCRIPT)
+    rc, out = launch([*TORCHRUN, str(script), str(tmp_path / "run")])
+    assert rc == 0, out[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"run-rank{r}.json").read_text()) for r in range(2))
+    assert r0["plans"] == r1["plans"] == ["--time-limit 30 min: 9 epoch(s)"]
+    assert r0["epochs"] == r1["epochs"] == 9
+    assert r0["rows"] == r1["rows"]
 
 
 RESUME = ["mnist-mini", "--limit-train", "1024", "--batch-size", "32", "--schedule", "constant", "--save-every-steps", "1",

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from imagerec.data.decode import ArrayRef, DecodeError, open_image
+from imagerec.data.decode import DEFAULT_MAX_PIXELS, ArrayRef, DecodeError, open_image
 from imagerec.data.readers import Item
 from imagerec.utils import ImageRecError, available_cpus, mix_seed
 
@@ -53,7 +53,7 @@ class DecodeDataset(Dataset):
         channels: int,
         transform: Callable,
         augment: Callable | None = None,
-        max_pixels: int = 89_478_485,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
         draft: int | None = None,
     ) -> None:
         self.items, self.arrays, self.channels = items, arrays, channels
@@ -153,7 +153,7 @@ class ImageLoader:
         augment: Callable | None = None,
         workers: int = -1,
         cache: str = "auto",
-        max_pixels: int = 89_478_485,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
         fast_arrays: bool = False,
         draft: int | None = None,
         sample_weights: torch.Tensor | None = None,

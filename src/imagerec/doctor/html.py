@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from imagerec.data.decode import (
+    DEFAULT_MAX_PIXELS,
     ArrayRef,
     Source,
     convert_mode,
@@ -50,7 +51,7 @@ def _thumbnail(report: CheckReport, src: Source) -> str | None:
             img = convert_mode(Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB"), 3)
         else:
             data = read_bytes(src)
-            img = decode_bytes(data, "thumbnail", 3, report.max_pixels or 89_478_485, (THUMB_PX * 2, THUMB_PX * 2))
+            img = decode_bytes(data, "thumbnail", 3, report.max_pixels or DEFAULT_MAX_PIXELS, (THUMB_PX * 2, THUMB_PX * 2))
         img.thumbnail((THUMB_PX, THUMB_PX))
         buf = io.BytesIO()
         img.save(buf, "PNG", optimize=False)

@@ -29,6 +29,7 @@ class Callback:
     def on_eval_start(self, trainer: Trainer) -> None: ...
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
     def on_checkpoint(self, trainer: Trainer, name: str) -> None: ...
+    def on_plan(self, trainer: Trainer, message: str) -> None: ...  # --time-limit set or changed the epoch count
 
 
 class EarlyStopping(Callback):
@@ -99,6 +100,9 @@ class ProgressBar(Callback):
             acc = s.correct / max(1, s.seen)
             stats = f"loss {loss:.4f}  acc {acc:.2%}  {rate:,.0f} img/s"
         self.progress.update(self.task, advance=1, **({"stats": stats} if stats else {}))
+
+    def on_plan(self, trainer: Trainer, message: str) -> None:
+        self.console.print(message, highlight=False)
 
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
         if self.progress is not None:

@@ -10,6 +10,7 @@ import torch
 
 from imagerec.config import PreprocessConfig, write_json
 from imagerec.data import DataSpec, read_data, split_train_val
+from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.data.loader import ImageLoader, targets_tensor
 from imagerec.data.readers import Item
 from imagerec.engine.checkpoint import load_model
@@ -58,7 +59,7 @@ def read_run_split(train_config: dict[str, Any], data: str | None, split: str, c
 
 
 def create_eval_loader(spec: DataSpec, items: list[Item], pre: PreprocessConfig, batch_size: int = 256, workers: int = -1,
-                       max_pixels: int = 89_478_485) -> ImageLoader:
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageLoader:
     """Batches of `items` through the model's own eval transform (the one used after training)."""
     return ImageLoader(items, spec.arrays, pre.channels, pre.input_size, base_transform(pre), batch_size,
                        targets_tensor(items, pre.num_classes, pre.multi_label), workers=workers,
@@ -88,7 +89,7 @@ def evaluate_run(
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     model.to(dev).to(memory_format=torch.channels_last)
-    loader = create_eval_loader(spec, items, pre, batch_size, max_pixels=cfg.get("max_pixels", 89_478_485))
+    loader = create_eval_loader(spec, items, pre, batch_size, max_pixels=cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
     logits, targets, _ = predict_logits(model, loader, BatchPipeline(pre, dev, True), amp)
     if pre.multi_label:
         metrics = multilabel_metrics(logits, targets, list(pre.class_names))

@@ -195,22 +195,26 @@ def train(
         >>> result = train(data="mnist-mini", out="runs/mini", epochs=2)
         >>> result.metrics["test"]["accuracy"]
     """
+    started = time.perf_counter()  # --time-limit counts from here, data loading included
     resume_meta = None
     if resume is not None:
         resume_meta = read_checkpoint_meta(Path(resume) / "last")
         cfg = apply_overrides(TrainConfig(**resume_meta["train_config"]), overrides, "--resume overrides")
         cfg = replace(cfg, out=str(resume))
+        if "time_limit" in overrides:
+            log.warning("--time-limit plans a new run; --resume trains to the %d epoch(s) it planned "
+                        "(raise --epochs to train further)", cfg.epochs)
     else:
         cfg = apply_overrides(cfg or TrainConfig(), overrides, "train() arguments")
     cfg.validate()
     if not cfg.data:
         raise ImageRecError("no DATA given: pass a folder, archive, manifest or dataset name")
     with distributed.process_group(cfg.device) as device:
-        return _train(cfg, device, resume, resume_meta, callbacks, console)
+        return _train(cfg, device, resume, resume_meta, callbacks, console, started)
 
 
 def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_meta: dict[str, Any] | None,
-           callbacks: list[Callback] | None, console: Console | None) -> RunResult:
+           callbacks: list[Callback] | None, console: Console | None, started: float) -> RunResult:
     main, world = distributed.is_main(), distributed.world_size()
     console = console if main and console is not None else Console(stderr=True, soft_wrap=True, quiet=not main)
     set_threads(cfg.num_threads or distributed.default_threads())
@@ -312,8 +316,9 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     cbs: list[Callback] = [ProgressBar(console), HistoryCSV(run_dir / "history.csv")] if main else []
     if cfg.early_stopping:
         cbs.append(EarlyStopping(cfg.metric, cfg.early_stopping))
+    deadline = started + 60 * cfg.time_limit if cfg.time_limit and resume_meta is None else None
     trainer = Trainer(cfg, model, optimizer, task, train_loader, val_loader, pipeline, device, amp_dtype, run_dir, meta,
-                      cbs + (callbacks or []))
+                      cbs + (callbacks or []), deadline)
     if resume_meta is not None:
         weights, state_tensors = load_checkpoint_tensors(Path(resume) / "last")
         model.load_state_dict(weights)

@@ -4,6 +4,11 @@ A run is a pure function of (config, seed, data): every random draw in step k of
 from a generator seeded with (seed, e, k), so `--resume` continues bit-exactly from any saved
 step, including a checkpoint written when the run was interrupted.
 
+With a time limit (`--time-limit`) the epoch count is planned from the measured speed after a
+few steps and re-planned after every epoch, the schedule following it; the plan is saved in the
+checkpoints, so `--resume` trains to the planned count exactly. Training stops at the limit even
+mid-epoch (that epoch is then validated and saved like any other).
+
 Under torchrun the model trains inside DistributedDataParallel; `self.model` stays the plain
 module, which is what checkpoints, lookahead and evaluation use. All ranks hold the same weights
 (DDP averages the gradients), and rank 0's BatchNorm statistics are copied to the others before
@@ -19,7 +24,7 @@ import math
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +78,7 @@ class Trainer:
         run_dir: Path,
         meta: dict[str, Any],
         callbacks: list[Callback] | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.cfg, self.model, self.optimizer, self.task = cfg, model, optimizer, task
         self.train_loader, self.val_loader, self.pipeline = train_loader, val_loader, pipeline
@@ -92,6 +98,12 @@ class Trainer:
         # fp16 needs loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         self.stop_reason = ""
+        # --time-limit: `deadline` is a time.perf_counter() value; an explicit --epochs caps the plan.
+        self.deadline, self.clock = deadline, time.perf_counter
+        self.max_epochs = cfg.epochs if "epochs" in cfg.explicit else None
+        self._calibration: tuple[int, float] | None = None  # (global step, clock) where timing starts
+        self._calibration_steps = max(1, min(20, len(train_loader) // 10))
+        self._first_epoch, self._planned, self._time_up = 0, False, False
 
     # --- events --------------------------------------------------------------------------------
     def _emit(self, event: str, *args: Any) -> None:
@@ -147,6 +159,8 @@ class Trainer:
                 self.save("last")
             if self._stop is not None and self._stop.requested():
                 raise KeyboardInterrupt  # every rank at the same step, before fetching the next batch
+            if self.deadline is not None and self._watch_time():
+                break
         s.loss_sum += float(loss_sum)
         s.correct += float(correct)
 
@@ -165,20 +179,23 @@ class Trainer:
 
     def fit(self) -> TrainState:
         """Train from the current state to cfg.epochs; returns the final state."""
-        s, cfg = self.state, self.cfg
+        s = self.state
+        self._first_epoch = s.epoch
         self._emit("on_fit_start")
         # One process: SIGTERM raises KeyboardInterrupt at once. Under torchrun: a flag that the
         # ranks check together after each step (see distributed.StopFlag).
         guard = distributed.stop_on_signal() if self.world_size > 1 else _sigterm_as_interrupt()
         with guard as self._stop:
             try:
-                while s.epoch < cfg.epochs:
+                while s.epoch < self.cfg.epochs:
                     self._emit("on_epoch_start")
-                    t0 = time.perf_counter()
+                    t0, wall0 = time.perf_counter(), self.clock()
                     seen0 = s.seen
                     self.train_one_epoch()
                     row = self._end_epoch(time.perf_counter() - t0, s.seen - seen0)
                     self._emit("on_epoch_end", row)
+                    if self.deadline is not None and self._replan_after_epoch(self.clock() - wall0):
+                        break
             except StopTraining as e:
                 self.stop_reason = str(e)
             except KeyboardInterrupt:
@@ -188,6 +205,52 @@ class Trainer:
                 self._stop = None
         self._emit("on_fit_end")
         return s
+
+    # --- --time-limit ---------------------------------------------------------------------------
+    def _watch_time(self) -> bool:
+        """After each step: plan the epochs once the step time is known; True when time is up."""
+        s, now = self.state, self.clock()
+        if self._calibration is None:
+            self._calibration = (s.global_step, now)  # from the end of the first step: warm-up excluded
+        elif s.epoch == self._first_epoch and s.global_step - self._calibration[0] == self._calibration_steps:
+            n = len(self.train_loader)
+            step_s = (now - self._calibration[1]) / self._calibration_steps
+            left = self.deadline - now - (n - s.epoch_step) * step_s  # once this epoch is done
+            self._plan(s.epoch + 1 + max(0, math.floor(left / (n * step_s))), n * step_s, "measured over "
+                       f"{self._calibration_steps} steps; validation not yet counted")
+        self._time_up = distributed.any_rank(distributed.is_main() and now >= self.deadline)  # rank 0's clock
+        if self._time_up:
+            self.stop_reason = (f"time limit reached in epoch {s.epoch + 1}, step {s.epoch_step}/{len(self.train_loader)}: "
+                                "stopped there (validated and saved as usual)")
+        return self._time_up
+
+    def _replan_after_epoch(self, epoch_s: float) -> bool:
+        """After each epoch, validation and checkpoints included: re-plan from its wall time; True to stop."""
+        s, now = self.state, self.clock()
+        if self._time_up:
+            return True
+        self._plan(s.epoch + max(0, math.floor((self.deadline - now) / max(epoch_s, 1e-9))), epoch_s, "last epoch's wall time")
+        if s.epoch < self.cfg.epochs:
+            return False
+        if s.epoch != self.max_epochs:
+            self.stop_reason = f"--time-limit {self.cfg.time_limit:g} min: {s.epoch} epoch(s) fit"
+        return True
+
+    def _plan(self, epochs: int, epoch_s: float, basis: str) -> None:
+        s = self.state
+        epochs = max(s.epoch + (1 if s.epoch_step else 0), epochs)  # never below what is done
+        if self.max_epochs is not None:
+            epochs = min(epochs, self.max_epochs)
+        epochs = int(distributed.broadcast_object(epochs))  # rank 0's plan
+        if epochs == self.cfg.epochs and self._planned:
+            return
+        self._planned = True
+        self.cfg = replace(self.cfg, epochs=epochs)
+        self.meta["train_config"]["epochs"] = epochs  # what --resume reads
+        steps = len(self.train_loader)
+        self.schedule, self.total_steps = create_schedule(self.cfg, steps), epochs * steps
+        self._emit("on_plan", f"--time-limit {self.cfg.time_limit:g} min: {epochs} epoch(s) planned "
+                              f"(~{epoch_s:.1f} s each, {basis})")
 
     def _end_epoch(self, seconds: float, images: int) -> dict[str, Any]:
         s, cfg = self.state, self.cfg

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from imagerec.config import PreprocessConfig
+from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.engine.checkpoint import find_run_checkpoint, load_model
 from imagerec.export.bundle import finalize_bundle, staging_dir
 from imagerec.export.onnx import export_onnx
@@ -200,7 +201,7 @@ def export_run(
     where = data or cfg.get("data")
     if not where:
         raise ImageRecError(f"{run_dir}: the checkpoint does not say what data it was trained on; pass data=... / --data")
-    kw = {"val_fraction": cfg.get("val_fraction", 0.1), "seed": cfg.get("seed", 0), "max_pixels": cfg.get("max_pixels", 89_478_485)}
+    kw = {"val_fraction": cfg.get("val_fraction", 0.1), "seed": cfg.get("seed", 0), "max_pixels": cfg.get("max_pixels", DEFAULT_MAX_PIXELS)}
     try:
         images = load_images(where, pre, ("val", "test") if data is None else ("val", "test", "train"), parity_images, **kw)
         calib = load_images(cfg.get("data") or where, pre, ("train",), calibration_images, **kw).x if int8 else None

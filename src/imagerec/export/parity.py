@@ -24,6 +24,7 @@ from torch import nn
 
 from imagerec.config import PreprocessConfig
 from imagerec.data import read_data, source_name, split_train_val
+from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.engine.evaluate import create_eval_loader, remap_items
 from imagerec.export.runtime import Runtime
 from imagerec.transforms import normalize_batch
@@ -52,7 +53,7 @@ def _evenly(n_total: int, n: int) -> list[int]:
 
 
 def load_images(data: str, pre: PreprocessConfig, splits: tuple[str, ...], n: int, val_fraction: float = 0.1,
-                seed: int = 0, max_pixels: int = 89_478_485) -> ImageSet:
+                seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSet:
     """Up to `n` images of the first of `splits` that `data` has, through the eval transform."""
     spec = split_train_val(read_data(data), val_fraction, seed)
     split = next((s for s in splits if spec.splits.get(s)), None)

@@ -1,0 +1,127 @@
+"""--time-limit: the epoch count is planned from measured speed, re-planned each epoch, and training
+stops at the limit. The planning tests run on a fake clock that advances a fixed amount per step
+and per evaluation, so what they check does not depend on this machine's speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imagerec.engine.callbacks import Callback
+from imagerec.engine.run import train
+
+COMMON = {"data": "mnist-mini", "model": "mlp", "limit_train": 320, "batch_size": 32, "seed": 1,
+          "cache": "ram", "workers": 0, "time_limit": 30.0}  # 10 steps per epoch; the real limit is never reached
+
+
+class FakeClock(Callback):
+    """Replaces the trainer's clock: each step costs `step_s`, each evaluation `eval_s`; `stall` adds
+    seconds after a given global step (a machine slowing down). The deadline is `budget` seconds away."""
+
+    def __init__(self, budget: float, step_s: float = 1.0, eval_s: float = 0.0, stall: tuple[int, float] = (0, 0.0)) -> None:
+        self.t, self.budget, self.step_s, self.eval_s, self.stall = 0.0, budget, step_s, eval_s, stall
+        self.plans: list[str] = []
+
+    def __call__(self) -> float:
+        return self.t
+
+    def on_fit_start(self, trainer) -> None:
+        trainer.clock, trainer.deadline = self, self.t + self.budget
+
+    def on_train_batch_end(self, trainer, batch_size: int) -> None:
+        self.t += self.step_s + (self.stall[1] if trainer.state.global_step == self.stall[0] else 0.0)
+
+    def on_eval_end(self, trainer, metrics) -> None:
+        self.t += self.eval_s
+
+    def on_plan(self, trainer, message: str) -> None:
+        self.plans.append(message)
+
+
+class InterruptAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, batch_size: int) -> None:
+        if trainer.state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def _planned(plans: list[str]) -> list[int]:
+    return [int(m.split(": ")[1].split(" epoch")[0]) for m in plans]
+
+
+def _epochs_in_checkpoint(run: Path) -> int:
+    return json.loads((run / "last.json").read_text())["train_config"]["epochs"]
+
+
+def test_plans_epochs_that_fit_and_stops_before_the_limit(tmp_path: Path) -> None:
+    clock = FakeClock(budget=95)  # 10 s per epoch, no validation cost: 9 epochs fit, a 10th would not
+    result = train(out=str(tmp_path / "r"), callbacks=[clock], **COMMON)
+    assert _planned(clock.plans) == [9]  # planned after 2 steps, unchanged by the epoch-end re-plans
+    assert result.metrics["epochs_run"] == 9 and clock.t == 90
+    assert _epochs_in_checkpoint(tmp_path / "r") == 9
+    assert len((tmp_path / "r" / "history.csv").read_text().strip().splitlines()) == 1 + 9
+    assert result.metrics["test"]["accuracy"] > 0.5  # the final evaluation still runs
+
+
+def test_replans_when_validation_takes_time(tmp_path: Path) -> None:
+    clock = FakeClock(budget=95, eval_s=5)  # the first plan cannot see validation; epoch 1's wall time can
+    result = train(out=str(tmp_path / "r"), callbacks=[clock], **COMMON)
+    assert _planned(clock.plans) == [9, 6]
+    assert result.metrics["epochs_run"] == 6
+
+
+def test_explicit_epochs_cap_the_plan(tmp_path: Path) -> None:
+    clock = FakeClock(budget=95)
+    result = train(out=str(tmp_path / "r"), callbacks=[clock], **{**COMMON, "epochs": 4})
+    assert _planned(clock.plans) == [4] and result.metrics["epochs_run"] == 4
+
+
+def test_stops_mid_epoch_when_time_is_up(tmp_path: Path) -> None:
+    clock = FakeClock(budget=95, stall=(15, 100.0))  # step 15 of 20 (epoch 2) ends past the deadline
+    result = train(out=str(tmp_path / "r"), callbacks=[clock], **COMMON)
+    assert result.metrics["epochs_run"] == 2 and "test" in result.metrics
+    meta = json.loads((tmp_path / "r" / "last.json").read_text())
+    assert meta["state"]["global_step"] == 15  # no step after the one that ran out of time
+    rows = (tmp_path / "r" / "history.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2  # the cut epoch was validated and recorded like any other
+
+
+def test_resume_trains_to_the_planned_epochs_exactly(tmp_path: Path) -> None:
+    full_clock = FakeClock(budget=95, eval_s=5)
+    train(out=str(tmp_path / "full"), callbacks=[full_clock], **COMMON)
+    cut = train(out=str(tmp_path / "cut"), callbacks=[FakeClock(budget=95, eval_s=5), InterruptAt(25)], **COMMON)
+    assert cut.interrupted and _epochs_in_checkpoint(tmp_path / "cut") == 6
+    resumed = train(resume=str(tmp_path / "cut"))  # no clock, no deadline: the saved plan
+    assert resumed.metrics["epochs_run"] == 6
+    a, b = load_file(str(tmp_path / "full" / "last.safetensors")), load_file(str(tmp_path / "cut" / "last.safetensors"))
+    for k in a:  # weights, BatchNorm statistics, optimizer state: the re-planned schedule is reproduced
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_real_clock_run_plans_and_finishes(tmp_path: Path) -> None:
+    """The wiring without a fake clock: a short limit on the real clock (no timing is asserted)."""
+    out = tmp_path / "r"
+    proc = subprocess.run(
+        [sys.executable, "-m", "imagerec.cli", "train", "mnist-mini", "--model", "mlp", "--limit-train", "320",
+         "--batch-size", "32", "--epochs", "3", "--time-limit", "5", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--time-limit 5 min: 3 epoch(s) planned" in proc.stderr  # 5 minutes hold far more; --epochs caps
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 3
+    assert "time_limit: 5.0" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("value", ["-1", "abc"])
+def test_bad_time_limit_is_a_clear_error(tmp_path: Path, value: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "imagerec.cli", "train", "mnist-mini", "--time-limit", value,
+                           "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "time" in proc.stderr.lower() and "Traceback" not in proc.stderr
