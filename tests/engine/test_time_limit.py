@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_resume import InterruptAt
 
 from imagerec.engine.callbacks import Callback
 from imagerec.engine.run import train
@@ -42,15 +43,6 @@ class FakeClock(Callback):
 
     def on_plan(self, trainer, message: str) -> None:
         self.plans.append(message)
-
-
-class InterruptAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, batch_size: int) -> None:
-        if trainer.state.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 def _planned(plans: list[str]) -> list[int]:
