@@ -141,8 +141,9 @@ def test_result_keys_numbers_and_file(cnn_run: Path) -> None:
     mca = (r["corruptions"]["contrast"]["mean"] + fog["mean"]) / 2
     assert r["mean_corruption_accuracy"] == pytest.approx(mca)
     assert r["relative_drop"] == pytest.approx((r["clean_accuracy"] - mca) / r["clean_accuracy"])
-    for v in (r["clean_accuracy"], mca, *fog["accuracy"].values()):
+    for v in (r["clean_accuracy"], *fog["accuracy"].values(), *r["corruptions"]["contrast"]["accuracy"].values()):
         assert v * 40 == pytest.approx(round(v * 40))  # a count of the 40 images
+    assert mca * 4 * 40 == pytest.approx(round(mca * 4 * 40))  # the mean of 4 such counts
 
 
 def test_stratified_subset_keeps_class_proportions() -> None:
