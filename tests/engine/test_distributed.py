@@ -213,14 +213,20 @@ with open(sys.argv[1] + f"-rank{os.environ['RANK']}.json", "w") as f:
 """
 
 
-def test_early_stopping_and_validation_agree_on_every_rank(tmp_path: Path) -> None:
-    # The Python API under torchrun; lr so high that val accuracy stops improving (as in the
-    # single-process early-stopping test). Ranks that disagreed would hang or crash the launch.
-    script = tmp_path / "es.py"
-    script.write_text(ES_SCRIPT)
+def run_script_on_ranks(tmp_path: Path, source: str) -> tuple[dict, dict]:
+    """Run `source` under torchrun with the run directory tmp_path/run; the JSON each rank wrote next to it."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
     rc, out = launch([*TORCHRUN, str(script), str(tmp_path / "run")])
     assert rc == 0, out[-4000:]
     r0, r1 = (json.loads((tmp_path / f"run-rank{r}.json").read_text()) for r in range(2))
+    return r0, r1
+
+
+def test_early_stopping_and_validation_agree_on_every_rank(tmp_path: Path) -> None:
+    # The Python API under torchrun; lr so high that val accuracy stops improving (as in the
+    # single-process early-stopping test). Ranks that disagreed would hang or crash the launch.
+    r0, r1 = run_script_on_ranks(tmp_path, ES_SCRIPT)
     assert (r0["main"], r1["main"]) == (True, False)
     assert r0["stop"].startswith("early stopping") and len(r0["rows"]) < 8
     assert r0["rows"] == r1["rows"]  # train sums and val metrics, bit for bit
@@ -258,11 +264,7 @@ with open(sys.argv[1] + f"-rank{os.environ['RANK']}.json", "w") as f:
 def test_time_limit_follows_rank_0_on_every_rank(tmp_path: Path) -> None:
     # 640 images, 2 x 32 per step: 10 steps an epoch. Rank 0 (1 s a step) fits 9 epochs in 95 s;
     # rank 1's clock alone would plan 3 and stop at step 32. Both must follow rank 0 step for step.
-    script = tmp_path / "tl.py"
-    script.write_text(TIME_LIMIT_SCRIPT)
-    rc, out = launch([*TORCHRUN, str(script), str(tmp_path / "run")])
-    assert rc == 0, out[-4000:]
-    r0, r1 = (json.loads((tmp_path / f"run-rank{r}.json").read_text()) for r in range(2))
+    r0, r1 = run_script_on_ranks(tmp_path, TIME_LIMIT_SCRIPT)
     assert r0["plans"] == r1["plans"] == ["--time-limit 30 min: 9 epoch(s)"]
     assert r0["epochs"] == r1["epochs"] == 9
     assert r0["rows"] == r1["rows"]
