@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import random
 import re
@@ -57,7 +58,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def start_server(
-    run: str, max_batch: int, max_wait_ms: float, instances: int = 1
+    run: str, max_batch: int, max_wait_ms: float, instances: int = 1, http: str = "auto"
 ) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,7 +66,7 @@ def start_server(
     code = (
         "import sys; from imagerec.serve import serve; "
         f"serve([sys.argv[1]], host='127.0.0.1', port={port}, max_batch={max_batch}, max_wait_ms={max_wait_ms}, "
-        f"instances={instances}, queue_size=1024, max_inflight=1024, log_level='warning')"
+        f"instances={instances}, http='{http}', queue_size=1024, max_inflight=1024, log_level='warning')"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, run],
@@ -274,6 +275,8 @@ def main() -> None:
     ap.add_argument("--load-generator", choices=("auto", "wrk", "python"), default="auto")
     ap.add_argument("--instances", type=int, nargs="+", default=[1, 2],
                     help="server model instances to measure, one server each (serve --instances)")
+    ap.add_argument("--http", nargs="+", choices=("auto", "h11"), default=["auto"],
+                    help="HTTP parsers to measure, one server each: auto = httptools (C), h11 = pure Python")
     args = ap.parse_args()
     gen = args.load_generator
     if gen == "auto":
@@ -293,12 +296,13 @@ def main() -> None:
         (tmp / f"{i}.img").write_bytes(data)
         paths.append(str(tmp / f"{i}.img"))
     list_file.write_text("\n".join(paths) + "\n")
-    served: dict[int, float] = {}
+    served: dict[tuple[int, str], float] = {}
     try:
-        for instances in args.instances:
-            proc, url = start_server(run, args.max_batch, args.max_wait_ms, instances)
+        for instances, http in itertools.product(args.instances, args.http):
+            proc, url = start_server(run, args.max_batch, args.max_wait_ms, instances, http)
             try:
-                served[instances] = measure_server(url, gen, list_file, images, args, offline, ceiling, instances)
+                served[instances, http] = measure_server(url, gen, list_file, images, args, offline, ceiling,
+                                                         instances, http)
             finally:
                 proc.terminate()
                 proc.wait(20)
@@ -309,8 +313,8 @@ def main() -> None:
     # some seconds of a run on the session-6 machine), so each served rate is also compared with the
     # mean of the baselines taken before and after it.
     after, _ = offline_rates(run, images, args, label="offline_predict_after")
-    for instances, rate in served.items():
-        emit(bench="served_vs_offline_bracketed", instances=instances, img_per_s=round(rate, 1),
+    for (instances, http), rate in served.items():
+        emit(bench="served_vs_offline_bracketed", instances=instances, http=http, img_per_s=round(rate, 1),
              offline_before=round(offline, 1), offline_after=round(after, 1),
              ratio=round(2 * rate / (offline + after), 3), target_ratio=0.85)
 
@@ -329,7 +333,7 @@ def settle(url: str, timeout: float = 30.0) -> None:
 
 
 def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], args: argparse.Namespace,
-                   offline: float, ceiling: float, instances: int) -> float:
+                   offline: float, ceiling: float, instances: int, http: str) -> float:
     """Full load, batch-1 and half load against one running server; one JSON line each. Returns
     the served rate under full load."""
     if gen == "wrk":
@@ -339,7 +343,7 @@ def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], arg
     else:
         closed = lambda clients, seconds: closed_loop(url, images, clients, seconds)  # noqa: E731
         half_load = lambda rate, seconds: open_loop(url, images, rate, seconds)  # noqa: E731
-    common = {"load_generator": gen, "instances": instances}
+    common = {"load_generator": gen, "instances": instances, "http": http}
     closed(args.clients, 1.0)  # warm-up
     full = closed(args.clients, args.seconds)
     emit(
@@ -371,6 +375,7 @@ def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], arg
     emit(
         bench="server_batches",
         instances=instances,
+        http=http,
         mean_batch=round(total["imagerec_batch_size_sum"] / max(total["imagerec_batch_size_count"], 1), 2),
         batches=int(total["imagerec_batch_size_count"]),
     )

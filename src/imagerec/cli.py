@@ -43,7 +43,8 @@ TRAIN_HELP = {
     "freeze_backbone": "train only the classifier head",
     "backbone_lr_scale": "learning-rate multiplier for everything but the head (discriminative fine-tuning)",
     "epochs": "number of epochs (may be raised when resuming; with --time-limit, the most to plan)",
-    "time_limit": "train for about this many minutes from the start of the command (data loading included): "
+    "time_limit": "train for about this long from the start of the command (data loading included), in minutes "
+                  "or with a unit (20, 20m, 90s, 1.5h): "
                   "the epoch count and schedule are planned from the measured speed, and training stops at the limit "
                   "(the final test evaluation comes after it; 0 = off)",
     "optimizer": "sgd | adam | adamw | adagrad",
@@ -84,6 +85,15 @@ TRAIN_HELP = {
 }
 
 
+def _minutes(value: str) -> float:
+    from imagerec.config import parse_minutes
+
+    try:
+        return parse_minutes(value)
+    except ImageRecError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("time_limit=", "")) from e
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from imagerec.config import TrainConfig
 
@@ -93,7 +103,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": TRAIN_HELP.get(f.name, "")}
-        if "bool" in kind:
+        if f.name == "time_limit":
+            p.add_argument(flag, type=_minutes, metavar="DURATION", **kw)
+        elif "bool" in kind:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif "list" in kind:
             p.add_argument(flag.rstrip("s") if f.name == "ops" else flag, action="append", metavar="OP", **kw)

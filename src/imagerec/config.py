@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -166,8 +167,27 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in internal}
 
 
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h|hr)?\s*", re.IGNORECASE)
+_UNIT_MINUTES = {"s": 1 / 60, "sec": 1 / 60, "m": 1.0, "min": 1.0, "h": 60.0, "hr": 60.0}
+
+
+def parse_minutes(value: Any, name: str = "time_limit") -> float:
+    """A duration in minutes from a number (minutes) or a string with a unit: '20', '20m', '90s', '1.5h'."""
+    if isinstance(value, bool):
+        raise ImageRecError(f"{name} must be a duration, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = _DURATION.fullmatch(str(value))
+    if m is None:
+        raise ImageRecError(f"{name}={value!r} is not a duration: give minutes (20) or a number with a unit, "
+                            "e.g. 90s, 20m, 1.5h")
+    return float(m.group(1)) * _UNIT_MINUTES[(m.group(2) or "m").lower()]
+
+
 def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:
     """Check a YAML value against the field's type; YAML already parsed numbers and booleans."""
+    if name == "time_limit" and value is not None:
+        return parse_minutes(value)
     if value is None:
         if "None" in annotation:
             return None

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -151,13 +152,14 @@ class Predictor:
     def _result(self, name: str, probs: torch.Tensor, top_k: int) -> dict[str, Any]:
         k = min(top_k, len(self.class_names))
         # A stable sort ranks tied scores (common with bf16 logits) lowest index first, like the
-        # argmax behind `imagerec eval`; topk's order for ties is unspecified.
-        scores, idx = probs.sort(descending=True, stable=True)
-        scores, idx = scores[:k], idx[:k]
-        topk = [{"label": self.class_names[i], "score": round(float(s), 6)} for s, i in zip(scores.tolist(), idx.tolist(), strict=True)]
+        # argmax behind `imagerec eval`; topk's order for ties is unspecified. NumPy, not torch:
+        # the server calls this on its event loop, and a torch op there costs a GIL release.
+        p = probs.numpy()
+        idx = np.argsort(-p, kind="stable")[:k]
+        topk = [{"label": self.class_names[i], "score": round(float(p[i]), 6)} for i in idx.tolist()]
         out: dict[str, Any] = {"path": name, "label": topk[0]["label"], "score": topk[0]["score"], "topk": topk}
         if self.pre.multi_label:
-            out["labels"] = [self.class_names[i] for i in (probs >= 0.5).nonzero().flatten().tolist()]
+            out["labels"] = [self.class_names[i] for i in np.flatnonzero(p >= 0.5).tolist()]
         return out
 
     def predict_iter(self, images: Sequence[ImageInput], top_k: int = 5, names: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:

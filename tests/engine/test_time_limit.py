@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from test_resume import InterruptAt
 
+from imagerec.config import load_config_file, parse_minutes
 from imagerec.engine.callbacks import Callback
 from imagerec.engine.run import train
 
@@ -103,7 +104,7 @@ def test_real_clock_run_plans_and_finishes(tmp_path: Path) -> None:
     out = tmp_path / "r"
     proc = subprocess.run(
         [sys.executable, "-m", "imagerec.cli", "train", "mnist-mini", "--model", "mlp", "--limit-train", "320",
-         "--batch-size", "32", "--epochs", "3", "--time-limit", "5", "--out", str(out)],
+         "--batch-size", "32", "--epochs", "3", "--time-limit", "300s", "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--time-limit 5 min: 3 epoch(s) planned" in proc.stderr  # 5 minutes hold far more; --epochs caps
@@ -111,7 +112,15 @@ def test_real_clock_run_plans_and_finishes(tmp_path: Path) -> None:
     assert "time_limit: 5.0" in (out / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("value", ["-1", "abc"])
+@pytest.mark.parametrize(("value", "minutes"), [(20, 20.0), ("20", 20.0), ("20m", 20.0), ("2 min", 2.0),
+                                                ("90s", 1.5), ("1.5h", 90.0), (".5H", 30.0)])
+def test_time_limit_takes_units(tmp_path: Path, value: object, minutes: float) -> None:
+    (tmp_path / "c.yaml").write_text(f"time_limit: {value}\n")
+    assert load_config_file(tmp_path / "c.yaml").time_limit == minutes
+    assert parse_minutes(value) == minutes
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "20x", "1h30", ""])
 def test_bad_time_limit_is_a_clear_error(tmp_path: Path, value: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "imagerec.cli", "train", "mnist-mini", "--time-limit", value,
                            "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import socket
 import struct
@@ -307,3 +308,48 @@ def test_client_gone_mid_body_is_not_a_server_error(server, caplog):
     assert not [r for r in caplog.records if "internal error" in r.getMessage()]
     with server.client() as c:  # still serving
         assert c.get("/healthz").status_code == 200
+
+
+def _raw_exchange(server, requests: list[bytes], chunk: int = 8192) -> bytes:
+    """Send raw HTTP requests on one connection, in small chunks, and read until the server closes
+    or has answered each; a server that hangs up mid-send is fine (its answer is still read)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        try:
+            for req in requests:
+                for i in range(0, len(req), chunk):
+                    sock.sendall(req[i:i + chunk])
+        except OSError:
+            pass
+        received = b""
+        try:
+            while received.count(b"HTTP/1.1 ") < len(requests):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += data
+        except OSError:
+            pass
+    return received
+
+
+def _get(header_bytes: int) -> bytes:
+    return (f"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {'A' * header_bytes}\r\n\r\n").encode()
+
+
+def test_oversized_request_head_gets_431_and_a_close(server):
+    """httptools buffers a header of any size; the server caps the request line + headers at 64 KiB."""
+    answer = _raw_exchange(server, [_get(200_000)])
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower()
+    err = json.loads(body)["error"]
+    assert err["type"] == "headers_too_large" and "65536 bytes" in err["message"]
+    with server.client() as c:  # still serving
+        assert c.get("/healthz").status_code == 200
+
+
+def test_head_limit_is_per_request_on_a_kept_alive_connection(server):
+    """Three 40 KB heads on one connection (120 KB in all) are three good requests."""
+    answer = _raw_exchange(server, [_get(40_000)] * 3)
+    assert answer.count(b"HTTP/1.1 200 ") == 3, answer[:300]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 import json
 import logging
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -15,6 +18,8 @@ from imagerec.serve import ServeSettings, create_settings
 from imagerec.serve.auth import ApiKeys
 from imagerec.serve.batching import Batcher, QueueFull
 from imagerec.serve.limits import sniff_image_type
+from imagerec.serve.metrics import ServeMetrics
+from imagerec.serve.registry import ModelRegistry
 from imagerec.serve.settings import ModelSource
 from imagerec.utils import ImageRecError
 
@@ -227,6 +232,23 @@ def test_settings_validation_and_sources():
         create_settings(["x"], max_bach=4)
     with pytest.raises(ImageRecError, match="API key file not found"):
         ServeSettings(models=("x",), api_key_file="/nonexistent/keys")
+    with pytest.raises(ImageRecError, match="http must be 'auto' or 'h11', got 'h2'"):
+        ServeSettings(models=("x",), http="h2")
+
+
+def test_server_runs_the_capped_httptools_parser_and_uvloop():
+    """httptools and uvloop are dependencies, so `auto` must pick them (the speed in README
+    "Serving" assumes it); `h11` is uvicorn's pure-Python parser."""
+    from imagerec.serve.app import create_server
+    from imagerec.serve.http import CappedHttpToolsProtocol
+
+    server = create_server(ServeSettings(models=("x",)))
+    server.config.load()
+    assert server.config.http_protocol_class is CappedHttpToolsProtocol
+    assert server.config.loop == "auto" and importlib.util.find_spec("uvloop") is not None
+    h11 = create_server(ServeSettings(models=("x",), http="h11"))
+    h11.config.load()
+    assert h11.config.http_protocol_class.__name__ == "H11Protocol"
 
 
 def test_keys_are_hashed_and_rejected_when_short(tmp_path):
@@ -332,3 +354,25 @@ def test_db_without_an_importable_store_only_warns(
         finally:
             running.stop()
     assert any("will not be recorded" in rec.getMessage() for rec in caplog.records)
+
+
+def test_models_load_into_a_frozen_heap_and_retired_ones_are_freed(run_dir):
+    """After a load the heap is frozen (full collections no longer walk it: p99 latency), and a
+    model retired by a reload is still freed, not kept alive by the freeze or the retire timer."""
+    registry = ModelRegistry(ServeSettings(models=(str(run_dir),), timeout_s=0.2), ServeMetrics())
+    registry.load_startup()
+    try:
+        assert gc.get_freeze_count() > 10_000
+        predictor = registry.default().predictor
+        predictor.cycle = predictor  # freed only by a collection (an OpenVINO or ONNX graph may hold cycles)
+        old = weakref.ref(predictor)
+        del predictor
+        registry.reload()
+        assert registry.default().predictor is not old()
+        deadline = time.monotonic() + 15  # retired timeout_s + 1 s after the reload
+        while old() is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert old() is None
+    finally:
+        registry.stop_all()
+        gc.unfreeze()

@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from imagerec import __version__
 from imagerec.serve.auth import ApiKeys
 from imagerec.serve.errors import install_error_handlers
+from imagerec.serve.http import MAX_HEAD_BYTES, http_protocol
 from imagerec.serve.limits import BodyLimitMiddleware
 from imagerec.serve.metrics import MetricsMiddleware, ServeMetrics
 from imagerec.serve.recording import Recorder
@@ -104,11 +105,11 @@ def create_server(settings: ServeSettings) -> uvicorn.Server:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        http=http_protocol() if settings.http == "auto" else "h11",
         timeout_keep_alive=5,
         server_header=False,
         proxy_headers=False,
-        h11_max_incomplete_event_size=64
-        * 1024,  # oversized request headers -> 4xx from uvicorn
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # oversized request heads -> 4xx (httptools: 431)
     )
     return uvicorn.Server(config)
 

@@ -92,8 +92,9 @@ class Batcher:
             t.start()
         return self
 
-    def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
-        """Stop taking images; finish the queued ones (drain) or fail them with BatcherClosed."""
+    def stop(self, drain: bool = True, timeout: float = 30.0, release: bool = False) -> None:
+        """Stop taking images; finish the queued ones (drain) or fail them with BatcherClosed.
+        `release` drops the predict functions afterwards (and with them the models they hold)."""
         with self._cond:
             self._stopping = True
             if not drain:
@@ -108,6 +109,8 @@ class Batcher:
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
+        if release:
+            self.instances = []
 
     @property
     def alive(self) -> bool:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from imagerec.serve.auth import require_admin_key, require_predict_key
 from imagerec.serve.batching import BatcherClosed, QueueFull
 from imagerec.serve.errors import ApiError, error_response
-from imagerec.serve.inputs import Prepared, Upload, parse_body, prepare_image
+from imagerec.serve.inputs import Prepared, parse_and_prepare_first, prepare_image
 from imagerec.serve.registry import ModelEntry, resolve_model_path
 from imagerec.serve.settings import ModelSource
 from imagerec.utils import ImageRecError
@@ -226,23 +226,24 @@ async def _predict_steps(
             "empty_body",
             "the request body is empty: send multipart/form-data with field 'file', or JSON {\"images\": [...]}",
         )
-    uploads: list[Upload] = await loop.run_in_executor(
-        pool, parse_body, body, request.headers.get("content-type"), settings.max_files
+    uploads, first = await loop.run_in_executor(
+        pool, parse_and_prepare_first, entry.predictor, body,
+        request.headers.get("content-type"), settings.max_files, settings.max_pixels,
     )
     del body, chunks
-    results = await asyncio.gather(
+    results = await asyncio.gather(  # the other images of the request decode in parallel
         *(
             loop.run_in_executor(
                 pool, prepare_image, entry.predictor, up, settings.max_pixels
             )
-            for up in uploads
+            for up in uploads[1:]
         ),
         return_exceptions=True,
     )
     for r in results:  # report the first bad image by index
         if isinstance(r, BaseException):
             raise r
-    prepared: list[Prepared] = results  # type: ignore[assignment]
+    prepared: list[Prepared] = [first, *results]  # type: ignore[list-item]
     phase[0] = "infer"
     retry = {"Retry-After": str(settings.retry_after_s)}
     try:

@@ -76,6 +76,9 @@ class ServeSettings:
     # How a source path becomes a Predictor; None: `imagerec.predict.load` (run dirs and bundles).
     loader: Callable[[str], Any] | None = None
     log_level: str = "info"
+    # HTTP parser: auto = httptools (C) with a head-size cap, h11 when httptools is missing;
+    # h11 = always uvicorn's pure-Python parser (README "Serving" compares the two).
+    http: str = "auto"
     sources: tuple[ModelSource, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -108,6 +111,8 @@ class ServeSettings:
         for name in ("timeout_s", "max_body_mb"):
             if float(getattr(self, name)) <= 0:
                 raise ImageRecError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.http not in ("auto", "h11"):
+            raise ImageRecError(f"http must be 'auto' or 'h11', got {self.http!r}")
         if self.queue_size < self.max_files:
             raise ImageRecError(
                 f"queue_size ({self.queue_size}) must be >= max_files ({self.max_files}), or a full request could never be queued"

@@ -1,0 +1,72 @@
+"""The HTTP/1.1 protocol the server runs: uvicorn's httptools (C, llhttp) parser with a cap on the
+request head, or uvicorn's pure-Python h11 when httptools is not installed.
+
+httptools parses a request in a fraction of h11's time, but it has no limit on the size of the
+request line and headers: it buffers a header of any length. h11 has one
+(`h11_max_incomplete_event_size`). `CappedHttpToolsProtocol` adds the same cap: once more than
+`MAX_HEAD_BYTES` arrive before the head is complete, the client gets a 431 JSON error and the
+connection is closed, so memory per connection stays bounded whichever parser runs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from imagerec.serve.errors import error_body
+
+MAX_HEAD_BYTES = 64 * 1024
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools missing: uvicorn's h11 protocol, capped by h11_max_incomplete_event_size
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+
+def _head_too_large_response(limit: int) -> bytes:
+    body = json.dumps(error_body(
+        "headers_too_large",
+        f"the request line and headers exceed {limit} bytes ({limit // 1024} KiB); send fewer or shorter headers",
+    )).encode()
+    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+
+if HttpToolsProtocol is not None:
+
+    class CappedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
+        """uvicorn's httptools protocol; a request head over `head_limit` bytes gets 431 and a close."""
+
+        head_limit = MAX_HEAD_BYTES
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._in_head, self._head_bytes = True, 0
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_head:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            # Counted per chunk: a head that completes inside the chunk that crosses the limit is
+            # allowed (the chunk may be mostly body), so at most limit + one read is ever buffered.
+            if self._in_head and self._head_bytes > self.head_limit and not self.transport.is_closing():
+                self._reject_head()
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head, self._head_bytes = True, 0  # the next request on this connection
+
+        def _reject_head(self) -> None:
+            idle = self.cycle is None or self.cycle.response_complete
+            if idle:  # never interleave bytes with a response still being sent: then just close
+                self.transport.write(_head_too_large_response(self.head_limit))
+            self.transport.close()
+
+
+def http_protocol() -> Any:
+    """What to pass as uvicorn.Config(http=...): the capped httptools protocol, else "h11"."""
+    return CappedHttpToolsProtocol if HttpToolsProtocol is not None else "h11"
