@@ -2,7 +2,9 @@
 p99 latency at half load vs batch-1 latency. Bounded in requests and time; prints one JSON line per result.
 
     python bench/serve_load.py                      # ResNet-18 at 224 px, CIFAR-10 JPEGs as requests
-    python bench/serve_load.py --model mnist-cnn    # a tiny digit CNN: measures the server's own overhead
+    python bench/serve_load.py --model mnist-cnn    # a tiny digit CNN (a PyTorch run: eager per-op
+                                                    # overhead on the batcher threads dominates, not HTTP)
+    python bench/serve_load.py --instances 2 --http auto h11   # httptools + uvloop vs uvicorn's h11
     python bench/serve_load.py --run runs/mnist --seconds 10 --clients 32
 
 The load comes from `wrk` (a C load generator: `apt-get install wrk`) when it is installed, with
