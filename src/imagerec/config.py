@@ -184,6 +184,11 @@ def parse_minutes(value: Any, name: str = "time_limit") -> float:
     return float(m.group(1)) * _UNIT_MINUTES[(m.group(2) or "m").lower()]
 
 
+def format_minutes(minutes: float) -> str:
+    """'10 s' for a duration under a minute, else '20 min' (as --time-limit is shown)."""
+    return f"{minutes * 60:.3g} s" if minutes < 1 else f"{minutes:g} min"
+
+
 def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:
     """Check a YAML value against the field's type; YAML already parsed numbers and booleans."""
     if name == "time_limit" and value is not None:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from test_resume import InterruptAt
 
-from imagerec.config import load_config_file, parse_minutes
+from imagerec.config import format_minutes, load_config_file, parse_minutes
 from imagerec.engine.callbacks import Callback
 from imagerec.engine.run import train
 
@@ -118,6 +118,10 @@ def test_time_limit_takes_units(tmp_path: Path, value: object, minutes: float) -
     (tmp_path / "c.yaml").write_text(f"time_limit: {value}\n")
     assert load_config_file(tmp_path / "c.yaml").time_limit == minutes
     assert parse_minutes(value) == minutes
+
+
+def test_time_limit_is_shown_in_its_unit() -> None:
+    assert [format_minutes(parse_minutes(v)) for v in ("10s", "90s", "20", "1.5h")] == ["10 s", "1.5 min", "20 min", "90 min"]
 
 
 @pytest.mark.parametrize("value", ["-1", "abc", "20x", "1h30", ""])

@@ -337,9 +337,11 @@ def _get(header_bytes: int) -> bytes:
     return (f"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {'A' * header_bytes}\r\n\r\n").encode()
 
 
-def test_oversized_request_head_gets_431_and_a_close(server):
+@pytest.mark.parametrize("size", [70_000, 200_000])
+@pytest.mark.parametrize("chunk", [8192, 2**20])  # trickled, or written at once (often one read)
+def test_oversized_request_head_gets_431_and_a_close(server, size, chunk):
     """httptools buffers a header of any size; the server caps the request line + headers at 64 KiB."""
-    answer = _raw_exchange(server, [_get(200_000)])
+    answer = _raw_exchange(server, [_get(size)], chunk)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"connection: close" in head.lower()
@@ -349,7 +351,8 @@ def test_oversized_request_head_gets_431_and_a_close(server):
         assert c.get("/healthz").status_code == 200
 
 
-def test_head_limit_is_per_request_on_a_kept_alive_connection(server):
-    """Three 40 KB heads on one connection (120 KB in all) are three good requests."""
-    answer = _raw_exchange(server, [_get(40_000)] * 3)
+@pytest.mark.parametrize("chunk", [8192, 2**20])
+def test_head_limit_is_per_request_on_a_kept_alive_connection(server, chunk):
+    """Three 60 KB heads on one connection (180 KB in all) are three good requests."""
+    answer = _raw_exchange(server, [_get(60_000)] * 3, chunk)
     assert answer.count(b"HTTP/1.1 200 ") == 3, answer[:300]

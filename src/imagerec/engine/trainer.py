@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imagerec.config import TrainConfig
+from imagerec.config import TrainConfig, format_minutes
 from imagerec.data.loader import ImageLoader
 from imagerec.engine import distributed
 from imagerec.engine.callbacks import Callback, StopTraining
@@ -233,7 +233,7 @@ class Trainer:
         if s.epoch < self.cfg.epochs:
             return False
         if s.epoch != self.max_epochs:
-            self.stop_reason = f"--time-limit {self.cfg.time_limit:g} min: {s.epoch} epoch(s) fit"
+            self.stop_reason = f"--time-limit {format_minutes(self.cfg.time_limit)}: {s.epoch} epoch(s) fit"
         return True
 
     def _plan(self, epochs: int, epoch_s: float, basis: str) -> None:
@@ -249,7 +249,7 @@ class Trainer:
         self.meta["train_config"]["epochs"] = epochs  # what --resume reads
         steps = len(self.train_loader)
         self.schedule, self.total_steps = create_schedule(self.cfg, steps), epochs * steps
-        self._emit("on_plan", f"--time-limit {self.cfg.time_limit:g} min: {epochs} epoch(s) planned "
+        self._emit("on_plan", f"--time-limit {format_minutes(self.cfg.time_limit)}: {epochs} epoch(s) planned "
                               f"(~{epoch_s:.1f} s each, {basis})")
 
     def _end_epoch(self, seconds: float, images: int) -> dict[str, Any]:

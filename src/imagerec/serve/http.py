@@ -4,8 +4,9 @@ request head, or uvicorn's pure-Python h11 when httptools is not installed.
 httptools parses a request in a fraction of h11's time, but it has no limit on the size of the
 request line and headers: it buffers a header of any length. h11 has one
 (`h11_max_incomplete_event_size`). `CappedHttpToolsProtocol` adds the same cap: once more than
-`MAX_HEAD_BYTES` arrive before the head is complete, the client gets a 431 JSON error and the
-connection is closed, so memory per connection stays bounded whichever parser runs.
+`MAX_HEAD_BYTES` arrive before the head ends (or a head that ends in a read is longer than
+that), the client gets a 431 JSON error and the connection is closed, before the parser buffers
+any of it, so memory per connection stays bounded whichever parser runs.
 """
 
 from __future__ import annotations
@@ -41,16 +42,26 @@ if HttpToolsProtocol is not None:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._in_head, self._head_bytes = True, 0
+            self._in_head, self._head_bytes, self._tail = True, 0, b""
 
         def data_received(self, data: bytes) -> None:
-            if self._in_head:
-                self._head_bytes += len(data)
+            if self._in_head and self._head_over_limit(data):
+                self._reject_head()  # before the parser sees (and buffers) any of it
+                return
             super().data_received(data)
-            # Counted per chunk: a head that completes inside the chunk that crosses the limit is
-            # allowed (the chunk may be mostly body), so at most limit + one read is ever buffered.
-            if self._in_head and self._head_bytes > self.head_limit and not self.transport.is_closing():
-                self._reject_head()
+
+        def _head_over_limit(self, data: bytes) -> bool:
+            """Whether the head now arriving is over the limit, measured to its end (a blank line)
+            when it ends in `data`, else counting all of `data`; a head split over reads is summed."""
+            window = self._tail + data  # the blank line may straddle two reads
+            ends = [i for i in (window.find(b"\r\n\r\n"), window.find(b"\n\n")) if i >= 0]
+            if ends:
+                size = self._head_bytes - len(self._tail) + min(ends) + 2
+                self._head_bytes, self._tail = 0, b""
+                return size > self.head_limit
+            self._head_bytes += len(data)
+            self._tail = window[-3:]
+            return self._head_bytes > self.head_limit
 
         def on_headers_complete(self) -> None:
             self._in_head = False
@@ -58,7 +69,7 @@ if HttpToolsProtocol is not None:
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
-            self._in_head, self._head_bytes = True, 0  # the next request on this connection
+            self._in_head, self._head_bytes, self._tail = True, 0, b""  # the next request on this connection
 
         def _reject_head(self) -> None:
             idle = self.cycle is None or self.cycle.response_complete
