@@ -5,6 +5,7 @@ p99 latency at half load vs batch-1 latency. Bounded in requests and time; print
     python bench/serve_load.py --model mnist-cnn    # a tiny digit CNN (a PyTorch run: eager per-op
                                                     # overhead on the batcher threads dominates, not HTTP)
     python bench/serve_load.py --instances 2 --http auto h11   # httptools + uvloop vs uvicorn's h11
+    python bench/serve_load.py --instances 2 --wait adaptive fixed  # batch wait: measured vs always max
     python bench/serve_load.py --run runs/mnist --seconds 10 --clients 32
 
 The load comes from `wrk` (a C load generator: `apt-get install wrk`) when it is installed, with
@@ -60,7 +61,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def start_server(
-    run: str, max_batch: int, max_wait_ms: float, instances: int = 1, http: str = "auto"
+    run: str, max_batch: int, max_wait_ms: float, instances: int = 1, http: str = "auto", wait: str = "adaptive"
 ) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,7 +69,7 @@ def start_server(
     code = (
         "import sys; from imagerec.serve import serve; "
         f"serve([sys.argv[1]], host='127.0.0.1', port={port}, max_batch={max_batch}, max_wait_ms={max_wait_ms}, "
-        f"instances={instances}, http='{http}', queue_size=1024, max_inflight=1024, log_level='warning')"
+        f"instances={instances}, http='{http}', adaptive_wait={wait == 'adaptive'}, queue_size=1024, max_inflight=1024, log_level='warning')"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, run],
@@ -279,6 +280,9 @@ def main() -> None:
                     help="server model instances to measure, one server each (serve --instances)")
     ap.add_argument("--http", nargs="+", choices=("auto", "h11"), default=["auto"],
                     help="HTTP parsers to measure, one server each: auto = httptools (C), h11 = pure Python")
+    ap.add_argument("--wait", nargs="+", choices=("adaptive", "fixed"), default=["adaptive"],
+                    help="batch wait policies to measure, one server each: adaptive (the default: at most the "
+                         "measured per-batch overhead) or fixed (always up to --max-wait-ms: serve --fixed-wait)")
     args = ap.parse_args()
     gen = args.load_generator
     if gen == "auto":
@@ -298,13 +302,12 @@ def main() -> None:
         (tmp / f"{i}.img").write_bytes(data)
         paths.append(str(tmp / f"{i}.img"))
     list_file.write_text("\n".join(paths) + "\n")
-    served: dict[tuple[int, str], float] = {}
+    served: dict[tuple[int, str, str], float] = {}
     try:
-        for instances, http in itertools.product(args.instances, args.http):
-            proc, url = start_server(run, args.max_batch, args.max_wait_ms, instances, http)
+        for variant in itertools.product(args.instances, args.http, args.wait):
+            proc, url = start_server(run, args.max_batch, args.max_wait_ms, *variant)
             try:
-                served[instances, http] = measure_server(url, gen, list_file, images, args, offline, ceiling,
-                                                         instances, http)
+                served[variant] = measure_server(url, gen, list_file, images, args, offline, ceiling, *variant)
             finally:
                 proc.terminate()
                 proc.wait(20)
@@ -315,8 +318,8 @@ def main() -> None:
     # some seconds of a run on the session-6 machine), so each served rate is also compared with the
     # mean of the baselines taken before and after it.
     after, _ = offline_rates(run, images, args, label="offline_predict_after")
-    for (instances, http), rate in served.items():
-        emit(bench="served_vs_offline_bracketed", instances=instances, http=http, img_per_s=round(rate, 1),
+    for (instances, http, wait), rate in served.items():
+        emit(bench="served_vs_offline_bracketed", instances=instances, http=http, wait=wait, img_per_s=round(rate, 1),
              offline_before=round(offline, 1), offline_after=round(after, 1),
              ratio=round(2 * rate / (offline + after), 3), target_ratio=0.85)
 
@@ -335,7 +338,7 @@ def settle(url: str, timeout: float = 30.0) -> None:
 
 
 def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], args: argparse.Namespace,
-                   offline: float, ceiling: float, instances: int, http: str) -> float:
+                   offline: float, ceiling: float, instances: int, http: str, wait: str) -> float:
     """Full load, batch-1 and half load against one running server; one JSON line each. Returns
     the served rate under full load."""
     if gen == "wrk":
@@ -345,7 +348,7 @@ def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], arg
     else:
         closed = lambda clients, seconds: closed_loop(url, images, clients, seconds)  # noqa: E731
         half_load = lambda rate, seconds: open_loop(url, images, rate, seconds)  # noqa: E731
-    common = {"load_generator": gen, "instances": instances, "http": http}
+    common = {"load_generator": gen, "instances": instances, "http": http, "wait": wait}
     closed(args.clients, 1.0)  # warm-up
     full = closed(args.clients, args.seconds)
     emit(
@@ -378,6 +381,7 @@ def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], arg
         bench="server_batches",
         instances=instances,
         http=http,
+        wait=wait,
         mean_batch=round(total["imagerec_batch_size_sum"] / max(total["imagerec_batch_size_count"], 1), 2),
         batches=int(total["imagerec_batch_size_count"]),
     )

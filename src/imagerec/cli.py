@@ -218,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=32, help="largest micro-batch")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a micro-batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="longest wait to fill a micro-batch; the server waits less where the model's measured "
+                        "per-batch overhead is smaller (shown in GET /v1/models)")
+    p.add_argument("--fixed-wait", action="store_true",
+                   help="always wait up to --max-wait-ms for a micro-batch to fill, whatever the measured cost")
     p.add_argument("--queue-size", type=int, default=256, help="queued images before answering 503")
     p.add_argument("--instances", type=int, default=0,
                    help="model instances per version, sharing the cores (default: 2 for a bundle on 2+ cores, else 1)")
@@ -369,7 +373,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from imagerec.serve import serve
 
     serve(args.models, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-          queue_size=args.queue_size, instances=args.instances, api_key_file=args.api_key_file, max_body_mb=args.max_body_mb,
+          adaptive_wait=not args.fixed_wait, queue_size=args.queue_size, instances=args.instances, api_key_file=args.api_key_file, max_body_mb=args.max_body_mb,
           max_pixels=args.max_pixels, timeout_s=args.timeout_s, cors_origins=args.cors_origin or (), db=args.db)
     return 0
 

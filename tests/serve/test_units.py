@@ -16,7 +16,7 @@ from conftest import start_thread_server
 
 from imagerec.serve import ServeSettings, create_settings
 from imagerec.serve.auth import ApiKeys
-from imagerec.serve.batching import Batcher, QueueFull
+from imagerec.serve.batching import BatchCost, Batcher, QueueFull, adaptive_wait_ms, measure_batch_cost
 from imagerec.serve.limits import sniff_image_type
 from imagerec.serve.metrics import ServeMetrics
 from imagerec.serve.registry import ModelRegistry
@@ -376,3 +376,63 @@ def test_models_load_into_a_frozen_heap_and_retired_ones_are_freed(run_dir):
     finally:
         registry.stop_all()
         gc.unfreeze()
+
+
+def sleeping_model(overhead_s: float, per_image_s: float):
+    """predict_batch whose batch of n takes overhead_s + n * per_image_s (sleeps: no CPU used)."""
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(overhead_s + per_image_s * len(x))
+        return torch.full((len(x), 2), 0.5)
+
+    return predict
+
+
+@pytest.mark.parametrize("overhead_ms,per_image_ms", [(30, 10), (0, 15)])
+def test_batch_cost_is_measured_as_overhead_plus_per_image(overhead_ms, per_image_ms):
+    cost = measure_batch_cost(sleeping_model(overhead_ms / 1000, per_image_ms / 1000),
+                              torch.zeros(1, 2, 2, dtype=torch.uint8), n=4)
+    # Sleeps overshoot, never undershoot, and the fastest of several rounds is kept.
+    assert per_image_ms - 1 <= 1000 * cost.per_image_s <= per_image_ms + 4
+    assert overhead_ms - 4 <= 1000 * cost.overhead_s <= overhead_ms + 5
+
+
+def test_adaptive_wait_is_the_overhead_capped_at_max_wait():
+    assert adaptive_wait_ms(BatchCost(0.0060, 0.0055), 5.0) == pytest.approx(0.5)
+    assert adaptive_wait_ms(BatchCost(0.0300, 0.0010), 5.0) == 5.0  # a GPU-like cost: wait the full 5 ms
+    assert adaptive_wait_ms(BatchCost(0.0040, 0.0050), 5.0) == 0.0  # noise: never a negative wait
+
+
+def test_server_waits_for_a_batch_only_as_long_as_batching_can_save(run_dir, digits):
+    """A model whose cost is all per image: the adaptive server answers a lone request at once,
+    --fixed-wait holds it for max_wait_ms; the model card says which wait is in force."""
+    import httpx
+
+    import imagerec
+
+    def loader(path: str):
+        predictor = imagerec.load(path)
+        predictor.predict_batch = sleeping_model(0.0, 0.010)
+        return predictor
+
+    latencies, cards = {}, {}
+    for adaptive in (True, False):
+        running = start_thread_server(ServeSettings(models=(str(run_dir),), loader=loader, max_wait_ms=300,
+                                                    adaptive_wait=adaptive))
+        try:
+            with httpx.Client(base_url=running.url, timeout=30) as c:
+                cards[adaptive] = c.get("/v1/models").json()["models"][0]["batching"]
+                times = []
+                for i in range(3):
+                    start = time.perf_counter()
+                    r = c.post("/v1/predict", files={"file": ("d.png", digits[i], "image/png")})
+                    times.append(time.perf_counter() - start)
+                    assert r.status_code == 200, r.text
+                latencies[adaptive] = min(times)
+        finally:
+            running.stop()
+    assert cards[True]["adaptive"] and cards[True]["wait_ms"] < 5
+    assert 9 <= cards[True]["measured"]["per_image_ms"] <= 14
+    assert cards[False] == {"max_batch": 32, "wait_ms": 300, "max_wait_ms": 300, "adaptive": False}
+    assert latencies[False] >= 0.3  # the full wait
+    assert latencies[True] < 0.15

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from imagerec.export.bundle import MANIFEST, load_bundle, preferred_runtime_entry, read_manifest
-from imagerec.serve.batching import Batcher
+from imagerec.serve.batching import BatchCost, Batcher, adaptive_wait_ms, measure_batch_cost
 from imagerec.serve.errors import ApiError
 from imagerec.serve.metrics import ServeMetrics
 from imagerec.serve.settings import NAME_RE, ModelSource, ServeSettings
@@ -38,6 +38,7 @@ class ModelEntry:
     predictor: Any
     batcher: Batcher
     metrics: dict[str, Any] = field(default_factory=dict)
+    batching: dict[str, Any] = field(default_factory=dict)
     loaded_at: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
@@ -70,6 +71,7 @@ class ModelEntry:
             },
             "num_params": meta.get("num_params"),
             "instances": len(self.batcher.instances),
+            "batching": self.batching,
             "loaded_at": self.loaded_at,
         }
 
@@ -180,7 +182,8 @@ class ModelRegistry:
     # --- writes (blocking: call from a worker thread) ---------------------------------------------
     def load_startup(self) -> None:
         for i, source in enumerate(self.settings.sources):
-            self.load(source, make_default=i == 0)
+            self.load(source, make_default=i == 0, freeze=False)
+        freeze_heap()  # once for all of them: each full collection of a loaded server is ~0.3 s
 
     def _load_instances(self, path: str) -> list[Any]:
         """`settings.instances` predictors for one model version, each warmed up by one call."""
@@ -211,10 +214,39 @@ class ModelRegistry:
             )
         return predictors
 
+    def _batch_wait(self, predictor: Any, label: str) -> tuple[float, BatchCost | None]:
+        """How long a lone image waits for a batch to fill: `max_wait_ms`, or less where the
+        model's measured cost says waiting cannot pay (batching.adaptive_wait_ms)."""
+        s = self.settings
+        if not s.adaptive_wait or s.max_batch < 2 or s.max_wait_ms <= 0:
+            return s.max_wait_ms, None
+        pre = predictor.pre
+        image = torch.zeros((pre.channels, pre.input_size, pre.input_size), dtype=torch.uint8)
+        cost = measure_batch_cost(predictor.predict_batch, image, n=min(4, s.max_batch))
+        wait = adaptive_wait_ms(cost, s.max_wait_ms)
+        log.info(
+            "%s: a batch of 1 takes %.1f ms, each further image %.1f ms: waiting up to %.2f ms "
+            "for a batch to fill (max-wait-ms %g)",
+            label, 1000 * cost.batch1_s, 1000 * cost.per_image_s, wait, s.max_wait_ms,
+        )
+        return wait, cost
+
     def _create_entry(self, name: str, version: str, path: str) -> ModelEntry:
         predictors = self._load_instances(path)
         predictor = predictors[0]  # preprocessing, classes and the model card
         label = f"{name}@{version}"
+        wait_ms, cost = self._batch_wait(predictor, label)
+        batching: dict[str, Any] = {
+            "max_batch": self.settings.max_batch,
+            "wait_ms": round(wait_ms, 3),
+            "max_wait_ms": self.settings.max_wait_ms,
+            "adaptive": cost is not None,
+        }
+        if cost is not None:
+            batching["measured"] = {
+                "batch1_ms": round(1000 * cost.batch1_s, 3),
+                "per_image_ms": round(1000 * cost.per_image_s, 3),
+            }
         batch_hist, infer_hist = (
             self.metrics.batch_size.labels(label),
             self.metrics.inference.labels(label),
@@ -232,17 +264,17 @@ class ModelRegistry:
         batcher = Batcher(
             [p.predict_batch for p in predictors],
             self.settings.max_batch,
-            self.settings.max_wait_ms,
+            wait_ms,
             self.settings.queue_size,
             name=label,
             on_batch=on_batch,
             on_depth=depth.set,
         ).start()
         return ModelEntry(
-            name, version, path, predictor, batcher, read_eval_metrics(path)
+            name, version, path, predictor, batcher, read_eval_metrics(path), batching
         )
 
-    def load(self, source: ModelSource, make_default: bool = False) -> ModelEntry:
+    def load(self, source: ModelSource, make_default: bool = False, freeze: bool = True) -> ModelEntry:
         """Load a new model version (its name/version default to the folder name and the next integer)."""
         name = source.name or _default_name(source.path)
         if not NAME_RE.match(name):
@@ -267,7 +299,8 @@ class ModelRegistry:
             self._entries = {**self._entries, entry.key: entry}
             if make_default or self._default is None:
                 self._default = entry
-            freeze_heap()
+            if freeze:
+                freeze_heap()
         log.info(
             "loaded model %s@%s from %s%s",
             name,

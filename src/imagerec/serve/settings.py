@@ -50,8 +50,11 @@ class ServeSettings:
     port: int = 8000
     # Micro-batching: a batch goes to the model when it holds `max_batch` images or when its
     # first image has waited `max_wait_ms`; at most `queue_size` images wait per model version.
+    # adaptive_wait: wait only as long as the model's measured per-batch overhead, if that is less
+    # than max_wait_ms (batching.adaptive_wait_ms); False waits the full max_wait_ms.
     max_batch: int = 32
     max_wait_ms: float = 5.0
+    adaptive_wait: bool = True
     queue_size: int = 256
     # Model instances per version, each with its own inference thread and cores/instances
     # intra-op threads, all fed from the one queue. 0 (auto): 2 for an exported bundle on a
