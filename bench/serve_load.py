@@ -377,11 +377,14 @@ def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], arg
     total = {}
     for key in ("imagerec_batch_size_sum", "imagerec_batch_size_count"):
         total[key] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(key))
+    batching = httpx.get(url + "/v1/models").json()["models"][0].get("batching", {})
     emit(
         bench="server_batches",
         instances=instances,
         http=http,
         wait=wait,
+        wait_ms=batching.get("wait_ms"),
+        measured=batching.get("measured"),
         mean_batch=round(total["imagerec_batch_size_sum"] / max(total["imagerec_batch_size_count"], 1), 2),
         batches=int(total["imagerec_batch_size_count"]),
     )

@@ -13,7 +13,7 @@ import imagerec
 from imagerec.export import api as export_api
 from imagerec.export import benchmark, export_run, load_bundle
 from imagerec.export.onnx import export_onnx
-from imagerec.utils import ImageRecError
+from imagerec.utils import ImageRecError, available_cpus
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,11 @@ def test_int8_export_passes_gate_and_reports_accuracy(cnn_run: Path, onnx_bundle
     assert manifest["quantization"]["calibration_images"] == 300
     timed = {r["name"]: r["images_per_s"] for r in manifest["runtimes"]}
     assert manifest["preferred_runtime"] == max(timed, key=timed.get)  # the fastest that passed
+    if available_cpus() > 1:  # serve's one-thread copies: timed on one thread at batch 1 too
+        single = {r["name"]: r["images_per_s_1thread"] for r in manifest["runtimes"]}
+        assert manifest["preferred_runtime_1thread"] == max(single, key=single.get)
+    else:
+        assert "preferred_runtime_1thread" not in manifest
     # Provenance: the source run, its data fingerprint, every file hashed.
     best = json.loads((cnn_run / "best.json").read_text())
     on_disk = json.loads((out / "imagerec.json").read_text())
@@ -218,3 +223,18 @@ def test_a_bundles_threads_size_its_session_not_pytorchs_process_wide_count(onnx
     predictor = Predictor.from_bundle(out, runtime="onnx-fp32", threads=1)
     assert predictor.runtime.session.get_session_options().intra_op_num_threads == 1
     assert torch.get_num_threads() == before == available_cpus()
+
+
+def test_one_thread_copies_use_the_runtime_fastest_on_one_thread(onnx_bundle: tuple[Path, dict]) -> None:
+    from imagerec.export.bundle import preferred_runtime_entry
+
+    manifest = json.loads((onnx_bundle[0] / "imagerec.json").read_text())
+    manifest.update(preferred_runtime="onnx-fp32", preferred_runtime_1thread="onnx-int8")
+    assert preferred_runtime_entry(manifest, threads=1)["name"] == "onnx-int8"
+    assert preferred_runtime_entry(manifest)["name"] == preferred_runtime_entry(manifest, threads=2)["name"] == "onnx-fp32"
+    del manifest["preferred_runtime_1thread"]  # a bundle exported before the one-thread timing
+    assert preferred_runtime_entry(manifest, threads=1)["name"] == "onnx-fp32"
+    bundle = load_bundle(onnx_bundle[0])
+    want = onnx_bundle[1].get("preferred_runtime_1thread", onnx_bundle[1]["preferred_runtime"])
+    assert bundle.create_runtime(threads=1).name == want
+    assert bundle.create_runtime().name == onnx_bundle[1]["preferred_runtime"]

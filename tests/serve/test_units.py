@@ -204,6 +204,9 @@ def test_instances_of_a_bundle_hash_its_files_once(run_dir, tmp_path, monkeypatc
         entry = reg.default()
         assert len(entry.batcher.instances) == 2
         assert len(hashed) == len(files)
+        # One-thread copies run the runtime the export found fastest on one thread (2 cores here).
+        manifest = json.loads((out / "imagerec.json").read_text())
+        assert entry.predictor.runtime.name == manifest["preferred_runtime_1thread"]
         x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
         a, b = (fn(x) for fn in entry.batcher.instances)
         torch.testing.assert_close(a, b)

@@ -73,14 +73,30 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def preferred_runtime_entry(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's entry for `Bundle.preferred_runtime`; readable before the bundle is verified."""
+def preferred_runtime_entry(manifest: dict[str, Any], threads: int = 0) -> dict[str, Any]:
+    """The manifest's entry for `Bundle.preferred_runtime`, or with threads=1 the fastest on one
+    thread at batch 1 where the export timed that (`imagerec serve` runs one-thread copies: the
+    ranking can differ, e.g. OpenVINO int8 ResNet-18 5.5 ms vs ONNX Runtime int8 6.2 ms on one core
+    while tied on two); readable before the bundle is verified."""
     usable = [r for r in manifest["runtimes"] if r["engine"] != "openvino" or openvino_available()]
     if not usable:
         raise ImageRecError("the bundle has no runtime that can run here (its runtimes need openvino: pip install openvino)")
     by_name = {r["name"]: r for r in usable}
-    return dict(by_name.get(manifest.get("preferred_runtime"))
+    single = by_name.get(manifest.get("preferred_runtime_1thread")) if threads == 1 else None
+    return dict(single or by_name.get(manifest.get("preferred_runtime"))
                 or max(usable, key=lambda r: r.get("images_per_s", 0.0)))
+
+
+def create_runtime(folder: Path, entry: dict[str, Any], threads: int = 0) -> Runtime:
+    """The runtime a manifest entry describes, over the files in `folder`."""
+    path = folder / entry["file"]
+    if entry["engine"] == "onnxruntime":
+        return OrtRuntime(path, entry["name"], threads)
+    if entry["engine"] == "torchscript":
+        return TorchScriptRuntime(path, entry["name"])
+    if entry["engine"] == "openvino":
+        return OpenVinoRuntime(path, entry["name"], entry.get("hint", "f32"), threads)
+    raise ImageRecError(f"bundle {folder}: unknown engine '{entry['engine']}' (known: {', '.join(ENGINES)})")
 
 
 def verify_bundle(path: str | Path) -> dict[str, Any]:
@@ -134,15 +150,9 @@ class Bundle:
         raise ImageRecError(f"bundle {self.path} has no runtime '{name}': it has {', '.join(self.runtime_names)}")
 
     def create_runtime(self, name: str | None = None, threads: int = 0) -> Runtime:
-        entry = self.runtime_entry(name or self.preferred_runtime)
-        path = self.path / entry["file"]
-        if entry["engine"] == "onnxruntime":
-            return OrtRuntime(path, entry["name"], threads)
-        if entry["engine"] == "torchscript":
-            return TorchScriptRuntime(path, entry["name"])
-        if entry["engine"] == "openvino":
-            return OpenVinoRuntime(path, entry["name"], entry.get("hint", "f32"), threads)
-        raise ImageRecError(f"bundle {self.path}: unknown engine '{entry['engine']}' (known: {', '.join(ENGINES)})")
+        """The runtime `name`, or the preferred one for `threads` (preferred_runtime_entry)."""
+        entry = self.runtime_entry(name or preferred_runtime_entry(self.manifest, threads)["name"])
+        return create_runtime(self.path, entry, threads)
 
 
 def load_bundle(path: str | Path) -> Bundle:
