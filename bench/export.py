@@ -31,7 +31,7 @@ from imagerec.export.runtime import keep_signal_stack
 from imagerec.models import create_model
 from imagerec.predict import Predictor
 from imagerec.transforms import normalize_batch
-from imagerec.utils import available_cpus, cpu_supports_bf16, set_threads
+from imagerec.utils import available_cpus, cpu_supports_bf16, setup_compute
 
 
 def measure_interleaved(cases: dict[str, Callable[[], object]], seconds: float, min_rounds: int = 5) -> dict[str, np.ndarray]:
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.5, help="per case and batch size (cases are interleaved)")
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
-    set_threads()
+    setup_compute()
     torch.manual_seed(0)
     pre = PreprocessConfig(224, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 256, tuple(str(i) for i in range(10)))
     model = create_model("resnet18", num_classes=10, img_size=224).eval()

@@ -285,7 +285,8 @@ def bench_mnist(runs: int, baseline_runs: int) -> None:
 def resnet_step_rate(fast: bool, compile_: bool = False, batch: int = 128, steps: int = 6) -> tuple[float, float]:
     """(img/s, training FLOPs per image) of a ResNet-18 (CIFAR stem) step on random 32x32 data.
     fast = imagerec's trainer settings (channels_last, autocast dtype resolved for this CPU,
-    foreach SGD); stock = NCHW fp32 eager with torch.optim.SGD's defaults."""
+    foreach SGD; bench_throughput also turns on the trainer's retain_freed_memory before the fast
+    runs); stock = NCHW fp32 eager with torch.optim.SGD's defaults."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from imagerec.config import TrainConfig
@@ -324,14 +325,22 @@ def resnet_step_rate(fast: bool, compile_: bool = False, batch: int = 128, steps
 
 
 def bench_throughput(runs: int) -> None:
+    from imagerec.utils import retain_freed_memory
+
     dtype = train_dtype()
     peaks, rates = [], {"stock": [], "fast": [], "fast+compile": []}
     flops = 0.0
-    for _ in range(runs):
-        peaks.append(matmul_peak(dtype))
-        for case in rates:
-            rate, flops = resnet_step_rate(case != "stock", compile_=case.endswith("compile"))
-            rates[case].append(rate)
+    # Stock first, with the C library's default allocator settings, as a plain script runs; then
+    # the trainer's retain_freed_memory (no page faults per step), which stays on for the process.
+    for retained in (False, True):
+        if retained:
+            retain_freed_memory()
+        for _ in range(runs):
+            peaks.append(matmul_peak(dtype))
+            for case in rates:
+                if (case != "stock") == retained:
+                    rate, flops = resnet_step_rate(case != "stock", compile_=case.endswith("compile"))
+                    rates[case].append(rate)
     peak = statistics.fmean(peaks)
     row = {"bench": "train", "job": "resnet18-throughput", "runs": runs, "batch": 128, "image": "3x32x32",
            "train_dtype": str(dtype).replace("torch.", ""), "gflop_per_image": round(flops / 1e9, 3),

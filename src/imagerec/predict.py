@@ -32,7 +32,7 @@ from imagerec.data.decode import (
 from imagerec.engine.checkpoint import load_model
 from imagerec.engine.pipeline import autocast
 from imagerec.transforms import base_transform, normalize_batch
-from imagerec.utils import ImageRecError, available_cpus, resolve_device, resolve_precision, set_threads
+from imagerec.utils import ImageRecError, available_cpus, resolve_device, resolve_precision, setup_compute
 
 if TYPE_CHECKING:
     from imagerec.export.bundle import Bundle
@@ -87,7 +87,7 @@ class Predictor:
         `threads`: the model's intra-op threads (0: one per available core). For a runtime they
         were given to its session (`from_bundle`); PyTorch's process-wide count is left at all
         cores then, so a bundle never slows a PyTorch model served beside it."""
-        set_threads(threads if runtime is None else 0)
+        setup_compute(threads if runtime is None else 0)
         if (model is None) == (runtime is None):
             raise ImageRecError("a Predictor needs exactly one of a PyTorch model or an export runtime")
         self.runtime = runtime

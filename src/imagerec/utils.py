@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import difflib
 import hashlib
 import os
 import platform
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -99,11 +101,45 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def set_threads(num_threads: int = 0) -> int:
-    """Use one intra-op thread per physical core unless told otherwise."""
+def setup_compute(num_threads: int = 0) -> int:
+    """Before training or inference: one intra-op thread per available core unless told otherwise,
+    and freed memory kept for reuse (retain_freed_memory). Returns the thread count."""
     n = num_threads or available_cpus()
     torch.set_num_threads(max(1, n))
+    retain_freed_memory()
     return torch.get_num_threads()
+
+
+# glibc mallopt parameters (<malloc.h>)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def retain_freed_memory() -> bool:
+    """Have glibc keep memory that tensors free for reuse instead of handing it back to the OS.
+
+    By default glibc serves every allocation over 32 MB (and, adaptively, smaller ones) with a fresh
+    mmap and unmaps it on free, so every training step faults its activations in again page by
+    page. Measured on a 2-core AMD machine: a 2-epoch airbench94 CIFAR-10 run took 10.7M minor page
+    faults and 68.7 s an epoch, 0.56M and 66.6 s with this (same accuracy); a ResNet-18 CIFAR step
+    at batch 128 ran ~5% faster in bf16, ~20% in fp32 (`bench/train.py throughput` applies it to
+    its fast path only). jemalloc/tcmalloc, which PyTorch's CPU tuning guide suggests preloading,
+    behave this way by design; on the same machine it made a PyTorch bf16 ResNet-18 inference at
+    224 px, batch 32, 1.3-1.5x faster (no faults instead of ~400k per 8 batches). The price is
+    memory: the process keeps its peak heap until it exits, and glibc's heap fits a repeating
+    pattern of large aligned blocks only after a few steps of growth (a lone 64 MB tensor
+    allocated in a loop: 6 steps, RSS +380 MB; `imagerec train mnist --recipe fast`: 1,021 MB
+    flat across epochs vs 850; the ResNet-18 step: peak RSS 1,425 vs 1,418 MB). Returns False
+    where it does not apply (not Linux glibc); safe to call more than once.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    limit = ctypes.c_int(1 << 30)  # allocations up to 1 GB come from the heap and stay there
+    return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
 
 
 def library_versions() -> dict[str, str]:

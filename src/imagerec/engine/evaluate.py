@@ -18,7 +18,7 @@ from imagerec.engine.pipeline import BatchPipeline, predict_logits
 from imagerec.metrics import classification_metrics, multilabel_metrics
 from imagerec.report import save_confusion_matrix_png
 from imagerec.transforms import base_transform
-from imagerec.utils import ImageRecError, resolve_device, resolve_precision, set_threads
+from imagerec.utils import ImageRecError, resolve_device, resolve_precision, setup_compute
 
 
 def write_eval_outputs(run_dir: Path, split: str, metrics: dict[str, Any]) -> None:
@@ -81,7 +81,7 @@ def evaluate_run(
         >>> m = evaluate_run("runs/mnist", split="test")
         >>> m["accuracy"], m["macro_f1"]
     """
-    set_threads()
+    setup_compute()
     model, meta = load_model(run_dir)
     pre = PreprocessConfig.from_dict(meta["preprocess"])
     cfg = meta["train_config"]

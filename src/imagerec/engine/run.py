@@ -36,7 +36,7 @@ from imagerec.engine.task import ClassificationTask
 from imagerec.engine.trainer import Trainer
 from imagerec.models import count_parameters, create_model, load_pretrained
 from imagerec.transforms import BatchAugment, base_transform, item_augment, normalize_batch, train_base_size
-from imagerec.utils import ImageRecError, library_versions, mix_seed, resolve_precision, set_threads
+from imagerec.utils import ImageRecError, library_versions, mix_seed, resolve_precision, setup_compute
 
 log = logging.getLogger("imagerec")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -217,7 +217,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
            callbacks: list[Callback] | None, console: Console | None, started: float) -> RunResult:
     main, world = distributed.is_main(), distributed.world_size()
     console = console if main and console is not None else Console(stderr=True, soft_wrap=True, quiet=not main)
-    set_threads(cfg.num_threads or distributed.default_threads())
+    setup_compute(cfg.num_threads or distributed.default_threads())
     amp_dtype = resolve_precision(cfg.precision, device)
     sync_bn = distributed.check_sync_bn(cfg.sync_bn, device)
     if cfg.deterministic:

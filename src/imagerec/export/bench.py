@@ -20,7 +20,7 @@ from imagerec.utils import (
     cpu_supports_bf16,
     resolve_device,
     resolve_precision,
-    set_threads,
+    setup_compute,
 )
 
 
@@ -71,7 +71,7 @@ def benchmark(source: str | Path, batch_sizes: tuple[int, ...] = (1, 32), second
     Example:
         >>> for r in benchmark("exports/mnist", seconds=1): print(r["runtime"], r["batch_size"], r["images_per_s"])
     """
-    set_threads()
+    setup_compute()
     runtimes, pre, uses = _runtimes(source)
     results = []
     for runtime, passed in runtimes:
