@@ -439,3 +439,14 @@ def test_server_waits_for_a_batch_only_as_long_as_batching_can_save(run_dir, dig
     assert cards[False] == {"max_batch": 32, "wait_ms": 300, "max_wait_ms": 300, "adaptive": False}
     assert latencies[False] >= 0.3  # the full wait
     assert latencies[True] < 0.15
+
+
+def test_cli_fixed_wait_flag_reaches_the_settings(monkeypatch, run_dir):
+    import imagerec.serve as serve_mod
+    from imagerec.cli import main
+
+    seen: list[dict] = []
+    monkeypatch.setattr(serve_mod, "serve", lambda models, **kw: seen.append(kw))
+    assert main(["serve", str(run_dir), "--max-wait-ms", "7"]) == 0
+    assert main(["serve", str(run_dir), "--fixed-wait"]) == 0
+    assert [(kw["max_wait_ms"], kw["adaptive_wait"]) for kw in seen] == [(7.0, True), (5.0, False)]
