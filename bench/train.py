@@ -332,15 +332,14 @@ def bench_throughput(runs: int) -> None:
     flops = 0.0
     # Stock first, with the C library's default allocator settings, as a plain script runs; then
     # the trainer's retain_freed_memory (no page faults per step), which stays on for the process.
-    for retained in (False, True):
-        if retained:
+    for phase in (("stock",), ("fast", "fast+compile")):
+        if phase[0] != "stock":
             retain_freed_memory()
         for _ in range(runs):
             peaks.append(matmul_peak(dtype))
-            for case in rates:
-                if (case != "stock") == retained:
-                    rate, flops = resnet_step_rate(case != "stock", compile_=case.endswith("compile"))
-                    rates[case].append(rate)
+            for case in phase:
+                rate, flops = resnet_step_rate(case != "stock", compile_=case.endswith("compile"))
+                rates[case].append(rate)
     peak = statistics.fmean(peaks)
     row = {"bench": "train", "job": "resnet18-throughput", "runs": runs, "batch": 128, "image": "3x32x32",
            "train_dtype": str(dtype).replace("torch.", ""), "gflop_per_image": round(flops / 1e9, 3),

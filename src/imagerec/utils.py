@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import difflib
+import functools
 import hashlib
 import os
 import platform
@@ -114,6 +115,12 @@ def setup_compute(num_threads: int = 0) -> int:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+@functools.cache
+def c_library() -> ctypes.CDLL:
+    """The C library's symbols as this process has them loaded (glibc on Linux)."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def retain_freed_memory() -> bool:
     """Have glibc keep memory that tensors free for reuse instead of handing it back to the OS.
 
@@ -134,8 +141,7 @@ def retain_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = c_library().mallopt
     except (OSError, AttributeError):
         return False
     limit = ctypes.c_int(1 << 30)  # allocations up to 1 GB come from the heap and stay there

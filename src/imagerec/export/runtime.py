@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import sys
 import warnings
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from torch import nn
 from imagerec.config import PreprocessConfig
 from imagerec.engine.pipeline import autocast
 from imagerec.transforms import normalize_batch
-from imagerec.utils import ImageRecError, available_cpus
+from imagerec.utils import ImageRecError, available_cpus, c_library
 
 
 class Runtime(Protocol):
@@ -66,11 +65,6 @@ class _SignalStack(ctypes.Structure):  # stack_t, <signal.h>
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 @contextlib.contextmanager
 def keep_signal_stack() -> Iterator[None]:
     """Put the calling thread's alternate signal stack back as it was after the block (Linux).
@@ -85,7 +79,7 @@ def keep_signal_stack() -> Iterator[None]:
     if sys.platform != "linux":
         yield
         return
-    libc = _libc()
+    libc = c_library()
     old = _SignalStack()
     if libc.sigaltstack(None, ctypes.byref(old)) != 0:
         yield

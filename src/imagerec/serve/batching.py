@@ -10,8 +10,9 @@ How long waiting can pay is measured, not guessed (`measure_batch_cost`, `adapti
 batch of n costs about overhead + n x per_image. Waiting w for one more image costs the queued
 ones w each and saves at most `overhead` of model time, so the server waits
 min(max_wait_ms, overhead). A GPU, or eager PyTorch on small images, has a large overhead per call
-and keeps waiting; a CPU runtime whose cost is nearly per image (OpenVINO int8 ResNet-18 on one
-core: 5.5 ms at batch 1, 4.9 ms per image at 8) dispatches at once, as Triton's default does.
+and keeps waiting; a CPU runtime whose cost is nearly all per image waits little (OpenVINO int8
+ResNet-18 on one core: 5.8-6.5 ms at batch 1, 4.4-4.7 ms per image at batch 4, so ~1.5 ms
+instead of 5).
 
 With several model instances (one `predict_batch` each, e.g. two single-threaded runtimes on two
 cores), each instance has its own thread and they all take batches from the one queue: while one
