@@ -6,6 +6,7 @@ p99 latency at half load vs batch-1 latency. Bounded in requests and time; print
                                                     # overhead on the batcher threads dominates, not HTTP)
     python bench/serve_load.py --instances 2 --http auto h11   # httptools + uvloop vs uvicorn's h11
     python bench/serve_load.py --instances 2 --wait adaptive fixed  # batch wait: measured vs always max
+    python bench/serve_load.py --workers 1 2 --instances 0   # one server process vs two (serve --workers)
     python bench/serve_load.py --run runs/mnist --seconds 10 --clients 32
 
 The load comes from `wrk` (a C load generator: `apt-get install wrk`) when it is installed, with
@@ -61,7 +62,8 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def start_server(
-    run: str, max_batch: int, max_wait_ms: float, instances: int = 1, http: str = "auto", wait: str = "adaptive"
+    run: str, max_batch: int, max_wait_ms: float, workers: int = 1, instances: int = 1, http: str = "auto",
+    wait: str = "adaptive",
 ) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,7 +71,7 @@ def start_server(
     code = (
         "import sys; from imagerec.serve import serve; "
         f"serve([sys.argv[1]], host='127.0.0.1', port={port}, max_batch={max_batch}, max_wait_ms={max_wait_ms}, "
-        f"instances={instances}, http='{http}', adaptive_wait={wait == 'adaptive'}, queue_size=1024, max_inflight=1024, log_level='warning')"
+        f"workers={workers}, instances={instances}, http='{http}', adaptive_wait={wait == 'adaptive'}, queue_size=1024, max_inflight=1024, log_level='warning')"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, run],
@@ -78,12 +80,18 @@ def start_server(
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
+    seen: set[int] = set()  # with --workers, every worker must answer ready (new connections reach any)
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
+            r = httpx.get(url + "/readyz", timeout=1)
+            if r.status_code == 200:
+                seen.add(r.json().get("worker", {}).get("index", 0))
+                if len(seen) == workers:
+                    return proc, url
+                continue
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     proc.kill()
     raise SystemExit("server did not become ready")
 
@@ -276,8 +284,11 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--load-generator", choices=("auto", "wrk", "python"), default="auto")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1],
+                    help="server processes to measure, one server each (serve --workers)")
     ap.add_argument("--instances", type=int, nargs="+", default=[1, 2],
-                    help="server model instances to measure, one server each (serve --instances)")
+                    help="server model instances to measure, one server each (serve --instances; 0: the server's "
+                         "default, 2 single-core copies in one process, 1 in each of 2 pinned workers)")
     ap.add_argument("--http", nargs="+", choices=("auto", "h11"), default=["auto"],
                     help="HTTP parsers to measure, one server each: auto = httptools (C), h11 = pure Python")
     ap.add_argument("--wait", nargs="+", choices=("adaptive", "fixed"), default=["adaptive"],
@@ -302,9 +313,9 @@ def main() -> None:
         (tmp / f"{i}.img").write_bytes(data)
         paths.append(str(tmp / f"{i}.img"))
     list_file.write_text("\n".join(paths) + "\n")
-    served: dict[tuple[int, str, str], float] = {}
+    served: dict[tuple[int, int, str, str], float] = {}
     try:
-        for variant in itertools.product(args.instances, args.http, args.wait):
+        for variant in itertools.product(args.workers, args.instances, args.http, args.wait):
             proc, url = start_server(run, args.max_batch, args.max_wait_ms, *variant)
             try:
                 served[variant] = measure_server(url, gen, list_file, images, args, offline, ceiling, *variant)
@@ -318,8 +329,9 @@ def main() -> None:
     # some seconds of a run on the session-6 machine), so each served rate is also compared with the
     # mean of the baselines taken before and after it.
     after, _ = offline_rates(run, images, args, label="offline_predict_after")
-    for (instances, http, wait), rate in served.items():
-        emit(bench="served_vs_offline_bracketed", instances=instances, http=http, wait=wait, img_per_s=round(rate, 1),
+    for (workers, instances, http, wait), rate in served.items():
+        emit(bench="served_vs_offline_bracketed", workers=workers, instances=instances, http=http, wait=wait,
+             img_per_s=round(rate, 1),
              offline_before=round(offline, 1), offline_after=round(after, 1),
              ratio=round(2 * rate / (offline + after), 3), target_ratio=0.85)
 
@@ -338,7 +350,7 @@ def settle(url: str, timeout: float = 30.0) -> None:
 
 
 def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], args: argparse.Namespace,
-                   offline: float, ceiling: float, instances: int, http: str, wait: str) -> float:
+                   offline: float, ceiling: float, workers: int, instances: int, http: str, wait: str) -> float:
     """Full load, batch-1 and half load against one running server; one JSON line each. Returns
     the served rate under full load."""
     if gen == "wrk":
@@ -348,7 +360,7 @@ def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], arg
     else:
         closed = lambda clients, seconds: closed_loop(url, images, clients, seconds)  # noqa: E731
         half_load = lambda rate, seconds: open_loop(url, images, rate, seconds)  # noqa: E731
-    common = {"load_generator": gen, "instances": instances, "http": http, "wait": wait}
+    common = {"load_generator": gen, "workers": workers, "instances": instances, "http": http, "wait": wait}
     closed(args.clients, 1.0)  # warm-up
     full = closed(args.clients, args.seconds)
     emit(
@@ -380,6 +392,7 @@ def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], arg
     batching = httpx.get(url + "/v1/models").json()["models"][0].get("batching", {})
     emit(
         bench="server_batches",
+        workers=workers,
         instances=instances,
         http=http,
         wait=wait,

@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=256, help="queued images before answering 503")
     p.add_argument("--instances", type=int, default=0,
                    help="model instances per version, sharing the cores (default: 2 for a bundle on 2+ cores, else 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing the port, each with its own copy of the models and pinned to "
+                        "its share of the cores (README: Serving); admin actions reach all of them")
     p.add_argument("--api-key-file", help="file with one API key per line; keys are then required")
     p.add_argument("--max-body-mb", type=float, default=20.0)
     p.add_argument("--max-pixels", type=int, default=40_000_000)
@@ -374,7 +377,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.models, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
           adaptive_wait=not args.fixed_wait, queue_size=args.queue_size, instances=args.instances, api_key_file=args.api_key_file, max_body_mb=args.max_body_mb,
-          max_pixels=args.max_pixels, timeout_s=args.timeout_s, cors_origins=args.cors_origin or (), db=args.db)
+          max_pixels=args.max_pixels, timeout_s=args.timeout_s, cors_origins=args.cors_origin or (), db=args.db,
+          workers=args.workers)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +23,9 @@ from imagerec.serve.limits import BodyLimitMiddleware
 from imagerec.serve.metrics import MetricsMiddleware, ServeMetrics
 from imagerec.serve.recording import Recorder
 from imagerec.serve.registry import ModelRegistry
-from imagerec.serve.routes import STATIC_DIR, router
+from imagerec.serve.routes import STATIC_DIR, admin_actions, router
 from imagerec.serve.settings import ServeSettings, create_settings
+from imagerec.serve.workers import Admin, AdminLog, check_picklable, run_workers
 from imagerec.utils import available_cpus
 
 log = logging.getLogger("imagerec.serve")
@@ -53,6 +55,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
             None, Recorder, settings
         )  # may open/migrate the store
         app.state.registry = registry
+        admin_log = AdminLog(settings.worker_dir, settings.worker_index) if settings.worker_dir else None
+        app.state.admin = Admin(admin_actions(registry, app.state.keys), admin_log,
+                                peer_timeout_s=max(120.0, settings.timeout_s))
+        if admin_log is not None:  # a worker: repeat what the others were told before it started
+            await loop.run_in_executor(None, functools.partial(app.state.admin.catch_up, startup=True))
+            app.state.admin.follow()
         log.info(
             "serving %d model version(s); default %s@%s",
             len(registry.entries()),
@@ -62,6 +70,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         try:
             yield
         finally:
+            app.state.admin.stop()
             registry.stop_all()
             app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
             app.state.recorder.close()
@@ -127,12 +136,14 @@ def serve(
     timeout_s: float = 30.0,
     cors_origins: Sequence[str] = (),
     db: str | None = None,
+    workers: int = 1,
     **kwargs: Any,
 ) -> None:
     """Serve one or more models over HTTP until interrupted.
 
     `source` items are run directories or bundles, optionally named: "PATH", "NAME=PATH" or
-    "NAME@VERSION=PATH"; the first is the default. Other ServeSettings fields go in `kwargs`.
+    "NAME@VERSION=PATH"; the first is the default. `workers` > 1 runs that many server processes
+    on the one port (serve.workers). Other ServeSettings fields go in `kwargs`.
 
     Example:
         >>> serve(["runs/mnist", "digits@2=runs/mnist-v2"], port=8000, api_key_file="keys.txt")
@@ -150,6 +161,13 @@ def serve(
         timeout_s=timeout_s,
         cors_origins=tuple(cors_origins),
         db=db,
+        workers=workers,
         **kwargs,
     )
+    if settings.workers > 1:
+        check_picklable(settings)
+        status = run_workers(settings)
+        if status:
+            raise SystemExit(status)
+        return
     create_server(settings).run()

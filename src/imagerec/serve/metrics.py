@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from prometheus_client import (
@@ -11,6 +12,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -74,6 +76,7 @@ class ServeMetrics:
             "Images waiting for a model call",
             ["model"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.errors = Counter(
             "imagerec_errors", "Error responses by error type", ["type"], registry=r
@@ -85,10 +88,18 @@ class ServeMetrics:
             "imagerec_inflight_requests",
             "Prediction requests being read, decoded or waiting",
             registry=r,
+            multiprocess_mode="livesum",
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's metrics; with several worker processes (serve --workers), all of theirs
+        summed (gauges: live workers only)."""
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not folder:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=folder)
+        return generate_latest(merged)
 
 
 def route_label(scope: Scope) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagerec.serve.auth import require_admin_key, require_predict_key
+from imagerec.serve.auth import ApiKeys, require_admin_key, require_predict_key
 from imagerec.serve.batching import BatcherClosed, QueueFull
 from imagerec.serve.errors import ApiError, error_response
 from imagerec.serve.inputs import Prepared, parse_and_prepare_first, prepare_image
-from imagerec.serve.registry import ModelEntry, resolve_model_path
+from imagerec.serve.registry import ModelEntry, ModelRegistry, resolve_model_path
 from imagerec.serve.settings import ModelSource
 from imagerec.utils import ImageRecError
 
@@ -96,13 +97,15 @@ def readyz(request: Request) -> Response:
             {"Retry-After": "1"},
         )
     default = registry.default()
-    return JSONResponse(
-        {
-            "status": "ready",
-            "models": len(registry.entries()),
-            "default": {"name": default.name, "version": default.version},
-        }
-    )
+    body: dict[str, Any] = {
+        "status": "ready",
+        "models": len(registry.entries()),
+        "default": {"name": default.name, "version": default.version},
+    }
+    settings = request.app.state.settings
+    if settings.worker_count > 1:  # which process answered: --workers
+        body["worker"] = {"index": settings.worker_index, "of": settings.worker_count}
+    return JSONResponse(body)
 
 
 @router.get("/metrics", tags=["ops"])
@@ -334,6 +337,53 @@ class ReloadRequest(BaseModel):
     keys: bool = True
 
 
+def admin_actions(registry: ModelRegistry, keys: ApiKeys) -> Callable[[dict[str, Any]], tuple[Any, dict[str, Any]]]:
+    """What each admin action does to one process's registry and keys (serve.workers.Admin runs it
+    here and in every other worker). Returns (the client's answer, the action as others repeat it)."""
+
+    def apply(action: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        op = action["op"]
+        if op == "default":
+            entry = registry.set_default(action["name"], action["version"])
+            return {"default": {"name": entry.name, "version": entry.version}}, action
+        if op == "load":
+            try:
+                entry = registry.load(
+                    ModelSource(action["path"], action["name"], action["version"]),
+                    make_default=action["make_default"],
+                )
+            except ApiError:
+                raise
+            except Exception as e:  # a broken checkpoint is the admin's input, not a server bug
+                raise ApiError(
+                    422, "model_load_failed", f"cannot load '{action['given']}': {type(e).__name__}: {e}"[:500]
+                ) from e
+            # The others load the same name and version, even where this one assigned the version.
+            return entry.card(default=entry is registry.default()), {**action, "name": entry.name, "version": entry.version}
+        if op == "reload":
+            try:
+                fresh = registry.reload(action["name"], action["version"])
+            except ApiError:
+                raise
+            except Exception as e:
+                raise ApiError(422, "model_load_failed", f"reload failed: {type(e).__name__}: {e}"[:500]) from e
+            try:
+                n_keys = keys.reload() if action["keys"] and keys.path else None
+            except ImageRecError as e:
+                raise ApiError(422, "key_file_invalid", f"{e}; the previous keys stay in force") from e
+            return {"reloaded": [{"name": e.name, "version": e.version} for e in fresh], "api_keys": n_keys}, action
+        raise ValueError(f"unknown admin action {op!r}")
+
+    return apply
+
+
+def _run_admin(request: Request, action: dict[str, Any]) -> dict[str, Any]:
+    """Run an admin action (in every worker process, with --workers); the answer says how many
+    workers applied it when there are several."""
+    result, workers = request.app.state.admin.run(action)
+    return result if workers is None else {**result, "workers": workers}
+
+
 @router.post(
     "/v1/admin/models",
     tags=["admin"],
@@ -342,22 +392,9 @@ class ReloadRequest(BaseModel):
 )
 def admin_load_model(request: Request, body: LoadModelRequest) -> dict[str, Any]:
     """Load a model version from a path in the server's model dirs (never a URL)."""
-    registry, settings = request.app.state.registry, request.app.state.settings
-    path = resolve_model_path(body.path, settings.allowed_model_dirs)
-    try:
-        entry = registry.load(
-            ModelSource(str(path), body.name, body.version),
-            make_default=body.make_default,
-        )
-    except ApiError:
-        raise
-    except Exception as e:  # a broken checkpoint is the admin's input, not a server bug
-        raise ApiError(
-            422,
-            "model_load_failed",
-            f"cannot load '{body.path}': {type(e).__name__}: {e}"[:500],
-        ) from e
-    return entry.card(default=entry is registry.default())
+    path = resolve_model_path(body.path, request.app.state.settings.allowed_model_dirs)
+    return _run_admin(request, {"op": "load", "path": str(path), "given": body.path, "name": body.name,
+                                "version": body.version, "make_default": body.make_default})
 
 
 @router.post(
@@ -365,8 +402,7 @@ def admin_load_model(request: Request, body: LoadModelRequest) -> dict[str, Any]
 )
 def admin_set_default(request: Request, body: DefaultRequest) -> dict[str, Any]:
     """Make a loaded version the default for /v1/predict (atomic; running requests are unaffected)."""
-    entry = request.app.state.registry.set_default(body.name, body.version)
-    return {"default": {"name": entry.name, "version": entry.version}}
+    return _run_admin(request, {"op": "default", "name": body.name, "version": body.version})
 
 
 @router.post(
@@ -381,25 +417,4 @@ def admin_reload(request: Request, body: ReloadRequest | None = None) -> dict[st
             "invalid_parameter",
             "give both 'name' and 'version' to reload one model, or neither to reload all",
         )
-    try:
-        fresh = request.app.state.registry.reload(body.name, body.version)
-    except ApiError:
-        raise
-    except Exception as e:
-        raise ApiError(
-            422, "model_load_failed", f"reload failed: {type(e).__name__}: {e}"[:500]
-        ) from e
-    try:
-        n_keys = (
-            request.app.state.keys.reload()
-            if body.keys and request.app.state.keys.path
-            else None
-        )
-    except ImageRecError as e:
-        raise ApiError(
-            422, "key_file_invalid", f"{e}; the previous keys stay in force"
-        ) from e
-    return {
-        "reloaded": [{"name": e.name, "version": e.version} for e in fresh],
-        "api_keys": n_keys,
-    }
+    return _run_admin(request, {"op": "reload", "name": body.name, "version": body.version, "keys": body.keys})

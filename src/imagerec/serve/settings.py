@@ -60,6 +60,9 @@ class ServeSettings:
     # intra-op threads, all fed from the one queue. 0 (auto): 2 for an exported bundle on a
     # machine with 2 or more cores (measured: README "Serving"), else 1.
     instances: int = 0
+    # Server processes sharing the port, each with its own models, batcher and event loop
+    # (serve.workers); pinned to cores/workers cores each when that divides evenly.
+    workers: int = 1
     # Requests being read/decoded/waiting at once; beyond this the server answers 503 at once.
     # Bodies are held in memory, so the worst case is about max_inflight * max_body_mb.
     max_inflight: int = 64
@@ -82,6 +85,10 @@ class ServeSettings:
     # HTTP parser: auto = httptools (C) with a head-size cap, h11 when httptools is missing;
     # h11 = always uvicorn's pure-Python parser (README "Serving" compares the two).
     http: str = "auto"
+    # Set by the supervisor in each worker process (serve.workers.run_workers), not by users.
+    worker_index: int = 0
+    worker_count: int = 1
+    worker_dir: str | None = None
     sources: tuple[ModelSource, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -105,6 +112,7 @@ class ServeSettings:
             "max_pixels",
             "max_top_k",
             "retry_after_s",
+            "workers",
         ):
             if int(getattr(self, name)) < 1:
                 raise ImageRecError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -1,0 +1,333 @@
+"""Several server processes on one port (`imagerec serve --workers N`).
+
+One server process is bound by its GIL: the event loop, multipart parsing and the Python half of
+decoding all take turns on one interpreter, and on a fast CPU the request path, not the model,
+sets the rate (README "Serving"). `--workers N` starts N worker processes that share the listening
+socket (the kernel hands each new connection to one of them); each loads its own copies of the
+models and runs its own batcher, and when N divides the cores each worker is pinned to its share
+of them, so a request is parsed, decoded and inferred on one core without migrating.
+
+What must look like one server:
+- Admin actions (load a version, switch the default, reload) arrive at one worker. `Admin` applies
+  the action there, appends it to an `AdminLog` (JSON lines in the supervisor's state folder, under
+  an exclusive file lock), and waits until every other live worker has applied it: each worker
+  follows the log in a thread and records how far it got. A worker started later (or restarted after
+  a crash) replays the log after loading its startup models, so it serves the same versions.
+- Metrics: every worker writes prometheus_client's multiprocess files in the state folder and
+  `/metrics` from any worker sums them (ServeMetrics.render); the queue-depth and in-flight gauges
+  count live workers only (the supervisor drops a dead worker's gauges).
+- The supervisor restarts a worker that dies after it was ready; a worker that dies while
+  starting (a model that cannot load) stops the server with its exit status instead of looping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from multiprocessing.connection import wait as wait_for_exit
+from pathlib import Path
+from typing import Any
+
+from imagerec.utils import ImageRecError, c_library
+
+log = logging.getLogger("imagerec.serve")
+
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+POLL_S = 0.05  # how often a worker looks for new admin actions
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class AdminLog:
+    """The admin actions of one server, shared by its workers: an append-only JSON-lines file.
+
+    `applied` is how many actions this process has applied; `report()` writes it (and any failure)
+    to this worker's status file, which `wait_for_peers` reads."""
+
+    def __init__(self, folder: str | Path, worker: int) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / "admin.jsonl"
+        self.worker = worker
+        self.applied = 0
+        self.failures: list[dict[str, Any]] = []
+        self._status = self.folder / status_name(worker, os.getpid())
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Held by the worker appending an action (across processes): one admin action at a time."""
+        with open(self.folder / "admin.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every complete action in the log (a line still being written is left for next time)."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines() if line]
+
+    def append(self, action: dict[str, Any]) -> int:
+        """Append one action (call under `exclusive`); returns its sequence number (1-based)."""
+        seq = len(self.read()) + 1
+        with open(self.path, "ab") as f:
+            f.write(json.dumps({**action, "seq": seq}).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return seq
+
+    def report(self) -> None:
+        """Write this worker's progress where the other workers look for it."""
+        tmp = self._status.with_suffix(".tmp")
+        tmp.write_text(json.dumps({
+            "pid": os.getpid(), "worker": self.worker, "applied": self.applied, "failures": self.failures[-20:],
+        }))
+        tmp.replace(self._status)
+
+    def peers(self) -> list[dict[str, Any]]:
+        """Status of every other live worker."""
+        out = []
+        for path in self.folder.glob("worker-*.json"):
+            try:
+                status = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being replaced right now
+            me = status["pid"] == os.getpid() and status["worker"] == self.worker
+            if not me and _alive(status["pid"]):
+                out.append(status)
+        return out
+
+    def wait_for_peers(self, seq: int, timeout: float) -> dict[str, Any]:
+        """Wait (up to `timeout` s) until every other live worker has applied action `seq`.
+        Returns {"workers", "applied", "failed": [{worker, error}], "pending": [worker]}."""
+        deadline = time.monotonic() + timeout
+        while True:
+            peers = self.peers()
+            pending = [p for p in peers if p["applied"] < seq]
+            if not pending or time.monotonic() > deadline:
+                break
+            time.sleep(POLL_S)
+        failed = [
+            {"worker": p["worker"], "error": f["error"]}
+            for p in peers for f in p["failures"] if f["seq"] == seq
+        ]
+        done = [p for p in peers if p["applied"] >= seq]
+        return {
+            "workers": 1 + len(peers),
+            "applied": 1 + len(done) - len(failed),
+            "failed": failed,
+            "pending": sorted(p["worker"] for p in pending),
+        }
+
+
+def status_name(worker: int, pid: int) -> str:
+    """A worker's status file: written once it is ready, then after each admin action it applies."""
+    return f"worker-{worker}-{pid}.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Admin:
+    """Runs admin actions on this worker's registry, and on every other worker's through the log.
+
+    An action is a dict: {"op": "load", "path", "name", "version", "make_default"}, {"op":
+    "default", "name", "version"} or {"op": "reload", "name", "version", "keys"}. With no log (one
+    process) `run` just applies it."""
+
+    def __init__(self, apply: Callable[[dict[str, Any]], tuple[Any, dict[str, Any]]], log: AdminLog | None,
+                 peer_timeout_s: float = 120.0) -> None:
+        # apply(action) -> (result for the client, the action as other workers must repeat it:
+        # e.g. with the version number this worker assigned)
+        self._apply = apply
+        self.log = log
+        self.peer_timeout_s = peer_timeout_s
+        self._lock = threading.Lock()  # this process: the follower thread vs a request's action
+        self._stop = threading.Event()
+
+    def run(self, action: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
+        """Apply `action` here and then everywhere; returns (result, the workers' report or None)."""
+        if self.log is None:
+            return self._apply(action)[0], None
+        with self.log.exclusive():
+            self.catch_up()
+            with self._lock:
+                result, repeat = self._apply(action)  # raises: nothing is appended
+                seq = self.log.append(repeat)
+                self.log.applied = seq
+                self.log.report()
+        return result, self.log.wait_for_peers(seq, self.peer_timeout_s)
+
+    def catch_up(self, startup: bool = False) -> None:
+        """Apply the actions other workers appended since the last call. At startup reloads are
+        skipped: the models were just read from disk."""
+        assert self.log is not None
+        with self._lock:
+            actions = self.log.read()[self.log.applied:]
+            for action in actions:
+                if not (startup and action["op"] == "reload"):
+                    try:
+                        self._apply(action)
+                    except Exception as e:  # noqa: BLE001 - reported to the worker that asked, and logged
+                        log.error("worker %d: admin action %s failed here: %s", self.log.worker, action, e)
+                        self.log.failures.append({"seq": action["seq"], "error": f"{type(e).__name__}: {e}"[:500]})
+                self.log.applied = action["seq"]
+            if actions or startup:
+                self.log.report()
+
+    def follow(self) -> None:
+        """Start the thread that applies other workers' actions as they appear."""
+        assert self.log is not None
+        path = self.log.path
+
+        def loop() -> None:
+            size = -1
+            while not self._stop.wait(POLL_S):
+                try:
+                    now = path.stat().st_size if path.exists() else 0
+                    if now != size:
+                        size = now
+                        self.catch_up()
+                except Exception:  # noqa: BLE001 - the follower must outlive any one bad action
+                    log.exception("following the admin log failed")
+
+        threading.Thread(target=loop, name="admin-log", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# --- the supervisor ----------------------------------------------------------------------------------
+def cpu_shares(workers: int) -> list[list[int] | None]:
+    """The cores each worker is pinned to: equal disjoint shares when `workers` divides the
+    available cores, else None (no pinning)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not cpus or len(cpus) % workers:
+        return [None] * workers
+    per = len(cpus) // workers
+    return [cpus[k * per : (k + 1) * per] for k in range(workers)]
+
+
+def exit_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when its supervisor dies: a supervisor killed with
+    SIGKILL cannot stop its workers, and orphans would go on answering on the port (seen in testing)."""
+    with contextlib.suppress(AttributeError, OSError):  # prctl is Linux's
+        c_library().prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_main(settings: Any, sock: socket.socket, cpus: list[int] | None, parent: int) -> None:
+    """One worker process: pin, then run an ordinary server on the shared socket."""
+    exit_with_parent(parent)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+    from imagerec.serve.app import create_server
+
+    create_server(settings).run(sockets=[sock])
+
+
+def run_workers(settings: Any) -> int:
+    """Serve `settings` with `settings.workers` processes until SIGINT/SIGTERM; returns an exit status."""
+    import uvicorn
+    from prometheus_client import multiprocess
+
+    from imagerec.serve.http import MAX_HEAD_BYTES
+
+    n = settings.workers
+    state = Path(tempfile.mkdtemp(prefix="imagerec-serve-"))
+    (state / "metrics").mkdir()
+    os.environ[METRICS_ENV] = str(state / "metrics")  # inherited by the spawned workers
+    sock = uvicorn.Config(None, host=settings.host, port=settings.port,  # type: ignore[arg-type]
+                          h11_max_incomplete_event_size=MAX_HEAD_BYTES).bind_socket()
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/OpenVINO threads
+    shares = cpu_shares(n)
+    stopping = threading.Event()
+
+    def start(k: int) -> Any:
+        worker_settings = replace(settings, workers=1, worker_index=k, worker_count=n, worker_dir=str(state))
+        proc = ctx.Process(target=_worker_main, args=(worker_settings, sock, shares[k], os.getpid()), name=f"imagerec-worker-{k}")
+        proc.start()
+        return proc
+
+    def ready(k: int, proc: Any) -> bool:
+        return (state / status_name(k, proc.pid)).exists()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    procs = {k: start(k) for k in range(n)}
+    was_ready = dict.fromkeys(procs, False)
+    status = 0
+    log.info("serving on http://%s:%d with %d worker processes%s", settings.host, settings.port, n,
+             f", pinned to cores {shares}" if shares[0] is not None else "")
+    try:
+        while not stopping.is_set():
+            wait_for_exit([p.sentinel for p in procs.values()], timeout=0.2)
+            for k, proc in list(procs.items()):
+                was_ready[k] = was_ready[k] or ready(k, proc)
+                if proc.is_alive() or stopping.is_set():
+                    continue
+                multiprocess.mark_process_dead(proc.pid, str(state / "metrics"))
+                (state / status_name(k, proc.pid)).unlink(missing_ok=True)
+                if not was_ready[k]:
+                    log.error("worker %d exited with status %s before it was ready; stopping the server", k, proc.exitcode)
+                    status = 1
+                    stopping.set()
+                    break
+                log.warning("worker %d (pid %d) exited with status %s; starting another", k, proc.pid, proc.exitcode)
+                procs[k], was_ready[k] = start(k), False
+    finally:
+        for proc in procs.values():
+            if proc.is_alive():
+                proc.terminate()  # uvicorn's graceful shutdown: running requests finish
+        for proc in procs.values():
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        sock.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        os.environ.pop(METRICS_ENV, None)
+        shutil.rmtree(state, ignore_errors=True)
+    return status
+
+
+def check_picklable(settings: Any) -> None:
+    """Settings go to the workers by pickling: a lambda hook cannot, and must fail here, clearly."""
+    import pickle
+
+    for name in ("record_predictions", "loader"):
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        try:
+            pickle.dumps(value)
+        except Exception as e:  # noqa: BLE001 - any pickling failure means the same thing here
+            raise ImageRecError(
+                f"{name} must be a module-level function to serve with workers > 1 "
+                f"(each worker process receives a copy): {type(e).__name__}: {e}"
+            ) from e
+

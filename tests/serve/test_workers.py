@@ -1,0 +1,235 @@
+"""`serve --workers N`: several server processes on one port that act as one server (admin actions
+reach every worker, metrics are summed, a crashed worker is replaced and catches up)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import auth, free_port, metric_value
+
+from imagerec.serve.workers import Admin, AdminLog, cpu_shares
+
+pytestmark = pytest.mark.timeout(300)
+
+
+# --- the admin log, in one process (two workers = two Admin objects on one folder) ------------------
+def recording_admin(folder: Path, worker: int, applied: list, fail_on: str | None = None) -> Admin:
+    def apply(action: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if action["op"] == fail_on:
+            raise RuntimeError(f"worker {worker} cannot {fail_on}")
+        applied.append(action["op"] + ":" + str(action.get("version")))
+        # like the registry: a load without a version gets one, which the others must repeat
+        return {"ok": worker}, {**action, "version": action.get("version") or "7"}
+
+    return Admin(apply, AdminLog(folder, worker), peer_timeout_s=10)
+
+
+def test_admin_action_reaches_every_worker_with_the_version_assigned_first(tmp_path: Path) -> None:
+    seen0: list[str] = []
+    seen1: list[str] = []
+    a0, a1 = recording_admin(tmp_path, 0, seen0), recording_admin(tmp_path, 1, seen1)
+    for a in (a0, a1):
+        a.catch_up(startup=True)
+        a.follow()
+    try:
+        result, report = a0.run({"op": "load", "version": None})
+        assert result == {"ok": 0}
+        assert report == {"workers": 2, "applied": 2, "failed": [], "pending": []}
+        assert seen0 == ["load:None"] and seen1 == ["load:7"]  # worker 1 repeats the assigned version
+        _, report = a1.run({"op": "default", "version": "7"})  # either worker may receive an action
+        assert report["applied"] == 2 and seen0[-1] == "default:7"
+    finally:
+        a0.stop()
+        a1.stop()
+
+
+def test_failure_in_another_worker_is_reported_and_late_workers_replay_the_log(tmp_path: Path) -> None:
+    seen0: list[str] = []
+    seen1: list[str] = []
+    a0, a1 = recording_admin(tmp_path, 0, seen0), recording_admin(tmp_path, 1, seen1, fail_on="reload")
+    for a in (a0, a1):
+        a.catch_up(startup=True)
+        a.follow()
+    try:
+        a0.run({"op": "load", "version": "2"})
+        _, report = a0.run({"op": "reload", "version": None})
+        assert report["workers"] == 2 and report["applied"] == 1
+        assert report["failed"] == [{"worker": 1, "error": "RuntimeError: worker 1 cannot reload"}]
+        # A worker started now (or restarted after a crash) replays loads and defaults, not reloads.
+        seen2: list[str] = []
+        late = recording_admin(tmp_path, 2, seen2)
+        late.catch_up(startup=True)
+        assert seen2 == ["load:2"] and late.log is not None and late.log.applied == 2
+    finally:
+        a0.stop()
+        a1.stop()
+
+
+def test_a_half_written_line_is_not_read(tmp_path: Path) -> None:
+    log = AdminLog(tmp_path, 0)
+    with log.exclusive():
+        assert log.append({"op": "default", "name": "m", "version": "1"}) == 1
+    with open(log.path, "ab") as f:
+        f.write(b'{"op": "default", "na')  # another worker is writing this line right now
+    assert [a["seq"] for a in log.read()] == [1]
+
+
+def test_cpu_shares_split_the_cores_evenly_or_not_at_all() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    assert cpu_shares(1) == [cpus]
+    if len(cpus) >= 2 and len(cpus) % 2 == 0:
+        shares = cpu_shares(2)
+        assert sorted(shares[0] + shares[1]) == cpus and not set(shares[0]) & set(shares[1])
+    assert cpu_shares(len(cpus) + 1) == [None] * (len(cpus) + 1)
+
+
+# --- real worker processes behind one port -------------------------------------------------------------
+def worker_pids(parent: int) -> list[int]:
+    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    out = []
+    for pid in map(int, children):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def readiness(url: str, workers: int, timeout: float = 120.0) -> dict[int, dict[str, Any]]:
+    """/readyz from every worker (each new connection may reach any of them), by worker index."""
+    seen: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < workers:
+        assert time.monotonic() < deadline, f"workers ready: {sorted(seen)} of {workers}"
+        try:
+            r = httpx.get(url + "/readyz", timeout=5)
+            if r.status_code == 200:
+                body = r.json()
+                seen[body["worker"]["index"]] = body
+                continue
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return seen
+
+
+def start_workers(models: list[str], *extra: str) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    log = Path(tempfile.mkstemp(prefix="imagerec-workers-", suffix=".log")[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagerec", "serve", *models, "--port", str(port), "--workers", "2", *extra],
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+    )
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def test_two_workers_act_as_one_server(run_dir: Path, run_dir_b: Path, key_file: Path, digits: list[bytes]) -> None:
+    proc, url, log = start_workers([f"mnist@1={run_dir}"], "--api-key-file", str(key_file))
+    try:
+        ready = readiness(url, 2)
+        assert {b["worker"]["of"] for b in ready.values()} == {2}
+        assert len(worker_pids(proc.pid)) == 2
+
+        # Predictions on new connections (so both workers take some); the metrics, read through any
+        # worker, count all of them.
+        for i in range(24):
+            r = httpx.post(url + "/v1/predict", headers=auth(), files={"file": ("d.png", digits[i], "image/png")})
+            assert r.status_code == 200, r.text
+        for _ in range(4):
+            text = httpx.get(url + "/metrics").text
+            assert metric_value(text, "imagerec_requests_total", route="/v1/predict", status="200") == 24
+            assert metric_value(text, "imagerec_inflight_requests") == 0
+
+        # An admin action sent to one worker is applied by both before the answer comes back.
+        r = httpx.post(url + "/v1/admin/models", headers=auth(),
+                       json={"path": str(run_dir_b), "name": "mnist", "make_default": True}, timeout=120)
+        assert r.status_code == 201, r.text
+        assert r.json()["version"] == "2"
+        assert r.json()["workers"] == {"workers": 2, "applied": 2, "failed": [], "pending": []}
+        for body in readiness(url, 2).values():
+            assert body["default"] == {"name": "mnist", "version": "2"} and body["models"] == 2
+
+        # A worker killed outright is replaced; the new one replays the admin log before it serves.
+        victim = worker_pids(proc.pid)[0]
+        environ = dict(v.split(b"=", 1) for v in Path(f"/proc/{victim}/environ").read_bytes().split(b"\0") if b"=" in v)
+        metrics_dir = Path(environ[b"PROMETHEUS_MULTIPROC_DIR"].decode())
+        assert (metrics_dir / f"gauge_livesum_{victim}.db").exists()
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while victim in worker_pids(proc.pid) or len(worker_pids(proc.pid)) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        time.sleep(1.0)
+        for body in readiness(url, 2).values():
+            assert body["default"] == {"name": "mnist", "version": "2"} and body["models"] == 2
+        for i in range(8):
+            r = httpx.post(url + "/v1/predict", headers=auth(), files={"file": ("d.png", digits[i], "image/png")})
+            assert r.status_code == 200 and r.json()["version"] == "2", r.text
+        text = httpx.get(url + "/metrics").text
+        assert metric_value(text, "imagerec_inflight_requests") == 0
+        assert not (metrics_dir / f"gauge_livesum_{victim}.db").exists()  # a dead worker's gauges are dropped
+        # the killed worker's counts stay (24 before the kill + 8 after)
+        assert metric_value(text, "imagerec_requests_total", route="/v1/predict", status="200") == 32
+
+        # Admin still needs a key with workers.
+        assert httpx.post(url + "/v1/admin/default", json={"name": "mnist", "version": "1"}).status_code == 403
+        r = httpx.post(url + "/v1/admin/default", headers=auth(), json={"name": "mnist", "version": "1"})
+        assert r.status_code == 200 and r.json()["workers"]["applied"] == 2
+
+        # SIGTERM stops every worker and removes the shared state.
+        workers = worker_pids(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert not [p for p in workers if Path(f"/proc/{p}").exists() and b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert not metrics_dir.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "exited with status -9; starting another" in log.read_text()
+
+
+def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
+    broken = tmp_path / "broken-run"
+    broken.mkdir()
+    (broken / "config.yaml").write_text("not: a run\n")
+    proc, url, log = start_workers([str(broken)])
+    try:
+        assert proc.wait(120) != 0  # not an endless restart loop
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "before it was ready; stopping the server" in log.read_text()
+
+
+def test_workers_exit_when_the_supervisor_is_killed(run_dir: Path) -> None:
+    proc, url, _ = start_workers([str(run_dir)])
+    try:
+        readiness(url, 2)
+        workers = worker_pids(proc.pid)
+        environ = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
+        state = Path(next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1].decode())
+        proc.kill()  # SIGKILL: the supervisor cannot stop anything itself
+        proc.wait(10)
+        deadline = time.monotonic() + 60
+        while any(Path(f"/proc/{p}").exists() for p in workers):
+            assert time.monotonic() < deadline, "orphaned workers still running"
+            time.sleep(0.2)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/healthz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    shutil.rmtree(state.parent, ignore_errors=True)  # what a killed supervisor leaves behind
