@@ -17,7 +17,9 @@ import httpx
 import pytest
 from conftest import auth, free_port, metric_value
 
-from imagerec.serve.workers import Admin, AdminLog, cpu_shares
+import imagerec
+from imagerec.serve.settings import ServeSettings
+from imagerec.serve.workers import Admin, AdminLog, check_picklable, cpu_shares
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -233,3 +235,12 @@ def test_workers_exit_when_the_supervisor_is_killed(run_dir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     shutil.rmtree(state.parent, ignore_errors=True)  # what a killed supervisor leaves behind
+
+
+def test_hooks_that_cannot_reach_a_worker_are_refused_before_it_starts(run_dir: Path) -> None:
+    from imagerec.serve import serve
+    from imagerec.utils import ImageRecError
+
+    with pytest.raises(ImageRecError, match="record_predictions must be a module-level function"):
+        serve([str(run_dir)], workers=2, record_predictions=lambda rows: None)
+    check_picklable(ServeSettings(models=(str(run_dir),), loader=imagerec.load))  # importable: accepted

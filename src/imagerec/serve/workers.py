@@ -316,18 +316,21 @@ def run_workers(settings: Any) -> int:
 
 
 def check_picklable(settings: Any) -> None:
-    """Settings go to the workers by pickling: a lambda hook cannot, and must fail here, clearly."""
-    import pickle
+    """Settings reach each worker as a copy (multiprocessing pickles them): a hook must be a function
+    importable by name, as pickle needs, and this says so before any worker starts."""
+    import importlib
 
     for name in ("record_predictions", "loader"):
         value = getattr(settings, name)
         if value is None:
             continue
-        try:
-            pickle.dumps(value)
-        except Exception as e:  # noqa: BLE001 - any pickling failure means the same thing here
+        found: Any = None
+        with contextlib.suppress(Exception):
+            found = importlib.import_module(value.__module__)
+            for part in value.__qualname__.split("."):
+                found = getattr(found, part)
+        if found is not value:
             raise ImageRecError(
-                f"{name} must be a module-level function to serve with workers > 1 "
-                f"(each worker process receives a copy): {type(e).__name__}: {e}"
-            ) from e
-
+                f"{name} must be a module-level function to serve with workers > 1 (each worker process "
+                f"receives a copy); {value!r} cannot be found by its module and name"
+            )
