@@ -244,3 +244,14 @@ def test_hooks_that_cannot_reach_a_worker_are_refused_before_it_starts(run_dir: 
     with pytest.raises(ImageRecError, match="record_predictions must be a module-level function"):
         serve([str(run_dir)], workers=2, record_predictions=lambda rows: None)
     check_picklable(ServeSettings(models=(str(run_dir),), loader=imagerec.load))  # importable: accepted
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_missing_model_folder_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str) -> None:
+    from imagerec.cli import main
+
+    code = main(["serve", str(tmp_path / "never-trained"), "--workers", workers, "--port", str(free_port())])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: model not found: ") and "never-trained" in lines[0]
