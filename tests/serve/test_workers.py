@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -127,9 +126,8 @@ def readiness(url: str, workers: int, timeout: float = 120.0) -> dict[int, dict[
     return seen
 
 
-def start_workers(models: list[str], *extra: str) -> tuple[subprocess.Popen, str, Path]:
+def start_workers(log: Path, models: list[str], *extra: str) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
-    log = Path(tempfile.mkstemp(prefix="imagerec-workers-", suffix=".log")[1])
     proc = subprocess.Popen(
         [sys.executable, "-m", "imagerec", "serve", *models, "--port", str(port), "--workers", "2", *extra],
         stdout=subprocess.DEVNULL, stderr=log.open("wb"),
@@ -137,8 +135,9 @@ def start_workers(models: list[str], *extra: str) -> tuple[subprocess.Popen, str
     return proc, f"http://127.0.0.1:{port}", log
 
 
-def test_two_workers_act_as_one_server(run_dir: Path, run_dir_b: Path, key_file: Path, digits: list[bytes]) -> None:
-    proc, url, log = start_workers([f"mnist@1={run_dir}"], "--api-key-file", str(key_file))
+def test_two_workers_act_as_one_server(run_dir: Path, run_dir_b: Path, key_file: Path, digits: list[bytes],
+                                       tmp_path: Path) -> None:
+    proc, url, log = start_workers(tmp_path / "serve.log", [f"mnist@1={run_dir}"], "--api-key-file", str(key_file))
     try:
         ready = readiness(url, 2)
         assert {b["worker"]["of"] for b in ready.values()} == {2}
@@ -207,7 +206,7 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
     broken = tmp_path / "broken-run"
     broken.mkdir()
     (broken / "config.yaml").write_text("not: a run\n")
-    proc, url, log = start_workers([str(broken)])
+    proc, url, log = start_workers(tmp_path / "serve.log", [str(broken)])
     try:
         assert proc.wait(120) != 0  # not an endless restart loop
     finally:
@@ -216,8 +215,8 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
     assert "before it was ready; stopping the server" in log.read_text()
 
 
-def test_workers_exit_when_the_supervisor_is_killed(run_dir: Path) -> None:
-    proc, url, _ = start_workers([str(run_dir)])
+def test_workers_exit_when_the_supervisor_is_killed(run_dir: Path, tmp_path: Path) -> None:
+    proc, url, _ = start_workers(tmp_path / "serve.log", [str(run_dir)])
     try:
         readiness(url, 2)
         workers = worker_pids(proc.pid)
@@ -255,3 +254,23 @@ def test_a_missing_model_folder_is_one_clear_line(tmp_path: Path, capsys: pytest
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("error: model not found: ") and "never-trained" in lines[0]
+
+
+def test_workers_need_the_main_thread(run_dir: Path) -> None:
+    import threading
+
+    from imagerec.serve import serve
+    from imagerec.utils import ImageRecError
+
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve([str(run_dir)], workers=2, port=free_port())
+        except BaseException as e:  # noqa: BLE001 - collected for the assertion below
+            raised.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    assert len(raised) == 1 and isinstance(raised[0], ImageRecError) and "main thread" in str(raised[0])

@@ -254,6 +254,9 @@ def run_workers(settings: Any) -> int:
 
     from imagerec.serve.http import MAX_HEAD_BYTES
 
+    if threading.current_thread() is not threading.main_thread():
+        raise ImageRecError("serve with workers > 1 must run in the main thread: it stops its workers on "
+                            "SIGINT/SIGTERM, and only the main thread receives signals")
     n = settings.workers
     state = Path(tempfile.mkdtemp(prefix="imagerec-serve-"))
     (state / "metrics").mkdir()
