@@ -197,11 +197,16 @@ def _name(image: ImageInput, i: int) -> str:
     return str(image) if isinstance(image, str | Path) else source_name(image)
 
 
-def load(source: str | Path, **kwargs: Any) -> Predictor:
-    """A Predictor for a run directory (its best checkpoint) or an exported bundle folder (has imagerec.json)."""
+def check_model_path(source: str | Path) -> None:
+    """A clear error for a model path that does not exist (before anything tries to load it)."""
     if not Path(source).exists():
         raise ImageRecError(f"model not found: {source} (give a run directory written by 'imagerec train' "
                             f"or a bundle folder written by 'imagerec export')")
+
+
+def load(source: str | Path, **kwargs: Any) -> Predictor:
+    """A Predictor for a run directory (its best checkpoint) or an exported bundle folder (has imagerec.json)."""
+    check_model_path(source)
     if (Path(source) / "imagerec.json").is_file():
         return Predictor.from_bundle(source, **kwargs)
     return Predictor.from_run(source, **kwargs)

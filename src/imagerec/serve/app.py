@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -27,7 +26,7 @@ from imagerec.serve.registry import ModelRegistry
 from imagerec.serve.routes import STATIC_DIR, admin_actions, router
 from imagerec.serve.settings import ServeSettings, create_settings
 from imagerec.serve.workers import Admin, AdminLog, check_picklable, run_workers
-from imagerec.utils import ImageRecError, available_cpus
+from imagerec.utils import available_cpus
 
 log = logging.getLogger("imagerec.serve")
 
@@ -166,10 +165,10 @@ def serve(
         **kwargs,
     )
     if settings.loader is None:  # a missing folder: one line now, not a traceback from each worker's startup
+        from imagerec.predict import check_model_path
+
         for source in settings.sources:
-            if not Path(source.path).exists():
-                raise ImageRecError(f"model not found: {source.path} (give a run directory written by "
-                                    f"'imagerec train' or a bundle folder written by 'imagerec export')")
+            check_model_path(source.path)
     if settings.workers > 1:
         check_picklable(settings)
         status = run_workers(settings)

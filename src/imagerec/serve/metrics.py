@@ -16,6 +16,9 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# Where worker processes (serve --workers) keep prometheus_client's multiprocess files; the
+# library reads this variable when it is imported, so the supervisor sets it before spawning.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (
@@ -94,7 +97,7 @@ class ServeMetrics:
     def render(self) -> bytes:
         """This process's metrics; with several worker processes (serve --workers), all of theirs
         summed (gauges: live workers only)."""
-        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        folder = os.environ.get(MULTIPROC_ENV)
         if not folder:
             return generate_latest(self.registry)
         merged = CollectorRegistry()

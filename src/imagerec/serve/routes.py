@@ -4,8 +4,9 @@ decode pool and the batcher threads; admin handlers are plain `def` (FastAPI's t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,17 @@ class ReloadRequest(BaseModel):
     keys: bool = True
 
 
+@contextlib.contextmanager
+def _model_load_failures(what: str) -> Iterator[None]:
+    """A model that fails to load is the admin's input (a broken checkpoint), not a server bug: 422."""
+    try:
+        yield
+    except ApiError:
+        raise
+    except Exception as e:
+        raise ApiError(422, "model_load_failed", f"{what}: {type(e).__name__}: {e}"[:500]) from e
+
+
 def admin_actions(registry: ModelRegistry, keys: ApiKeys) -> Callable[[dict[str, Any]], tuple[Any, dict[str, Any]]]:
     """What each admin action does to one process's registry and keys (serve.workers.Admin runs it
     here and in every other worker). Returns (the client's answer, the action as others repeat it)."""
@@ -347,26 +359,16 @@ def admin_actions(registry: ModelRegistry, keys: ApiKeys) -> Callable[[dict[str,
             entry = registry.set_default(action["name"], action["version"])
             return {"default": {"name": entry.name, "version": entry.version}}, action
         if op == "load":
-            try:
+            with _model_load_failures(f"cannot load '{action['given']}'"):
                 entry = registry.load(
                     ModelSource(action["path"], action["name"], action["version"]),
                     make_default=action["make_default"],
                 )
-            except ApiError:
-                raise
-            except Exception as e:  # a broken checkpoint is the admin's input, not a server bug
-                raise ApiError(
-                    422, "model_load_failed", f"cannot load '{action['given']}': {type(e).__name__}: {e}"[:500]
-                ) from e
             # The others load the same name and version, even where this one assigned the version.
             return entry.card(default=entry is registry.default()), {**action, "name": entry.name, "version": entry.version}
         if op == "reload":
-            try:
+            with _model_load_failures("reload failed"):
                 fresh = registry.reload(action["name"], action["version"])
-            except ApiError:
-                raise
-            except Exception as e:
-                raise ApiError(422, "model_load_failed", f"reload failed: {type(e).__name__}: {e}"[:500]) from e
             try:
                 n_keys = keys.reload() if action["keys"] and keys.path else None
             except ImageRecError as e:

@@ -44,7 +44,6 @@ from imagerec.utils import ImageRecError, c_library
 
 log = logging.getLogger("imagerec.serve")
 
-METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 POLL_S = 0.05  # how often a worker looks for new admin actions
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -253,14 +252,16 @@ def run_workers(settings: Any) -> int:
     from prometheus_client import multiprocess
 
     from imagerec.serve.http import MAX_HEAD_BYTES
+    from imagerec.serve.metrics import MULTIPROC_ENV
 
     if threading.current_thread() is not threading.main_thread():
         raise ImageRecError("serve with workers > 1 must run in the main thread: it stops its workers on "
                             "SIGINT/SIGTERM, and only the main thread receives signals")
     n = settings.workers
     state = Path(tempfile.mkdtemp(prefix="imagerec-serve-"))
-    (state / "metrics").mkdir()
-    os.environ[METRICS_ENV] = str(state / "metrics")  # inherited by the spawned workers
+    metrics_dir = state / "metrics"
+    metrics_dir.mkdir()
+    os.environ[MULTIPROC_ENV] = str(metrics_dir)  # inherited by the spawned workers
     sock = uvicorn.Config(None, host=settings.host, port=settings.port,  # type: ignore[arg-type]
                           h11_max_incomplete_event_size=MAX_HEAD_BYTES).bind_socket()
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/OpenVINO threads
@@ -292,7 +293,7 @@ def run_workers(settings: Any) -> int:
                 was_ready[k] = was_ready[k] or ready(k, proc)
                 if proc.is_alive() or stopping.is_set():
                     continue
-                multiprocess.mark_process_dead(proc.pid, str(state / "metrics"))
+                multiprocess.mark_process_dead(proc.pid, str(metrics_dir))
                 (state / status_name(k, proc.pid)).unlink(missing_ok=True)
                 if not was_ready[k]:
                     log.error("worker %d exited with status %s before it was ready; stopping the server", k, proc.exitcode)
@@ -313,7 +314,7 @@ def run_workers(settings: Any) -> int:
         sock.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-        os.environ.pop(METRICS_ENV, None)
+        os.environ.pop(MULTIPROC_ENV, None)
         shutil.rmtree(state, ignore_errors=True)
     return status
 
