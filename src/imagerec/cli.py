@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait to fill a micro-batch; the server waits less where the model's measured "
                         "per-batch overhead is smaller (shown in GET /v1/models)")
     p.add_argument("--fixed-wait", action="store_true",
-                   help="always wait up to --max-wait-ms for a micro-batch to fill, whatever the measured cost")
+                   help="always wait up to --max-wait-ms for a micro-batch to fill, whatever the measured cost "
+                        "and even when no other request is on its way")
     p.add_argument("--queue-size", type=int, default=256, help="queued images before answering 503")
     p.add_argument("--instances", type=int, default=0,
                    help="model instances per version, sharing the cores (default: 2 for a bundle on 2+ cores, else 1)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import json
@@ -9,6 +10,7 @@ import logging
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -155,6 +157,62 @@ def test_one_batcher_instance_runs_one_batch_at_a_time():
         f.result(5)
     b.stop()
     assert peak[0] == 1
+
+
+def _recording_batcher(instances: int, **kw) -> tuple[Batcher, list[int]]:
+    sizes: list[int] = []
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(x))
+        return x.float().flatten(1)
+
+    return Batcher([predict] * instances, max_batch=8, capacity=16, **kw).start(), sizes
+
+
+def _image() -> list[torch.Tensor]:
+    return [torch.zeros(1, 1, 1, dtype=torch.uint8)]
+
+
+@pytest.mark.parametrize("informed", [True, False])
+def test_informed_wait_sends_a_lone_image_at_once(informed):
+    """Nothing announced: the informed batcher does not hold an image for company nobody is
+    sending; the plain one holds it for the whole max wait."""
+    b, sizes = _recording_batcher(1, max_wait_ms=400, wait_for_incoming_only=informed)
+    start = time.perf_counter()
+    b.submit_many(_image())[0].result(5)
+    waited = time.perf_counter() - start
+    b.stop()
+    assert sizes == [1]
+    assert (waited < 0.3) if informed else (waited >= 0.4)
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_informed_wait_holds_an_image_for_an_announced_request(announced):
+    """A request announced as on its way (decoding) is waited for, and joins the queued image's
+    batch; without the announcement the queued image goes alone."""
+    b, sizes = _recording_batcher(1, max_wait_ms=2000, wait_for_incoming_only=True)
+    with contextlib.ExitStack() as stack:
+        if announced:
+            stack.enter_context(b.incoming())
+        first = b.submit_many(_image())
+        time.sleep(0.1)
+        second = b.submit_many(_image())
+    for f in first + second:
+        f.result(5)
+    b.stop()
+    assert sizes == ([2] if announced else [1, 1])
+
+
+def test_informed_wait_does_not_hold_an_image_while_another_instance_is_free():
+    """Two idle instances and a request on its way: the queued image runs at once on one
+    instance, the announced one later runs by itself on the other."""
+    b, sizes = _recording_batcher(2, max_wait_ms=2000, wait_for_incoming_only=True)
+    with b.incoming():
+        b.submit_many(_image())[0].result(1.0)  # not held for the announced request
+        later = b.submit_many(_image())
+    later[0].result(5)
+    b.stop()
+    assert sizes == [1, 1]
 
 
 def test_default_instances_two_for_bundles_on_two_cores_one_for_runs(tmp_path, monkeypatch):
@@ -439,6 +497,49 @@ def test_server_waits_for_a_batch_only_as_long_as_batching_can_save(run_dir, dig
     assert cards[False] == {"max_batch": 32, "wait_ms": 300, "max_wait_ms": 300, "adaptive": False}
     assert latencies[False] >= 0.3  # the full wait
     assert latencies[True] < 0.15
+
+
+def test_server_holds_a_request_only_for_requests_on_their_way(run_dir, digits):
+    """A model whose every call costs 200 ms, so batching pays and the measured wait is 200 ms:
+    a lone request still goes to the model at once (no other request is on its way), while
+    concurrent requests share batches."""
+    import httpx
+
+    import imagerec
+
+    def loader(path: str):
+        predictor = imagerec.load(path)
+        predictor.predict_batch = sleeping_model(0.2, 0.001)
+        return predictor
+
+    def batches(c: httpx.Client) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in c.get("/metrics").text.splitlines()
+                   if line.startswith("imagerec_batch_size_count"))
+
+    running = start_thread_server(ServeSettings(models=(str(run_dir),), loader=loader, max_wait_ms=300))
+    try:
+        with httpx.Client(base_url=running.url, timeout=30) as c:
+            assert c.get("/v1/models").json()["models"][0]["batching"]["wait_ms"] >= 150
+            # A request that fails while it is on its way must not stay announced (the next lone
+            # request would then wait for it).
+            bad = c.post("/v1/predict", files={"file": ("d.png", b"\x89PNG\r\n\x1a\n broken", "image/png")})
+            assert bad.status_code == 422, bad.text
+            times = []
+            for i in range(2):
+                start = time.perf_counter()
+                assert c.post("/v1/predict", files={"file": ("d.png", digits[i], "image/png")}).status_code == 200
+                times.append(time.perf_counter() - start)
+            assert min(times) < 0.35  # the 200 ms call, not the 200 ms wait on top of it
+            before = batches(c)
+            with ThreadPoolExecutor(6) as pool:
+                codes = list(pool.map(
+                    lambda i: httpx.post(running.url + "/v1/predict", timeout=30,
+                                         files={"file": ("d.png", digits[i], "image/png")}).status_code,
+                    range(6)))
+            assert codes == [200] * 6
+            assert batches(c) - before < 6  # some of the six shared a batch
+    finally:
+        running.stop()
 
 
 def test_cli_fixed_wait_flag_reaches_the_settings(monkeypatch, run_dir):

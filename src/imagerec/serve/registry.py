@@ -269,6 +269,7 @@ class ModelRegistry:
             name=label,
             on_batch=on_batch,
             on_depth=depth.set,
+            wait_for_incoming_only=cost is not None,
         ).start()
         return ModelEntry(
             name, version, path, predictor, batcher, read_eval_metrics(path), batching

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from imagerec.serve.auth import ApiKeys, require_admin_key, require_predict_key
 from imagerec.serve.batching import BatcherClosed, QueueFull
 from imagerec.serve.errors import ApiError, error_response
-from imagerec.serve.inputs import Prepared, parse_and_prepare_first, prepare_image
+from imagerec.serve.inputs import Prepared, Upload, parse_and_prepare_first, prepare_image
 from imagerec.serve.registry import ModelEntry, ModelRegistry, resolve_model_path
 from imagerec.serve.settings import ModelSource
 from imagerec.utils import ImageRecError
@@ -213,12 +213,13 @@ async def _predict(request: Request, entry: ModelEntry, top_k: int) -> JSONRespo
         state.metrics.inflight.set(state.inflight)
 
 
-async def _predict_steps(
-    request: Request, entry: ModelEntry, top_k: int, phase: list[str]
-) -> JSONResponse:
-    state, settings = request.app.state, request.app.state.settings
+async def _read_and_decode(
+    request: Request, entry: ModelEntry, phase: list[str]
+) -> tuple[list[Upload], list[Prepared]]:
+    """The request's uploads and their decoded, preprocessed images; 4xx ApiError for bad input."""
+    settings = request.app.state.settings
     loop = asyncio.get_running_loop()
-    pool = state.decode_pool
+    pool = request.app.state.decode_pool
     chunks = [
         chunk async for chunk in request.stream()
     ]  # size-capped by BodyLimitMiddleware
@@ -247,17 +248,25 @@ async def _predict_steps(
     for r in results:  # report the first bad image by index
         if isinstance(r, BaseException):
             raise r
-    prepared: list[Prepared] = [first, *results]  # type: ignore[list-item]
-    phase[0] = "infer"
-    retry = {"Retry-After": str(settings.retry_after_s)}
-    try:
-        futures = entry.batcher.submit_many([p.tensor for p in prepared])
-    except QueueFull as e:
-        raise ApiError(
-            503, "queue_full", f"the inference queue is full ({e}); retry later", retry
-        ) from e
-    except BatcherClosed as e:
-        raise ApiError(503, "model_unloading", f"{e}; retry", retry) from e
+    return uploads, [first, *results]  # type: ignore[list-item]
+
+
+async def _predict_steps(
+    request: Request, entry: ModelEntry, top_k: int, phase: list[str]
+) -> JSONResponse:
+    state, settings = request.app.state, request.app.state.settings
+    with entry.batcher.incoming():  # queued images may wait for this one's (serve.batching)
+        uploads, prepared = await _read_and_decode(request, entry, phase)
+        phase[0] = "infer"
+        retry = {"Retry-After": str(settings.retry_after_s)}
+        try:
+            futures = entry.batcher.submit_many([p.tensor for p in prepared])
+        except QueueFull as e:
+            raise ApiError(
+                503, "queue_full", f"the inference queue is full ({e}); retry later", retry
+            ) from e
+        except BatcherClosed as e:
+            raise ApiError(503, "model_unloading", f"{e}; retry", retry) from e
     wrapped = [asyncio.wrap_future(f) for f in futures]
     try:
         probs = await asyncio.gather(*wrapped)

@@ -51,7 +51,8 @@ class ServeSettings:
     # Micro-batching: a batch goes to the model when it holds `max_batch` images or when its
     # first image has waited `max_wait_ms`; at most `queue_size` images wait per model version.
     # adaptive_wait: wait only as long as the model's measured per-batch overhead, if that is less
-    # than max_wait_ms (batching.adaptive_wait_ms); False waits the full max_wait_ms.
+    # than max_wait_ms (batching.adaptive_wait_ms), and only while another request is on its way
+    # (batching.Batcher.incoming); False always waits the full max_wait_ms.
     max_batch: int = 32
     max_wait_ms: float = 5.0
     adaptive_wait: bool = True
