@@ -171,15 +171,15 @@ _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h|hr)?\s*", re.
 _UNIT_MINUTES = {"s": 1 / 60, "sec": 1 / 60, "m": 1.0, "min": 1.0, "h": 60.0, "hr": 60.0}
 
 
-def parse_minutes(value: Any, name: str = "time_limit") -> float:
+def parse_minutes(value: Any) -> float:
     """A duration in minutes from a number (minutes) or a string with a unit: '20', '20m', '90s', '1.5h'."""
     if isinstance(value, bool):
-        raise ImageRecError(f"{name} must be a duration, got {value!r}")
+        raise ImageRecError(f"time_limit must be a duration, got {value!r}")
     if isinstance(value, (int, float)):
         return float(value)
     m = _DURATION.fullmatch(str(value))
     if m is None:
-        raise ImageRecError(f"{name}={value!r} is not a duration: give minutes (20) or a number with a unit, "
+        raise ImageRecError(f"time_limit={value!r} is not a duration: give minutes (20) or a number with a unit, "
                             "e.g. 90s, 20m, 1.5h")
     return float(m.group(1)) * _UNIT_MINUTES[(m.group(2) or "m").lower()]
 

@@ -149,7 +149,9 @@ def start_process_server(args: list[str]) -> Running:
         wait_ready(url, timeout=90)
     except RuntimeError:
         proc.kill()
-        raise RuntimeError(Path(log.name).read_text()[-3000:]) from None
+        text = Path(log.name).read_text()[-3000:]
+        Path(log.name).unlink()
+        raise RuntimeError(text) from None
 
     def stop() -> None:
         proc.terminate()
@@ -157,6 +159,8 @@ def start_process_server(args: list[str]) -> Running:
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
 
     return Running(url, proc.pid, stop)
 

@@ -4,7 +4,6 @@ reach every worker, metrics are summed, a crashed worker is replaced and catches
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,15 @@ from conftest import auth, free_port, metric_value
 
 import imagerec
 from imagerec.serve.settings import ServeSettings
-from imagerec.serve.workers import Admin, AdminLog, check_picklable, cpu_shares
+from imagerec.serve.workers import (
+    STATE_PREFIX,
+    SUPERVISOR_PID,
+    Admin,
+    AdminLog,
+    check_picklable,
+    cpu_shares,
+    remove_stale_state,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -233,7 +240,14 @@ def test_workers_exit_when_the_supervisor_is_killed(run_dir: Path, tmp_path: Pat
     finally:
         if proc.poll() is None:
             proc.kill()
-    shutil.rmtree(state.parent, ignore_errors=True)  # what a killed supervisor leaves behind
+    # What a killed supervisor leaves behind is removed by the next one to start (here: its cleanup
+    # step alone), and a live supervisor's folder is not.
+    live = tmp_path / (STATE_PREFIX + "live")
+    live.mkdir()
+    (live / SUPERVISOR_PID).write_text(str(os.getpid()))
+    assert state.parent.is_dir()
+    assert state.parent in remove_stale_state(state.parent.parent) and not state.parent.exists()
+    assert remove_stale_state(tmp_path) == [] and live.is_dir()
 
 
 def test_hooks_that_cannot_reach_a_worker_are_refused_before_it_starts(run_dir: Path) -> None:

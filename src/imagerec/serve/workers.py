@@ -246,6 +246,29 @@ def _worker_main(settings: Any, sock: socket.socket, cpus: list[int] | None, par
     create_server(settings).run(sockets=[sock])
 
 
+STATE_PREFIX = "imagerec-serve-"
+SUPERVISOR_PID = "supervisor.pid"
+
+
+def remove_stale_state(tmp: str | Path | None = None) -> list[Path]:
+    """Remove the state folders of supervisors that are gone. A supervisor removes its own when it
+    stops, but one killed with SIGKILL cannot; each holds its supervisor's pid, and a folder whose
+    process no longer exists is removed by the next `run_workers`. Folders without a readable pid
+    (someone else's, or one being made) are left alone."""
+    removed = []
+    for folder in Path(tmp or tempfile.gettempdir()).glob(STATE_PREFIX + "*"):
+        try:
+            pid = int((folder / SUPERVISOR_PID).read_text())
+            os.kill(pid, 0)  # signal 0: is it there?
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except (OSError, ValueError):  # no pid file, or the process belongs to another user
+            continue
+    return removed
+
+
 def run_workers(settings: Any) -> int:
     """Serve `settings` with `settings.workers` processes until SIGINT/SIGTERM; returns an exit status."""
     import uvicorn
@@ -258,7 +281,10 @@ def run_workers(settings: Any) -> int:
         raise ImageRecError("serve with workers > 1 must run in the main thread: it stops its workers on "
                             "SIGINT/SIGTERM, and only the main thread receives signals")
     n = settings.workers
-    state = Path(tempfile.mkdtemp(prefix="imagerec-serve-"))
+    for folder in remove_stale_state():
+        log.info("removed %s, left by a serve --workers that was killed", folder)
+    state = Path(tempfile.mkdtemp(prefix=STATE_PREFIX))
+    (state / SUPERVISOR_PID).write_text(str(os.getpid()))
     metrics_dir = state / "metrics"
     metrics_dir.mkdir()
     os.environ[MULTIPROC_ENV] = str(metrics_dir)  # inherited by the spawned workers
