@@ -2,8 +2,9 @@
 
 Issue 5 asks for p99 latency at half the served load <= 4x the batch-1 latency. This simulates
 the best case of the server's design on a machine whose cores do all the work: Poisson arrivals,
-`--servers` model instances fed from one FIFO queue, each taking every waiting request (up to
-`--max-batch`) when it frees, a batch of n costing `overhead + n x per_request` of one core (the
+`--servers` model instances fed from one FIFO queue, each taking its share of the waiting requests
+when it frees (`--policy share`, what serve.batching does: ceil(waiting / servers), up to
+`--max-batch`; `--policy all` takes every waiting request, as session 10's version of this model did), a batch of n costing `overhead + n x per_request` of one core (the
 request path's CPU, HTTP, multipart and decode, belongs in `per_request`: on 2 cores it runs on the
 same cores as inference), plus `--floor-ms` of latency that takes no core time (loopback, the
 client). No preemption, no GIL, no noise: what a real server measures can only be worse.
@@ -22,7 +23,7 @@ import random
 
 
 def simulate(rate: float, overhead: float, per_request: float, servers: int, max_batch: int,
-             floor: float, n: int = 200_000, seed: int = 0) -> tuple[float, float]:
+             floor: float, policy: str = "share", n: int = 200_000, seed: int = 0) -> tuple[float, float]:
     """(p50, p99) latency in ms of `n` Poisson arrivals at `rate` per ms."""
     rng = random.Random(seed)
     arrivals, t = [], 0.0
@@ -36,8 +37,10 @@ def simulate(rate: float, overhead: float, per_request: float, servers: int, max
         s = min(range(servers), key=free.__getitem__)
         start = max(free[s], arrivals[i])
         j = i + 1
-        while j < n and j - i < max_batch and arrivals[j] <= start:
+        while j < n and arrivals[j] <= start:
             j += 1
+        take = j - i if policy == "all" else -(-(j - i) // servers)
+        j = i + min(take, max_batch)
         end = start + overhead + per_request * (j - i)
         latencies.extend(end - a + floor for a in arrivals[i:j])
         free[s] = end
@@ -60,16 +63,18 @@ def main() -> None:
     ap.add_argument("--servers", type=int, default=2)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--policy", choices=("share", "all"), default="share",
+                    help="what a free instance takes: its share of the waiting requests (the server) or all of them")
     args = ap.parse_args()
     batch = max(1, args.clients // args.servers)
     for overhead in args.overhead_ms:
         # full load: each server runs batches of `batch`, so rate = servers * batch / (o + batch * c)
         per = args.per_request_ms or (args.servers * batch * 1000 / args.full_rate - overhead) / batch
         full = args.servers * batch / (overhead + batch * per) * 1000
-        p50, p99 = simulate(full / 2 / 1000, overhead, per, args.servers, args.max_batch, args.floor_ms)
+        p50, p99 = simulate(full / 2 / 1000, overhead, per, args.servers, args.max_batch, args.floor_ms, args.policy)
         batch1 = overhead + per + args.floor_ms
         print(json.dumps({
-            "bench": "ideal_queue", "servers": args.servers, "overhead_ms": overhead, "per_request_ms": round(per, 3),
+            "bench": "ideal_queue", "policy": args.policy, "servers": args.servers, "overhead_ms": overhead, "per_request_ms": round(per, 3),
             "full_rate": round(full, 1), "half_rate": round(full / 2, 1), "batch1_ms": round(batch1, 2),
             "half_p50_ms": round(p50, 2), "half_p99_ms": round(p99, 2), "p99_over_batch1": round(p99 / batch1, 2),
             "target": 4.0,
