@@ -293,7 +293,8 @@ def main() -> None:
                     help="HTTP parsers to measure, one server each: auto = httptools (C), h11 = pure Python")
     ap.add_argument("--wait", nargs="+", choices=("adaptive", "fixed"), default=["adaptive"],
                     help="batch wait policies to measure, one server each: adaptive (the default: at most the "
-                         "measured per-batch overhead) or fixed (always up to --max-wait-ms: serve --fixed-wait)")
+                         "measured per-batch overhead, and only while another request is on its way) or fixed "
+                         "(always up to --max-wait-ms: serve --fixed-wait)")
     args = ap.parse_args()
     gen = args.load_generator
     if gen == "auto":
