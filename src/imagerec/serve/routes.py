@@ -255,10 +255,10 @@ async def _predict_steps(
     request: Request, entry: ModelEntry, top_k: int, phase: list[str]
 ) -> JSONResponse:
     state, settings = request.app.state, request.app.state.settings
+    retry = {"Retry-After": str(settings.retry_after_s)}
     with entry.batcher.incoming():  # queued images may wait for this one's (serve.batching)
         uploads, prepared = await _read_and_decode(request, entry, phase)
         phase[0] = "infer"
-        retry = {"Retry-After": str(settings.retry_after_s)}
         try:
             futures = entry.batcher.submit_many([p.tensor for p in prepared])
         except QueueFull as e:

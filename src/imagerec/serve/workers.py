@@ -259,13 +259,11 @@ def remove_stale_state(tmp: str | Path | None = None) -> list[Path]:
     for folder in Path(tmp or tempfile.gettempdir()).glob(STATE_PREFIX + "*"):
         try:
             pid = int((folder / SUPERVISOR_PID).read_text())
-            os.kill(pid, 0)  # signal 0: is it there?
+        except (OSError, ValueError):
             continue
-        except ProcessLookupError:
+        if not _alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
-        except (OSError, ValueError):  # no pid file, or the process belongs to another user
-            continue
     return removed
 
 
