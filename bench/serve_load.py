@@ -154,7 +154,9 @@ class RawHttp:
         self.host, port = url.removeprefix("http://").split(":")
         self.port = int(port)
         self.requests = [self._request(data) for data in images]
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        # (reader, writer, when it was last answered); uvicorn closes a connection idle for 5 s
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+        self.failures: dict[str, int] = {}
 
     def _request(self, data: bytes) -> bytes:
         body = (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"image\"\r\n"
@@ -163,20 +165,34 @@ class RawHttp:
                 f"Content-Type: multipart/form-data; boundary={self.boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
         return head.encode() + body
 
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The most recently used idle connection, or a new one; those idle for 4 s are closed
+        first, before the server's keep-alive timeout can close them under a request."""
+        while self.idle:
+            reader, writer, used = self.idle.pop()
+            if time.monotonic() - used < 4.0:
+                return reader, writer
+            writer.close()
+        return await asyncio.open_connection(self.host, self.port)
+
     async def post(self, i: int) -> bool:
-        """Send image i; True for a 200 answer. A connection that fails is dropped."""
-        conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
-        reader, writer = conn
+        """Send image i; True for a 200 answer. A connection that fails is dropped; every failure
+        is counted in `failures` by HTTP status or exception name."""
+        reader, writer = await self._connection()
         try:
             writer.write(self.requests[i % len(self.requests)])
             head = await reader.readuntil(b"\r\n\r\n")
             length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
             await reader.readexactly(int(length.group(1)) if length else 0)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
             writer.close()
+            self.failures[type(e).__name__] = self.failures.get(type(e).__name__, 0) + 1
             return False
-        self.idle.append(conn)
-        return head[9:12] == b"200"
+        self.idle.append((reader, writer, time.monotonic()))
+        status = head[9:12].decode("latin-1")
+        if status != "200":
+            self.failures[status] = self.failures.get(status, 0) + 1
+        return status == "200"
 
     async def lone(self, seconds: float, start: int) -> tuple[list[float], int]:
         """One request at a time for `seconds`: (latencies in ms, errors)."""
@@ -234,12 +250,14 @@ def lone_and_half_load(url: str, images: list[bytes], rate: float, rounds: int, 
             half += lat
             errors[1] += err
             n += len(lat) + err
-        for _, writer in client.idle:
+        for _, writer, _ in client.idle:
             writer.close()
         rows = [{"img_per_s": len(lat) / (rounds * secs), "requests": len(lat) + err, "errors": err,
                  "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
                 for lat, err, secs in ((single, errors[0], single_s), (half, errors[1], half_s))]
         rows[1]["client_cpu_ms_per_request"] = (time.process_time() - cpu0) * 1e3 / max(1, n)
+        if client.failures:
+            rows[1]["failures"] = client.failures  # both phases
         return rows[0], rows[1], per_round
 
     return asyncio.run(run())
