@@ -179,12 +179,17 @@ class RawHttp:
         """Send image i; True for a 200 answer. A connection that fails is dropped; every failure
         is counted in `failures` by HTTP status or exception name."""
         reader, writer = await self._connection()
-        try:
+
+        async def exchange() -> bytes:
             writer.write(self.requests[i % len(self.requests)])
             head = await reader.readuntil(b"\r\n\r\n")
             length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
             await reader.readexactly(int(length.group(1)) if length else 0)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+            return head
+
+        try:
+            head = await asyncio.wait_for(exchange(), 30.0)  # bounded in time, as wrk's --timeout 30s
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
             writer.close()
             self.failures[type(e).__name__] = self.failures.get(type(e).__name__, 0) + 1
             return False
