@@ -6,6 +6,8 @@ same invocation, on the machine it runs on.
     python bench/train.py cifar --runs 3      # (c) --recipe fast vs the seed recipe, CIFAR-10-jpg
     python bench/train.py cifar --train-args "--model airbench94 --time-limit 19"   # (c) with more settings
     python bench/train.py loader              # (d) our loader vs ImageFolder + DataLoader, RSS per epoch
+    python bench/train.py throughput --device cuda   # any job on a GPU, baselines on the same GPU
+                                                     # (scripts/gpu_check.sh runs them all there)
 
 Precision: the trainer uses bf16 autocast only where the CPU has native bf16 (AVX512-BF16/AMX)
 and fp32 elsewhere; the "peak" here is the matmul peak of that same precision, so the ratio
@@ -35,6 +37,12 @@ from torch import nn
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 CIFAR = SHARED / "cifar10-jpg.tar.gz"
 MNIST = SHARED / "mnist"
+DEVICE = torch.device("cpu")  # --device: where every case of the job runs, baselines included
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 # --- machine facts ---------------------------------------------------------------------------
@@ -51,25 +59,32 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": model or platform.machine(), "cpus": len(os.sched_getaffinity(0)),
-            "native_bf16": cpu_supports_bf16(), "torch": torch.__version__}
+    facts = {"cpu": model or platform.machine(), "cpus": len(os.sched_getaffinity(0)),
+             "native_bf16": cpu_supports_bf16(), "torch": torch.__version__, "device": str(DEVICE)}
+    if DEVICE.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(DEVICE)
+    return facts
 
 
 def train_dtype() -> torch.dtype:
     from imagerec.utils import resolve_device, resolve_precision
 
-    return resolve_precision("auto", resolve_device("cpu")) or torch.float32
+    return resolve_precision("auto", resolve_device(str(DEVICE))) or torch.float32
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 6) -> float:
     """GFLOP/s of a large square matmul in `dtype`: the compute ceiling for training steps."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    if DEVICE.type == "cuda":
+        n, reps = 8192, 20
+    a, b = (torch.randn(n, n, dtype=dtype, device=DEVICE) for _ in range(2))
     a @ b
     best = 0.0
     for _ in range(3):
+        sync()
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
+        sync()
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
     return best
 
@@ -87,7 +102,7 @@ def run_cli(args: list[str], tmp: Path) -> tuple[dict[str, Any], float]:
     out = tmp / "run"
     env = dict(os.environ, IMAGEREC_CACHE=str(tmp / "cache"), IMAGEREC_HOME=str(tmp / "home"))
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "imagerec.cli", *args, "--out", str(out)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "imagerec.cli", *args, "--device", str(DEVICE), "--out", str(out)], env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
@@ -150,7 +165,7 @@ def loader_accuracy(model: nn.Module, loader) -> float:
     model.eval()
     right = total = 0
     for x, y in loader:
-        right += int((model(x).argmax(1) == y).sum())
+        right += int((model(x.to(DEVICE)).argmax(1).cpu() == y).sum())
         total += len(y)
     return right / total
 
@@ -165,11 +180,12 @@ def cifar_seed_recipe(seed: int) -> dict[str, Any]:
         torch.manual_seed(seed)
         norm = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
         train_loader, test_loader = image_folder_loaders(Path(tmp) / "cifar10-jpg", 64, 2, norm)
-        model = SeedCNN()
+        model = SeedCNN().to(DEVICE)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         for _ in range(10):
             model.train()
             for x, y in train_loader:
+                x, y = x.to(DEVICE), y.to(DEVICE)
                 loss = F.cross_entropy(model(x), y)
                 opt.zero_grad()
                 loss.backward()
@@ -229,13 +245,14 @@ def mnist_examples_recipe(seed: int, target: float) -> dict[str, Any]:
         tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
         train = torch.utils.data.DataLoader(datasets.MNIST(tmp, train=True, transform=tf), batch_size=64, shuffle=True)
         test = torch.utils.data.DataLoader(datasets.MNIST(tmp, train=False, transform=tf), batch_size=1000)
-        model = ExamplesNet()
+        model = ExamplesNet().to(DEVICE)
         opt = torch.optim.Adadelta(model.parameters(), lr=1.0)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
         acc, epoch = 0.0, 0
         while acc < target and epoch < 14:
             model.train()
             for x, y in train:
+                x, y = x.to(DEVICE), y.to(DEVICE)
                 opt.zero_grad()
                 F.nll_loss(model(x), y).backward()
                 opt.step()
@@ -254,7 +271,7 @@ def mnist_fast(seed: int) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        r = train(data=str(MNIST), out=str(Path(tmp) / "run"), recipe="fast", seed=seed)
+        r = train(data=str(MNIST), out=str(Path(tmp) / "run"), recipe="fast", seed=seed, device=str(DEVICE))
         wall = time.perf_counter() - t
     return {"bench": "train", "job": "mnist", "case": "fast", "seed": seed, "test_accuracy": round(r.metrics["test"]["accuracy"], 4),
             "epochs": r.metrics["epochs_run"], "wall_s": round(wall, 1), "train_s": r.metrics["train_seconds"]}
@@ -295,19 +312,19 @@ def resnet_step_rate(fast: bool, compile_: bool = False, batch: int = 128, steps
     from imagerec.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("resnet18", num_classes=10, in_chans=3, img_size=32)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    model = create_model("resnet18", num_classes=10, in_chans=3, img_size=32).to(DEVICE)
+    x, y = torch.randn(batch, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (batch,), device=DEVICE)
     dtype = train_dtype() if fast else torch.float32
     amp = dtype if dtype != torch.float32 else None
     if fast:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-        opt = create_optimizer(model, TrainConfig(optimizer="sgd"), torch.device("cpu"))
+        opt = create_optimizer(model, TrainConfig(optimizer="sgd"), DEVICE)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
 
     def step() -> None:
-        with autocast(torch.device("cpu"), amp):
+        with autocast(DEVICE, amp):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -318,9 +335,11 @@ def resnet_step_rate(fast: bool, compile_: bool = False, batch: int = 128, steps
         run()
     with FlopCounterMode(display=False) as counter:
         step()
+    sync()
     t = time.perf_counter()
     for _ in range(steps):
         run()
+    sync()
     return batch * steps / (time.perf_counter() - t), counter.get_total_flops() / batch
 
 
@@ -328,6 +347,7 @@ def bench_throughput(runs: int) -> None:
     from imagerec.utils import retain_freed_memory
 
     dtype = train_dtype()
+    batch = 128 if DEVICE.type == "cpu" else 512  # a GPU needs a larger batch to fill
     peaks, rates = [], {"stock": [], "fast": [], "fast+compile": []}
     flops = 0.0
     # Stock first, with the C library's default allocator settings, as a plain script runs; then
@@ -338,10 +358,11 @@ def bench_throughput(runs: int) -> None:
         for _ in range(runs):
             peaks.append(matmul_peak(dtype))
             for case in phase:
-                rate, flops = resnet_step_rate(case != "stock", compile_=case.endswith("compile"))
+                rate, flops = resnet_step_rate(case != "stock", compile_=case.endswith("compile"), batch=batch,
+                                               steps=6 if DEVICE.type == "cpu" else 50)
                 rates[case].append(rate)
     peak = statistics.fmean(peaks)
-    row = {"bench": "train", "job": "resnet18-throughput", "runs": runs, "batch": 128, "image": "3x32x32",
+    row = {"bench": "train", "job": "resnet18-throughput", "runs": runs, "batch": batch, "image": "3x32x32",
            "train_dtype": str(dtype).replace("torch.", ""), "gflop_per_image": round(flops / 1e9, 3),
            "matmul_peak_gflops": round(peak, 1)}
     for case, values in rates.items():
@@ -400,16 +421,18 @@ def bench_loader(epochs: int, baseline_epochs: int) -> None:
         pre = PreprocessConfig(32, 3, mean, std, 32, tuple(spec.class_names))
         loader = ImageLoader(items, spec.arrays, 3, 32, base_transform(pre), 512, targets_tensor(items, 10, False),
                              shuffle=True, cache="ram")
-        aug = BatchAugment(pre, "light", True, 0.0, 0.0, translate=2)
         build = time.perf_counter() - t
-        ours, rss = [], []
-        for e in range(epochs):
-            t, n = time.perf_counter(), 0
-            for b in loader.epoch(e):
-                x = normalize_batch(aug.geometric(b.x), mean, std)
-                n += len(x)
-            ours.append(n / (time.perf_counter() - t))
-            rss.append(round(rss_mb() - rss0, 1))
+        ours, rss, with_cutout = [], [], []
+        for cutout, rates in ((0, ours), (12, with_cutout)):  # airbench's translate + flip, then also cutout
+            aug = BatchAugment(pre, "light", True, 0.0, 0.0, translate=2, cutout=cutout)
+            for e in range(epochs):
+                t, n = time.perf_counter(), 0
+                for b in loader.epoch(e):
+                    x = normalize_batch(aug.geometric(b.x), mean, std)
+                    n += len(x)
+                rates.append(n / (time.perf_counter() - t))
+                if not cutout:
+                    rss.append(round(rss_mb() - rss0, 1))
         # torchvision
         from torchvision import datasets
 
@@ -427,6 +450,7 @@ def bench_loader(epochs: int, baseline_epochs: int) -> None:
     emit({"bench": "train", "job": "loader", "images": len(items), "batch": 512,
           "ours_first_pass_s": round(build, 1), "ours_img_per_s_per_epoch": [round(v) for v in ours],
           "ours_rss_growth_mb_per_epoch": rss, "ours_rss_growth_epoch10_minus_epoch1_mb": round(rss[-1] - rss[0], 1),
+          "ours_with_cutout12_img_per_s_per_epoch": [round(v) for v in with_cutout],
           "imagefolder_img_per_s_per_epoch": [round(v) for v in theirs], "imagefolder_rss_mb": their_rss,
           "ours_first_pass_img_per_s": round(len(items) / build),
           "steady_speedup": round(statistics.fmean(ours[1:]) / statistics.fmean(theirs), 1),
@@ -441,7 +465,12 @@ def main() -> None:
     p.add_argument("--first-seed", type=int, default=0, help="cifar: seeds first..first+runs-1")
     p.add_argument("--baseline-runs", type=int, default=1, help="runs of the baseline recipe")
     p.add_argument("--train-args", default="", help="cifar: more `imagerec train` flags for the fast-recipe runs")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N: where the job runs, baselines included")
     args = p.parse_args()
+    global DEVICE
+    from imagerec.utils import resolve_device
+
+    DEVICE = resolve_device(args.device)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     jobs = {
         "cifar": lambda: bench_cifar(args.runs, args.first_seed, args.baseline_runs, shlex.split(args.train_args)),

@@ -70,6 +70,7 @@ TRAIN_HELP = {
     "norm_lr_scale": "learning-rate multiplier for normalisation-layer shifts (the fast recipe uses 64)",
     "lookahead": "lookahead weight averaging every 5 steps (airbench's schedule)",
     "translate": "random translation in pixels for small images (default: size/8)",
+    "cutout": "blank one random square of this side (pixels) per training image, filled with the mean colour (0 = off)",
     "channels_last": "channels_last memory format (faster convolutions)",
     "workers": "decode worker processes (-1 = auto)",
     "cache": "auto | ram | none: decode the dataset once into RAM when it fits",

@@ -97,6 +97,7 @@ class TrainConfig:
     augment: str = "light"
     hflip: bool | None = None
     translate: int | None = None
+    cutout: int = 0
     mixup: float = 0.0
     cutmix: float = 0.0
     image_size: int | None = None
@@ -157,6 +158,8 @@ class TrainConfig:
             raise ImageRecError(f"image_size must be between 8 and 1024, got {self.image_size}")
         if self.translate is not None and not 0 <= self.translate <= 64:
             raise ImageRecError(f"translate must be between 0 and 64 pixels, got {self.translate}")
+        if not 0 <= self.cutout <= 1024:
+            raise ImageRecError(f"cutout is a square's side in pixels and must be between 0 (off) and 1024, got {self.cutout}")
         if self.norm_lr_scale <= 0:
             raise ImageRecError(f"norm_lr_scale must be positive, got {self.norm_lr_scale}")
         if self.channels is not None and self.channels not in (1, 3):

@@ -165,12 +165,15 @@ def item_augment(cfg: PreprocessConfig, preset: str) -> Callable[[torch.Tensor],
 
 
 class BatchAugment:
-    """Random translate (pad + crop) and horizontal flip on a uint8 batch, per sample, vectorised
-    (airbench's batch_crop/batch_flip_lr); random erasing and mixup/cutmix after normalisation."""
+    """Random translate (pad + crop), horizontal flip and cutout on a uint8 batch, per sample, vectorised
+    (airbench's batch_crop/batch_flip_lr/batch_cutout); random erasing and mixup/cutmix after normalisation."""
 
     def __init__(self, cfg: PreprocessConfig, preset: str, hflip: bool | None, mixup: float, cutmix: float,
-                 translate: int | None = None) -> None:
+                 translate: int | None = None, cutout: int = 0) -> None:
         small = is_small(cfg)
+        self.cutout = min(cutout, cfg.input_size)
+        # airbench fills the square with 0 after normalisation, i.e. with the mean colour.
+        self.fill = torch.tensor([round(m * 255) for m in cfg.mean], dtype=torch.uint8)
         self.pad = max(1, cfg.input_size // 8) if small and preset != "none" else 0
         if translate is not None:
             self.pad = translate
@@ -204,7 +207,20 @@ class BatchAugment:
         if self.flip:
             mask = torch.rand(b, device=x.device) < 0.5
             x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+        if self.cutout:
+            x = self._cut(x)
         return x
+
+    def _cut(self, x: torch.Tensor) -> torch.Tensor:
+        """One `cutout`-sided square per sample, inside the image (airbench96's make_random_square_masks)."""
+        b, _, h, w = x.shape
+        s = self.cutout
+        top = torch.randint(0, h - s + 1, (b, 1, 1, 1), device=x.device)
+        left = torch.randint(0, w - s + 1, (b, 1, 1, 1), device=x.device)
+        ys = torch.arange(h, device=x.device).view(1, 1, h, 1) - top
+        xs = torch.arange(w, device=x.device).view(1, 1, 1, w) - left
+        inside = (ys >= 0) & (ys < s) & (xs >= 0) & (xs < s)  # (B, 1, H, W)
+        return torch.where(inside, self.fill.to(x.device, x.dtype).view(1, -1, 1, 1), x)  # batches are 0-255 scale
 
     def after_normalize(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.erase is not None:

@@ -131,6 +131,35 @@ def test_geometric_is_a_shift_of_the_padded_sample_maybe_flipped() -> None:
     assert len(shifts) > 1  # each sample gets its own draw
 
 
+def test_cutout_blanks_one_square_per_sample_with_the_mean_colour() -> None:
+    pre = PreprocessConfig(32, 3, (0.25, 0.5, 1.0), (0.5,) * 3, 32, ("a", "b"))
+    aug = BatchAugment(pre, "none", hflip=False, mixup=0, cutmix=0, cutout=12)
+    x = torch.full((64, 3, 32, 32), 7, dtype=torch.uint8)  # no pixel equals any channel's fill
+    torch.manual_seed(0)
+    out = aug.geometric(x)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    corners = set()
+    for i in range(len(x)):
+        cut = out[i] != 7  # (C, H, W)
+        assert torch.equal(cut[0], cut[1]) and torch.equal(cut[0], cut[2])  # the same square in every channel
+        rows, cols = cut[0].nonzero(as_tuple=True)
+        assert len(rows) == 12 * 12, f"sample {i}: {len(rows)} pixels cut, not one 12x12 square inside the image"
+        top, left = int(rows.min()), int(cols.min())
+        assert int(rows.max()) - top == 11 and int(cols.max()) - left == 11
+        assert out[i, :, top, left].tolist() == [64, 128, 255]  # the mean colour, as airbench's normalised 0
+        corners.add((top, left))
+    assert len(corners) > 20  # each sample draws its own square
+    off = BatchAugment(pre, "none", hflip=False, mixup=0, cutmix=0)
+    assert torch.equal(off.geometric(x), x)
+
+
+def test_cutout_out_of_range_is_a_clear_error() -> None:
+    from imagerec.config import TrainConfig
+
+    with pytest.raises(ImageRecError, match="cutout .* got -3"):
+        TrainConfig(data="x", out="y", cutout=-3).validate()
+
+
 def test_flip_only_mirrors_some_rows() -> None:
     aug = BatchAugment(cfg(96, 110), "none", hflip=True, mixup=0, cutmix=0)
     assert aug.pad == 0

@@ -113,6 +113,23 @@ def test_bad_values_are_refused_before_training(tmp_path: Path) -> None:
             imagerec.train(out=str(tmp_path / "x"), **{**SMALL, **kwargs})
 
 
+def test_cutout_reaches_the_training_batches(tmp_path: Path, monkeypatch) -> None:
+    from imagerec.transforms import BatchAugment
+
+    seen: list[tuple[int, int]] = []
+    real_cut = BatchAugment._cut
+
+    def cut(self, x):
+        out = real_cut(self, x)
+        seen.append((self.cutout, int((out != x).any(1).sum()) // len(x)))  # (side, pixels changed a sample)
+        return out
+
+    monkeypatch.setattr(BatchAugment, "_cut", cut)
+    imagerec.train(out=str(tmp_path / "cut"), model="mlp", cutout=8, **SMALL)
+    assert len(seen) == 1024 // 64  # every training batch, and only those (not validation or test)
+    assert all(side == 8 and 0 < changed <= 64 for side, changed in seen)
+
+
 def test_divergence_is_a_clear_error_not_a_nan_model(tmp_path: Path) -> None:
     with pytest.raises(ImageRecError, match="training diverged.*lower --lr"):
         imagerec.train(data="mnist-mini", out=str(tmp_path / "run"), model="mlp", optimizer="sgd", lr=1e12, epochs=1, limit_train=256)

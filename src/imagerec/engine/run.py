@@ -284,7 +284,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     optimizer = create_optimizer(model, cfg, device)
     loss_weights = weights.to(device) if weights is not None and (balance == "weights" or pre.multi_label) else None
     task = ClassificationTask(pre.multi_label, 0.0 if pre.multi_label else cfg.label_smoothing, loss_weights)
-    augment = BatchAugment(pre, cfg.augment, cfg.hflip, cfg.mixup, cfg.cutmix, cfg.translate)
+    augment = BatchAugment(pre, cfg.augment, cfg.hflip, cfg.mixup, cfg.cutmix, cfg.translate, cfg.cutout)
     pipeline = BatchPipeline(pre, device, cfg.channels_last, augment)
 
     def make_run_dir() -> Path:
