@@ -17,6 +17,7 @@ site=/tmp/imagerec-gpu-site
 python3 -m pip install -q --no-index --no-deps --target "$site" .gpu/wheels/*.whl > "$OUT/00-install.txt" 2>&1 \
   || { echo "wheel install failed:"; tail -5 "$OUT/00-install.txt"; }
 export PYTHONPATH="$PWD/src:$site"
+export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS, for --deterministic runs
 # bench/train.py and the test suite read ../shared/datasets beside the checkout.
 if [ ! -e ../shared/datasets ]; then mkdir -p ../shared && ln -sfn "$PWD/.gpu/datasets" ../shared/datasets; fi
 

@@ -65,16 +65,27 @@ def test_fp16_with_gradient_scaler_trains(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])  # fused on CUDA, foreach on the CPU
 def test_resume_on_the_device_equals_uninterrupted(tmp_path: Path, optimizer: str) -> None:
+    """Bit for bit where two uninterrupted runs are (the CPU); where the device itself is not
+    (some CUDA backward kernels add in any order even with --deterministic), no further apart than
+    two uninterrupted runs are."""
     from test_resume import InterruptAt  # the resume tests' Ctrl-C stand-in (same folder)
 
     common = {**RUN, "limit_train": 640, "optimizer": optimizer, "deterministic": True}
-    imagerec.train(out=str(tmp_path / "full"), **common)
+    for name in ("full", "again"):
+        imagerec.train(out=str(tmp_path / name), **common)
     assert imagerec.train(out=str(tmp_path / "cut"), callbacks=[InterruptAt(13)], **common).interrupted
     imagerec.train(resume=str(tmp_path / "cut"))
-    a, b = (load_file(str(tmp_path / name / "last.safetensors")) for name in ("full", "cut"))
-    assert a.keys() == b.keys()
-    diffs = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point()}
-    assert max(diffs.values()) == 0.0, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+    full, again, cut = (load_file(str(tmp_path / name / "last.safetensors")) for name in ("full", "again", "cut"))
+    assert full.keys() == cut.keys()
+
+    def gap(a: dict, b: dict) -> float:
+        return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+
+    noise = gap(full, again)
+    print(json.dumps({"device": DEVICE, "optimizer": optimizer, "rerun_gap": noise, "resume_gap": gap(full, cut)}))
+    if DEVICE == "cpu":
+        assert noise == 0.0
+    assert gap(full, cut) <= 2 * noise, f"resumed run is {gap(full, cut):.3g} from the uninterrupted one; reruns {noise:.3g}"
 
 
 def test_ddp_under_torchrun(tmp_path: Path) -> None:
