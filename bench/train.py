@@ -67,9 +67,9 @@ def machine() -> dict[str, Any]:
 
 
 def train_dtype() -> torch.dtype:
-    from imagerec.utils import resolve_device, resolve_precision
+    from imagerec.utils import resolve_precision
 
-    return resolve_precision("auto", resolve_device(str(DEVICE))) or torch.float32
+    return resolve_precision("auto", DEVICE) or torch.float32
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 6) -> float:
@@ -347,7 +347,7 @@ def bench_throughput(runs: int) -> None:
     from imagerec.utils import retain_freed_memory
 
     dtype = train_dtype()
-    batch = 128 if DEVICE.type == "cpu" else 512  # a GPU needs a larger batch to fill
+    batch, steps = (128, 6) if DEVICE.type == "cpu" else (512, 50)  # a GPU needs a larger batch to fill
     peaks, rates = [], {"stock": [], "fast": [], "fast+compile": []}
     flops = 0.0
     # Stock first, with the C library's default allocator settings, as a plain script runs; then
@@ -358,8 +358,7 @@ def bench_throughput(runs: int) -> None:
         for _ in range(runs):
             peaks.append(matmul_peak(dtype))
             for case in phase:
-                rate, flops = resnet_step_rate(case != "stock", compile_=case.endswith("compile"), batch=batch,
-                                               steps=6 if DEVICE.type == "cpu" else 50)
+                rate, flops = resnet_step_rate(case != "stock", case.endswith("compile"), batch, steps)
                 rates[case].append(rate)
     peak = statistics.fmean(peaks)
     row = {"bench": "train", "job": "resnet18-throughput", "runs": runs, "batch": batch, "image": "3x32x32",
