@@ -141,3 +141,14 @@ def test_page_and_assets_come_from_the_server(server):
                 f"{asset} refers to an external URL"
             )
     assert not any(a.startswith(("http:", "https:", "//")) for a in assets)
+
+
+def test_head_on_health_ready_and_metrics(server):
+    """Load balancers and uptime checks probe with HEAD: the GET answer's status and headers, no body."""
+    with server.client() as c:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            got, head = c.get(path), c.head(path)
+            assert head.status_code == 200, (path, head.text)
+            assert head.content == b""
+            assert head.headers["content-type"] == got.headers["content-type"]
+        assert c.head("/v1/predict").status_code == 405  # not on every route

@@ -7,9 +7,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from conftest import auth, metric_value, start_process_server
+import pytest
+from conftest import KEY, auth, metric_value, start_process_server, start_thread_server
 
 import imagerec
+from imagerec.serve import ServeSettings
 
 N_CLIENTS = 32
 
@@ -200,3 +202,64 @@ def test_admin_loads_a_version_only_from_model_dirs(server, run_dir, digits):
             (m["name"], m["version"]) for m in c.get("/v1/models").json()["models"]
         }
         assert ("digits", "7") in names
+
+
+@pytest.mark.parametrize("version", ["a/b", " ", "", "v 1", "-1", ".hidden", "x" * 33, "ü1", "1\n"])
+def test_admin_load_refuses_a_version_the_cli_would_refuse(server, run_dir, version):
+    """The same rule as NAME@VERSION=PATH: a version is a URL path segment, so 'a/b' would load
+    and then be unreachable at /v1/models/{name}/versions/{version}."""
+    with server.client(headers=auth()) as c:
+        before = c.get("/v1/models").json()["models"]
+        r = c.post("/v1/admin/models", json={"path": run_dir.name, "name": "checked", "version": version})
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["type"] == "invalid_version"
+        assert f"model version '{version}' must match" in err["message"]
+        assert c.get("/v1/models").json()["models"] == before
+
+
+def test_reload_is_all_or_nothing_and_rereads_the_keys_whatever_the_models_do(run_dir, digits, tmp_path):
+    """Two versions, the second one's checkpoint broken after startup: the reload answers 422
+    naming it, swaps neither (the first is not half-reloaded), and still re-reads the key file."""
+    import shutil
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    shutil.copytree(run_dir, good)
+    shutil.copytree(run_dir, bad)
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{KEY}\n")
+    running = start_thread_server(
+        ServeSettings(models=(f"good@1={good}", f"bad@1={bad}"), api_key_file=str(keys))
+    )
+    files = {"file": ("x.png", digits[0], "image/png")}
+
+    def loaded_at(c: httpx.Client) -> dict[str, str]:
+        return {f"{m['name']}@{m['version']}": m["loaded_at"] for m in c.get("/v1/models").json()["models"]}
+
+    try:
+        with running.client(headers=auth()) as c:
+            before = loaded_at(c)
+            time.sleep(1.1)  # loaded_at has 1 s resolution: a version swapped in now shows a new one
+            for f in bad.glob("*.safetensors"):
+                f.write_bytes(b"not a checkpoint")
+            rotated = "rotated-key-0123456789abcdef"
+            keys.write_text(f"{KEY}\n{rotated}\n")
+            r = c.post("/v1/admin/reload", json={})
+            assert r.status_code == 422, r.text
+            assert loaded_at(c) == before  # good@1 was not swapped either
+            err = r.json()["error"]
+            assert err["type"] == "model_load_failed" and "bad@1 cannot be loaded" in err["message"]
+            assert err["reloaded"] == [] and err["api_keys"] == 2
+            for path in ("/v1/models/good/versions/1/predict", "/v1/models/bad/versions/1/predict"):
+                assert c.post(path, files=files).status_code == 200  # the old versions serve on
+            with running.client() as fresh:  # the rotated key is in force
+                assert fresh.post("/v1/predict", files=files, headers={"X-API-Key": rotated}).status_code == 200
+
+            for f in run_dir.glob("*.safetensors"):  # repaired: now everything reloads
+                shutil.copy(f, bad / f.name)
+            r = c.post("/v1/admin/reload", json={})
+            assert r.status_code == 200, r.text
+            assert r.json()["reloaded"] == [{"name": "good", "version": "1"}, {"name": "bad", "version": "1"}]
+            assert all(loaded_at(c)[k] != before[k] for k in before)
+    finally:
+        running.stop()

@@ -356,3 +356,60 @@ def test_head_limit_is_per_request_on_a_kept_alive_connection(server, chunk):
     """Three 60 KB heads on one connection (180 KB in all) are three good requests."""
     answer = _raw_exchange(server, [_get(60_000)] * 3, chunk)
     assert answer.count(b"HTTP/1.1 200 ") == 3, answer[:300]
+
+
+def test_early_413_is_counted_under_its_route(server, digits):
+    """A 413 by Content-Length is answered before routing; it must count under the route its path
+    names, like the same request streamed, not under "<unmatched>"."""
+    predict, versioned = "/v1/predict", "/v1/models/{name}/versions/{version}/predict"
+
+    def counts() -> tuple[float, ...]:
+        with server.client() as c:
+            text = c.get("/metrics").text
+        return tuple(
+            metric_value(text, "imagerec_requests_total", route=route, status="413")
+            for route in (predict, versioned, "<unmatched>")
+        )
+
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 100_000
+
+    big = {"file": ("big.png", digits[0] + b"\0" * 3 * 2**20, "image/png")}
+    before = counts()
+    with server.client(headers=auth()) as c:
+        assert c.post("/v1/predict", files=big).status_code == 413  # by Content-Length
+        assert c.post("/v1/predict", content=chunks(), headers={"Content-Type": "application/json"}).status_code == 413
+        assert c.post("/v1/models/mnist/versions/1/predict", files=big).status_code == 413
+        assert c.post("/v1/models/nope/versions/9/predict", files=big).status_code == 413  # not loaded: same template
+        assert c.post("/no/such/route", files=big).status_code == 413
+    after = counts()
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2, 1]
+
+
+def test_multipart_cut_before_its_closing_boundary(server, digits):
+    h = {"Content-Type": "multipart/form-data; boundary=abc", **auth()}
+    part = b'--abc\r\nContent-Disposition: form-data; name="file"; filename="d.png"\r\nContent-Type: image/png\r\n\r\n'
+    whole = part + digits[0] + b"\r\n--abc--\r\n"
+    assert post(server, content=whole, headers=h).status_code == 200
+    for cut in (part + digits[0], part + digits[0] + b"\r\n--abc", part[:40]):
+        expect(post(server, content=cut, headers=h), 400, "bad_multipart",
+               "the body ends before the closing boundary '--abc--'")
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_unreadable_image_header_names_the_upload_and_type(server, digits, kind):
+    """A real digit whose header is damaged after its magic bytes: the message names the upload and
+    the type read from those bytes, and no Python object (PIL's own says "<_io.BytesIO object at
+    0x7f...>")."""
+    image = Image.open(io.BytesIO(digits[3]))
+    buf = io.BytesIO()
+    image.save(buf, format=kind.upper())
+    data = buf.getvalue()
+    if kind == "png":  # the first chunk's length and type (IHDR) zeroed
+        damaged = data[:8] + b"\0" * 8 + data[16:]
+    else:  # everything after the start-of-image marker reversed
+        damaged = data[:3] + bytes(reversed(data[3:]))
+    r = post(server, files={"file": ("seven.img", damaged, "application/octet-stream")})
+    expect(r, 422, "undecodable_image", "image 0 ('seven.img')", kind.upper(), "header cannot be read")
+    assert "BytesIO" not in r.text and " 0x" not in r.text

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import start_thread_server
+from conftest import metric_value, start_thread_server
 
 import imagerec
 from imagerec.serve import ServeSettings
@@ -98,4 +99,53 @@ def test_timeout_answers_504(run_dir, digits):
         time.sleep(1.2)
         assert httpx.get(running.url + "/readyz").status_code == 200
     finally:
+        running.stop()
+
+
+def stalled_upload(url: str) -> socket.socket:
+    """A connection that sends a prediction request's head and the first bytes of its body, then
+    stalls (a slow-body attack, or a client on a very slow link)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=15)
+    sock.sendall(
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+    )
+    return sock
+
+
+def test_stalled_uploads_take_upload_slots_not_prediction_capacity(run_dir, digits):
+    settings = ServeSettings(
+        models=(str(run_dir),), max_inflight=4, max_uploads=8, body_timeout_s=4
+    )
+    running = start_thread_server(settings)
+    files = {"file": ("x.png", digits[0], "image/png")}
+    stalled: list[socket.socket] = []
+    try:
+        with running.client() as c:
+            stalled += [stalled_upload(running.url) for _ in range(6)]  # more than max_inflight
+            time.sleep(0.5)  # every handler is now waiting for its body
+            r = c.post("/v1/predict", files=files)
+            assert r.status_code == 200, r.text
+            text = c.get("/metrics").text
+            assert metric_value(text, "imagerec_uploading_requests") == 6
+            assert metric_value(text, "imagerec_inflight_requests") == 0
+
+            stalled += [stalled_upload(running.url) for _ in range(2)]  # every upload slot taken
+            time.sleep(0.5)
+            r = c.post("/v1/predict", files=files)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "too_many_uploads"
+            assert "max_uploads=8" in r.json()["error"]["message"]
+
+            for sock in stalled:  # each gets 408 once body_timeout_s has passed
+                answer = sock.recv(65536)
+                assert answer.startswith(b"HTTP/1.1 408 "), answer
+                assert b"request_timeout" in answer and b"within 4 s" in answer
+            assert c.post("/v1/predict", files=files).status_code == 200
+            assert metric_value(c.get("/metrics").text, "imagerec_uploading_requests") == 0
+    finally:
+        for sock in stalled:
+            sock.close()
         running.stop()

@@ -297,6 +297,63 @@ def test_settings_validation_and_sources():
         ServeSettings(models=("x",), http="h2")
 
 
+def _must_not_load(path: str):
+    raise AssertionError(f"a model ({path}) was loaded before the listen address was checked")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"port": 70000}, "port must be an integer from 0 to 65535 (0: any free port), got 70000"),
+        ({"port": 65536}, "got 65536"),
+        ({"port": -5}, "port must be an integer from 0 to 65535 (0: any free port), got -5"),
+        ({"host": " "}, "host must be an address or name"),
+        ({"host": "999.1.1.1"}, "cannot listen on host '999.1.1.1': it is neither an IP address nor a name"),
+    ],
+)
+def test_bad_listen_address_fails_before_any_model_loads(run_dir, kwargs, message):
+    from imagerec.serve import serve
+
+    with pytest.raises(ImageRecError) as info:
+        serve([str(run_dir)], loader=_must_not_load, log_level="critical", **kwargs)
+    assert message in str(info.value)
+
+
+def _must_not_start(settings):
+    raise AssertionError(f"a server was started with {settings.host}:{settings.port}")
+
+
+def test_cli_names_a_bad_port_and_host(run_dir, capsys, monkeypatch):
+    import imagerec.serve.app as app_mod
+    from imagerec.cli import main
+
+    monkeypatch.setattr(app_mod, "create_server", _must_not_start)
+
+    assert main(["serve", str(run_dir), "--port", "70000"]) == 2
+    assert "port must be an integer from 0 to 65535" in capsys.readouterr().err
+    assert main(["serve", str(run_dir), "--host", "999.1.1.1"]) == 2
+    assert "cannot listen on host '999.1.1.1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["timeout_s", "body_timeout_s", "max_body_mb", "max_wait_ms"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_settings_are_refused(name, value):
+    with pytest.raises(ImageRecError, match=f"{name} must be a finite number, got {value}"):
+        ServeSettings(models=("x",), **{name: value})
+
+
+def test_cli_refuses_nan_and_inf(run_dir, capsys, monkeypatch):
+    import imagerec.serve.app as app_mod
+    from imagerec.cli import main
+
+    monkeypatch.setattr(app_mod, "create_server", _must_not_start)
+
+    for flag in ("--timeout-s", "--max-body-mb", "--max-wait-ms"):
+        for value in ("nan", "inf"):
+            assert main(["serve", str(run_dir), flag, value]) == 2, (flag, value)
+            assert "must be a finite number" in capsys.readouterr().err
+
+
 def test_server_runs_the_capped_httptools_parser_and_uvloop():
     """httptools and uvloop are dependencies, so `auto` must pick them (the speed in README
     "Serving" assumes it); `h11` is uvicorn's pure-Python parser."""

@@ -22,6 +22,7 @@ from imagerec.serve.workers import (
     SUPERVISOR_PID,
     Admin,
     AdminLog,
+    PartlyApplied,
     check_picklable,
     cpu_shares,
     remove_stale_state,
@@ -78,6 +79,40 @@ def test_failure_in_another_worker_is_reported_and_late_workers_replay_the_log(t
         late = recording_admin(tmp_path, 2, seen2)
         late.catch_up(startup=True)
         assert seen2 == ["load:2"] and late.log is not None and late.log.applied == 2
+    finally:
+        a0.stop()
+        a1.stop()
+
+
+def test_an_action_that_failed_but_changed_a_worker_still_reaches_the_others(tmp_path: Path) -> None:
+    """A reload whose models fail (all or nothing) still re-reads the key file: the other workers
+    must re-read theirs too, so the action is logged; an action that changed nothing is not."""
+    seen: dict[int, list[str]] = {0: [], 1: []}
+
+    def admin(worker: int) -> Admin:
+        def apply(action: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            seen[worker].append(action["op"])
+            if action["op"] == "reload":  # keys re-read, a model failed
+                raise PartlyApplied(ValueError(f"worker {worker}: model m@1 cannot be loaded"), action)
+            raise RuntimeError("nothing changed")
+
+        return Admin(apply, AdminLog(tmp_path, worker), peer_timeout_s=10)
+
+    a0, a1 = admin(0), admin(1)
+    for a in (a0, a1):
+        a.catch_up(startup=True)
+        a.follow()
+    try:
+        with pytest.raises(PartlyApplied) as info:
+            a0.run({"op": "reload", "version": None})
+        assert str(info.value.error) == "worker 0: model m@1 cannot be loaded"
+        assert info.value.workers is not None
+        assert info.value.workers["failed"] == [{"worker": 1, "error": "ValueError: worker 1: model m@1 cannot be loaded"}]
+        assert seen[1] == ["reload"]
+        with pytest.raises(RuntimeError, match="nothing changed"):
+            a0.run({"op": "load", "version": "1"})
+        time.sleep(0.3)
+        assert seen[1] == ["reload"] and a0.log is not None and len(a0.log.read()) == 1
     finally:
         a0.stop()
         a1.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -20,13 +21,13 @@ from imagerec.serve.auth import ApiKeys
 from imagerec.serve.errors import install_error_handlers
 from imagerec.serve.http import MAX_HEAD_BYTES, http_protocol
 from imagerec.serve.limits import BodyLimitMiddleware
-from imagerec.serve.metrics import MetricsMiddleware, ServeMetrics
+from imagerec.serve.metrics import MetricsMiddleware, ServeMetrics, route_templates
 from imagerec.serve.recording import Recorder
 from imagerec.serve.registry import ModelRegistry
 from imagerec.serve.routes import STATIC_DIR, admin_actions, router
 from imagerec.serve.settings import ServeSettings, create_settings
 from imagerec.serve.workers import Admin, AdminLog, check_picklable, run_workers
-from imagerec.utils import available_cpus
+from imagerec.utils import ImageRecError, available_cpus
 
 log = logging.getLogger("imagerec.serve")
 
@@ -85,25 +86,30 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.keys = ApiKeys(settings.api_key_file)
-    app.state.inflight = 0
+    app.state.inflight = 0  # requests whose body has arrived (max_inflight)
+    app.state.uploads = 0  # requests whose body is arriving (max_uploads)
     install_error_handlers(app, on_error=lambda type: metrics.errors.labels(type).inc())
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
-            max_age=600,
-        )
-    # Added last = outermost: metrics see every response, including early 413s.
+    # Each add_middleware wraps the ones before it: MetricsMiddleware(CORSMiddleware(
+    # BodyLimitMiddleware(app))). CORS sits outside every layer that answers, so the early 413/400
+    # of BodyLimitMiddleware carry Access-Control-Allow-Origin too (a browser shows a CORS failure
+    # instead of the error otherwise); metrics are outermost and count every response, preflights
+    # included.
     app.add_middleware(
         BodyLimitMiddleware,
         limit=settings.max_body_bytes,
         on_error=lambda type: metrics.errors.labels(type).inc(),
     )
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "HEAD", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            max_age=600,
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=route_templates([*router.routes, *app.routes]))
     return app
 
 
@@ -121,6 +127,19 @@ def create_server(settings: ServeSettings) -> uvicorn.Server:
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # oversized request heads -> 4xx (httptools: 431)
     )
     return uvicorn.Server(config)
+
+
+def check_host(host: str, port: int) -> None:
+    """Fail with one clear line when `host` does not resolve: before any model loads, not after
+    (uvicorn only resolves it when it binds, once the lifespan has loaded every model)."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, socket.gaierror) and e.strerror else str(e)
+        raise ImageRecError(
+            f"cannot listen on host '{host}': it is neither an IP address nor a name that resolves "
+            f"({reason}); use e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces)"
+        ) from e
 
 
 def serve(
@@ -164,6 +183,7 @@ def serve(
         workers=workers,
         **kwargs,
     )
+    check_host(settings.host, settings.port)
     if settings.loader is None:  # a missing folder: one line now, not a traceback from each worker's startup
         from imagerec.predict import check_model_path
 

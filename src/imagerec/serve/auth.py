@@ -2,6 +2,8 @@
 
 Keys are sent as `Authorization: Bearer KEY` or `X-API-Key: KEY`. When keys are configured they
 are required for predictions; admin endpoints always need one (and are disabled without keys).
+The file is UTF-8 (a byte-order mark is ignored), and a key is compared as the bytes the client
+sent: a non-ASCII key matches when sent as UTF-8, as curl and most clients send it.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ log = logging.getLogger("imagerec.serve")
 MIN_KEY_LENGTH = 16
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8")).digest()
+def _digest(key: str | bytes) -> bytes:
+    """sha256 of a key's bytes: a key from the file as UTF-8, a key from a header as sent."""
+    return hashlib.sha256(key.encode("utf-8") if isinstance(key, str) else key).digest()
 
 
 class ApiKeys:
@@ -42,7 +45,8 @@ class ApiKeys:
         if self.path is None:
             return 0
         try:
-            lines = Path(self.path).read_text(encoding="utf-8").splitlines()
+            # utf-8-sig: a BOM (Windows editors write one) would otherwise become part of the first key.
+            lines = Path(self.path).read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise ImageRecError(f"cannot read API key file {self.path}: {e}") from e
         keys = [
@@ -61,8 +65,8 @@ class ApiKeys:
             self._hashes = tuple(dict.fromkeys(_digest(k) for k in keys))
         return len(self._hashes)
 
-    def check(self, key: str) -> bool:
-        """Constant-time comparison against every accepted key (no early exit)."""
+    def check(self, key: str | bytes) -> bool:
+        """Constant-time comparison against every accepted key (no early exit); bytes as sent in a header."""
         digest = _digest(key)
         ok = False
         for h in self._hashes:
@@ -70,14 +74,18 @@ class ApiKeys:
         return ok
 
 
-def presented_key(request: Request) -> str | None:
+def presented_key(request: Request) -> bytes | None:
+    """The key as the client sent its bytes. Starlette decodes header values as latin-1, which maps
+    each byte to one character, so encoding back to latin-1 gives the raw bytes (UTF-8 for a
+    non-ASCII key). Only spaces and tabs are trimmed: str.strip() would also eat the bytes 0x85 and
+    0xa0 that end some UTF-8 characters."""
     auth = request.headers.get("authorization")
     if auth:
-        scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-    key = request.headers.get("x-api-key")
-    return key.strip() if key and key.strip() else None
+        scheme, _, value = auth.encode("latin-1").partition(b" ")
+        if scheme.lower() == b"bearer" and value.strip(b" \t"):
+            return value.strip(b" \t")
+    key = request.headers.get("x-api-key", "").encode("latin-1").strip(b" \t")
+    return key or None
 
 
 # The two dependencies are `async def` on purpose: a plain `def` dependency runs in AnyIO's thread

@@ -38,6 +38,7 @@ class ApiError(Exception):
         type: str,
         message: str,
         headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.type, self.message, self.headers = (
@@ -46,6 +47,7 @@ class ApiError(Exception):
             message,
             headers or {},
         )
+        self.extra = extra or {}  # more fields of the error object (e.g. what a reload did do)
 
 
 def error_body(type: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -53,9 +55,9 @@ def error_body(type: str, message: str, **extra: Any) -> dict[str, Any]:
 
 
 def error_response(
-    status: int, type: str, message: str, headers: dict[str, str] | None = None
+    status: int, type: str, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
-    return JSONResponse(error_body(type, message), status_code=status, headers=headers)
+    return JSONResponse(error_body(type, message, **extra), status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
@@ -69,7 +71,7 @@ def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
         note(e.type)
-        return error_response(e.status, e.type, e.message, e.headers)
+        return error_response(e.status, e.type, e.message, e.headers, **e.extra)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from imagerec.data.decode import DecodeError
 from imagerec.serve.errors import ApiError
@@ -192,6 +192,13 @@ def _parse_multipart(
         parser.finalize()
     except FormParserError as e:
         raise ApiError(400, "bad_multipart", f"malformed multipart body: {e}") from e
+    if parser.state != MultipartState.END:  # finalize() drops an unfinished part without a word
+        raise ApiError(
+            400,
+            "bad_multipart",
+            f"malformed multipart body: the body ends before the closing boundary "
+            f"'--{boundary[:70].decode('latin-1')}--' (an upload cut short?); send the whole form",
+        )
     if not uploads and others:
         raise ApiError(
             400,
@@ -280,6 +287,13 @@ def prepare_image(predictor: Any, up: Upload, max_pixels: int) -> Prepared:
             413,
             "too_many_pixels",
             f"{up.label}: {e} (possible decompression bomb); the limit is {max_pixels} pixels",
+        ) from e
+    except UnidentifiedImageError as e:  # its message names a BytesIO object at some address
+        raise ApiError(
+            422,
+            "undecodable_image",
+            f"{up.label}: starts like a {kind.upper()} file but its header cannot be read; "
+            "the file is damaged or not a real image",
         ) from e
     except (
         Exception

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import time
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -89,7 +92,13 @@ class ServeMetrics:
         )
         self.inflight = Gauge(
             "imagerec_inflight_requests",
-            "Prediction requests being read, decoded or waiting",
+            "Prediction requests whose body has arrived, being decoded or waiting for the model",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.uploads = Gauge(
+            "imagerec_uploading_requests",
+            "Prediction requests whose body is still arriving",
             registry=r,
             multiprocess_mode="livesum",
         )
@@ -105,18 +114,39 @@ class ServeMetrics:
         return generate_latest(merged)
 
 
-def route_label(scope: Scope) -> str:
-    """The matched route's template (never the raw path: fuzzed URLs must not explode the label set)."""
+def route_label(scope: Scope, known: Sequence[tuple[re.Pattern[str], str]] = ()) -> str:
+    """The matched route's template (never the raw path: fuzzed URLs must not explode the label set).
+
+    A request answered before routing (BodyLimitMiddleware's 413 by Content-Length) has no matched
+    route: it is labelled with the template of the first `known` (path regex, template) that its
+    path matches, as the same request streamed is labelled by the router ("/v1/predict" either way)."""
     route = scope.get("route")
     path = getattr(route, "path", None)
-    return path if isinstance(path, str) else "<unmatched>"
+    if isinstance(path, str):
+        return path
+    for regex, template in known:
+        if regex.match(scope.get("path", "")):
+            return template
+    return "<unmatched>"
+
+
+def route_templates(routes: Iterable[Any]) -> list[tuple[re.Pattern[str], str]]:
+    """(path regex, template) of every route and mount that has them, for `route_label`."""
+    out = []
+    for route in routes:
+        regex, template = getattr(route, "path_regex", None), getattr(route, "path", None)
+        if isinstance(regex, re.Pattern) and isinstance(template, str):
+            out.append((regex, template))
+    return out
 
 
 class MetricsMiddleware:
     """Counts every HTTP response by route template and status, and times it."""
 
-    def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(
+        self, app: ASGIApp, metrics: ServeMetrics, routes: Sequence[tuple[re.Pattern[str], str]] = ()
+    ) -> None:
+        self.app, self.metrics, self.routes = app, metrics, tuple(routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -134,7 +164,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, tracking_send)
         finally:
-            route = route_label(scope)
+            route = route_label(scope, self.routes)
             method = scope.get("method", "")
             method = method if method in _METHODS else "OTHER"
             self.metrics.requests.labels(route, method, str(status)).inc()

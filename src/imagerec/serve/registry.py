@@ -24,7 +24,7 @@ from imagerec.export.bundle import MANIFEST, load_bundle, preferred_runtime_entr
 from imagerec.serve.batching import BatchCost, Batcher, adaptive_wait_ms, measure_batch_cost
 from imagerec.serve.errors import ApiError
 from imagerec.serve.metrics import ServeMetrics
-from imagerec.serve.settings import NAME_RE, ModelSource, ServeSettings
+from imagerec.serve.settings import NAME_RE, VERSION_RE, ModelSource, ServeSettings
 from imagerec.utils import ImageRecError, available_cpus
 
 log = logging.getLogger("imagerec.serve")
@@ -278,9 +278,16 @@ class ModelRegistry:
     def load(self, source: ModelSource, make_default: bool = False, freeze: bool = True) -> ModelEntry:
         """Load a new model version (its name/version default to the folder name and the next integer)."""
         name = source.name or _default_name(source.path)
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise ApiError(
                 422, "invalid_name", f"model name '{name}' must match {NAME_RE.pattern}"
+            )
+        if source.version is not None and not VERSION_RE.fullmatch(source.version):
+            raise ApiError(
+                422,
+                "invalid_version",
+                f"model version '{source.version}' must match {VERSION_RE.pattern} (as in NAME@VERSION=PATH): "
+                "a letter or digit, then up to 31 letters, digits, '.', '_' or '-'",
             )
         with self._lock:
             version = source.version or str(
@@ -323,22 +330,39 @@ class ModelRegistry:
     def reload(
         self, name: str | None = None, version: str | None = None
     ) -> list[ModelEntry]:
-        """Re-read the checkpoints of all versions (or one) and swap them in; old batchers drain and stop."""
+        """Re-read the checkpoints of all versions (or one) and swap them in; old batchers drain and stop.
+
+        All or nothing: every new version is loaded before any is swapped in. When one fails, the
+        ones already loaded are dropped, every old version goes on serving, and a 422 names the
+        version that failed."""
         targets = (
             [self.get(name, version)]
             if name is not None and version is not None
             else self.entries()
         )
-        fresh = []
+        fresh: list[ModelEntry] = []
         with self._lock:
             for old in targets:
-                new = self._create_entry(old.name, old.version, old.path)
-                self._entries = {**self._entries, new.key: new}
-                if self._default is old:
-                    self._default = new
+                try:
+                    fresh.append(self._create_entry(old.name, old.version, old.path))
+                except Exception as e:
+                    _discard(fresh)  # in a function: no local of this frame keeps a model alive
+                    freeze_heap()  # the discarded copies can be collected now
+                    raise ApiError(
+                        422,
+                        "model_load_failed",
+                        f"reload failed: {old.name}@{old.version} cannot be loaded ({type(e).__name__}: {e}"[:400]
+                        + "); no model was reloaded: every version goes on serving as before",
+                    ) from e
+            self._entries = {**self._entries, **{new.key: new for new in fresh}}
+            by_key = {new.key: new for new in fresh}
+            if self._default is not None and self._default.key in by_key:
+                self._default = by_key[self._default.key]
+            for old in targets:
                 self._retire(old)
-                fresh.append(new)
             freeze_heap()
+        for new in fresh:
+            log.info("reloaded model %s@%s from %s", new.name, new.version, new.path)
         return fresh
 
     def _retire(self, entry: ModelEntry) -> None:
@@ -358,6 +382,13 @@ class ModelRegistry:
     def stop_all(self) -> None:
         for e in self._entries.values():
             e.batcher.stop(drain=False, timeout=5.0)
+
+
+def _discard(entries: list[ModelEntry]) -> None:
+    """Stop the batchers of entries that were never served, and forget them."""
+    for entry in entries:
+        entry.batcher.stop(drain=False, timeout=5.0, release=True)
+    entries.clear()
 
 
 def resolve_model_path(raw: str, allowed: tuple[Path, ...]) -> Path:

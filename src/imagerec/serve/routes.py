@@ -21,6 +21,7 @@ from imagerec.serve.errors import ApiError, error_response
 from imagerec.serve.inputs import Prepared, Upload, parse_and_prepare_first, prepare_image
 from imagerec.serve.registry import ModelEntry, ModelRegistry, resolve_model_path
 from imagerec.serve.settings import ModelSource
+from imagerec.serve.workers import PartlyApplied
 from imagerec.utils import ImageRecError
 
 router = APIRouter()
@@ -80,13 +81,16 @@ _CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script
 
 
 # --- health, metrics, page -----------------------------------------------------------------------
+# HEAD too: load balancers and uptime checkers often probe with it (the server sends no body).
 @router.get("/healthz", tags=["ops"])
+@router.head("/healthz", include_in_schema=False)
 def healthz() -> dict[str, str]:
     """The process is alive."""
     return {"status": "ok"}
 
 
 @router.get("/readyz", tags=["ops"])
+@router.head("/readyz", include_in_schema=False)
 def readyz(request: Request) -> Response:
     """Models loaded and every batcher running."""
     registry = getattr(request.app.state, "registry", None)
@@ -110,6 +114,7 @@ def readyz(request: Request) -> Response:
 
 
 @router.get("/metrics", tags=["ops"])
+@router.head("/metrics", include_in_schema=False)
 def metrics(request: Request) -> Response:
     """Prometheus text exposition."""
     m = request.app.state.metrics
@@ -181,50 +186,79 @@ async def _predict(request: Request, entry: ModelEntry, top_k: int) -> JSONRespo
             f"top_k={top_k} is over the limit of {settings.max_top_k}",
         )
     retry = {"Retry-After": str(settings.retry_after_s)}
-    if state.inflight >= settings.max_inflight:
+    # Announced from the start of the body until the images are queued (serve.batching); closed
+    # by _predict_steps once they are, or here on any way out.
+    with contextlib.ExitStack() as announced:
+        announced.enter_context(entry.batcher.incoming())
+        body = await _read_body(request)
+        # Only a request whose body has arrived takes prediction capacity: clients still
+        # uploading (slowly, or stalled on purpose) are bounded by max_uploads instead.
+        if state.inflight >= settings.max_inflight:
+            raise ApiError(
+                503,
+                "overloaded",
+                f"the server is handling {state.inflight} requests (limit max_inflight={settings.max_inflight}); retry later",
+                retry,
+            )
+        state.inflight += 1
+        state.metrics.inflight.set(state.inflight)
+        steps = _predict_steps(request, entry, top_k, body, announced)
+        del body  # held by the steps alone, which let it go once it is parsed
+        try:
+            return await asyncio.wait_for(steps, settings.timeout_s)
+        except asyncio.TimeoutError as e:
+            raise ApiError(
+                504,
+                "timeout",
+                f"the prediction did not finish within {settings.timeout_s:g} s; retry later or send fewer images",
+                retry,
+            ) from e
+        finally:
+            state.inflight -= 1
+            state.metrics.inflight.set(state.inflight)
+
+
+async def _read_body(request: Request) -> bytes:
+    """The whole request body, read in one of `max_uploads` upload slots within `body_timeout_s`
+    (408 after that); 503 at once when every slot is taken."""
+    state, settings = request.app.state, request.app.state.settings
+    if state.uploads >= settings.max_uploads:
         raise ApiError(
             503,
-            "overloaded",
-            f"the server is handling {state.inflight} requests (limit {settings.max_inflight}); retry later",
-            retry,
+            "too_many_uploads",
+            f"{state.uploads} request bodies are being received (limit max_uploads={settings.max_uploads}); retry later",
+            {"Retry-After": str(settings.retry_after_s)},
         )
-    state.inflight += 1
-    state.metrics.inflight.set(state.inflight)
-    phase = ["body"]
+    state.uploads += 1
+    state.metrics.uploads.set(state.uploads)
     try:
-        return await asyncio.wait_for(
-            _predict_steps(request, entry, top_k, phase), settings.timeout_s
-        )
+        chunks = await asyncio.wait_for(
+            _receive_chunks(request), settings.body_timeout_s
+        )  # size-capped by BodyLimitMiddleware
     except asyncio.TimeoutError as e:
-        if phase[0] == "body":
-            raise ApiError(
-                408,
-                "request_timeout",
-                f"the request body did not arrive within {settings.timeout_s:g} s",
-            ) from e
         raise ApiError(
-            504,
-            "timeout",
-            f"the prediction did not finish within {settings.timeout_s:g} s; retry later or send fewer images",
-            retry,
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {settings.body_timeout_s:g} s",
+            {"Connection": "close"},  # the rest of the body may still come: not worth reading
         ) from e
     finally:
-        state.inflight -= 1
-        state.metrics.inflight.set(state.inflight)
+        state.uploads -= 1
+        state.metrics.uploads.set(state.uploads)
+    return b"".join(chunks)
 
 
-async def _read_and_decode(
-    request: Request, entry: ModelEntry, phase: list[str]
+async def _receive_chunks(request: Request) -> list[bytes]:
+    return [chunk async for chunk in request.stream()]
+
+
+async def _decode(
+    request: Request, entry: ModelEntry, body: bytes
 ) -> tuple[list[Upload], list[Prepared]]:
     """The request's uploads and their decoded, preprocessed images; 4xx ApiError for bad input."""
     settings = request.app.state.settings
     loop = asyncio.get_running_loop()
     pool = request.app.state.decode_pool
-    chunks = [
-        chunk async for chunk in request.stream()
-    ]  # size-capped by BodyLimitMiddleware
-    body = b"".join(chunks)
-    phase[0] = "decode"
     if not body:
         raise ApiError(
             400,
@@ -235,7 +269,6 @@ async def _read_and_decode(
         pool, parse_and_prepare_first, entry.predictor, body,
         request.headers.get("content-type"), settings.max_files, settings.max_pixels,
     )
-    del body, chunks
     results = await asyncio.gather(  # the other images of the request decode in parallel
         *(
             loop.run_in_executor(
@@ -252,13 +285,13 @@ async def _read_and_decode(
 
 
 async def _predict_steps(
-    request: Request, entry: ModelEntry, top_k: int, phase: list[str]
+    request: Request, entry: ModelEntry, top_k: int, body: bytes, announced: contextlib.ExitStack
 ) -> JSONResponse:
     state, settings = request.app.state, request.app.state.settings
     retry = {"Retry-After": str(settings.retry_after_s)}
-    with entry.batcher.incoming():  # queued images may wait for this one's (serve.batching)
-        uploads, prepared = await _read_and_decode(request, entry, phase)
-        phase[0] = "infer"
+    with announced:  # ends the announcement once the images are queued (or on an error)
+        uploads, prepared = await _decode(request, entry, body)
+        del body
         try:
             futures = entry.batcher.submit_many([p.tensor for p in prepared])
         except QueueFull as e:
@@ -376,22 +409,58 @@ def admin_actions(registry: ModelRegistry, keys: ApiKeys) -> Callable[[dict[str,
             # The others load the same name and version, even where this one assigned the version.
             return entry.card(default=entry is registry.default()), {**action, "name": entry.name, "version": entry.version}
         if op == "reload":
-            with _model_load_failures("reload failed"):
-                fresh = registry.reload(action["name"], action["version"])
-            try:
-                n_keys = keys.reload() if action["keys"] and keys.path else None
-            except ImageRecError as e:
-                raise ApiError(422, "key_file_invalid", f"{e}; the previous keys stay in force") from e
-            return {"reloaded": [{"name": e.name, "version": e.version} for e in fresh], "api_keys": n_keys}, action
+            return _reload(registry, keys, action), action
         raise ValueError(f"unknown admin action {op!r}")
 
     return apply
 
 
+def _reload(registry: ModelRegistry, keys: ApiKeys, action: dict[str, Any]) -> dict[str, Any]:
+    """Reload the models (all or nothing: registry.reload) and, whatever became of them, the API
+    key file. The answer, or the error's extra fields, say what each did: "reloaded" (the model
+    versions swapped in), "api_keys" (keys now in force, None when not re-read) and "api_keys_error"."""
+    model_error: ApiError | None = None
+    fresh: list[ModelEntry] = []
+    try:
+        with _model_load_failures("reload failed"):
+            fresh = registry.reload(action["name"], action["version"])
+    except ApiError as e:
+        model_error = e
+    n_keys: int | None = None
+    keys_error: str | None = None
+    if action["keys"] and keys.path:
+        try:
+            n_keys = keys.reload()
+        except ImageRecError as e:
+            keys_error = f"{e}; the previous keys stay in force"
+    answer: dict[str, Any] = {
+        "reloaded": [{"name": e.name, "version": e.version} for e in fresh],
+        "api_keys": n_keys,
+    }
+    if model_error is None and keys_error is None:
+        return answer
+    if keys_error is not None:
+        answer["api_keys_error"] = keys_error
+    if model_error is not None:
+        error = ApiError(model_error.status, model_error.type, model_error.message, model_error.headers, answer)
+        changed = n_keys is not None  # the keys were re-read though no model was
+    else:
+        error = ApiError(422, "key_file_invalid", keys_error or "", extra=answer)
+        changed = True  # the models were swapped in though the keys stay
+    # What did happen here must happen in every worker too (serve.workers.Admin.run).
+    raise PartlyApplied(error, action) if changed else error
+
+
 def _run_admin(request: Request, action: dict[str, Any]) -> dict[str, Any]:
     """Run an admin action (in every worker process, with --workers); the answer says how many
     workers applied it when there are several."""
-    result, workers = request.app.state.admin.run(action)
+    try:
+        result, workers = request.app.state.admin.run(action)
+    except PartlyApplied as e:  # failed, but logged for every worker: raise what failed
+        error = e.error
+        if isinstance(error, ApiError) and e.workers is not None:
+            error.extra["workers"] = e.workers
+        raise error from None
     return result if workers is None else {**result, "workers": workers}
 
 

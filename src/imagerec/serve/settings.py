@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -10,11 +11,19 @@ from typing import Any
 
 from imagerec.utils import ImageRecError, did_you_mean
 
-# A model source is "PATH", "NAME=PATH" or "NAME@VERSION=PATH".
-_SPEC = re.compile(
-    r"^(?:(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,63})(?:@(?P<version>[A-Za-z0-9][A-Za-z0-9._-]{0,31}))?=)?(?P<path>.+)$"
+# A model source is "PATH", "NAME=PATH" or "NAME@VERSION=PATH". Names and versions are URL path
+# segments (/v1/models/{name}/versions/{version}), so they hold no '/' or spaces.
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_VERSION = r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}"
+_SPEC = re.compile(rf"^(?:(?P<name>{_NAME})(?:@(?P<version>{_VERSION}))?=)?(?P<path>.+)$")
+NAME_RE = re.compile(_NAME)  # use with fullmatch: "$" would let a trailing newline through
+VERSION_RE = re.compile(_VERSION)
+# The numeric settings: each must be a finite number (nan and inf pass every comparison check).
+_NUMBERS = (
+    "port", "max_batch", "max_wait_ms", "queue_size", "instances", "workers", "max_inflight",
+    "max_uploads", "body_timeout_s", "timeout_s", "retry_after_s", "max_body_mb", "max_files",
+    "max_pixels", "max_top_k", "decode_workers",
 )
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RecordHook = Callable[[list[dict[str, Any]]], None]
 
 
@@ -64,9 +73,17 @@ class ServeSettings:
     # Server processes sharing the port, each with its own models, batcher and event loop
     # (serve.workers); pinned to cores/workers cores each when that divides evenly.
     workers: int = 1
-    # Requests being read/decoded/waiting at once; beyond this the server answers 503 at once.
-    # Bodies are held in memory, so the worst case is about max_inflight * max_body_mb.
+    # Requests being decoded or waiting for the model at once, counted from the moment their body
+    # has arrived; beyond this the server answers 503 at once.
     max_inflight: int = 64
+    # Requests whose body is still arriving, a separate (larger) cap: clients that upload slowly,
+    # or send a few bytes and stall, take upload slots and never the prediction capacity above.
+    # Beyond it: 503 at once. Bodies are held in memory, so the worst case is about
+    # (max_inflight + max_uploads) * max_body_mb.
+    max_uploads: int = 256
+    # A body that has not fully arrived within body_timeout_s gets 408; once it has, decoding and
+    # inference get timeout_s (then 504).
+    body_timeout_s: float = 30.0
     timeout_s: float = 30.0
     retry_after_s: int = 1
     api_key_file: str | None = None
@@ -105,10 +122,17 @@ class ServeSettings:
         object.__setattr__(
             self, "sources", tuple(ModelSource.parse(m) for m in self.models)
         )
+        for name in _NUMBERS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ImageRecError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ImageRecError(f"{name} must be a finite number, got {value}")
         for name in (
             "max_batch",
             "queue_size",
             "max_inflight",
+            "max_uploads",
             "max_files",
             "max_pixels",
             "max_top_k",
@@ -120,9 +144,17 @@ class ServeSettings:
         for name in ("max_wait_ms", "instances"):
             if float(getattr(self, name)) < 0:
                 raise ImageRecError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("timeout_s", "max_body_mb"):
+        for name in ("timeout_s", "body_timeout_s", "max_body_mb"):
             if float(getattr(self, name)) <= 0:
                 raise ImageRecError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise ImageRecError(
+                f"port must be an integer from 0 to 65535 (0: any free port), got {self.port!r}"
+            )
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise ImageRecError(
+                f"host must be an address or name to listen on (e.g. 127.0.0.1 or 0.0.0.0), got {self.host!r}"
+            )
         if self.http not in ("auto", "h11"):
             raise ImageRecError(f"http must be 'auto' or 'h11', got {self.http!r}")
         if self.queue_size < self.max_files:

@@ -147,6 +147,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class PartlyApplied(Exception):
+    """Raised by an admin action that failed but still changed this process (a reload whose models
+    failed, all or nothing, while its API key file was re-read): the action is logged all the same,
+    so every worker does what this one did, and `error` then goes to the client."""
+
+    def __init__(self, error: Exception, repeat: dict[str, Any]) -> None:
+        super().__init__(str(error))
+        self.error, self.repeat = error, repeat
+        self.workers: dict[str, Any] | None = None  # the peers' report, set by Admin.run
+
+
 class Admin:
     """Runs admin actions on this worker's registry, and on every other worker's through the log.
 
@@ -168,14 +179,22 @@ class Admin:
         """Apply `action` here and then everywhere; returns (result, the workers' report or None)."""
         if self.log is None:
             return self._apply(action)[0], None
+        partly: PartlyApplied | None = None
         with self.log.exclusive():
             self.catch_up()
             with self._lock:
-                result, repeat = self._apply(action)  # raises: nothing is appended
+                try:
+                    result, repeat = self._apply(action)  # raises: nothing is appended...
+                except PartlyApplied as e:  # ...unless this process was changed all the same
+                    result, repeat, partly = None, e.repeat, e
                 seq = self.log.append(repeat)
                 self.log.applied = seq
                 self.log.report()
-        return result, self.log.wait_for_peers(seq, self.peer_timeout_s)
+        report = self.log.wait_for_peers(seq, self.peer_timeout_s)
+        if partly is not None:
+            partly.workers = report
+            raise partly
+        return result, report
 
     def catch_up(self, startup: bool = False) -> None:
         """Apply the actions other workers appended since the last call. At startup reloads are
@@ -188,8 +207,9 @@ class Admin:
                     try:
                         self._apply(action)
                     except Exception as e:  # noqa: BLE001 - reported to the worker that asked, and logged
-                        log.error("worker %d: admin action %s failed here: %s", self.log.worker, action, e)
-                        self.log.failures.append({"seq": action["seq"], "error": f"{type(e).__name__}: {e}"[:500]})
+                        error = e.error if isinstance(e, PartlyApplied) else e  # what failed
+                        log.error("worker %d: admin action %s failed here: %s", self.log.worker, action, error)
+                        self.log.failures.append({"seq": action["seq"], "error": f"{type(error).__name__}: {error}"[:500]})
                 self.log.applied = action["seq"]
             if actions or startup:
                 self.log.report()
