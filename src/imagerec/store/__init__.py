@@ -48,11 +48,12 @@ from imagerec.store.catalog import (
 from imagerec.store.commands import datasets_command, export_dataset_command, ingest_command, runs_command
 from imagerec.store.db import Store, migrate, open_store
 from imagerec.store.export import export_dataset
-from imagerec.store.ingest import IngestReport, ingest
+from imagerec.store.ingest import IngestReport, LabelConflict, ingest
 from imagerec.store.reader import read_store
 
 __all__ = [
     "IngestReport",
+    "LabelConflict",
     "Store",
     "StoreBlob",
     "compare_runs",

@@ -42,19 +42,26 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def ingest_command(source: str, dataset: str, split: str | None = None, db: str | None = None) -> int:
-    """`imagerec ingest SOURCE --dataset NAME [--split S] [--db URL]`: 0, or 1 when no image was readable."""
+def ingest_command(
+    source: str, dataset: str, split: str | None = None, db: str | None = None, update: bool = False
+) -> int:
+    """`imagerec ingest SOURCE --dataset NAME [--split S] [--update] [--db URL]`: 0, or 1 when no image was readable."""
     with open_store(db) as store:
-        report = ingest(store, source, dataset, split=split, progress=True)
+        report = ingest(store, source, dataset, split=split, progress=True, update=update)
         console = _console()
         console.print(report.summary(), highlight=False)
         for _name, reason in report.skipped[:MAX_SKIPPED_SHOWN]:  # reason names the file
             console.print(f"  skipped {reason}", highlight=False, markup=False)
         if len(report.skipped) > MAX_SKIPPED_SHOWN:
             console.print(f"  ... and {len(report.skipped) - MAX_SKIPPED_SHOWN} more unreadable file(s)")
-        console.print(f"store: {store.display_url}; train on it with: imagerec train store:{dataset}", highlight=False)
-    readable = report.added + report.already_present + report.duplicates
-    return 1 if report.seen and not readable else 0
+        for line in report.conflict_lines(MAX_SKIPPED_SHOWN):
+            console.print(line, highlight=False, markup=False)
+        if report.readable:
+            also = f" --db {db}" if db else ""  # a --db store is not the default one
+            console.print(f"store: {store.display_url}; train on it with: imagerec train store:{dataset}{also}", highlight=False)
+        else:
+            console.print(f"nothing stored: dataset '{dataset}' was not created or changed", highlight=False, markup=False)
+    return 1 if report.seen and not report.readable else 0
 
 
 def datasets_command(db: str | None = None, fmt: str = "table") -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import sqlalchemy as sa
@@ -16,12 +18,43 @@ from imagerec.utils import ImageRecError
 
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+UNLABELED = "_unlabeled"
+
+log = logging.getLogger("imagerec")
 
 
 def _safe_part(text: str) -> str:
     """A label or split as one safe path component."""
     part = re.sub(r"[/\\\x00]", "_", text).strip()
     return "_" if part in ("", ".", "..") else part
+
+
+def label_folders(labels: Iterable[str]) -> tuple[dict[str, str], list[list[str]]]:
+    """A distinct folder name for every label, and the groups of labels that `_safe_part` alone would
+    put in one folder (e.g. 'cat' and 'cat ', or 'a/b' and 'a_b').
+
+    In such a group the label that is already a safe name keeps it and every other one gets
+    `<safe name>-<first 8 hex digits of the label's sha256>`: the same names on every export, and
+    whatever other labels the dataset has.
+    """
+    groups: dict[str, list[str]] = {}
+    for label in sorted(set(labels)):
+        groups.setdefault(_safe_part(label), []).append(label)
+    taken = set(groups)
+    folders: dict[str, str] = {}
+    clashes: list[list[str]] = []
+    for part, members in groups.items():
+        if len(members) > 1:
+            clashes.append(members)
+        for label in members:
+            if len(members) == 1 or label == part:
+                folders[label] = part
+                continue
+            digest = hashlib.sha256(label.encode()).hexdigest()
+            folder = next(f"{part}-{digest[:n]}" for n in (8, 16, 64) if f"{part}-{digest[:n]}" not in taken)
+            taken.add(folder)
+            folders[label] = folder
+    return folders, clashes
 
 
 def _file_name(original_path: str, sha256: str, fmt: str) -> str:
@@ -31,26 +64,55 @@ def _file_name(original_path: str, sha256: str, fmt: str) -> str:
     return sha256[:16] + EXTENSIONS.get(fmt.upper(), ".img")
 
 
+def _make_out_dir(out: Path) -> None:
+    """Create `out` (new, or an existing empty folder); an error naming the path that is in the way otherwise."""
+    if out.exists():
+        if not out.is_dir() or any(out.iterdir()):
+            raise ImageRecError(f"{out} exists and is not an empty folder: export into a new or empty folder")
+        return
+    for parent in out.parents:  # the nearest existing one must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise ImageRecError(f"cannot create {out}: {parent} is a file, not a folder; export into a new or empty folder")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ImageRecError(f"cannot create {out}: {e.strerror or e}; export into a new or empty folder you can write to") from e
+
+
 def export_dataset(store: Store, name: str, out_dir: str | Path) -> int:
     """Write dataset `name` to `out_dir/<split>/<label>/<file>`; return the number of images.
 
     Files keep their original basename (or a sha256 prefix for array images) and their exact
-    stored bytes, each checked against its sha256. `out_dir` must be new or empty; nothing is
-    ever overwritten (a name clash gets the sha256 prefix appended). Multi-label datasets file
-    each image under its first label and also get `manifest.jsonl` with all labels.
+    stored bytes, each checked against its sha256. `out_dir` must be new or empty, and is only
+    created once the dataset is known; nothing is ever overwritten (a name clash gets the sha256
+    prefix appended). Multi-label datasets file each image under its first label and also get
+    `manifest.jsonl` with all labels.
+
+    A label becomes one folder name: '/', '\\' and NUL become '_' and outer spaces are dropped. When
+    that maps two labels to one name ('cat' and 'cat ', 'a/b' and 'a_b'), the classes are not
+    merged: the label already safe keeps the name, the others get a suffix (`label_folders`), and a
+    warning names the labels and their folders.
 
     Example:
         >>> export_dataset(store, "mnist-mini", "exported/")
         7000
     """
     out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ImageRecError(f"{out} exists and is not an empty folder: export into a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
     count = 0
     manifest: list[dict] = []
     with store.read() as conn:
         ds = dataset_row(store, conn, name)
+        used = conn.scalars(sa.select(images.c.labels).where(images.c.dataset_id == ds.id).distinct())
+        folders, clashes = label_folders(labels[0] if labels else UNLABELED for labels in used)
+        for group in clashes:
+            log.warning(
+                "labels %s of '%s' would share one folder name; exported as %s so that they stay apart",
+                " and ".join(repr(label) for label in group), name,
+                ", ".join(f"{label!r} -> {folders[label]}/" for label in group),
+            )
+        _make_out_dir(out)
         query = (
             sa.select(images.c.sha256, images.c.original_path, images.c.format, images.c.labels, images.c.split, blobs.c.data)
             .join(blobs, blobs.c.sha256 == images.c.sha256)
@@ -64,7 +126,7 @@ def export_dataset(store: Store, name: str, out_dir: str | Path) -> int:
                     f"the stored bytes of {original} (sha256 {sha}) are corrupt in {store.display_url}: "
                     "re-ingest the dataset into a new store"
                 )
-            folder = out / _safe_part(split) / _safe_part(labels[0] if labels else "_unlabeled")
+            folder = out / _safe_part(split) / folders[labels[0] if labels else UNLABELED]
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / _file_name(original, sha, fmt)
             if target.exists():
