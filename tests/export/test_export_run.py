@@ -156,6 +156,23 @@ def test_benchmark_lists_every_runtime(onnx_bundle: tuple[Path, dict]) -> None:
     assert all(r["passed_parity"] for r in results if r["runtime"] != "torch-bf16")
 
 
+def test_benchmark_refuses_bad_arguments(onnx_bundle: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
+    # QA: --batch-sizes 0 ended in OpenVINO's "batch size is zero" traceback; --seconds -1 ran, rc 0.
+    from imagerec.cli import main
+
+    for sizes, seconds, why in (((0,), 1.0, "batch sizes must be whole numbers >= 1, got 0 "),
+                                ((1, -4, 0), 1.0, "got -4, 0 "), ((2.5,), 1.0, "got 2.5 "), ((), 1.0, "no batch sizes given"),
+                                ((1,), -1.0, "seconds must be a positive number"), ((1,), 0.0, "got 0.0 "),
+                                ((1,), float("nan"), "got nan "), ((1,), float("inf"), "got inf ")):
+        with pytest.raises(ImageRecError, match=re.escape(why)):
+            benchmark(onnx_bundle[0], batch_sizes=sizes, seconds=seconds)
+    for flags, why in ((["--batch-sizes", "0"], "got 0 (batch_sizes / --batch-sizes)"),
+                       (["--seconds", "-1"], "got -1.0 (seconds / --seconds)")):
+        assert main(["benchmark", str(onnx_bundle[0]), *flags]) == 2
+        out = capsys.readouterr()
+        assert out.err.startswith("error: ") and why in out.err and out.out == ""
+
+
 def _signal_stack() -> tuple[int | None, int, int]:
     import ctypes
 

@@ -14,7 +14,7 @@ from torch import nn
 from imagerec.config import PreprocessConfig
 from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.engine.checkpoint import find_run_checkpoint, load_model
-from imagerec.export.bundle import create_runtime, finalize_bundle, staging_dir
+from imagerec.export.bundle import check_out, create_runtime, finalize_bundle, staging_dir
 from imagerec.export.onnx import export_onnx
 from imagerec.export.parity import (
     ImageSet,
@@ -77,7 +77,8 @@ def export_model(
 
     `images` are the parity images (default: 32 synthetic ones); `calibration` the uint8 images
     int8 is calibrated on (default: the parity images). A runtime that fails its gate raises
-    ImageRecError naming the differing images, and nothing is left at `out`.
+    ImageRecError naming the differing images, and nothing is left at `out`. An existing `out` is
+    replaced only with `overwrite`, and only when it is an imagerec bundle (`bundle.replace_refusal`).
 
     Example:
         >>> model = create_model("cnn", num_classes=10, in_chans=1, img_size=28)
@@ -89,14 +90,16 @@ def export_model(
     if int8 and fmt != "onnx":
         raise ImageRecError("int8 export uses ONNX Runtime quantization: use format onnx with int8")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ImageRecError(f"{out} already exists: choose another output folder, or pass overwrite=True / --overwrite")
+    check_out(out, overwrite, (source or {}).get("run_dir"))  # before the slow part; finalize_bundle checks again
     # Export a private fp32 copy: tracing must not change the caller's model (memory format, dtype, mode).
     model = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
     images = images or synthetic_images(pre)
     src = (source or {}).get("run_dir", "the given model")
     t0 = time.perf_counter()
-    reference = reference_probs(model, pre, images.x)
+    reference = reference_probs(model, pre, images.x)  # (N, K)
+    if reference.shape[1] != pre.num_classes:
+        raise ImageRecError(f"{src}: the model outputs {reference.shape[1]} classes but its preprocessing config names "
+                            f"{pre.num_classes} class names; a bundle would print wrong labels")
     tmp = staging_dir(out)
     try:
         if fmt == "onnx":
@@ -165,7 +168,8 @@ def export_model(
                       "shape": ["batch", pre.channels, pre.input_size, pre.input_size],
                       "normalisation": "inside the graph: (x - mean*255) / (std*255); feed the uint8 output of the "
                                        "preprocess transform"},
-            "output": {"name": info.get("output", "probs"), "activation": "sigmoid" if pre.multi_label else "softmax"},
+            "output": {"name": info.get("output", "probs"), "activation": "sigmoid" if pre.multi_label else "softmax",
+                       "classes": int(reference.shape[1])},
             "runtimes": entries,
             "preferred_runtime": preferred,
             **({"preferred_runtime_1thread": preferred_1thread} if preferred_1thread else {}),
@@ -205,6 +209,7 @@ def export_run(
         >>> m = export_run("runs/mnist", "onnx", "exports/mnist", int8=True)
         >>> m["runtimes"][1]["parity"]["accuracy_after"]
     """
+    check_out(Path(out), overwrite, run_dir)  # before loading any images; export_model checks again
     model, meta = load_model(run_dir)
     pre = PreprocessConfig.from_dict(meta["preprocess"])
     cfg = meta.get("train_config", {})

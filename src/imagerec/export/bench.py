@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import time
 from pathlib import Path
 from typing import Any
@@ -62,15 +64,30 @@ def _time_calls(runtime: Runtime, x: torch.Tensor, seconds: float) -> list[float
     return times
 
 
+def check_benchmark_args(batch_sizes: tuple[int, ...], seconds: float) -> None:
+    """Raise ImageRecError for batch sizes that are not whole numbers >= 1, or a time that is not a positive number."""
+    if not len(batch_sizes):
+        raise ImageRecError("no batch sizes given: pass one or more, e.g. batch_sizes=(1, 32) / --batch-sizes 1 32")
+    bad = [b for b in batch_sizes if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1]
+    if bad:
+        raise ImageRecError(f"batch sizes must be whole numbers >= 1, got {', '.join(map(str, bad))} "
+                            f"(batch_sizes / --batch-sizes), e.g. --batch-sizes 1 32")
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not math.isfinite(seconds) or seconds <= 0:
+        raise ImageRecError(f"seconds must be a positive number (the time per runtime and batch size), got {seconds} "
+                            f"(seconds / --seconds), e.g. --seconds 2")
+
+
 def benchmark(source: str | Path, batch_sizes: tuple[int, ...] = (1, 32), seconds: float = 2.0) -> list[dict[str, Any]]:
     """Latency percentiles and throughput for every runtime of `source` (run directory or bundle).
 
     Inputs are pre-decoded uint8 batches, so this measures the model, not JPEG decoding. Each
     result says whether that runtime passed its parity gate and whether predict would use it.
+    Batch sizes must be whole numbers >= 1 and `seconds` positive (ImageRecError otherwise).
 
     Example:
         >>> for r in benchmark("exports/mnist", seconds=1): print(r["runtime"], r["batch_size"], r["images_per_s"])
     """
+    check_benchmark_args(batch_sizes, seconds)
     setup_compute()
     runtimes, pre, uses = _runtimes(source)
     results = []
