@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +53,7 @@ TRAIN_HELP = {
     "optimizer": "sgd | adam | adamw | adagrad",
     "lr": "peak learning rate (default per optimizer: sgd 0.02, adam 1e-3, adamw 3e-3, adagrad 1e-2)",
     "weight_decay": "weight decay (default per optimizer)",
-    "schedule": "onecycle | cosine (with warm-up) | constant",
+    "schedule": "onecycle | cosine (with warm-up) | constant | triangle (airbench's: up, then down to 0.07)",
     "label_smoothing": "label smoothing for cross-entropy",
     "grad_clip": "clip the gradient norm to this value (0 = off)",
     "augment": "augmentation preset: none | light | standard | strong",
@@ -132,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=argparse.SUPPRESS, help="run directory (default runs/exp, runs/exp2, ...)")
     p.add_argument("--config", help="YAML file of training settings (flags override it)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
-    p.add_argument("--db", help="store to record the run in (default $IMAGEREC_DB or ~/.local/share/imagerec/store.db)")
+    p.add_argument("--db", help="the store: where store:NAME data is read from and the run is recorded "
+                   "(default $IMAGEREC_DB or ~/.local/share/imagerec/store.db)")
     _add_train_flags(p)
 
     p = sub.add_parser("eval", help="evaluate a trained run on a data split")
@@ -142,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
-    p.add_argument("--db", help="store to record the evaluation in")
+    p.add_argument("--db", help="the store: where store:NAME data is read from and the evaluation is recorded")
 
     p = sub.add_parser("robustness", help="accuracy under common corruptions (CIFAR-10-C style) and FGSM/PGD attacks")
     p.add_argument("run", help="run directory (corruptions and attacks) or exported bundle folder (corruptions only)")
@@ -167,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write results to this file instead of stdout (needed for parquet)")
     p.add_argument("--resume", action="store_true", help="skip images already predicted in --output")
     p.add_argument("--every", type=int, default=1, metavar="N", help="videos: classify every N-th frame")
+    p.add_argument("--db", help="store URL (SQLite path or postgresql://...) that store:NAME data is read from (default $IMAGEREC_DB)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
 
@@ -177,11 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fix", nargs=2, metavar=("quarantine", "DIR"), help="move problem files (errors) to DIR; never deletes")
     p.add_argument("--undo", metavar="MANIFEST", help="move quarantined files back (DIR/quarantine-manifest.json)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="report images above this many pixels as bombs")
+    p.add_argument("--db", help="store URL (SQLite path or postgresql://...) that store:NAME data is read from (default $IMAGEREC_DB)")
 
     p = sub.add_parser("ingest", help="add images from any DATA source to the image store")
     p.add_argument("source", help="any DATA that train accepts")
     p.add_argument("--dataset", required=True, help="dataset name in the store (then train on store:NAME)")
     p.add_argument("--split", help="ingest only this split (or put a split-less source under it)")
+    p.add_argument("--update", action="store_true",
+                   help="give images already stored with other labels/split the source's (default: keep and report them)")
     p.add_argument("--db", help="store URL: a SQLite path or postgresql://... (default $IMAGEREC_DB)")
 
     p = sub.add_parser("datasets", help="list the store's datasets with counts per split and label")
@@ -254,7 +262,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in known and k != "data"}
     if args.resume:
-        result = train(resume=args.resume, **overrides)
+        data = {"data": args.data} if args.data else {}  # checked against the run's own: never ignored
+        result = train(resume=args.resume, **data, **overrides)
     else:
         if not args.data:
             raise ImageRecError("imagerec train needs DATA (a folder, archive, manifest or dataset name), or --resume DIR")
@@ -303,11 +312,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(m))
         return 0
     console = Console(soft_wrap=True)
-    console.print(metrics_table(m, f"{args.run} on {m['data']} [{args.split}]"))
+    console.print(metrics_table(m, f"{args.run} on {m['data']} [{m['split']}]"))
     console.print(summary_line(m), highlight=False)
     if m["skipped_files"]:
         console.print(f"skipped {len(m['skipped_files'])} unreadable file(s)")
-    console.print(f"written: {Path(args.run) / f'eval-{args.split}.json'}", highlight=False)
+    written = Path(args.run) / f"eval-{m['split']}.json"
+    console.print(f"written: {written}", highlight=False)
     return 0
 
 
@@ -340,7 +350,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from imagerec.store import ingest_command
 
-    return ingest_command(args.source, args.dataset, args.split, args.db)
+    return ingest_command(args.source, args.dataset, args.split, args.db, update=args.update)
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -427,6 +437,25 @@ COMMANDS = {
 }
 
 
+@contextlib.contextmanager
+def _store_for_command(db: str | None) -> Iterator[None]:
+    """`--db URL` is the store of everything the command does: the images of a `store:NAME` DATA
+    (read by the data layer, its loader workers and torchrun's ranks through `$IMAGEREC_DB`) as
+    well as the records it writes."""
+    if not db:
+        yield
+        return
+    old = os.environ.get("IMAGEREC_DB")
+    os.environ["IMAGEREC_DB"] = db
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("IMAGEREC_DB", None)
+        else:
+            os.environ["IMAGEREC_DB"] = old
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -435,9 +464,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return COMMANDS[args.command](args)
+        with _store_for_command(getattr(args, "db", None)):
+            return COMMANDS[args.command](args)
     except ImageRecError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output path that is a file, a folder, read-only, on a full disk, ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; choose another path or fix its permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

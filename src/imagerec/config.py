@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -152,8 +153,8 @@ class TrainConfig:
             raise ImageRecError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ImageRecError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.lr is not None and self.lr <= 0:
-            raise ImageRecError(f"lr must be positive, got {self.lr}")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ImageRecError(f"lr must be a finite positive number, got {self.lr}")
         if self.image_size is not None and not 8 <= self.image_size <= 1024:
             raise ImageRecError(f"image_size must be between 8 and 1024, got {self.image_size}")
         if self.translate is not None and not 0 <= self.translate <= 64:
@@ -162,6 +163,22 @@ class TrainConfig:
             raise ImageRecError(f"cutout is a square's side in pixels and must be between 0 (off) and 1024, got {self.cutout}")
         if self.norm_lr_scale <= 0:
             raise ImageRecError(f"norm_lr_scale must be positive, got {self.norm_lr_scale}")
+        at_least_zero = {"seed": self.seed, "early_stopping": self.early_stopping, "grad_clip": self.grad_clip,
+                         "mixup": self.mixup, "cutmix": self.cutmix, "warmup_epochs": self.warmup_epochs,
+                         "save_every_steps": self.save_every_steps, "num_threads": self.num_threads,
+                         "backbone_lr_scale": self.backbone_lr_scale,
+                         "weight_decay": 0.0 if self.weight_decay is None else self.weight_decay}
+        for name, value in at_least_zero.items():
+            if not (0 <= value < math.inf):  # NaN fails this too
+                raise ImageRecError(f"{name} must be a finite number >= 0, got {value}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ImageRecError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.workers < -1:
+            raise ImageRecError(f"workers is a number of loader processes (0 = none, -1 = auto), got {self.workers}")
+        if self.limit_train < 0:
+            raise ImageRecError(f"limit_train is a number of training images, 0 for all; got {self.limit_train}")
+        if self.max_pixels < 1:
+            raise ImageRecError(f"max_pixels must be at least 1, got {self.max_pixels}")
         if self.channels is not None and self.channels not in (1, 3):
             raise ImageRecError(f"channels must be 1 or 3, got {self.channels}")
 
@@ -242,7 +259,9 @@ def load_config_file(path: str | Path, base: TrainConfig | None = None) -> Train
     if not p.is_file():
         raise ImageRecError(f"config file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ImageRecError(f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at {e.start}); save it as UTF-8") from e
     except yaml.YAMLError as e:
         raise ImageRecError(f"config file {p} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):

@@ -21,14 +21,18 @@ from imagerec.config import PreprocessConfig
 from imagerec.data import read_data
 from imagerec.data.decode import (
     DEFAULT_MAX_PIXELS,
+    ArrayRef,
     DecodeError,
     Source,
+    TarMember,
+    ZipMember,
     convert_mode,
     decode_bytes,
     is_image_path,
     open_image,
     source_name,
 )
+from imagerec.data.readers import walk_files
 from imagerec.engine.checkpoint import load_model
 from imagerec.engine.pipeline import autocast
 from imagerec.transforms import base_transform, normalize_batch
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
     from imagerec.export.bundle import Bundle
     from imagerec.export.runtime import Runtime
 
-ImageInput = str | Path | bytes | Image.Image | Source
+ImageInput = str | Path | bytes | Image.Image | np.ndarray | Source
 
 
 def expand_paths(patterns: Iterable[str | Path]) -> list[str | Source]:
@@ -52,7 +56,7 @@ def expand_paths(patterns: Iterable[str | Path]) -> list[str | Source]:
             spec = read_data(str(pat))
             out.extend(it.source for split in sorted(spec.splits) for it in spec.splits[split])
         elif p.is_dir():
-            out.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file() and is_image_path(f.name))
+            out.extend(str(p / f) for f in walk_files(p) if is_image_path(f.name) and (p / f).is_file())
         elif p.exists():
             out.append(str(p))
         else:
@@ -130,6 +134,8 @@ class Predictor:
         draft = (self.pre.resize_size, self.pre.resize_size)
         if isinstance(image, Image.Image):
             img = convert_mode(image, self.pre.channels)
+        elif isinstance(image, np.ndarray):
+            img = convert_mode(_array_image(image), self.pre.channels)
         elif isinstance(image, bytes):
             img = decode_bytes(image, "upload", self.pre.channels, self.max_pixels, draft)
         else:
@@ -180,8 +186,20 @@ class Predictor:
                     yield self._result(name, probs[row[j]], top_k)
 
     def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5) -> list[dict[str, Any]]:
-        if isinstance(images, str | Path | bytes | Image.Image):
+        """One image or several: paths, bytes, PIL images, uint8 arrays (H, W) or (H, W, 1|3|4), or a
+        batch of them (N, H, W[, C]; a 3-D array whose last axis is not 1, 3 or 4 is N grayscale
+        images). One result per image, in order."""
+        if top_k < 1:
+            raise ImageRecError(f"top_k must be at least 1, got {top_k}")
+        one_array = isinstance(images, np.ndarray) and (images.ndim <= 2 or images.ndim == 3 and images.shape[2] in (1, 3, 4))
+        if one_array or isinstance(images, str | Path | bytes | Image.Image):
             images = [images]
+        for im in images:
+            if not isinstance(im, str | Path | bytes | Image.Image | np.ndarray | TarMember | ZipMember | ArrayRef) and not (
+                type(im).__name__ == "StoreBlob"
+            ):
+                raise ImageRecError(f"cannot predict on a {type(im).__name__}: give file paths, bytes, PIL images "
+                                    "or uint8 arrays of shape (H, W), (H, W, 3) or (N, H, W[, 3])")
         return list(self.predict_iter(images, top_k))
 
     def _safe_preprocess(self, image: ImageInput) -> torch.Tensor | str:
@@ -191,8 +209,17 @@ class Predictor:
             return str(e)
 
 
+def _array_image(arr: np.ndarray) -> Image.Image:
+    """A uint8 array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) as a PIL image."""
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4))) or 0 in arr.shape:
+        raise DecodeError(f"array of dtype {arr.dtype} and shape {arr.shape}: give uint8 pixels of shape (H, W), "
+                          "(H, W, 3) or (H, W, 4)")
+    arr = np.ascontiguousarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+    return Image.fromarray(arr, "L" if arr.ndim == 2 else {3: "RGB", 4: "RGBA"}[arr.shape[2]])
+
+
 def _name(image: ImageInput, i: int) -> str:
-    if isinstance(image, bytes | Image.Image):
+    if isinstance(image, bytes | Image.Image | np.ndarray):
         return f"<image {i}>"
     return str(image) if isinstance(image, str | Path) else source_name(image)
 

@@ -27,6 +27,7 @@ from rich.table import Table
 from imagerec.config import write_json
 from imagerec.corruptions import SEVERITIES, check_severities, corrupt, resolve_corruptions
 from imagerec.data.decode import DEFAULT_MAX_PIXELS
+from imagerec.data.readers import SPLIT_ALIASES
 from imagerec.engine.attacks import ATTACKS, PGD_STEP_FRACTION, PGD_STEPS, run_attack
 from imagerec.engine.checkpoint import find_run_checkpoint, read_checkpoint_meta
 from imagerec.engine.evaluate import create_eval_loader, read_run_split
@@ -130,6 +131,7 @@ def evaluate_robustness(
         >>> r = evaluate_robustness("runs/mnist", limit=500)
         >>> r["clean_accuracy"], r["mean_corruption_accuracy"], r["attacks"]["pgd"][-1]
     """
+    split = SPLIT_ALIASES.get(split.strip().lower(), split)  # 'VAL', 'validation': as folder names allow
     names = resolve_corruptions(corruptions) if corruptions is None or list(corruptions) else []
     sevs = check_severities(severities)
     atks = _resolve_attacks(attacks)

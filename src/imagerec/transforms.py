@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F
 
 from imagerec.config import PreprocessConfig
@@ -104,6 +105,28 @@ def apply_ops(img: Image.Image, ops: tuple[str, ...] | list[str]) -> Image.Image
 # --- the deterministic base transform (shared by train, eval, predict, serve) -----------------------
 
 
+def _resize_crop_of_long_image(img: Image.Image, resize: int, size: int, interp: InterpolationMode) -> Image.Image | None:
+    """Resize-short-side-then-centre-crop of an image of extreme aspect ratio, computed on the
+    cropped region only; None for any other image (it takes the usual two steps).
+
+    Resizing the short side of a 1 x 1,600,000 strip to 256 would make it 256 x 409,600,000 pixels
+    (GBs, for a 2 KB PNG under any pixel limit) only for the crop to keep 256 x 256 of it. PIL's
+    `resize(box=...)` resamples just the source region behind the crop, with the same scale and
+    the same filter taps (it reads source pixels beyond the box), so the result equals the two
+    steps as torchvision does them: its output size (long side truncated) and its crop offsets.
+    """
+    w, h = img.size
+    short, long_ = min(w, h), max(w, h)
+    if resize < size or long_ * resize / short <= 4 * resize:
+        return None
+    new_long = int(resize * long_ / short)
+    nw, nh = (resize, new_long) if w <= h else (new_long, resize)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    sx, sy = w / nw, h / nh
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return img.resize((size, size), TF.pil_modes_mapping[interp], box=box)
+
+
 def base_transform(cfg: PreprocessConfig, size: int | None = None, resize: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image (already in cfg.channels) -> uint8 tensor (C, size, size).
 
@@ -118,7 +141,10 @@ def base_transform(cfg: PreprocessConfig, size: int | None = None, resize: int |
         parse_op(spec)  # fail early on a bad op
 
     def run(img: Image.Image) -> torch.Tensor:
-        if min(img.size) != resize:
+        cropped = _resize_crop_of_long_image(img, resize, size, interp)
+        if cropped is not None:
+            img = cropped
+        elif min(img.size) != resize:
             img = F.resize(img, [resize], interpolation=interp, antialias=True)
         if img.size != (size, size):
             img = F.center_crop(img, [size, size])

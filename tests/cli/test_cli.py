@@ -27,6 +27,7 @@ from PIL import Image
 import imagerec
 from imagerec.config import PreprocessConfig
 from imagerec.data import read_data
+from imagerec.utils import ImageRecError
 
 CLASSES = [str(d) for d in range(10)]
 TEST_SAMPLES_MINI = 1000  # mnist-mini test split
@@ -391,6 +392,63 @@ def test_eval_nonexistent_run(work: Path, env: dict[str, str]) -> None:
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [(("--seed", "-1"), "seed must be a finite number >= 0, got -1"),
+     (("--grad-clip", "-1"), "grad_clip must be a finite number >= 0"),
+     (("--mixup", "nan"), "mixup must be a finite number >= 0, got nan"),
+     (("--momentum", "-5"), "momentum must be in [0, 1), got -5.0"),
+     (("--weight-decay", "-1"), "weight_decay must be a finite number >= 0"),
+     (("--early-stopping", "-2"), "early_stopping must be a finite number >= 0"),
+     (("--workers", "-7"), "workers is a number of loader processes"),
+     (("--limit-train", "-5"), "limit_train is a number of training images, 0 for all; got -5"),
+     (("--max-pixels", "0"), "max_pixels must be at least 1, got 0"),
+     (("--lr", "inf"), "lr must be a finite positive number, got inf")],
+)
+def test_train_numbers_out_of_range(work: Path, env: dict[str, str], flags: tuple[str, str], fragment: str) -> None:
+    proc = run_cli("train", "mnist-mini", *flags, "--out", "r-range", "--epochs", "1", cwd=work, env=env)
+    assert_user_error(proc, fragment)
+    assert not (work / "r-range").exists()
+
+
+def test_bad_output_paths_get_one_line_not_a_traceback(run_dir: Path, digits: Path, work: Path, env: dict[str, str]) -> None:
+    (work / "afile").write_text("not a folder")
+    assert_user_error(run_cli("train", "mnist-mini", "--out", "afile", "--epochs", "1", cwd=work, env=env),
+                      "--out afile is a file")
+    assert_user_error(run_cli("train", "mnist-mini", "--out", "afile/sub", "--epochs", "1", cwd=work, env=env),
+                      "afile/sub", "Not a directory")
+    (work / "notes").mkdir(exist_ok=True)
+    (work / "notes" / "todo.txt").write_text("x")
+    assert_user_error(run_cli("train", "mnist-mini", "--out", "notes", "--epochs", "1", cwd=work, env=env),
+                      "--out notes is a folder that is not empty and holds no run (todo.txt)")
+    (work / "outdir").mkdir(exist_ok=True)
+    digit = next(iter(sorted(digits.rglob("*.png"))))
+    assert_user_error(run_cli("predict", run_dir, digit, "--output", "outdir", cwd=work, env=env),
+                      "outdir", "Is a directory")
+    assert (work / "afile").read_text() == "not a folder"
+
+
+def test_config_file_that_is_not_utf8(work: Path, env: dict[str, str]) -> None:
+    (work / "binary.yaml").write_bytes(b"\xff\xfe\x00bin")
+    proc = run_cli("train", "mnist-mini", "--config", "binary.yaml", "--out", "r-bin", cwd=work, env=env)
+    assert_user_error(proc, "binary.yaml is not UTF-8 text (byte 0xff at 0); save it as UTF-8")
+
+
+def test_divergence_is_a_clear_error(work: Path, env: dict[str, str]) -> None:
+    proc = run_cli("train", "mnist-mini", "--lr", "1e9", "--limit-train", "200", "--epochs", "1", "--out", "r-div",
+                   cwd=work, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: training diverged: the model's outputs on the validation "
+                                                           "images became NaN or infinite in epoch 1; lower --lr (it is 1000000000.0)")
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint(work: Path, env: dict[str, str]) -> None:
+    (work / "early").mkdir()
+    (work / "early" / "config.yaml").write_text("model: cnn\n")
+    assert_user_error(run_cli("train", "--resume", "early", cwd=work, env=env),
+                      "early holds a run that stopped before its first checkpoint: nothing to resume")
+
+
 def test_resume_without_checkpoint(work: Path, env: dict[str, str]) -> None:
     (work / "not-a-run").mkdir()
     (work / "not-a-run" / "notes.txt").write_text("hello")
@@ -534,3 +592,22 @@ def test_python_api_mirrors_the_cli(run_dir: Path, few: list[Path], work: Path, 
     assert [r["path"] for r in api_rows] == [str(p) for p in few[:8]]
     assert [r["label"] for r in api_rows] == [r["label"] for r in cli_rows]
     assert [r["topk"] for r in api_rows] == [r["topk"] for r in cli_rows]
+
+
+def test_python_predict_takes_arrays_and_refuses_what_it_cannot_read(run_dir: Path, digits: Path) -> None:
+    import imagerec
+
+    predictor = imagerec.load(run_dir)
+    path = next(iter(sorted(digits.rglob("*.png"))))
+    pixels = np.asarray(Image.open(path))
+    by_path, = predictor.predict(path, top_k=3)
+    by_array, = predictor.predict(pixels, top_k=3)
+    assert by_array["topk"] == by_path["topk"] and by_array["path"] == "<image 0>"
+    batch = predictor.predict(np.stack([pixels, 255 - pixels]), top_k=1)
+    assert len(batch) == 2 and batch[0]["label"] == by_path["label"]
+    bad, = predictor.predict(pixels.astype(np.float32))
+    assert "array of dtype float32 and shape (28, 28): give uint8 pixels" in bad["error"]
+    with pytest.raises(ImageRecError, match="top_k must be at least 1, got 0"):
+        predictor.predict(path, top_k=0)
+    with pytest.raises(ImageRecError, match="cannot predict on a dict"):
+        predictor.predict([{"image": path}])

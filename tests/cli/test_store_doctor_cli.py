@@ -83,3 +83,47 @@ def test_check_json_quarantine_and_undo(tmp_path: Path) -> None:
 
     bad = cli("check", str(data), "--fix", "delete", "x", cwd=tmp_path, env=env)
     assert bad.returncode == 2 and "error: unknown --fix action 'delete'" in bad.stderr
+
+
+def test_db_flag_is_where_store_data_is_read_from(tmp_path: Path) -> None:
+    """`--db URL` names the store a `store:NAME` DATA comes from, not only where records go: with
+    the default store empty, train/eval/check/predict read the dataset from the --db store."""
+    env = {k: v for k, v in os.environ.items() if k != "IMAGEREC_DB"} | {"IMAGEREC_HOME": str(tmp_path / "home")}
+    team = str(tmp_path / "team.db")
+    spec = read_data("mnist-mini")
+    folder = tmp_path / "digits"
+    for split in ("train", "test"):
+        for k, it in enumerate(spec.splits[split][:200]):
+            d = folder / split / spec.class_names[it.target]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(spec.arrays[split][it.source.index]).save(d / f"{k}.png")
+    r = cli("ingest", str(folder), "--dataset", "digits", "--db", team, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "400 added" in r.stdout, r.stderr
+    assert f"train on it with: imagerec train store:digits --db {team}" in r.stdout
+
+    t = cli("train", "store:digits", "--db", team, "--out", "run", "--epochs", "1", cwd=tmp_path, env=env)
+    assert t.returncode == 0, t.stderr
+    assert "store:digits: 181 train / 19 val images, 10 classes" in t.stderr
+    e = cli("eval", "run", "--db", team, "--split", "VAL", "--format", "json", cwd=tmp_path, env=env)
+    assert e.returncode == 0 and json.loads(e.stdout)["split"] == "val", e.stderr
+    c = cli("check", "store:digits", "--db", team, "--format", "json", cwd=tmp_path, env=env)
+    assert json.loads(c.stdout)["summary"]["images"] == {"train": 200, "test": 200}, c.stderr
+    p = cli("predict", "run", "store:digits", "--db", team, "--format", "json", cwd=tmp_path, env=env)
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 400, p.stderr[-500:]
+    # the default store does not have it, and says so
+    d = cli("train", "store:digits", "--out", "run2", "--epochs", "1", cwd=tmp_path, env=env)
+    assert d.returncode == 2 and "no dataset 'digits'" in d.stderr
+
+
+def test_one_class_is_refused_by_train_and_reported_by_check(tmp_path: Path) -> None:
+    spec = read_data("mnist-mini")
+    root = tmp_path / "photos"
+    for k, it in enumerate(spec.splits["train"][:8]):
+        (root / "cat").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(spec.arrays["train"][it.source.index]).save(root / "cat" / f"{k}.png")
+    t = cli("train", str(root), "--out", "run", "--epochs", "1", cwd=tmp_path, env=dict(os.environ))
+    assert t.returncode == 2
+    assert "1 class(es) found ('cat'); a classifier needs at least 2" in t.stderr
+    c = cli("check", str(root), "--format", "json", cwd=tmp_path, env=dict(os.environ))
+    problems = json.loads(c.stdout)["problems"]
+    assert c.returncode == 1 and [p["category"] for p in problems if p["severity"] == "error"] == ["single_class"]

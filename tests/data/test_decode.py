@@ -217,3 +217,17 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
 def test_decode_bytes_names_the_given_name() -> None:
     with pytest.raises(DecodeError, match=r"^upload 3: not an image"):
         decode_bytes(b"GIF89a but not really", "upload 3")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_max_pixels_can_be_raised_past_pils_own_limit() -> None:
+    data = huge_png(14000, 14000)  # 196M pixels: PIL refuses anything over 2 x 89.5M on open
+    with pytest.raises(DecodeError, match=r"big\.png: cannot decode image \(DecompressionBombError"):
+        decode_bytes(data, "big.png")  # the default limit: PIL's own check is the one that fires
+    with pytest.raises(DecodeError, match=r"big\.png: 14000x14000 = 196000000 pixels exceeds the limit of 150000000"):
+        decode_bytes(data, "big.png", max_pixels=150_000_000)
+    # raised past it, the file is opened and read: this one then fails as the truncated stream it is
+    with pytest.raises(DecodeError) as info:
+        decode_bytes(data, "big.png", max_pixels=300_000_000)
+    assert "DecompressionBomb" not in str(info.value) and "exceeds the limit" not in str(info.value)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # PIL's global is put back

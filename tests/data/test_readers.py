@@ -524,3 +524,83 @@ def test_split_train_val_noop_cases(unsplit: DataSpec) -> None:
     assert split_train_val(unsplit, 0.0, seed=0) is unsplit
     only_test = DataSpec("mem", ["a"], {"test": unsplit.splits["test"]})
     assert split_train_val(only_test, 0.2, seed=0) is only_test
+
+
+# --- layouts found by QA (session 14): stray files, symlinks, encodings, bad IDX shapes ---------------
+
+
+def test_stray_top_level_image_does_not_stop_the_wrapper(tmp_path: Path, cifar_members: dict[str, bytes]) -> None:
+    root = extract(cifar_members, tmp_path / "root")  # root/cifar10-jpg/{train,test}/<class>/...
+    (root / "cover.png").write_bytes(png_bytes((1, 2, 3)))
+    spec = read_data(str(root))
+    _check_small_cifar(spec, cifar_members)  # the wrapper is still stripped: 10 classes, train and test
+    assert any("ignored 1 image(s) in '(top level)'" in n for n in spec.notes)
+
+
+def test_symlinked_class_folders_are_read(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    for c, color in (("cat", (200, 0, 0)), ("dog", (0, 200, 0))):
+        (elsewhere / c).mkdir(parents=True)
+        for i in range(2):
+            (elsewhere / c / f"{i}.png").write_bytes(png_bytes((color[0] + i, color[1], i)))
+    root = tmp_path / "root"
+    (root / "bird").mkdir(parents=True)
+    (root / "bird" / "0.png").write_bytes(png_bytes((0, 0, 200)))
+    (root / "cat").symlink_to(elsewhere / "cat")
+    (root / "dog").symlink_to(elsewhere / "dog")
+    (root / "bird" / "loop").symlink_to(root)  # a loop: read once, not forever
+    spec = read_data(str(root))
+    assert spec.class_names == ["bird", "cat", "dog"]
+    assert Counter(spec.class_names[it.target] for it in spec.splits["train"]) == {"bird": 1, "cat": 2, "dog": 2}
+    assert spec.notes == []
+
+
+def test_manifest_that_is_not_utf8_names_the_file_and_line(tmp_path: Path, images: Path) -> None:
+    first = sorted(images.rglob("*.png"))[0]
+    path = tmp_path / "labels.csv"
+    path.write_bytes(f"path,label\n{first},chat\n{first},caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ImageRecError, match=r"labels\.csv, line 3: not UTF-8 text \(byte 0xe9\); save the manifest as UTF-8"):
+        read_data(str(path))
+
+
+@pytest.mark.parametrize(
+    ("images_shape", "labels_shape", "bad", "match"),
+    [
+        ((20, 8, 8), (20, 1), "labels", r"IDX labels must be one integer per image .* shape \(20, 1\)"),
+        ((20,), (20,), "images", r"IDX images must be uint8 of shape \(count, height, width\).* shape \(20,\)"),
+        ((20, 8, 8, 2), (20,), "images", r"shape \(20, 8, 8, 2\)"),
+    ],
+)
+def test_idx_files_of_the_wrong_shape_are_named(
+    tmp_path: Path, images_shape: tuple[int, ...], labels_shape: tuple[int, ...], bad: str, match: str
+) -> None:
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros(images_shape, np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(labels_shape, np.uint8))
+    with pytest.raises(ImageRecError, match=match) as info:
+        read_data(str(tmp_path))
+    assert f"train-{bad}-idx" in str(info.value)
+
+
+def test_idx_with_float_labels_is_refused(tmp_path: Path) -> None:
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((3, 8, 8), np.uint8))
+    raw = bytes([0, 0, 0x0D, 1]) + (3).to_bytes(4, "big") + np.array([0.5, 1.0, 2.0], ">f4").tobytes()
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(raw)
+    with pytest.raises(ImageRecError, match=r"IDX labels must be one integer per image.*float32"):
+        read_data(str(tmp_path))
+
+
+def test_encrypted_zip_member_is_skipped_with_its_name(tmp_path: Path) -> None:
+    path = tmp_path / "enc.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for c, color in (("cat", (200, 0, 0)), ("dog", (0, 200, 0))):
+            for i in range(2):
+                zf.writestr(f"{c}/{i}.png", png_bytes((color[0], color[1], i)))
+    raw = bytearray(path.read_bytes())  # flag the first member as encrypted, in both headers
+    raw[raw.find(b"PK\x03\x04") + 6] |= 1
+    raw[raw.find(b"PK\x01\x02") + 8] |= 1
+    path.write_bytes(bytes(raw))
+    spec = read_data(str(path))
+    first = next(it for it in spec.splits["train"] if it.source.name == "cat/0.png")  # type: ignore[union-attr]
+    with pytest.raises(ImageRecError, match=r"enc\.zip::cat/0\.png: cannot read \(RuntimeError: .*encrypted"):
+        open_image(first.source)
+    assert open_image(spec.splits["train"][1].source).size == (8, 8)  # the others read as before

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
 from imagerec.config import PreprocessConfig
 from imagerec.transforms import OPS, BatchAugment, apply_ops, base_transform, parse_op
@@ -180,3 +181,20 @@ def test_no_augmentation_preset_is_identity() -> None:
     xf = x.float()
     xo, yo = aug.after_normalize(xf, y)
     assert torch.equal(xo, xf) and torch.equal(yo, y)
+
+
+def test_extreme_aspect_ratio_is_cropped_before_the_resize() -> None:
+    """A 1 x 1,600,000 strip (a 2 KB PNG under any pixel limit) resized short side first would be
+    256 x 409,600,000 pixels; the base transform keeps only what the centre crop needs."""
+    pre = cfg(224, 256)
+    strip = Image.new("RGB", (1_600_000, 1), (128, 10, 200))
+    x = base_transform(pre)(strip)
+    assert x.shape == (3, 224, 224) and x[:, 0, 0].tolist() == [128, 10, 200]
+    # long images with content: the pixels of resizing the whole of it then cropping, to within
+    # PIL's rounding (1 level of 255); images of ordinary shape take exactly the usual path
+    rng = np.random.default_rng(0)
+    for shape in ((50, 3000, 3), (3000, 40, 3), (37, 5001, 3), (300, 1000, 3)):
+        img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), "RGB")
+        whole = F.pil_to_tensor(F.center_crop(F.resize(img, [256], antialias=True), [224, 224]))
+        diff = (base_transform(pre)(img).int() - whole.int()).abs()
+        assert diff.max() <= (1 if max(shape) / min(shape[:2]) > 4 else 0), shape

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,17 +14,26 @@ from safetensors.torch import load_file
 
 from imagerec.engine.callbacks import Callback
 from imagerec.engine.run import train
+from imagerec.utils import ImageRecError
 
 
 class InterruptAt(Callback):
-    """Simulates Ctrl-C / SIGTERM after a given global step."""
+    """Ctrl-C (a real SIGINT to this process) `signals` times in the middle of a given global step:
+    from the model's forward pass, where the BatchNorm statistics have already moved."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, signals: int = 1) -> None:
+        self.step, self.signals, self.hook = step, signals, None
 
-    def on_train_batch_end(self, trainer, batch_size: int) -> None:
-        if trainer.state.global_step == self.step:
-            raise KeyboardInterrupt
+    def on_fit_start(self, trainer) -> None:
+        def forward(module, args, output) -> None:
+            if module.training and trainer.state.global_step == self.step - 1:
+                for _ in range(self.signals):
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        self.hook = trainer.model.register_forward_hook(forward)
+
+    def on_fit_end(self, trainer) -> None:
+        self.hook.remove()
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -44,7 +56,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, opts: dict) -> No
 
     cut = train(out=str(tmp_path / "cut"), callbacks=[InterruptAt(13)], **common)  # 10 steps/epoch: stop in epoch 2
     assert cut.interrupted
-    meta = json.loads((tmp_path / "cut" / "last.json").read_text())
+    meta = json.loads((tmp_path / "cut" / "last.json").read_text())  # step 13 finished, then saved
     assert (meta["state"]["epoch"], meta["state"]["epoch_step"], meta["state"]["global_step"]) == (1, 3, 13)
     before = _weights(tmp_path / "cut")
     assert any(not torch.equal(before[k], v) for k, v in _weights(tmp_path / "full").items() if k.startswith("model."))
@@ -78,3 +90,35 @@ def test_resume_finished_run_changes_nothing(tmp_path: Path) -> None:
     train(resume=str(run))
     after = _weights(run)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_second_signal_stops_at_once_and_resumes_from_the_checkpoint_before(tmp_path: Path) -> None:
+    """Ctrl-C twice: out at once, mid-step, saving nothing; `last` is still the end of epoch 1 and
+    the resume from it ends where an uninterrupted run does."""
+    common = {"data": "mnist-mini", "epochs": 2, "batch_size": 64, "limit_train": 640, "model": "cnn", "seed": 3,
+              "cache": "ram", "workers": 0}
+    full = train(out=str(tmp_path / "full"), **common)
+    cut = train(out=str(tmp_path / "cut"), callbacks=[InterruptAt(13, signals=2)], **common)
+    assert cut.interrupted
+    meta = json.loads((tmp_path / "cut" / "last.json").read_text())
+    assert (meta["state"]["epoch"], meta["state"]["epoch_step"], meta["state"]["global_step"]) == (1, 0, 10)
+    train(resume=str(tmp_path / "cut"))
+    a, b = _weights(full.run_dir), _weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_settings_the_saved_state_depends_on(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    train(data="mnist-mini", out=str(run), epochs=1, limit_train=256, batch_size=64, model="cnn")
+    for change, named in (({"model": "mlp"}, "--model 'mlp' (it was 'cnn')"),
+                          ({"optimizer": "sgd"}, "--optimizer 'sgd' (it was 'adamw')"),
+                          ({"batch_size": 32}, "--batch-size 32 (it was 64)"),
+                          ({"limit_train": 100}, "--limit-train 100 (it was 256)"),
+                          ({"data": "cifar10"}, "DATA cifar10 (it was mnist-mini)"),
+                          ({"out": str(tmp_path / "elsewhere")}, "--out")):
+        with pytest.raises(ImageRecError, match=r"--resume .* cannot change " + re.escape(named)):
+            train(resume=str(run), epochs=2, **change)
+    assert len((run / "history.csv").read_text().strip().splitlines()) == 2  # nothing was trained
+    # what can change: how long it trains, where and how fast it runs; the same value is no change
+    result = train(resume=str(run), epochs=2, workers=0, num_threads=1, model="cnn", data="mnist-mini", out=str(run))
+    assert result.metrics["epochs_run"] == 2

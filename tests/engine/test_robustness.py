@@ -173,7 +173,7 @@ def test_bundle_gets_corruptions_only(cnn_run: Path, tmp_path: Path) -> None:
     ({"eps": [-0.1]}, "eps -0.1 is out of range"),
     ({"attacks": ["pgb"]}, "Did you mean 'pgd'?"),
     ({"limit": -1}, "limit must be >= 0"),
-    ({"split": "validation"}, "has no 'validation' split"),
+    ({"split": "holdout"}, "has no 'holdout' split"),
 ])
 def test_bad_arguments_are_named(cnn_run: Path, kwargs: dict, fragment: str) -> None:
     with pytest.raises(ImageRecError, match=re.escape(fragment)):

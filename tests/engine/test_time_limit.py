@@ -130,3 +130,15 @@ def test_bad_time_limit_is_a_clear_error(tmp_path: Path, value: str) -> None:
                            "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "time" in proc.stderr.lower() and "Traceback" not in proc.stderr
+
+
+def test_a_plan_cut_after_the_last_epoch_is_saved_with_it(tmp_path: Path) -> None:
+    """The machine slows down in epoch 4 (a 50 s stall): the re-plan after it finds no time for a
+    5th epoch and stops. The checkpoint must say 4 epochs, or --resume would train a 5th."""
+    clock = FakeClock(budget=95, stall=(35, 50.0))
+    result = train(out=str(tmp_path / "r"), callbacks=[clock], **COMMON)
+    assert _planned(clock.plans) == [9, 4] and result.metrics["epochs_run"] == 4
+    assert _epochs_in_checkpoint(tmp_path / "r") == 4
+    resumed = train(resume=str(tmp_path / "r"))
+    assert resumed.metrics["epochs_run"] == 4
+    assert len((tmp_path / "r" / "history.csv").read_text().strip().splitlines()) == 1 + 4

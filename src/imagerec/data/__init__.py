@@ -35,8 +35,10 @@ def _read_path(p: Path) -> DataSpec:
     raise ImageRecError(f"cannot read {p}: unsupported file type. {_SOURCES_HELP}")
 
 
-def read_data(data: str, data_dir: str | None = None) -> DataSpec:
+def read_data(data: str, data_dir: str | None = None, store_url: str | None = None) -> DataSpec:
     """List the items of DATA (a path or a dataset name) without decoding any image.
+
+    `store:NAME` is read from the store at `store_url` (default `$IMAGEREC_DB`, then the SQLite file).
 
     Example:
         >>> spec = read_data("mnist-mini")
@@ -48,7 +50,7 @@ def read_data(data: str, data_dir: str | None = None) -> DataSpec:
     if data.startswith("store:"):
         from imagerec.store import read_store
 
-        return read_store(data.removeprefix("store:"))
+        return read_store(data.removeprefix("store:"), store_url)
     p = Path(data).expanduser()
     if not p.exists() and is_named_dataset(data):
         p = resolve_named_dataset(data, data_dir=data_dir)

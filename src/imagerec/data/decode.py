@@ -11,6 +11,8 @@ import contextlib
 import io
 import struct
 import tarfile
+import threading
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -101,6 +103,8 @@ DECODE_ERRORS = (
     zipfile.BadZipFile,
     KeyError,
     IndexError,
+    RuntimeError,  # zipfile: an encrypted member ("password required for extraction")
+    NotImplementedError,  # zipfile: a compression method it does not support
 )
 
 
@@ -159,6 +163,28 @@ def check_pixels(name: str, size: tuple[int, int], max_pixels: int) -> None:
         )
 
 
+_PIL_LIMIT = threading.Lock()
+
+
+def pil_open(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`Image.open` on bytes, with PIL's own pixel limit lifted to `max_pixels` when that is higher.
+
+    PIL refuses on open any image over twice its `Image.MAX_IMAGE_PIXELS`, whatever the caller's
+    limit; when the user raised `max_pixels` past that, the user's limit must be the one that
+    applies. PIL's limit is a module global, so it is lifted under a lock, for the open only (the
+    header read, where PIL checks it). Callers check `max_pixels` themselves (`check_pixels`).
+    """
+    if max_pixels <= DEFAULT_MAX_PIXELS:
+        return Image.open(io.BytesIO(data))
+    with _PIL_LIMIT, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
 def decode_bytes(
     data: bytes,
     name: str,
@@ -174,7 +200,7 @@ def decode_bytes(
     if not data:
         raise DecodeError(f"{name}: empty file (0 bytes); remove it or replace it with a real image")
     with decode_errors(name):
-        img = Image.open(io.BytesIO(data))
+        img = pil_open(data, max_pixels)
         check_pixels(name, img.size, max_pixels)
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB" if channels == 3 else "L", draft_size)

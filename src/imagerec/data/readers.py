@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tarfile
 import zipfile
@@ -70,14 +71,62 @@ class DataSpec:
         return {k: len(v) for k, v in self.splits.items()}
 
 
-def _strip_wrapper(paths: list[PurePosixPath]) -> list[PurePosixPath]:
-    """Drop a single top folder that wraps everything (e.g. `cifar10-jpg/train/cat/1.jpg`)."""
-    while paths and all(len(p.parts) >= 3 for p in paths):
-        first = {p.parts[0] for p in paths}
+def single_class_message(spec: DataSpec) -> str:
+    """Why a dataset with fewer than two classes cannot train a classifier, and what to do."""
+    found = ", ".join(f"'{c}'" for c in spec.class_names) or "none"
+    return (
+        f"{spec.origin}: {len(spec.class_names)} class(es) found ({found}); a classifier needs at least 2. "
+        "Put each class's images in a folder of its own: <class>/<image> or <train|val|test>/<class>/<image>"
+    )
+
+
+def wrapper_prefix(paths: list[PurePosixPath]) -> tuple[str, ...]:
+    """The single folders that wrap everything (e.g. `cifar10-jpg/` in `cifar10-jpg/train/cat/1.jpg`).
+
+    A folder is a wrapper when every image inside some folder at that level lies in it, at least two
+    folders deep (so what is left is still `<class>/<file>`), and it is not a split name. Files
+    beside a wrapper (a stray `cover.png` next to `photos/`) do not stop it: the layout ignores
+    them with a note either way, and without this rule one of them turned `photos/` into the only
+    class.
+    """
+    prefix: tuple[str, ...] = ()
+    while True:
+        k = len(prefix)
+        inner = [p for p in paths if len(p.parts) > k + 1 and p.parts[:k] == prefix]
+        if not inner or any(len(p.parts) < k + 3 for p in inner):
+            return prefix
+        first = {p.parts[k] for p in inner}
         if len(first) != 1 or next(iter(first)).lower() in SPLIT_ALIASES:
-            break
-        paths = [PurePosixPath(*p.parts[1:]) for p in paths]
-    return paths
+            return prefix
+        prefix = (*prefix, *first)
+
+
+def _strip_wrapper(paths: list[PurePosixPath]) -> list[PurePosixPath]:
+    """Paths relative to the wrapper folders; files outside them keep just their name (top level)."""
+    prefix = wrapper_prefix(paths)
+    k = len(prefix)
+    return [PurePosixPath(*p.parts[k:]) if p.parts[:k] == prefix and len(p.parts) > k else PurePosixPath(p.name)
+            for p in paths]
+
+
+def walk_files(root: Path) -> list[PurePosixPath]:
+    """Every file under `root` whose path has no hidden part, relative and sorted by path.
+
+    Symlinked folders are followed (a class folder linked in from elsewhere is a class folder); a
+    folder reached twice, through a symlink loop or two links to one place, is read once.
+    """
+    out: list[PurePosixPath] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
+        out.extend(rel_dir / f for f in filenames if not f.startswith("."))
+    return sorted(out)
 
 
 def _layout(rel_paths: list[str], origin: str) -> tuple[dict[str, list[tuple[int, str]]], list[str], list[str]]:
@@ -132,9 +181,10 @@ def _spec_from_layout(origin: str, sources: list[Source], rel_paths: list[str]) 
 
 def read_folder(root: Path) -> DataSpec:
     rel, sources = [], []
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and is_image_path(p.name) and not any(part.startswith(".") for part in p.relative_to(root).parts):
-            rel.append(p.relative_to(root).as_posix())
+    for r in walk_files(root):
+        p = root / r
+        if is_image_path(r.name) and p.is_file():  # a broken symlink is not an image
+            rel.append(r.as_posix())
             sources.append(str(p))
     spec = _spec_from_layout(str(root), sources, rel)
     # top-level folders holding images (class folders, or a wrapper folder around the layout)
@@ -203,7 +253,13 @@ def _hidden(name: str) -> bool:
 
 
 def _manifest_rows(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ImageRecError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the manifest as UTF-8"
+        ) from e
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -277,7 +333,18 @@ def read_idx_dir(root: Path) -> DataSpec:
     pairs = find_idx_pairs(root)
     images = {split: read_idx(img) for split, (img, _) in pairs.items()}
     labels = {split: read_idx(lab) for split, (_, lab) in pairs.items()}
-    for split in pairs:
+    for split, (img_path, lab_path) in pairs.items():
+        shape = images[split].shape
+        if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 3)) or 0 in shape[1:] or images[split].dtype != np.uint8:
+            raise ImageRecError(
+                f"{img_path}: IDX images must be uint8 of shape (count, height, width) or (count, height, width, 3); "
+                f"this file holds {images[split].dtype} values of shape {shape}"
+            )
+        if labels[split].ndim != 1 or labels[split].dtype.kind not in "iu":
+            raise ImageRecError(
+                f"{lab_path}: IDX labels must be one integer per image (shape (count,)); "
+                f"this file holds {labels[split].dtype} values of shape {labels[split].shape}"
+            )
         if len(images[split]) != len(labels[split]):
             raise ImageRecError(
                 f"{pairs[split][0]}: {len(images[split])} images but {len(labels[split])} labels in {pairs[split][1]}"

@@ -34,6 +34,8 @@ Duplicates (key `duplicate_of`: the kept copy; near ones also `distance`)
                                 train is the same category with severity warning (`match`
                                 is "exact" or "near").
 Dataset
+    single_class [error]        fewer than 2 classes: nothing to tell apart (train refuses it);
+                                one entry, path = the data root.
     class_imbalance [warning]   largest/smallest class count > 3 in train; one entry, path =
                                 the data root, key `counts`.
     empty_class [warning]       a class folder with no image files.
@@ -68,7 +70,7 @@ import numpy as np
 
 from imagerec.data import read_data
 from imagerec.data.decode import DEFAULT_MAX_PIXELS, ArrayRef, Source, source_name
-from imagerec.data.readers import DataSpec
+from imagerec.data.readers import DataSpec, single_class_message
 from imagerec.doctor.hashing import (
     earliest_near_match,
     hamming,
@@ -279,6 +281,8 @@ def check_data(
     train_counts = _class_counts(spec).get("train") or next(iter(_class_counts(spec).values()), {})
     ratio, imbalance = _imbalance(train_counts, root)
     problems += imbalance
+    if len(spec.class_names) < 2:
+        problems.append(Problem(root, "single_class", single_class_message(spec), None, None))
 
     problems.sort(key=lambda p: (SEVERITY_ORDER[p.severity], p.category, p.path))
     seconds = time.perf_counter() - t0

@@ -47,6 +47,8 @@ def check_command(
         return 0 if res.ok else 1
     if data is None:
         raise ImageRecError("give DATA to check (a folder, archive, manifest or dataset name)")
+    if max_pixels < 1:
+        raise ImageRecError(f"max_pixels must be at least 1, got {max_pixels}")
     if fix is not None and fix != "quarantine":
         raise ImageRecError(f"unknown fix '{fix}': the only fix is 'quarantine'")
     if fix is not None and not fix_dest:

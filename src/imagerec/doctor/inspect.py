@@ -7,7 +7,6 @@ does, the result is a list of findings `(category, detail, extra)` for that file
 from __future__ import annotations
 
 import hashlib
-import io
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from imagerec.data.decode import Source, convert_mode, read_bytes, source_name
+from imagerec.data.decode import Source, convert_mode, pil_open, read_bytes, source_name
 from imagerec.doctor.hashing import thumb32
 
 Finding = tuple[str, str, dict[str, Any]]
@@ -208,7 +207,7 @@ def inspect_bytes(data: bytes, name: str, max_pixels: int, min_side: int, max_si
         )  # fmt: skip
         return res
     try:
-        img = Image.open(io.BytesIO(data))
+        img = pil_open(data, max_pixels)
         res.format = img.format or fmt
         res.width, res.height = img.size
         res.mode = img.mode

@@ -8,13 +8,12 @@ images the reader skipped, and class names that look like typos of each other.
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from imagerec.data.decode import is_image_path
-from imagerec.data.readers import SPLIT_ALIASES
+from imagerec.data.readers import SPLIT_ALIASES, walk_files, wrapper_prefix
 from imagerec.doctor.problems import Problem
 
 _SPLITISH = re.compile(r"(^|[^a-z])(train|training|val|valid|validation|test|testing|dev|eval)([^a-z]|$)")
@@ -28,27 +27,6 @@ class FolderScan:
     unlisted_images: list[tuple[str, str, str | None]] = field(default_factory=list)
     class_folders: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images
     class_paths: dict[str, str] = field(default_factory=dict)  # class -> its first folder
-
-
-def _walk(root: Path) -> list[PurePosixPath]:
-    """Every non-hidden file and directory under root, relative, directories with a trailing marker."""
-    out: list[PurePosixPath] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = Path(dirpath).relative_to(root)
-        out.extend(PurePosixPath(rel_dir.as_posix(), f) for f in sorted(filenames) if not f.startswith("."))
-    return out
-
-
-def _base_depth(image_paths: list[PurePosixPath]) -> int:
-    """How many wrapping folders the reader strips (same rule as `readers._strip_wrapper`)."""
-    k = 0
-    while image_paths and all(len(p.parts) >= k + 3 for p in image_paths):
-        first = {p.parts[k] for p in image_paths}
-        if len(first) != 1 or next(iter(first)).lower() in SPLIT_ALIASES:
-            break
-        k += 1
-    return k
 
 
 def suggest_split(name: str) -> str | None:
@@ -66,10 +44,10 @@ def suggest_split(name: str) -> str | None:
 def scan_folder(root: Path, listed: set[str]) -> FolderScan:
     """Walk `root`; `listed` holds the absolute paths of the files the reader returned."""
     scan = FolderScan()
-    files = _walk(root)
+    files = walk_files(root)
     images = [p for p in files if is_image_path(p.name)]
-    k = _base_depth(images)
-    prefix = images[0].parts[:k] if images else ()
+    prefix = wrapper_prefix(images)
+    k = len(prefix)
     inner = [PurePosixPath(*p.parts[k:]) for p in files if p.parts[:k] == prefix and len(p.parts) > k]
     inner_images = [p for p in inner if is_image_path(p.name)]
     tops = {p.parts[0] for p in inner if len(p.parts) >= 2}
@@ -103,7 +81,7 @@ def scan_folder(root: Path, listed: set[str]) -> FolderScan:
 
     for (split, label), d in class_dirs.items():
         if scan.class_folders[split][label] == 0:
-            others = sorted(x.name for x in d.rglob("*") if x.is_file())
+            others = [x.name for x in walk_files(d)]
             what = f"only non-image files ({', '.join(others[:3])})" if others else "no files"
             scan.problems.append(Problem(str(d), "empty_class", f"class folder '{label}' in {split} has {what}", split, label))
 

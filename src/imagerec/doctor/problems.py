@@ -31,6 +31,7 @@ SEVERITY: dict[str, str] = {
     "exact_duplicate": "warning",
     "near_duplicate": "warning",
     "class_imbalance": "warning",
+    "single_class": "error",
     "empty_class": "warning",
     "odd_split_name": "warning",
     "label_typo": "warning",

@@ -81,6 +81,9 @@ def read_checkpoint_meta(path_stem: str | Path) -> dict[str, Any]:
     stem = Path(path_stem)
     jpath = stem.with_suffix(".json")
     if not jpath.is_file():
+        if (stem.parent / "config.yaml").is_file():
+            raise ImageRecError(f"{stem.parent} holds a run that stopped before its first checkpoint: nothing to resume; "
+                                "train it again (--save-every-steps N saves during an epoch)")
         raise ImageRecError(f"no checkpoint at {stem}: {jpath.name} is missing (is this an imagerec run directory?)")
     try:
         meta = json.loads(jpath.read_text())

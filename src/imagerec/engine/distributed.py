@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -239,11 +240,18 @@ class StopFlag:
 
 
 @contextlib.contextmanager
-def stop_on_signal() -> Iterator[StopFlag]:
+def stop_on_signal(escalate: bool = False) -> Iterator[StopFlag]:
+    """SIGTERM/SIGINT set `flag.raised` for the step loop to act on at the end of the step. With
+    `escalate` (one process), a second signal raises KeyboardInterrupt at once, for a step that
+    hangs (a stuck data source)."""
     flag = StopFlag()
 
     def handler(signum: int, frame: object) -> None:
+        if flag.raised and escalate:
+            raise KeyboardInterrupt
         flag.raised = True
+        if escalate:
+            sys.stderr.write("\nstopping after this step, with a checkpoint (signal again to stop at once, without one)\n")
 
     sigs = (signal.SIGTERM, signal.SIGINT)
     try:

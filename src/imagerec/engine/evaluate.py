@@ -12,7 +12,7 @@ from imagerec.config import PreprocessConfig, write_json
 from imagerec.data import DataSpec, read_data, split_train_val
 from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.data.loader import ImageLoader, targets_tensor
-from imagerec.data.readers import Item
+from imagerec.data.readers import SPLIT_ALIASES, Item
 from imagerec.engine.checkpoint import load_model
 from imagerec.engine.pipeline import BatchPipeline, predict_logits
 from imagerec.metrics import classification_metrics, multilabel_metrics
@@ -81,6 +81,7 @@ def evaluate_run(
         >>> m = evaluate_run("runs/mnist", split="test")
         >>> m["accuracy"], m["macro_f1"]
     """
+    split = SPLIT_ALIASES.get(split.strip().lower(), split)  # 'VAL', 'validation': as folder names allow
     setup_compute()
     model, meta = load_model(run_dir)
     pre = PreprocessConfig.from_dict(meta["preprocess"])

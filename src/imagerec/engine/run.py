@@ -8,7 +8,9 @@ Under torchrun every process runs `train()`; rank 0 alone writes the run directo
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -25,6 +27,7 @@ from imagerec.config import PreprocessConfig, TrainConfig, apply_overrides, writ
 from imagerec.data import DataSpec, read_data, split_train_val
 from imagerec.data.decode import DECODE_ERRORS, ArrayRef, read_bytes
 from imagerec.data.loader import ImageLoader, default_workers, targets_tensor
+from imagerec.data.readers import single_class_message
 from imagerec.engine import distributed
 from imagerec.engine.callbacks import Callback, EarlyStopping, HistoryCSV, ProgressBar
 from imagerec.engine.checkpoint import load_checkpoint_tensors, read_checkpoint_meta, restore_optimizer
@@ -33,7 +36,7 @@ from imagerec.engine.optim import create_optimizer
 from imagerec.engine.pipeline import BatchPipeline
 from imagerec.engine.recipes import apply_recipe
 from imagerec.engine.task import ClassificationTask
-from imagerec.engine.trainer import Trainer
+from imagerec.engine.trainer import StepStop, Trainer
 from imagerec.models import count_parameters, create_model, load_pretrained
 from imagerec.transforms import BatchAugment, base_transform, item_augment, normalize_batch, train_base_size
 from imagerec.utils import ImageRecError, library_versions, mix_seed, resolve_precision, setup_compute
@@ -163,13 +166,51 @@ def _make_loader(spec: DataSpec, items: list, pre: PreprocessConfig, cfg: TrainC
     )
 
 
+# What may differ when a run is resumed: how long it trains, and where and how fast it runs. The
+# rest (model, optimizer, batch size, data, augmentation, ...) shapes the saved state: a run
+# resumed with another of them would crash on loading, or silently train something else (a new
+# batch size rereads part of the epoch).
+RESUME_CHANGEABLE = ("epochs", "time_limit", "early_stopping", "device", "precision", "workers", "cache",
+                     "num_threads", "save_every_steps", "max_pixels", "channels_last", "deterministic")
+
+
+def _same_data(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def _check_resume_overrides(saved: TrainConfig, cfg: TrainConfig, resume: str) -> None:
+    """Refuse a resume that would change a setting the saved state depends on, naming it."""
+    changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (it was {getattr(saved, k)!r})"
+               for k in dataclasses.asdict(cfg) if k not in (*RESUME_CHANGEABLE, "out", "data", "explicit")
+               and getattr(cfg, k) != getattr(saved, k)]
+    if not _same_data(cfg.data, saved.data):
+        changed.insert(0, f"DATA {cfg.data} (it was {saved.data})")
+    if cfg.out != saved.out and Path(cfg.out).resolve() != Path(resume).resolve():
+        changed.insert(0, f"--out {cfg.out} (--resume {resume} writes into that run)")
+    if changed:
+        raise ImageRecError(
+            f"--resume {resume} cannot change {'; '.join(changed)}: the saved weights, optimizer and position in "
+            f"the epoch depend on it. Resume without it, or start a new run with another --out. What can change: "
+            f"{', '.join('--' + k.replace('_', '-') for k in RESUME_CHANGEABLE)}"
+        )
+
+
 def resolve_out(out: str, resume: bool) -> Path:
     p = Path(out)
     if resume:
         return p
+    if p.is_file():
+        raise ImageRecError(f"--out {p} is a file; give a folder for the run (it is created if missing)")
     if p.exists() and any(p.iterdir()):
         if out != TrainConfig.out:
-            raise ImageRecError(f"{p} already holds a run; continue it with --resume {p}, or choose another --out")
+            if (p / "last.json").is_file():
+                raise ImageRecError(f"{p} already holds a run; continue it with --resume {p}, or choose another --out")
+            held = sorted(x.name for x in p.iterdir())
+            raise ImageRecError(f"--out {p} is a folder that is not empty and holds no run ({', '.join(held[:3])}"
+                                f"{', ...' if len(held) > 3 else ''}); choose a new or empty folder")
         k = 2
         while Path(f"{out}{k}").exists():
             k += 1
@@ -199,7 +240,9 @@ def train(
     resume_meta = None
     if resume is not None:
         resume_meta = read_checkpoint_meta(Path(resume) / "last")
-        cfg = apply_overrides(TrainConfig(**resume_meta["train_config"]), overrides, "--resume overrides")
+        saved = TrainConfig(**resume_meta["train_config"])
+        cfg = apply_overrides(saved, overrides, "--resume overrides")
+        _check_resume_overrides(saved, cfg, resume)
         cfg = replace(cfg, out=str(resume))
         if "time_limit" in overrides:
             log.warning("--time-limit plans a new run; --resume trains to the %d epoch(s) it planned "
@@ -226,6 +269,10 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     spec = read_data(cfg.data)
     if "train" not in spec.splits or not spec.splits["train"]:
         raise ImageRecError(f"{cfg.data}: no training images found")
+    if len(spec.class_names) < 2 and not spec.multi_label:
+        for note in spec.notes:  # e.g. the images the layout ignored: often the reason
+            log.warning(note)
+        raise ImageRecError(single_class_message(spec))
     if resume_meta is None:
         channels, native = infer_geometry(spec)
         channels = cfg.channels or channels
@@ -253,6 +300,9 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     t_data = time.perf_counter()
     train_loader = _make_loader(spec, train_items, pre, cfg, train=True,
                                 class_sampling=weights if balance == "sampler" and not pre.multi_label else None)
+    if train_loader.num_items == 0:
+        raise ImageRecError(f"none of the {len(train_items)} training images of {spec.origin} could be read (the warnings above "
+                            "say why for each); run `imagerec check` on the data")
     if train_loader.num_items < world:
         raise ImageRecError(f"{train_loader.num_items} training image(s) cannot be shared by {world} processes: "
                             "use more data or fewer processes (--nproc_per_node)")
@@ -341,10 +391,18 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     t0 = time.perf_counter()
     try:
         state = trainer.fit()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         launcher = f"torchrun --nproc_per_node {distributed.local_world_size()} -m imagerec" if world > 1 else "imagerec"
-        console.print(f"interrupted: saved {run_dir}/last at epoch {trainer.state.epoch + 1}, step {trainer.state.epoch_step}; "
-                      f"continue with: {launcher} train --resume {run_dir}")
+        if isinstance(e, StepStop):
+            where = f"saved {run_dir}/last at epoch {trainer.state.epoch + 1}, step {trainer.state.epoch_step}"
+        elif (run_dir / "last.json").is_file():
+            saved = json.loads((run_dir / "last.json").read_text())["state"]
+            where = (f"stopped at once, mid-step: {run_dir}/last is the checkpoint from before, "
+                     f"at epoch {saved['epoch'] + 1}, step {saved['epoch_step']}")
+        else:
+            console.print(f"interrupted before the first checkpoint: nothing to resume in {run_dir}")
+            return RunResult(run_dir, {}, model_name, interrupted=True, main_process=main)
+        console.print(f"interrupted: {where}; continue with: {launcher} train --resume {run_dir}")
         return RunResult(run_dir, {}, model_name, interrupted=True, main_process=main)
     train_seconds = time.perf_counter() - t0
     if trainer.stop_reason:

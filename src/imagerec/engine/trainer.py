@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -61,6 +59,11 @@ class TrainState:
 
 def higher_is_better(metric: str) -> bool:
     return metric != "loss"
+
+
+class StepStop(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, acted on at the end of a step: the state is whole and saved in `last`.
+    A plain KeyboardInterrupt out of `fit` (a second signal) saved nothing."""
 
 
 class Trainer:
@@ -158,7 +161,7 @@ class Trainer:
             if cfg.save_every_steps and s.global_step % cfg.save_every_steps == 0:
                 self.save("last")
             if self._stop is not None and self._stop.requested():
-                raise KeyboardInterrupt  # every rank at the same step, before fetching the next batch
+                raise StepStop  # every rank at the same step, before fetching the next batch
             if self.deadline is not None and self._watch_time():
                 break
         s.loss_sum += float(loss_sum)
@@ -167,6 +170,8 @@ class Trainer:
     def evaluate(self, loader: ImageLoader) -> dict[str, Any]:
         self._emit("on_eval_start")
         logits, targets, index = predict_logits(self.model, loader, self.pipeline, self.amp_dtype)
+        if not np.isfinite(logits).all():
+            raise ImageRecError(self._diverged("the model's outputs on the validation images"))
         if loader.world_size > 1:  # a shard per rank: every rank scores all of them, identically
             logits, targets = distributed.gather_predictions(logits, targets, index)
         names = list(self.meta["preprocess"]["class_names"])
@@ -182,10 +187,11 @@ class Trainer:
         s = self.state
         self._first_epoch = s.epoch
         self._emit("on_fit_start")
-        # One process: SIGTERM raises KeyboardInterrupt at once. Under torchrun: a flag that the
-        # ranks check together after each step (see distributed.StopFlag).
-        guard = distributed.stop_on_signal() if self.world_size > 1 else _sigterm_as_interrupt()
-        with guard as self._stop:
+        # Ctrl-C and SIGTERM set a flag that the step loop checks after each step (under torchrun,
+        # all ranks together: distributed.StopFlag), so the checkpoint holds whole steps: raised
+        # mid-step, the forward pass had already moved the BatchNorm statistics of a step that the
+        # resume then ran again. In one process a second signal stops at once, without saving.
+        with distributed.stop_on_signal(escalate=self.world_size == 1) as self._stop:
             try:
                 while s.epoch < self.cfg.epochs:
                     self._emit("on_epoch_start")
@@ -194,11 +200,16 @@ class Trainer:
                     self.train_one_epoch()
                     row = self._end_epoch(time.perf_counter() - t0, s.seen - seen0)
                     self._emit("on_epoch_end", row)
-                    if self.deadline is not None and self._replan_after_epoch(self.clock() - wall0):
-                        break
+                    if self.deadline is not None:
+                        planned = self.cfg.epochs
+                        stop = self._replan_after_epoch(self.clock() - wall0)
+                        if self.cfg.epochs != planned:
+                            self.save("last")  # the checkpoint carries the plan that --resume follows
+                        if stop:
+                            break
             except StopTraining as e:
                 self.stop_reason = str(e)
-            except KeyboardInterrupt:
+            except StepStop:
                 self.save("last")
                 raise
             finally:
@@ -261,10 +272,7 @@ class Trainer:
         loss_sum, correct, seen, images, diverged = distributed.all_reduce_sum(
             [s.loss_sum, s.correct, s.seen, images, 0.0 if finite else 1.0])
         if diverged:
-            raise ImageRecError(
-                f"training diverged: the loss became NaN or infinite in epoch {s.epoch + 1}; "
-                f"lower --lr (it is {cfg.lr if cfg.lr is not None else 'the default'}) or set --grad-clip 1.0"
-            )
+            raise ImageRecError(self._diverged("the loss"))
         row: dict[str, Any] = {
             "epoch": s.epoch + 1,
             "train_loss": loss_sum / max(1, seen),
@@ -297,6 +305,11 @@ class Trainer:
         self.save("last")
         return row
 
+    def _diverged(self, what: str) -> str:
+        lr = self.cfg.lr if self.cfg.lr is not None else "the default"
+        return (f"training diverged: {what} became NaN or infinite in epoch {self.state.epoch + 1}; "
+                f"lower --lr (it is {lr}) or set --grad-clip 1.0")
+
     def save(self, name: str) -> None:
         if not distributed.is_main():
             return  # rank 0 writes the run directory
@@ -312,21 +325,3 @@ class Trainer:
         self.state = TrainState(**state)
         if self.lookahead is not None:
             self.lookahead.load_state_dict(extra)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C so `kill` also leaves a resumable checkpoint behind."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
