@@ -611,3 +611,10 @@ def test_python_predict_takes_arrays_and_refuses_what_it_cannot_read(run_dir: Pa
         predictor.predict(path, top_k=0)
     with pytest.raises(ImageRecError, match="cannot predict on a dict"):
         predictor.predict([{"image": path}])
+
+
+def test_every_training_image_unreadable_says_so(digits: Path, work: Path, env: dict[str, str]) -> None:
+    proc = run_cli("train", digits, "--max-pixels", "10", "--epochs", "1", "--out", "r-none", cwd=work, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: none of the 40 training images of") and "could be read" in last, last  # 50 - 10 val

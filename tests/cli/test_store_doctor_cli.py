@@ -127,3 +127,8 @@ def test_one_class_is_refused_by_train_and_reported_by_check(tmp_path: Path) -> 
     c = cli("check", str(root), "--format", "json", cwd=tmp_path, env=dict(os.environ))
     problems = json.loads(c.stdout)["problems"]
     assert c.returncode == 1 and [p["category"] for p in problems if p["severity"] == "error"] == ["single_class"]
+
+
+def test_check_refuses_a_pixel_limit_below_one(tmp_path: Path) -> None:
+    r = cli("check", "mnist-mini", "--max-pixels", "0", cwd=tmp_path, env=dict(os.environ))
+    assert r.returncode == 2 and r.stderr.strip() == "error: max_pixels must be at least 1, got 0", r.stderr
