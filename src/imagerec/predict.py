@@ -196,7 +196,7 @@ class Predictor:
             images = [images]
         for im in images:
             if not isinstance(im, str | Path | bytes | Image.Image | np.ndarray | TarMember | ZipMember | ArrayRef) and not (
-                type(im).__name__ == "StoreBlob"
+                _is_store_blob(im)
             ):
                 raise ImageRecError(f"cannot predict on a {type(im).__name__}: give file paths, bytes, PIL images "
                                     "or uint8 arrays of shape (H, W), (H, W, 3) or (N, H, W[, 3])")
@@ -207,6 +207,13 @@ class Predictor:
             return self.preprocess(image)
         except DecodeError as e:
             return str(e)
+
+
+def _is_store_blob(obj: object) -> bool:
+    """A `store:NAME` image; the store (and SQLAlchemy) is imported only for inputs of no other kind."""
+    from imagerec.store.blobref import StoreBlob
+
+    return isinstance(obj, StoreBlob)
 
 
 def _array_image(arr: np.ndarray) -> Image.Image:
