@@ -28,9 +28,9 @@ from imagerec.data.decode import (
     ZipMember,
     convert_mode,
     decode_bytes,
+    display_name,
     is_image_path,
     open_image,
-    source_name,
 )
 from imagerec.data.readers import walk_files
 from imagerec.engine.checkpoint import load_model
@@ -228,7 +228,7 @@ def _array_image(arr: np.ndarray) -> Image.Image:
 def _name(image: ImageInput, i: int) -> str:
     if isinstance(image, bytes | Image.Image | np.ndarray):
         return f"<image {i}>"
-    return str(image) if isinstance(image, str | Path) else source_name(image)
+    return str(image) if isinstance(image, str | Path) else display_name(image)
 
 
 def check_model_path(source: str | Path) -> None:

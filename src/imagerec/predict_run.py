@@ -97,7 +97,8 @@ def _done_keys(output: Path, fmt: str) -> tuple[set[tuple[str, Any]], list[dict[
 
 
 def _csv_row(r: dict[str, Any]) -> list[Any]:
-    topk = ";".join(f"{t['label']}:{t['score']:.4f}" for t in r.get("topk", []))
+    # JSON, not "label:score;...": class names may hold any character (a folder named "a:b;c")
+    topk = json.dumps([[t["label"], round(t["score"], 4)] for t in r.get("topk", [])], ensure_ascii=False)
     return [r["path"], r.get("frame", ""), r.get("time_s", ""), r.get("label", ""), r.get("score", ""), topk, r.get("error", "")]
 
 

@@ -109,3 +109,22 @@ def test_store_dataset_as_predict_input(run_and_digits, tmp_path: Path, monkeypa
     spec = read_data("mnist-mini")
     direct = imagerec.load(run).predict([Image.fromarray(a) for a in spec.arrays["test"]])
     assert Counter(r["label"] for r in rows) == Counter(r["label"] for r in direct)  # same images, same answers
+
+
+def test_csv_topk_parses_back_whatever_the_class_names(run_and_digits, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import csv
+    import io
+
+    from imagerec.predict_run import CSV_FIELDS, _csv_row
+
+    run, paths, _ = run_and_digits
+    run_predict(str(run), [str(p) for p in paths[:3]], fmt="csv", output=str(tmp_path / "p.csv"), top_k=3)
+    run_predict(str(run), [str(p) for p in paths[:3]], fmt="json", top_k=3)
+    want = [[[t["label"], round(t["score"], 4)] for t in json.loads(x)["topk"]] for x in capsys.readouterr().out.splitlines()]
+    assert [json.loads(r["topk"]) for r in csv.DictReader(io.StringIO((tmp_path / "p.csv").read_text()))] == want
+    odd = {"path": "x.png", "label": "a:b;c", "score": 0.5,
+           "topk": [{"label": "a:b;c", "score": 0.5}, {"label": 'd,"e";f:0.1', "score": 0.25}]}
+    buf = io.StringIO()
+    csv.writer(buf).writerows([CSV_FIELDS, _csv_row(odd)])
+    row = next(csv.DictReader(io.StringIO(buf.getvalue())))
+    assert json.loads(row["topk"]) == [["a:b;c", 0.5], ['d,"e";f:0.1', 0.25]]

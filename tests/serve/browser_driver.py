@@ -37,6 +37,12 @@ def main(url: str, digit: Path, shot: Path) -> None:
             bars = page.locator("#topk li")
             seen["bars"] = [bars.nth(i).inner_text() for i in range(bars.count())]
             page.screenshot(path=str(shot), full_page=True)
+            docs = browser.new_page()  # the API docs render from the app's own assets too
+            docs.on("request", lambda r: seen["requested"].append(r.url))
+            docs.on("console", lambda m: seen["console_errors"].append(m.text) if m.type == "error" else None)
+            docs.goto(url + "/docs")
+            docs.wait_for_selector(".opblock-summary-path", timeout=15_000)
+            seen["docs_paths"] = docs.locator(".opblock-summary-path").all_inner_texts()
         finally:
             browser.close()
     print(json.dumps(seen))

@@ -19,7 +19,10 @@ def test_health_ready_and_docs(server):
             "name": "mnist",
             "version": "1",
         }
-        assert c.get("/docs").status_code == 200
+        docs = c.get("/docs")
+        assert docs.status_code == 200 and "cdn" not in docs.text.lower()
+        for asset in ("/docs-static/swagger-ui-bundle.js", "/docs-static/swagger-ui.css"):
+            assert asset in docs.text and c.get(asset).status_code == 200  # served by the app, no CDN
         spec = c.get("/openapi.json").json()
         assert (
             "multipart/form-data"

@@ -59,6 +59,7 @@ def test_page_classifies_an_uploaded_digit(run_dir, digits, tmp_path: Path) -> N
     assert seen["label"] == expected["label"]  # the page shows what the API answers for the same bytes
     assert len(seen["bars"]) == 5 and seen["bars"][0].startswith(expected["topk"][0]["label"])
     assert seen["console_errors"] == []
+    assert "/v1/predict" in [t.strip() for t in seen["docs_paths"]]  # /docs rendered offline
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5_000
     external = [u for u in seen["requested"] if not u.startswith((url, "blob:" + url))]

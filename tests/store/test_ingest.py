@@ -133,3 +133,32 @@ def test_ingest_one_split_and_a_flat_folder_under_a_split(store_url: str, cifar_
             ingest(store, str(cifar_folder), "x", split="val", progress=False)
         with pytest.raises(ImageRecError, match="invalid dataset name"):
             ingest(store, str(flat), "bad name!", progress=False)
+
+
+def test_reports_name_stored_images_by_the_path_they_came_from(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`check store:NAME` and decode errors show where an image was ingested from; the data
+    fingerprint still hashes the content address only, so recorded runs keep their data hash."""
+    from PIL import Image
+
+    from imagerec.data.decode import display_name, source_name
+    from imagerec.doctor.check import check_data
+
+    spec = read_data("mnist-mini")
+    for k, it in enumerate(spec.splits["train"][:12]):
+        d = tmp_path / "digits" / spec.class_names[it.target % 2]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(spec.arrays["train"][it.source.index]).save(d / f"{k}.png")
+    tiny = tmp_path / "digits" / "0" / "tiny.png"
+    Image.new("L", (4, 4), 255).save(tiny)
+    with open_store(store_url) as store:
+        ingest(store, str(tmp_path / "digits"), "digits", progress=False)
+    stored = read_store("digits", url=store_url)
+    src = next(it.source for it in stored.splits["train"] if it.source.original_path.endswith("tiny.png"))
+    assert source_name(src) == f"store:{src.sha256}"  # what fingerprints hash: unchanged
+    assert display_name(src) == f"{src.original_path} (store:{src.sha256})"
+    monkeypatch.setenv("IMAGEREC_DB", store_url)
+    report = check_data("store:digits", min_side=8)
+    small = [p for p in report.problems if "tiny.png" in p.path]
+    assert small and small[0].path == display_name(src), [p.path for p in report.problems]

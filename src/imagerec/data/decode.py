@@ -70,6 +70,13 @@ def source_name(src: Source) -> str:
     return str(src)  # imagerec.store.StoreBlob: "store:<sha256>"
 
 
+def display_name(src: Source) -> str:
+    """`source_name` for messages and reports: a stored image also shows the path it was ingested
+    from. (Fingerprints keep `source_name`, so a recorded run's data does not look changed.)"""
+    original = getattr(src, "original_path", "")
+    return f"{original} ({src})" if original else source_name(src)
+
+
 _ZIPS: dict[str, zipfile.ZipFile] = {}  # one open handle per archive per process (workers too)
 
 
@@ -217,7 +224,7 @@ def open_image(
     draft_size: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Decode `src` into a loaded PIL image with `channels` channels."""
-    name = source_name(src)
+    name = display_name(src)
     if isinstance(src, ArrayRef):
         if arrays is None or src.key not in arrays:
             raise DecodeError(f"{name}: the array this image lives in was not loaded")

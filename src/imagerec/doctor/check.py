@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 
 from imagerec.data import read_data
-from imagerec.data.decode import DEFAULT_MAX_PIXELS, ArrayRef, Source, source_name
+from imagerec.data.decode import DEFAULT_MAX_PIXELS, ArrayRef, Source, display_name
 from imagerec.data.readers import DataSpec, single_class_message
 from imagerec.doctor.hashing import (
     earliest_near_match,
@@ -111,7 +111,7 @@ def _label(spec: DataSpec, target: Any) -> str:
 
 
 def _entry_path(spec: DataSpec, src: Source) -> str:
-    return f"{spec.origin}::{src.key}[{src.index}]" if isinstance(src, ArrayRef) else source_name(src)
+    return f"{spec.origin}::{src.key}[{src.index}]" if isinstance(src, ArrayRef) else display_name(src)
 
 
 def _split_key(split: str) -> tuple[int, str]:

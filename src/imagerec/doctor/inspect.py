@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from imagerec.data.decode import Source, convert_mode, pil_open, read_bytes, source_name
+from imagerec.data.decode import Source, convert_mode, display_name, pil_open, read_bytes
 from imagerec.doctor.hashing import thumb32
 
 Finding = tuple[str, str, dict[str, Any]]
@@ -263,7 +263,7 @@ def inspect_bytes(data: bytes, name: str, max_pixels: int, min_side: int, max_si
 
 def inspect_source(src: Source, max_pixels: int, min_side: int, max_side: int) -> FileResult:
     """Read and inspect one file source (path, tar or zip member); never raises."""
-    name = source_name(src)
+    name = display_name(src)
     try:
         data = read_bytes(src)  # type: ignore[arg-type]
     except Exception as e:  # noqa: BLE001 - a hostile file may raise anything

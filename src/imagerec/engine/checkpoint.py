@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from imagerec.config import write_json
 from imagerec.utils import ImageRecError
 
 FORMAT = "imagerec-checkpoint"
@@ -61,26 +62,68 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write `<stem>.safetensors` and `<stem>.json` atomically (temp file + rename).
-    `extra` holds other training state (e.g. lookahead weights), stored as `extra.<key>`."""
+    """Write `<stem>.safetensors` and `<stem>.json` atomically (temp files + renames).
+    `extra` holds other training state (e.g. lookahead weights), stored as `extra.<key>`.
+
+    Both files carry the same random `weights_id`, so a pair from different saves is detected.
+    Both temp files are complete before either rename: a kill between the two renames leaves
+    `<stem>.json.tmp`, which the next load finishes (`_pair_meta`)."""
     stem = Path(path_stem)
     tensors = {f"model.{k}": v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+    weights_id = uuid.uuid4().hex
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "weights_id": weights_id}
     if optimizer is not None:
         opt_tensors, opt_meta = _optimizer_split(optimizer)
         tensors.update(opt_tensors)
         meta["optimizer_state"] = opt_meta
     tensors.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in (extra or {}).items()})
-    tmp = stem.with_name(stem.name + ".safetensors.tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    os.replace(tmp, stem.with_suffix(".safetensors"))
-    write_json(stem.with_suffix(".json"), meta)
+    json_tmp, weights_tmp = _tmp(stem, ".json"), _tmp(stem, ".safetensors")
+    json_tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    save_file(tensors, str(weights_tmp),
+              metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION), "weights_id": weights_id})
+    os.replace(weights_tmp, stem.with_suffix(".safetensors"))
+    os.replace(json_tmp, stem.with_suffix(".json"))
+
+
+def _tmp(stem: Path, suffix: str) -> Path:
+    return stem.with_name(stem.name + suffix + ".tmp")
+
+
+def _weights_id(spath: Path) -> str | None:
+    try:
+        with safe_open(str(spath), framework="pt") as f:
+            return (f.metadata() or {}).get("weights_id")
+    except (SafetensorError, OSError, ValueError):
+        return None  # unreadable weights: load_checkpoint_tensors names the damage
+
+
+def _pair_meta(stem: Path, meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`meta` (None: no `<stem>.json`), or the metadata of a save that was killed between its two
+    renames, finished here."""
+    spath = stem.with_suffix(".safetensors")
+    wid = _weights_id(spath) if spath.is_file() else None
+    if wid is None or (meta is not None and meta.get("weights_id") in (None, wid)):
+        return meta  # a pair, or a checkpoint from before weights_id
+    pending = _tmp(stem, ".json")
+    try:
+        newer = json.loads(pending.read_text())
+    except (OSError, ValueError):
+        newer = {}
+    if newer.get("weights_id") != wid:
+        if meta is None:
+            return None
+        raise ImageRecError(
+            f"{spath} and {stem.with_suffix('.json').name} come from different saves (one was interrupted "
+            "and cannot be completed); use the run's other checkpoint (best/last) or train again")
+    os.replace(pending, stem.with_suffix(".json"))
+    warnings.warn(f"{stem}: finished a checkpoint save that was interrupted between its two files", stacklevel=3)
+    return newer
 
 
 def read_checkpoint_meta(path_stem: str | Path) -> dict[str, Any]:
     stem = Path(path_stem)
     jpath = stem.with_suffix(".json")
-    if not jpath.is_file():
+    if not jpath.is_file() and _pair_meta(stem, None) is None:
         if (stem.parent / "config.yaml").is_file():
             raise ImageRecError(f"{stem.parent} holds a run that stopped before its first checkpoint: nothing to resume; "
                                 "train it again (--save-every-steps N saves during an epoch)")
@@ -91,6 +134,7 @@ def read_checkpoint_meta(path_stem: str | Path) -> dict[str, Any]:
         raise ImageRecError(f"{jpath}: checkpoint metadata is not valid JSON ({e.msg}); the file is damaged") from e
     if meta.get("format") != FORMAT:
         raise ImageRecError(f"{jpath}: not an imagerec checkpoint")
+    meta = _pair_meta(stem, meta)
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise ImageRecError(
             f"{jpath}: checkpoint format {meta['format_version']} is newer than this imagerec supports "
@@ -105,9 +149,13 @@ def load_checkpoint_tensors(path_stem: str | Path) -> tuple[dict[str, torch.Tens
     if not spath.is_file():
         raise ImageRecError(f"checkpoint weights missing: {spath}")
     try:
-        tensors = load_file(str(spath))
+        with safe_open(str(spath), framework="pt") as f:
+            wid = (f.metadata() or {}).get("weights_id")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except (SafetensorError, OSError, ValueError) as e:
         raise ImageRecError(f"{spath}: cannot read checkpoint weights ({e}); the file is damaged or incomplete") from e
+    if wid is not None and spath.with_suffix(".json").is_file():
+        read_checkpoint_meta(spath.with_suffix(""))  # finishes an interrupted save, or names a mismatched pair
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     return model, {k: v for k, v in tensors.items() if not k.startswith("model.")}
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from imagerec.config import PreprocessConfig
-from imagerec.data import read_data, source_name, split_train_val
+from imagerec.data import display_name, read_data, split_train_val
 from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.engine.evaluate import create_eval_loader, remap_items
 from imagerec.export.runtime import Runtime
@@ -69,7 +69,7 @@ def load_images(data: str, pre: PreprocessConfig, splits: tuple[str, ...], n: in
         idx.append(batch.index)
     if not xs:
         raise ImageRecError(f"{spec.origin}: none of the {len(items)} '{split}' images could be read")
-    names = [source_name(items[i].source) for i in torch.cat(idx).tolist()]
+    names = [display_name(items[i].source) for i in torch.cat(idx).tolist()]
     return ImageSet(torch.cat(xs), torch.cat(ys), names, spec.origin, split)
 
 

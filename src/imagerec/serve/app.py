@@ -9,11 +9,15 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import fastapi_offline
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from imagerec import __version__
@@ -30,6 +34,24 @@ from imagerec.serve.workers import Admin, AdminLog, check_picklable, run_workers
 from imagerec.utils import ImageRecError, available_cpus
 
 log = logging.getLogger("imagerec.serve")
+# Swagger UI's script and styles as a package ships them (fastapi-offline), so /docs works on a
+# machine with no internet, like the page at /; FastAPI's own /docs loads them from a CDN.
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+
+
+def _add_docs(app: FastAPI) -> None:
+    app.mount("/docs-static", StaticFiles(directory=DOCS_ASSETS), name="docs-static")
+
+    @app.api_route("/docs", methods=["GET", "HEAD"], include_in_schema=False)
+    def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} API",
+            swagger_js_url=f"{root}/docs-static/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/docs-static/swagger-ui.css",
+            swagger_favicon_url=f"{root}/static/favicon.svg",
+        )
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -80,6 +102,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         title="imagerec",
         version=__version__,
         lifespan=lifespan,
+        docs_url=None,  # _add_docs: the same page with local assets
         redoc_url=None,
         description="Image classification with dynamic micro-batching. POST images to /v1/predict.",
     )
@@ -91,6 +114,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     install_error_handlers(app, on_error=lambda type: metrics.errors.labels(type).inc())
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_docs(app)
     # Each add_middleware wraps the ones before it: MetricsMiddleware(CORSMiddleware(
     # BodyLimitMiddleware(app))). CORS sits outside every layer that answers, so the early 413/400
     # of BodyLimitMiddleware carry Access-Control-Allow-Origin too (a browser shows a CORS failure

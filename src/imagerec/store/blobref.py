@@ -18,10 +18,13 @@ from imagerec.store.schema import blobs
 
 @dataclass(frozen=True)
 class StoreBlob:
-    """Image bytes with this sha256 in the store at `url` (the URL is kept out of repr: it may hold a password)."""
+    """Image bytes with this sha256 in the store at `url` (the URL is kept out of repr: it may hold a password).
+    `original_path` (where the image was ingested from) is for messages only: `str()`, which data
+    fingerprints hash, is the content address alone."""
 
     url: str = field(repr=False)
     sha256: str
+    original_path: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         return f"store:{self.sha256}"

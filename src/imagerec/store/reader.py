@@ -48,7 +48,7 @@ def read_store(name: str, url: str | None = None, store: Store | None = None) ->
         with store.read() as conn:
             ds = dataset_row(store, conn, name)
             rows = conn.execute(
-                sa.select(images.c.sha256, images.c.labels, images.c.split)
+                sa.select(images.c.sha256, images.c.labels, images.c.split, images.c.original_path)
                 .where(images.c.dataset_id == ds.id)
                 .order_by(images.c.id)
             ).all()
@@ -59,10 +59,10 @@ def read_store(name: str, url: str | None = None, store: Store | None = None) ->
     index = {c: k for k, c in enumerate(class_names)}
     url_text = store.url_text
     splits: dict[str, list[Item]] = {}
-    for sha, labels, split in rows:
+    for sha, labels, split, original_path in rows:
         targets = sorted(index[label] for label in labels)
         target = tuple(targets) if ds.multi_label else targets[0]
-        splits.setdefault(split, []).append(Item(StoreBlob(url_text, sha), target))
+        splits.setdefault(split, []).append(Item(StoreBlob(url_text, sha, original_path), target))
     if not splits:
         raise ImageRecError(f"dataset '{name}' in the store {store.display_url} has no images yet: ingest some first")
     ordered = {s: splits[s] for s in sorted(splits, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 9, s))}
