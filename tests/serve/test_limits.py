@@ -413,3 +413,16 @@ def test_unreadable_image_header_names_the_upload_and_type(server, digits, kind)
     r = post(server, files={"file": ("seven.img", damaged, "application/octet-stream")})
     expect(r, 422, "undecodable_image", "image 0 ('seven.img')", kind.upper(), "header cannot be read")
     assert "BytesIO" not in r.text and " 0x" not in r.text
+
+
+@pytest.mark.parametrize("raw", [b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+                                 b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"])
+def test_requests_the_parser_rejects_get_a_json_400(server, raw):
+    answer = _raw_exchange(server, [raw])
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower()
+    err = json.loads(body)["error"]
+    assert err["type"] == "bad_http_request" and "not valid HTTP/1.1" in err["message"]
+    with server.client() as c:  # still serving
+        assert c.get("/healthz").status_code == 200

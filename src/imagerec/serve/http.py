@@ -6,7 +6,9 @@ request line and headers: it buffers a header of any length. h11 has one
 (`h11_max_incomplete_event_size`). `CappedHttpToolsProtocol` adds the same cap: once more than
 `MAX_HEAD_BYTES` arrive before the head ends (or a head that ends in a read is longer than
 that), the client gets a 431 JSON error and the connection is closed, before the parser buffers
-any of it, so memory per connection stays bounded whichever parser runs.
+any of it, so memory per connection stays bounded whichever parser runs. A request the parser
+rejects (garbage, a bad method, a broken chunked body) gets the app's JSON error shape too, not
+uvicorn's plain-text "Invalid HTTP request received.".
 """
 
 from __future__ import annotations
@@ -24,13 +26,23 @@ except ImportError:  # httptools missing: uvicorn's h11 protocol, capped by h11_
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 
-def _head_too_large_response(limit: int) -> bytes:
-    body = json.dumps(error_body(
-        "headers_too_large",
-        f"the request line and headers exceed {limit} bytes ({limit // 1024} KiB); send fewer or shorter headers",
-    )).encode()
-    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+def _json_close_response(status_line: bytes, type: str, message: str) -> bytes:
+    body = json.dumps(error_body(type, message)).encode()
+    return (status_line + b"\r\ncontent-type: application/json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+
+def _head_too_large_response(limit: int) -> bytes:
+    return _json_close_response(
+        b"HTTP/1.1 431 Request Header Fields Too Large", "headers_too_large",
+        f"the request line and headers exceed {limit} bytes ({limit // 1024} KiB); send fewer or shorter headers")
+
+
+def _bad_request_response(msg: str) -> bytes:
+    return _json_close_response(
+        b"HTTP/1.1 400 Bad Request", "bad_http_request",
+        f"the request is not valid HTTP/1.1 ({msg.rstrip('.')}); send a well-formed request, e.g. "
+        "POST /v1/predict with a multipart/form-data body")
 
 
 if HttpToolsProtocol is not None:
@@ -70,6 +82,10 @@ if HttpToolsProtocol is not None:
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._in_head, self._head_bytes, self._tail = True, 0, b""  # the next request on this connection
+
+        def send_400_response(self, msg: str) -> None:  # uvicorn's hook for requests its parser rejects
+            self.transport.write(_bad_request_response(msg))
+            self.transport.close()
 
         def _reject_head(self) -> None:
             idle = self.cycle is None or self.cycle.response_complete
