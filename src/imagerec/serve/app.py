@@ -21,6 +21,8 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from imagerec import __version__
+from imagerec.serve.admin import admin_actions
+from imagerec.serve.admin import router as admin_router
 from imagerec.serve.auth import ApiKeys
 from imagerec.serve.errors import install_error_handlers
 from imagerec.serve.http import MAX_HEAD_BYTES, http_protocol
@@ -28,7 +30,7 @@ from imagerec.serve.limits import BodyLimitMiddleware
 from imagerec.serve.metrics import MetricsMiddleware, ServeMetrics, route_templates
 from imagerec.serve.recording import Recorder
 from imagerec.serve.registry import ModelRegistry
-from imagerec.serve.routes import STATIC_DIR, admin_actions, router
+from imagerec.serve.routes import STATIC_DIR, router
 from imagerec.serve.settings import ServeSettings, create_settings
 from imagerec.serve.workers import Admin, AdminLog, check_picklable, run_workers
 from imagerec.utils import ImageRecError, available_cpus
@@ -113,6 +115,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.uploads = 0  # requests whose body is arriving (max_uploads)
     install_error_handlers(app, on_error=lambda type: metrics.errors.labels(type).inc())
     app.include_router(router)
+    app.include_router(admin_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _add_docs(app)
     # Each add_middleware wraps the ones before it: MetricsMiddleware(CORSMiddleware(
@@ -133,7 +136,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
             max_age=600,
         )
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=route_templates([*router.routes, *app.routes]))
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=route_templates([*router.routes, *admin_router.routes, *app.routes]))
     return app
 
 
