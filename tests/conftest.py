@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,3 +43,34 @@ def cnn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = imagerec.train(data="mnist-mini", out=str(out), model="cnn", epochs=3, limit_train=1000, batch_size=64,
                             lr=0.005, augment="none", val_fraction=0.05)
     return Path(result.run_dir)
+
+
+@pytest.fixture
+def old_relative_run(cnn_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of `cnn_run` whose checkpoints name DATA as older runs did (relative, as typed:
+    "digits"), with the working folder at `tmp_path`, where that path does not exist yet."""
+    import json
+    import shutil
+
+    old = tmp_path / "old-run"
+    shutil.copytree(cnn_run, old)
+    for name in ("best.json", "last.json"):
+        meta = json.loads((old / name).read_text())
+        meta["train_config"]["data"] = "digits"
+        (old / name).write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    return old
+
+
+def _write_other_digits(folder: Path) -> None:
+    from PIL import Image
+
+    for label in ("3", "4"):
+        (folder / label).mkdir(parents=True)
+        Image.new("L", (28, 28), int(label) * 30).save(folder / label / "a.png")
+
+
+@pytest.fixture
+def write_other_digits() -> Callable[[Path], None]:
+    """Writes two one-image classes of plain grey squares into a folder: data no run trained on."""
+    return _write_other_digits

@@ -92,7 +92,7 @@ class TrainConfig:
     norm_lr_scale: float = 1.0
     lookahead: bool = False
     schedule: str = "onecycle"
-    warmup_epochs: float = 1.0
+    warmup_epochs: float | None = None  # None: the schedule's own warm-up (engine/optim.py::create_schedule)
     label_smoothing: float = 0.1
     grad_clip: float = 0.0
     augment: str = "light"
@@ -164,7 +164,8 @@ class TrainConfig:
         if self.norm_lr_scale <= 0:
             raise ImageRecError(f"norm_lr_scale must be positive, got {self.norm_lr_scale}")
         at_least_zero = {"seed": self.seed, "early_stopping": self.early_stopping, "grad_clip": self.grad_clip,
-                         "mixup": self.mixup, "cutmix": self.cutmix, "warmup_epochs": self.warmup_epochs,
+                         "mixup": self.mixup, "cutmix": self.cutmix,
+                         "warmup_epochs": 0.0 if self.warmup_epochs is None else self.warmup_epochs,
                          "save_every_steps": self.save_every_steps, "num_threads": self.num_threads,
                          "backbone_lr_scale": self.backbone_lr_scale,
                          "weight_decay": 0.0 if self.weight_decay is None else self.weight_decay}
@@ -228,6 +229,12 @@ def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:
             raise ImageRecError(f"config key '{name}' must be true or false, got {value!r}")
         return value
     if "float" in annotation:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads 1e-3 and 5e-4, without a dot, as strings.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ImageRecError(f"config key '{name}' must be a number, got {value!r}")
         return float(value)

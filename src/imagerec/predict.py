@@ -36,19 +36,26 @@ from imagerec.data.readers import walk_files
 from imagerec.engine.checkpoint import load_model
 from imagerec.engine.pipeline import autocast
 from imagerec.transforms import base_transform, normalize_batch
-from imagerec.utils import ImageRecError, available_cpus, resolve_device, resolve_precision, setup_compute
+from imagerec.utils import ImageRecError, available_cpus, check_batch_size, resolve_device, resolve_precision, setup_compute
 
 if TYPE_CHECKING:
     from imagerec.export.bundle import Bundle
     from imagerec.export.runtime import Runtime
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray | Source
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
+# Inputs that are one image (not a list of them), as `predict` takes them.
+_ONE_IMAGE = (str, Path, bytes, Image.Image, TarMember, ZipMember, ArrayRef)
+
+
+def is_video_path(name: str) -> bool:
+    return name.lower().endswith(VIDEO_EXTENSIONS)
 
 
 def expand_paths(patterns: Iterable[str | Path]) -> list[str | Source]:
-    """Files as given, folders searched recursively for images, globs expanded, and `store:NAME`
-    expanded to the stored dataset's images; order kept. A pattern that matches nothing is kept as
-    is, so it is reported as not found."""
+    """Files as given, folders searched recursively for images and videos, globs expanded, and
+    `store:NAME` expanded to the stored dataset's images; order kept. A pattern that matches nothing
+    is kept as is, so it is reported as not found."""
     out: list[str | Source] = []
     for pat in patterns:
         p = Path(pat)
@@ -56,7 +63,8 @@ def expand_paths(patterns: Iterable[str | Path]) -> list[str | Source]:
             spec = read_data(str(pat))
             out.extend(it.source for split in sorted(spec.splits) for it in spec.splits[split])
         elif p.is_dir():
-            out.extend(str(p / f) for f in walk_files(p) if is_image_path(f.name) and (p / f).is_file())
+            out.extend(str(p / f) for f in walk_files(p)
+                       if (is_image_path(f.name) or is_video_path(f.name)) and (p / f).is_file())
         elif p.exists():
             out.append(str(p))
         else:
@@ -104,6 +112,7 @@ class Predictor:
             self.device = resolve_device(device)
             self.amp_dtype = resolve_precision(precision, self.device)
             self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
+        check_batch_size(batch_size)
         self.pre, self.batch_size, self.max_pixels = pre, batch_size, max_pixels
         self.meta = meta or {}
         self.transform = base_transform(pre)
@@ -189,24 +198,33 @@ class Predictor:
         """One image or several: paths, bytes, PIL images, uint8 arrays (H, W) or (H, W, 1|3|4), or a
         batch of them (N, H, W[, C]; a 3-D array whose last axis is not 1, 3 or 4 is N grayscale
         images). One result per image, in order."""
-        if top_k < 1:
-            raise ImageRecError(f"top_k must be at least 1, got {top_k}")
-        one_array = isinstance(images, np.ndarray) and (images.ndim <= 2 or images.ndim == 3 and images.shape[2] in (1, 3, 4))
-        if one_array or isinstance(images, str | Path | bytes | Image.Image):
-            images = [images]
-        for im in images:
-            if not isinstance(im, str | Path | bytes | Image.Image | np.ndarray | TarMember | ZipMember | ArrayRef) and not (
-                _is_store_blob(im)
-            ):
+        if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
+            raise ImageRecError(f"top_k must be at least 1, got {top_k!r}: give a whole number, e.g. top_k=5")
+        items = _image_list(images)
+        for im in items:
+            if not isinstance(im, (*_ONE_IMAGE, np.ndarray)) and not _is_store_blob(im):
                 raise ImageRecError(f"cannot predict on a {type(im).__name__}: give file paths, bytes, PIL images "
-                                    "or uint8 arrays of shape (H, W), (H, W, 3) or (N, H, W[, 3])")
-        return list(self.predict_iter(images, top_k))
+                                    "or uint8 arrays of shape (H, W), (H, W, 3) or (N, H, W[, 3]), or a list of them")
+        return list(self.predict_iter(items, int(top_k)))
 
     def _safe_preprocess(self, image: ImageInput) -> torch.Tensor | str:
         try:
             return self.preprocess(image)
         except DecodeError as e:
             return str(e)
+
+
+def _image_list(images: object) -> list[Any]:
+    """`predict`'s input as a list of images: one image, a list/tuple/iterable of them, or an array
+    batch. Anything else comes back as a one-item list, for the type check to name."""
+    if isinstance(images, np.ndarray):
+        one = images.ndim <= 2 or (images.ndim == 3 and images.shape[2] in (1, 3, 4))
+        return [images] if one else list(images)
+    if isinstance(images, list | tuple):
+        return list(images)
+    if isinstance(images, _ONE_IMAGE) or not isinstance(images, Iterable) or isinstance(images, dict):
+        return [images]
+    return [images] if _is_store_blob(images) else list(images)  # a generator, a map, ...
 
 
 def _is_store_blob(obj: object) -> bool:

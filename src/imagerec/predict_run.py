@@ -3,13 +3,16 @@ store:NAME, videos), output formats (table, JSON lines, CSV, Parquet) and `--res
 
 JSON lines and CSV are written row by row and flushed per batch, so an interrupted run loses at
 most one batch and `--resume` skips every image already in the output. Parquet cannot be
-appended to; it is rewritten whole (atomically) at the end, including the resumed rows.
+appended to; it is rewritten whole (atomically) at the end, including the resumed rows. In every
+format `--resume` keeps one row per input: rows that failed are dropped and predicted again (a
+JSON lines or CSV file holding any is first rewritten, atomically, without them).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,16 +21,17 @@ from typing import IO, Any
 from PIL import Image
 
 from imagerec.data.decode import Source
-from imagerec.predict import Predictor, expand_paths, load
-from imagerec.utils import ImageRecError
+from imagerec.predict import VIDEO_EXTENSIONS, Predictor, expand_paths, is_video_path, load
+from imagerec.utils import ImageRecError, check_batch_size
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
+__all__ = ["CSV_FIELDS", "FORMATS", "VIDEO_EXTENSIONS", "is_video", "run_predict"]
 FORMATS = ("table", "json", "csv", "parquet")
-CSV_FIELDS = ["path", "frame", "time_s", "label", "score", "topk", "error"]
+# `labels`: a multi-label model's predicted set (scores >= 0.5), a JSON list; empty for single-label models.
+CSV_FIELDS = ["path", "frame", "time_s", "label", "score", "topk", "labels", "error"]
 
 
 def is_video(path: object) -> bool:
-    return isinstance(path, str) and path.lower().endswith(VIDEO_EXTENSIONS)
+    return isinstance(path, str) and is_video_path(path)
 
 
 def video_frames(path: str, every: int) -> Iterator[tuple[int, float, Image.Image]]:
@@ -74,32 +78,85 @@ def predict_video(predictor: Predictor, path: str, every: int, top_k: int, chunk
         yield {"path": path, "error": str(e)}
 
 
-def _done_keys(output: Path, fmt: str) -> tuple[set[tuple[str, Any]], list[dict[str, Any]]]:
-    """Keys (path, frame) of successful rows already in `output`, and the rows themselves."""
-    if not output.exists():
-        return set(), []
-    rows: list[dict[str, Any]]
+Key = tuple[str, Any]
+
+
+def _read_rows(output: Path, fmt: str) -> list[dict[str, Any]]:
+    """The prediction rows in `output` (each with a `path`), or a clear error for a file that is not
+    a `fmt` prediction file (another format, another tool's file)."""
+    what = f"cannot resume from {output}: it is not a readable {fmt} prediction file"
     try:
-        if fmt == "json":
-            rows = [json.loads(line) for line in output.read_text().splitlines() if line.strip()]
+        if fmt == "json":  # json.dumps escapes newlines, so one row is one line
+            rows = [json.loads(line) for line in output.read_text().split("\n") if line.strip()]
         elif fmt == "csv":
-            rows = list(csv.DictReader(output.read_text().splitlines()))
-            for r in rows:
-                r["frame"] = int(r["frame"]) if r.get("frame") not in (None, "") else None
+            with open(output, newline="") as f:  # newline="": a quoted name may hold a line break
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                if "path" not in (reader.fieldnames or []):
+                    head = ",".join(reader.fieldnames or [])
+                    raise ImageRecError(f"{what} (its first line is {head[:60]!r}, not a header with a path column "
+                                        f"like {','.join(CSV_FIELDS)}); give --format matching the file, or another --output")
         else:
             import pyarrow.parquet as pq
 
             rows = pq.read_table(output).to_pylist()
-    except (json.JSONDecodeError, OSError, ValueError, KeyError) as e:
-        raise ImageRecError(f"cannot resume from {output}: it is not a readable {fmt} prediction file ({e})") from e
-    good = [r for r in rows if not r.get("error")]
-    return {(r["path"], r.get("frame")) for r in good}, good
+    except (json.JSONDecodeError, OSError, ValueError, csv.Error) as e:
+        raise ImageRecError(f"{what} ({e}); give --format matching the file, or another --output") from e
+    bad = next((r for r in rows if not isinstance(r, dict) or not isinstance(r.get("path"), str)), None)
+    if bad is not None:
+        raise ImageRecError(f"{what}: a row without a path ({str(bad)[:80]}); give --format matching the file, "
+                            f"or another --output")
+    return rows
+
+
+def _key(r: dict[str, Any]) -> Key:
+    frame = r.get("frame")
+    return r["path"], None if frame in (None, "") else int(frame)
+
+
+def _resume_rows(output: Path, fmt: str) -> tuple[set[Key], list[dict[str, Any]], bool]:
+    """Keys (path, frame) of the successful rows in `output`, those rows (one per key, the first),
+    and whether the file holds anything else (failed or repeated rows, an older CSV header): then
+    it must be rewritten with only the rows kept before new rows are appended."""
+    if not output.exists():
+        return set(), [], False
+    rows = _read_rows(output, fmt)
+    done: set[Key] = set()
+    kept = []
+    for r in rows:
+        try:
+            key = _key(r)
+        except (TypeError, ValueError) as e:
+            raise ImageRecError(f"cannot resume from {output}: frame {r.get('frame')!r} of {r['path']} is not a "
+                                f"frame number; give another --output") from e
+        if not r.get("error") and key not in done:
+            done.add(key)
+            kept.append(r)
+    stale = len(kept) != len(rows)
+    if fmt == "csv" and rows and list(rows[0]) != CSV_FIELDS:
+        stale = True
+    return done, kept, stale
+
+
+def _rewrite(output: Path, fmt: str, rows: list[dict[str, Any]]) -> None:
+    """Replace `output` (JSON lines or CSV) atomically with `rows`."""
+    tmp = output.with_name(output.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        if fmt == "json":
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        else:
+            w = csv.writer(f)
+            w.writerow(CSV_FIELDS)
+            w.writerows([r.get(k) or "" for k in CSV_FIELDS] for r in rows)  # cells as read: already text
+    os.replace(tmp, output)
 
 
 def _csv_row(r: dict[str, Any]) -> list[Any]:
     # JSON, not "label:score;...": class names may hold any character (a folder named "a:b;c")
     topk = json.dumps([[t["label"], round(t["score"], 4)] for t in r.get("topk", [])], ensure_ascii=False)
-    return [r["path"], r.get("frame", ""), r.get("time_s", ""), r.get("label", ""), r.get("score", ""), topk, r.get("error", "")]
+    labels = json.dumps(r["labels"], ensure_ascii=False) if "labels" in r else ""
+    return [r["path"], r.get("frame", ""), r.get("time_s", ""), r.get("label", ""), r.get("score", ""), topk, labels,
+            r.get("error", "")]
 
 
 class _Writer:
@@ -122,7 +179,8 @@ class _Writer:
         elif "error" not in r:
             where = f"@{r['time_s']}s" if "time_s" in r else ""
             alts = "  ".join(f"{t['label']} {t['score']:.1%}" for t in r["topk"][1:])
-            self.out.write(f"{r['path']}{where}\t{r['label']}\t{r['score']:.1%}\t{alts}\n")
+            labels = f"\tlabels: {', '.join(r['labels']) or '(none >= 50%)'}" if "labels" in r else ""
+            self.out.write(f"{r['path']}{where}\t{r['label']}\t{r['score']:.1%}\t{alts}{labels}\n")
 
     def flush(self) -> None:
         if self.out is not None:
@@ -135,6 +193,7 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
 
     cols = {k: [r.get(k) for r in rows] for k in ("path", "frame", "time_s", "label", "score", "error")}
     cols["topk"] = [r.get("topk", []) for r in rows]
+    cols["labels"] = [r.get("labels") for r in rows]  # a multi-label model's predicted set; null otherwise
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(pa.table(cols), tmp)
     tmp.replace(path)
@@ -164,12 +223,15 @@ def run_predict(
         raise ImageRecError("--format parquet needs --output FILE")
     if resume and not output:
         raise ImageRecError("--resume needs --output FILE (the file whose predictions are kept)")
+    check_batch_size(batch_size)
     items: list[str | Source] = expand_paths(inputs)
     if not items:
-        raise ImageRecError(f"no images found in: {' '.join(inputs)}")
+        raise ImageRecError(f"no images found in: {' '.join(inputs)} (nor videos: {', '.join(VIDEO_EXTENSIONS)})")
     out_path = Path(output) if output else None
-    done, kept = _done_keys(out_path, fmt) if resume and out_path else (set(), [])
+    done, kept, stale = _resume_rows(out_path, fmt) if resume and out_path else (set(), [], False)
     predictor = load(source, batch_size=batch_size, device=device)
+    if stale and out_path is not None and fmt != "parquet":
+        _rewrite(out_path, fmt, kept)  # failed and repeated rows out: each input ends with one row
     append = bool(resume and out_path and out_path.exists() and fmt != "parquet")
     stream = None if fmt == "parquet" else (open(out_path, "a" if append else "w", newline="") if out_path else sys.stdout)
     writer = _Writer(fmt, stream, append)

@@ -19,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.table import Table
 
+from imagerec.metrics import ECE_BINS
+
 # Above this many classes, cell counts are unreadable and are left out.
 MAX_CLASSES_WITH_COUNTS = 20
 
@@ -86,13 +88,15 @@ def _is_multilabel(metrics: dict[str, Any]) -> bool:
 
 
 def metrics_table(metrics: dict[str, Any], title: str) -> Table:
-    """A rich table with one row per class, then macro and weighted (or micro) averages.
+    """A rich table with one row per class, then macro and weighted (or micro) averages; the
+    calibration error (ECE) in its caption.
 
     Example:
         >>> rich.print(metrics_table(classification_metrics(logits, y, names), "val"))
     """
     multilabel = _is_multilabel(metrics)
-    table = Table(title=title)
+    ece = metrics.get("ece")
+    table = Table(title=title, caption=None if ece is None else f"expected calibration error (ECE, {ECE_BINS} bins) {ece:.4f}")
     table.add_column("class", style="bold")
     for name in ("precision", "recall", "F1"):
         table.add_column(name, justify="right")

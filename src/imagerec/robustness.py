@@ -85,6 +85,13 @@ def _training_config(predictor: Predictor) -> dict[str, Any]:
         return {}
 
 
+def _data_fingerprint(predictor: Predictor) -> str | None:
+    """The fingerprint of the data the model was trained on, from its checkpoint or bundle manifest."""
+    if predictor.model is not None:
+        return (predictor.meta.get("data") or {}).get("fingerprint")
+    return (predictor.meta.get("source") or {}).get("data_fingerprint")
+
+
 def _check_eps(eps: Sequence[float]) -> list[float]:
     for e in eps:
         if not 0 <= e <= 1:  # also refuses NaN
@@ -125,7 +132,7 @@ def evaluate_robustness(
     """Accuracy of a run (or exported bundle) on `split` of `data`: clean, under each corruption at
     each severity, and under FGSM/PGD at each eps (runs only). `limit` images (a stratified, seeded
     subset; 0 = all); `corruptions` None = all; `eps` None = `default_eps` for the input. Writes
-    SOURCE/robustness-<split>.json unless write=False.
+    RUN/robustness-<split>.json (for a bundle: BUNDLE.robustness-<split>.json beside it) unless write=False.
 
     Example:
         >>> r = evaluate_robustness("runs/mnist", limit=500)
@@ -148,7 +155,7 @@ def evaluate_robustness(
                      f"FGSM/PGD need the run directory it was exported from (a PyTorch checkpoint)")
         atks, eps_list = [], []
     cfg = _training_config(predictor)
-    spec, items = read_run_split(cfg, data, split, list(pre.class_names), source)
+    spec, items, split = read_run_split(cfg, data, split, list(pre.class_names), source, _data_fingerprint(predictor))
     picked = stratified_subset([int(it.target) for it in items], limit, seed)  # type: ignore[arg-type]  # single-label
     loader = create_eval_loader(spec, [items[i] for i in picked], pre, CHUNK, max_pixels=cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
 
@@ -207,8 +214,20 @@ def evaluate_robustness(
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     if write:
-        write_json(Path(source) / f"robustness-{split}.json", result)
+        write_json(robustness_path(source, split), result)
     return result
+
+
+def robustness_path(source: str | Path, split: str) -> Path:
+    """Where the result is written: RUN/robustness-<split>.json for a run; beside a bundle, as
+    BUNDLE.robustness-<split>.json, for a bundle (a bundle folder holds only what export wrote, so
+    `export --overwrite` can replace it and its hashes describe all of it)."""
+    from imagerec.export.bundle import is_bundle
+
+    src = Path(source)
+    if is_bundle(src):
+        return src.resolve().parent / f"{src.resolve().name}.robustness-{split}.json"
+    return src / f"robustness-{split}.json"
 
 
 # --- the command ------------------------------------------------------------------------------------
@@ -290,7 +309,7 @@ def robustness_command(source: str, data: str | None = None, split: str = "test"
     console = Console(soft_wrap=True)
     for t in robustness_tables(r):
         console.print(t)
-    line = f"clean accuracy {r['clean_accuracy']:.2%} on {r['num_images']} {split} images of {r['data']} (seed {seed})"
+    line = f"clean accuracy {r['clean_accuracy']:.2%} on {r['num_images']} {r['split']} images of {r['data']} (seed {seed})"
     if r["mean_corruption_accuracy"] is not None:
         line += (f"; mean corruption accuracy {r['mean_corruption_accuracy']:.2%} "
                  f"(relative drop {r['relative_drop']:.1%})")
@@ -299,5 +318,5 @@ def robustness_command(source: str, data: str | None = None, split: str = "test"
         console.print(f"note: {note}", highlight=False)
     if r["skipped_files"]:
         console.print(f"skipped {len(r['skipped_files'])} unreadable file(s)")
-    console.print(f"written: {Path(source) / f'robustness-{split}.json'}", highlight=False)
+    console.print(f"written: {robustness_path(source, r['split'])}", highlight=False)
     return 0

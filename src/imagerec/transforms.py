@@ -7,6 +7,7 @@ resize -> center crop -> preprocessing ops -> uint8 tensor. Normalisation happen
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import cv2
@@ -31,7 +32,7 @@ _INTERP = {
 
 
 def _median(img: Image.Image, k: float) -> Image.Image:
-    return img.filter(ImageFilter.MedianFilter(int(k) | 1))
+    return img.filter(ImageFilter.MedianFilter(int(k)))
 
 
 def _gaussian(img: Image.Image, sigma: float) -> Image.Image:
@@ -92,7 +93,29 @@ def parse_op(spec: str) -> tuple[Callable[..., Image.Image], tuple[float, ...]]:
         values = tuple(float(a) for a in args) + defaults[len(args):]
     except ValueError as e:
         raise ImageRecError(f"op '{spec}': arguments must be numbers, e.g. median:5 or canny:50:150") from e
+    problem = _bad_op_args(name, values)
+    if problem:
+        raise ImageRecError(f"op '{spec}': {problem}")
     return fn, values
+
+
+def _bad_op_args(name: str, values: tuple[float, ...]) -> str | None:
+    """Why these arguments are out of range for op `name`, or None when they are fine."""
+    if not all(math.isfinite(v) for v in values):
+        return "arguments must be finite numbers"
+    if name == "median":
+        k = values[0]
+        if k != int(k) or k < 3 or int(k) % 2 == 0 or k > 99:
+            return f"the median kernel size must be an odd whole number from 3 to 99 (3, 5, 7, ...), got {k:g}"
+    elif name == "gaussian" and not 0 < values[0] <= 100:
+        return f"the gaussian sigma must be > 0 and at most 100 pixels, got {values[0]:g}"
+    elif name == "clahe" and not 0 < values[0] <= 1000:
+        return f"the clahe clip limit must be > 0 (2 to 4 is usual) and at most 1000, got {values[0]:g}"
+    elif name == "canny":
+        low, high = values
+        if not 0 <= low < high:
+            return f"canny thresholds must satisfy 0 <= low < high (e.g. canny:100:200), got low {low:g}, high {high:g}"
+    return None
 
 
 def apply_ops(img: Image.Image, ops: tuple[str, ...] | list[str]) -> Image.Image:

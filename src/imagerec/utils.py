@@ -22,6 +22,13 @@ class ImageRecError(Exception):
     """
 
 
+def check_batch_size(batch_size: int) -> None:
+    """Refuse a batch size below 1 (zero crashes a batched loop; a negative one predicts nothing)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ImageRecError(f"batch size must be a whole number of at least 1, got {batch_size!r}: "
+                            f"use e.g. --batch-size 64 / batch_size=64")
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ' Did you mean X?' for the closest choice, or '' if none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

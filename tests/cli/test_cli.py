@@ -226,6 +226,7 @@ def test_eval_table_prints_a_row_per_class(run_dir: Path, work: Path, env: dict[
         assert (precision, recall, f1) == (f"{pc['precision']:.3f}", f"{pc['recall']:.3f}", f"{pc['f1']:.3f}")
         assert int(support) == pc["support"] == 100
     assert f"accuracy {m['accuracy']:.2%}" in proc.stdout
+    assert f"expected calibration error (ECE, 15 bins) {m['ece']:.4f}" in proc.stdout  # README promises it
     assert f"written: {run_dir / 'eval-test.json'}" in proc.stdout
 
 
@@ -259,11 +260,11 @@ def test_predict_csv_table_and_globs_agree_with_json(run_dir: Path, few: list[Pa
         rows = list(csv.DictReader(f))
     assert [r["path"] for r in rows] == list(ref)
     for r in rows:
-        topk = r["topk"].split(";")
+        topk = json.loads(r["topk"])  # [[label, score], ...]
         assert len(topk) == 3
-        assert r["label"] == ref[r["path"]]["label"] == topk[0].split(":")[0]
+        assert r["label"] == ref[r["path"]]["label"] == topk[0][0]
         assert float(r["score"]) == ref[r["path"]]["score"]
-        assert [t.split(":")[0] for t in topk] == [t["label"] for t in ref[r["path"]]["topk"][:3]]
+        assert [t[0] for t in topk] == [t["label"] for t in ref[r["path"]]["topk"][:3]]
         assert r["error"] == ""
 
     # table, on glob patterns that imagerec expands itself (no shell here)
@@ -442,11 +443,47 @@ def test_divergence_is_a_clear_error(work: Path, env: dict[str, str]) -> None:
                                                            "images became NaN or infinite in epoch 1; lower --lr (it is 1000000000.0)")
 
 
-def test_resume_of_a_run_stopped_before_its_first_checkpoint(work: Path, env: dict[str, str]) -> None:
+def test_resume_of_a_run_stopped_before_its_first_checkpoint(work: Path, env: dict[str, str],
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     (work / "early").mkdir()
     (work / "early" / "config.yaml").write_text("model: cnn\n")
     assert_user_error(run_cli("train", "--resume", "early", cwd=work, env=env),
-                      "early holds a run that stopped before its first checkpoint: nothing to resume")
+                      "early holds a run that stopped before its first checkpoint: nothing to resume",
+                      "train it again with the same --out")
+    # ... and training it again there works (it used to say the folder "holds no run": a circle)
+    from imagerec.cli import main
+
+    with caplog.at_level("WARNING", logger="imagerec"):
+        assert main(["train", "mnist-mini", "--out", str(work / "early"), "--limit-train", "128", "--epochs", "1",
+                     "--val-fraction", "0.02"]) == 0
+    assert "holds only the config.yaml of a run that stopped before its first checkpoint" in caplog.text
+    assert (work / "early" / "last.json").is_file() and "epochs: 1" in (work / "early" / "config.yaml").read_text()
+    # a folder with anything else in it is still refused
+    (work / "other").mkdir()
+    (work / "other" / "config.yaml").write_text("model: cnn\n")
+    (work / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ImageRecError, match="not empty and holds no run"):
+        imagerec.train(data="mnist-mini", out=str(work / "other"))
+
+
+def test_resume_applies_a_config_file_like_flags(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--resume DIR --config FILE` used to ignore the file: its keys are resume overrides, checked as flags are."""
+    from imagerec.cli import main
+
+    assert main(["train", "mnist-mini", "--out", str(work / "rc"), "--limit-train", "128", "--epochs", "1",
+                 "--val-fraction", "0.02"]) == 0
+    (work / "ep2.yaml").write_text("epochs: 2\nworkers: 0\n")
+    (work / "changed.yaml").write_text("optimizer: sgd\nlr: 0.5\n")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(work / "rc"), "--config", str(work / "changed.yaml")]) == 2
+    assert f"error: --resume {work / 'rc'} cannot change --optimizer 'sgd' (it was 'adamw')" in capsys.readouterr().err
+    assert len((work / "rc" / "history.csv").read_text().strip().splitlines()) == 2  # refused: nothing trained
+    assert main(["train", "--resume", str(work / "rc"), "--config", str(work / "ep2.yaml")]) == 0
+    assert len((work / "rc" / "history.csv").read_text().strip().splitlines()) == 3
+    assert "epochs: 2\n" in (work / "rc" / "config.yaml").read_text()
+    # flags win over the file, as without --resume
+    assert main(["train", "--resume", str(work / "rc"), "--config", str(work / "ep2.yaml"), "--epochs", "3"]) == 0
+    assert len((work / "rc" / "history.csv").read_text().strip().splitlines()) == 4
 
 
 def test_resume_without_checkpoint(work: Path, env: dict[str, str]) -> None:
@@ -511,8 +548,8 @@ def test_training_folder_with_bad_files_completes(work: Path, env: dict[str, str
     metrics = json.loads((work / "r-dirty" / "metrics.json").read_text())
     skipped = metrics["skipped_files"]
     assert len(skipped) == len(bad)
-    for name in bad:
-        assert sum(s.startswith(f"{name}:") for s in skipped) == 1, (name, skipped)
+    for name in bad:  # DATA 'dirty' is read (and saved) as an absolute path
+        assert sum(s.startswith(f"{work.resolve() / name}:") for s in skipped) == 1, (name, skipped)
     assert metrics["train_images"] + metrics["val"]["num_samples"] == len(good_train)
     assert metrics["test"]["num_samples"] == len(good_test)
     assert metrics["epochs_run"] == 1
@@ -546,6 +583,7 @@ def test_help_exits_zero_with_examples(work: Path, env: dict[str, str]) -> None:
     assert proc.returncode == 0, proc.stderr
     for flag in ("--epochs", "--limit-train", "--augment", "--resume", "--config"):
         assert flag in proc.stdout
+    assert re.search(r"--warmup-epochs X\s+epochs of learning-rate warm-up", proc.stdout), proc.stdout
 
 
 def test_demo_trains_evaluates_and_predicts(work: Path, env: dict[str, str]) -> None:
@@ -618,3 +656,77 @@ def test_every_training_image_unreadable_says_so(digits: Path, work: Path, env: 
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: none of the 40 training images of") and "could be read" in last, last  # 50 - 10 val
+
+
+@pytest.mark.parametrize("command", [["check", "mnist"], ["ingest", "mnist", "--dataset", "m"], ["train", "mnist", "--epochs", "1"]])
+def test_data_dir_flag_is_where_named_datasets_are_looked_for(tmp_path: Path, command: list[str]) -> None:
+    """README: named datasets are found in `--data-dir`, `$IMAGEREC_DATA` or the cache; the offline
+    error names the --data-dir folder it looked in and the flag."""
+    env = {k: v for k, v in os.environ.items() if k != "IMAGEREC_DATA"}
+    env.update(IMAGEREC_OFFLINE="1", IMAGEREC_DB=str(tmp_path / "store.db"))
+    data_dir = tmp_path / "datasets"
+    proc = run_cli(*command, "--data-dir", data_dir, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"Put these files in {data_dir / 'mnist'}/" in proc.stderr
+    assert "--data-dir DIR" in proc.stderr and "$IMAGEREC_DATA" in proc.stderr
+
+
+# --- DATA saved with the run; eval of a plain folder -------------------------------------------------
+
+
+def _with_saved_data(run: Path, dest: Path, data: str) -> Path:
+    """A copy of `run` whose checkpoints say it was trained on `data` (as an older imagerec saved
+    DATA: exactly as typed, relative to the folder training ran in)."""
+    import shutil
+
+    shutil.copytree(run, dest)
+    for name in ("best.json", "last.json"):
+        meta = json.loads((dest / name).read_text())
+        meta["train_config"]["data"] = data
+        (dest / name).write_text(json.dumps(meta))
+    return dest
+
+
+def test_train_saves_a_local_data_path_absolute_and_eval_finds_it_anywhere(work: Path, env: dict[str, str],
+                                                                          tmp_path: Path) -> None:
+    import yaml
+
+    folder = work / "rel-data"
+    write_digits(folder, "train", 60, layout_split="train")
+    write_digits(folder, "test", 20, layout_split="test")
+    proc = run_cli("train", "rel-data", "--out", "r-rel", "--epochs", "1", "--model", "mlp", cwd=work, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load((work / "r-rel" / "config.yaml").read_text())["data"] == str(folder.resolve())
+    assert json.loads((work / "r-rel" / "best.json").read_text())["train_config"]["data"] == str(folder.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "rel-data" / "7").mkdir(parents=True)  # other data at the relative path: not used
+    proc = run_cli("eval", work / "r-rel", "--format", "json", cwd=elsewhere, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["num_samples"] == 20
+
+
+def test_old_run_with_a_relative_data_path_never_evaluates_other_data(run_dir: Path, few: list[Path], tmp_path: Path,
+                                                                    env: dict[str, str]) -> None:
+    import shutil
+
+    old = _with_saved_data(run_dir, tmp_path / "old-run", "digits-here")
+    (old / "eval-test.json").write_text('{"keep": true}')
+    proc = run_cli("eval", old, cwd=tmp_path, env=env)  # nothing at digits-here from this folder
+    assert_user_error(proc, "trained on DATA 'digits-here'", "saved relative to the folder training ran in",
+                      "pass the data explicitly as DATA")
+    shutil.copytree(few[0].parent.parent, tmp_path / "digits-here")  # other images at that path
+    proc = run_cli("eval", old, cwd=tmp_path, env=env)
+    assert_user_error(proc, "is not the data", "fingerprint differs", "relative to the folder training ran in",
+                      "Pass the data to use explicitly as DATA")
+    assert (old / "eval-test.json").read_text() == '{"keep": true}'  # the run's own result is not overwritten
+
+
+def test_eval_of_a_folder_without_splits_evaluates_all_of_it(run_dir: Path, few: list[Path], work: Path,
+                                                             env: dict[str, str]) -> None:
+    proc = run_cli("eval", run_dir, "few", "--format", "json", cwd=work, env=env)  # few/<class>/*.png, no splits
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)
+    assert (m["split"], m["num_samples"]) == ("all", len(few))
+    assert (run_dir / "eval-all.json").is_file()
+    train = imagerec.evaluate(run_dir, str(work / "few"), split="train", write=False)  # the run's val carve-out
+    assert train["num_samples"] < len(few)

@@ -105,7 +105,10 @@ def test_store_dataset_as_predict_input(run_and_digits, tmp_path: Path, monkeypa
     assert run_predict(str(run), ["store:mini"], fmt="json") == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(rows) == 1000 and not any("error" in r for r in rows)
-    assert all(r["path"].startswith("store:") for r in rows)
+    import re
+
+    # each stored image is named by where it was ingested from and its content address
+    assert all(re.fullmatch(r"\S+ \(store:[0-9a-f]{64}\)", r["path"]) for r in rows), rows[0]["path"]
     spec = read_data("mnist-mini")
     direct = imagerec.load(run).predict([Image.fromarray(a) for a in spec.arrays["test"]])
     assert Counter(r["label"] for r in rows) == Counter(r["label"] for r in direct)  # same images, same answers
@@ -128,3 +131,132 @@ def test_csv_topk_parses_back_whatever_the_class_names(run_and_digits, tmp_path:
     csv.writer(buf).writerows([CSV_FIELDS, _csv_row(odd)])
     row = next(csv.DictReader(io.StringIO(buf.getvalue())))
     assert json.loads(row["topk"]) == [["a:b;c", 0.5], ['d,"e";f:0.1', 0.25]]
+
+
+# --- deploy-path fixes: resume, folders with videos, multi-label sets, batch sizes, broken pipes ----------
+
+
+def _write_video(path: Path, frames: int = 10) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (64, 64))
+    assert writer.isOpened()
+    for i in range(frames):
+        writer.write(np.full((64, 64, 3), i * 20, np.uint8))
+    writer.release()
+    return path
+
+
+@pytest.mark.parametrize("first,then", [("json", "csv"), ("csv", "json"), ("json", "parquet")])
+def test_resume_from_a_file_of_another_format_is_a_clear_error(run_and_digits, tmp_path: Path, first: str, then: str) -> None:  # type: ignore[no-untyped-def]
+    run, paths, _ = run_and_digits
+    out = tmp_path / "preds.out"
+    run_predict(str(run), [str(p) for p in paths[:2]], fmt=first, output=str(out))
+    before = out.read_bytes()
+    with pytest.raises(ImageRecError, match=f"cannot resume from .*preds.out: it is not a readable {then} prediction file"):
+        run_predict(str(run), [str(p) for p in paths[:3]], fmt=then, output=str(out), resume=True)
+    assert out.read_bytes() == before  # nothing appended to another format's file
+
+
+def _rows(out: Path, fmt: str) -> list[dict]:
+    import csv
+
+    if fmt == "parquet":
+        return pq.read_table(out).to_pylist()
+    if fmt == "json":
+        return [json.loads(x) for x in out.read_text().split("\n") if x.strip()]
+    with open(out, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "parquet"])
+def test_resume_keeps_one_row_per_input(run_and_digits, tmp_path: Path, fmt: str) -> None:  # type: ignore[no-untyped-def]
+    run, paths, _ = run_and_digits
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes(paths[0].read_bytes())
+    (folder / "new\nline.png").write_bytes(paths[1].read_bytes())
+    (folder / "zero.png").write_bytes(b"")  # fails each time: its error row is replaced, not repeated
+    out = tmp_path / f"preds.{fmt}"
+    run_predict(str(run), [str(folder)], fmt=fmt, output=str(out))
+    run_predict(str(run), [str(folder)], fmt=fmt, output=str(out), resume=True)
+    (folder / "zero.png").write_bytes(paths[2].read_bytes())  # mended: predicted on the next resume
+    run_predict(str(run), [str(folder)], fmt=fmt, output=str(out), resume=True)
+    rows = _rows(out, fmt)
+    assert sorted(r["path"] for r in rows) == sorted(str(folder / n) for n in ("ok.png", "new\nline.png", "zero.png"))
+    assert not any(r.get("error") for r in rows)
+
+
+def test_folders_include_their_videos(run_and_digits, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    run, paths, _ = run_and_digits
+    mixed, only = tmp_path / "mixed", tmp_path / "only"
+    mixed.mkdir(), only.mkdir()
+    (mixed / "a.png").write_bytes(paths[0].read_bytes())
+    _write_video(mixed / "clip.mp4")
+    _write_video(only / "clip.mp4")
+    assert run_predict(str(run), [str(mixed)], fmt="json", every=5) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(Path(r["path"]).name, r.get("frame")) for r in rows] == [("a.png", None), ("clip.mp4", 0), ("clip.mp4", 5)]
+    assert run_predict(str(run), [str(only)], fmt="json", every=5) == 0
+    assert [json.loads(x)["frame"] for x in capsys.readouterr().out.splitlines()] == [0, 5]
+
+
+def test_multi_label_set_is_in_every_format(run_and_digits, tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    import imagerec.predict_run as predict_run
+
+    run, paths, _ = run_and_digits
+    predictor = imagerec.load(run)
+    predictor.pre = dataclasses.replace(predictor.pre, multi_label=True)  # sigmoid scores: several labels >= 0.5
+    monkeypatch.setattr(predict_run, "load", lambda *a, **k: predictor)
+    files = [str(p) for p in paths[:4]]
+    want = [r["labels"] for r in predictor.predict(files)]
+    assert any(len(s) > 1 for s in want)
+    run_predict(str(run), files, fmt="csv", output=str(tmp_path / "p.csv"))
+    assert [json.loads(r["labels"]) for r in _rows(tmp_path / "p.csv", "csv")] == want
+    run_predict(str(run), files, fmt="parquet", output=str(tmp_path / "p.parquet"))
+    assert [r["labels"] for r in _rows(tmp_path / "p.parquet", "parquet")] == want
+    capsys.readouterr()
+    run_predict(str(run), files, fmt="table")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("labels: ")[1] for line in lines] == [", ".join(s) or "(none >= 50%)" for s in want]
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_batch_size_below_one_is_refused(run_and_digits, size: int) -> None:  # type: ignore[no-untyped-def]
+    from imagerec.engine.evaluate import evaluate_run
+
+    run, paths, _ = run_and_digits
+    with pytest.raises(ImageRecError, match=f"batch size must be a whole number of at least 1, got {size}"):
+        run_predict(str(run), [str(paths[0])], fmt="csv", batch_size=size)
+    with pytest.raises(ImageRecError, match="batch size must be"):
+        evaluate_run(run, batch_size=size, write=False)
+    with pytest.raises(ImageRecError, match="batch size must be"):
+        imagerec.load(run, batch_size=size)
+
+
+def test_python_predict_refuses_wrong_inputs_with_a_clear_error(run_and_digits) -> None:  # type: ignore[no-untyped-def]
+    run, paths, _ = run_and_digits
+    predictor = imagerec.load(run)
+    for bad in (None, 5, {"a": 1}):
+        with pytest.raises(ImageRecError, match=f"cannot predict on a {type(bad).__name__}: give file paths"):
+            predictor.predict(bad)  # type: ignore[arg-type]
+    with pytest.raises(ImageRecError, match="top_k must be at least 1, got 2.5: give a whole number"):
+        predictor.predict(paths[0], top_k=2.5)  # type: ignore[arg-type]
+    from_generator = predictor.predict(p for p in paths[:3])
+    assert [r["label"] for r in from_generator] == [r["label"] for r in predictor.predict(paths[:3])]
+
+
+def test_output_into_a_closed_pipe_stops_quietly(run_and_digits, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import sys
+
+    from imagerec.cli import main
+
+    run, paths, _ = run_and_digits
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (`| head -1`) has gone
+    with open(write_end, "w") as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        code = main(["predict", str(run), str(paths[0].parent), "--format", "csv", "--batch-size", "4"])
+    assert code == 0
+    assert capsys.readouterr().err == ""

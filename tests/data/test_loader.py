@@ -129,3 +129,23 @@ def test_resume_does_not_depend_on_workers(spec: DataSpec) -> None:
     full = collect(make_loader(spec, shuffle=True, cache="none", augment=random_crop_flip()), epoch=2)
     resumed = collect(make_loader(spec, shuffle=True, cache="none", augment=random_crop_flip(), workers=2), 2, 2)
     assert_same_batches(resumed, full[2:])
+
+
+@pytest.mark.parametrize("ops", [(), ("sobel",), ("median:3", "clahe")])
+def test_array_cache_equals_the_eval_transform(ops: tuple[str, ...]) -> None:
+    """IDX arrays are copied into the cache as they are only when the transform would leave them
+    so: with preprocessing ops the cache holds what eval/predict compute for the same images."""
+    from imagerec.data.loader import arrays_pass_through
+
+    spec = read_data("mnist-mini")
+    items = spec.splits["train"][:40]
+    pre = PreprocessConfig(28, 1, (0.5,), (0.5,), 28, tuple(spec.class_names), ops=ops)
+    t = base_transform(pre)
+    assert arrays_pass_through(pre, 28) == (not ops)
+    expected = torch.stack([t(open_image(it.source, 1, spec.arrays)) for it in items])
+    for fast in (arrays_pass_through(pre, 28), True):  # True: the loader checks the caller's claim
+        loader = ImageLoader(items, spec.arrays, 1, 28, t, 8, targets_tensor(items, 10, False), cache="ram",
+                             workers=0, fast_arrays=fast)
+        assert torch.equal(loader.cache, expected)
+    raw = torch.from_numpy(np.stack([spec.arrays["train"][it.source.index] for it in items]))[:, None]
+    assert torch.equal(expected, raw) == (not ops)  # the ops do change the images

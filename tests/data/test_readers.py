@@ -402,14 +402,14 @@ def test_csv_manifest_with_splits(tmp_path: Path, images: Path, monkeypatch: pyt
     manifest = tmp_path / "m.csv"
     manifest.write_text(
         "path,label,split\nimgs/0.png,dog,train\nimgs/1.png,cat,train\nimgs/2.png,dog,\n"
-        "imgs/3.png,cat,valid\nimgs/4.png,bird,test\n" + f"{images / '5.png'},cat,train\n"
+        "imgs/3.png,cat,valid\nimgs/4.png,dog,test\n" + f"{images / '5.png'},cat,train\n"
     )
     monkeypatch.chdir(images)  # paths are relative to the manifest, not to the working folder
     spec = read_data(str(manifest))
-    assert spec.class_names == ["bird", "cat", "dog"] and not spec.multi_label
+    assert spec.class_names == ["cat", "dog"] and not spec.multi_label
     assert spec.counts() == {"train": 4, "val": 1, "test": 1}
     assert [(Path(it.source).name, it.target) for it in spec.splits["train"]] == [
-        ("0.png", 2), ("1.png", 1), ("2.png", 2), ("5.png", 1)]
+        ("0.png", 1), ("1.png", 0), ("2.png", 1), ("5.png", 0)]
     assert spec.splits["val"][0].source == str(tmp_path / "imgs" / "3.png")
     assert np.asarray(open_image(spec.splits["test"][0].source))[0, 0].tolist() == [160, 0, 0]
 
@@ -456,7 +456,7 @@ def test_manifest_missing_files_are_skipped_with_a_note(tmp_path: Path, images: 
 def test_manifest_row_without_label(tmp_path: Path, images: Path) -> None:
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label\nimgs/0.png,a\nimgs/1.png,a\nimgs/2.png,\n")
-    with pytest.raises(ImageRecError, match=r"m\.csv, row 3: needs a 'path' and a 'label'"):
+    with pytest.raises(ImageRecError, match=r"m\.csv, row 3: the label is empty"):
         read_data(str(manifest))
     jsonl = tmp_path / "m.jsonl"
     jsonl.write_text('{"path": "imgs/0.png", "label": "a"}\n{"path": "imgs/1.png"}\n')
@@ -464,6 +464,9 @@ def test_manifest_row_without_label(tmp_path: Path, images: Path) -> None:
         read_data(str(jsonl))
     jsonl.write_text('{"path": "imgs/0.png", "label": "a"}\n{"path": \n')
     with pytest.raises(ImageRecError, match=r"m\.jsonl, line 2: not valid JSON"):
+        read_data(str(jsonl))
+    jsonl.write_text('{"path": "imgs/0.png", "label": "a"}\n{"path": "imgs/1.png", "label": null}\n')
+    with pytest.raises(ImageRecError, match=r"m\.jsonl, row 2: the label is empty \('label': None\)"):
         read_data(str(jsonl))
 
 
@@ -604,3 +607,152 @@ def test_encrypted_zip_member_is_skipped_with_its_name(tmp_path: Path) -> None:
     with pytest.raises(ImageRecError, match=r"enc\.zip::cat/0\.png: cannot read \(RuntimeError: .*encrypted"):
         open_image(first.source)
     assert open_image(spec.splits["train"][1].source).size == (8, 8)  # the others read as before
+
+
+# --- QA fixes: archives, CIFAR labels, classes without training images, manifest messages ------
+
+
+def mini_digits(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first n mnist-mini training digits (real images, (n, 28, 28) uint8) and their labels."""
+    spec = read_data("mnist-mini")
+    return spec.arrays["train"][:n], np.array([it.target for it in spec.splits["train"][:n]])
+
+
+def test_targz_cache_tolerates_another_process_unpacking_at_the_same_time(
+    tmp_path: Path, cifar_members: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two torchrun ranks unpack one .tar.gz on first use: the second one (simulated by a nested call
+    while the first is still writing) must neither clobber the first's temp file nor fail."""
+    from imagerec.data import readers
+
+    archive = tmp_path / "small.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for name, data in cifar_members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    monkeypatch.setenv("IMAGEREC_CACHE", str(tmp_path / "cache"))
+    real_copy = readers.shutil.copyfileobj
+    calls: list[Path] = []
+
+    def copy_while_another_rank_unpacks(src, dst, length=0):  # type: ignore[no-untyped-def]
+        if not calls:
+            calls.append(tmp_path)
+            calls[0] = readers._ungzip_to_cache(archive)  # the other rank, finishing first
+        return real_copy(src, dst, length)
+
+    monkeypatch.setattr(readers.shutil, "copyfileobj", copy_while_another_rank_unpacks)
+    out = readers._ungzip_to_cache(archive)
+    assert calls == [out]
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left behind
+    monkeypatch.setattr(readers.shutil, "copyfileobj", real_copy)
+    spec = read_data(str(archive))
+    _check_small_cifar(spec, cifar_members)
+
+
+def test_zip_with_two_members_of_one_name_reads_both(tmp_path: Path, cifar_members: dict[str, bytes]) -> None:
+    names = sorted(n for n in cifar_members if "/train/" in n)
+    cat = [n for n in names if "/cat/" in n]
+    dog = [n for n in names if "/dog/" in n]
+    archive = tmp_path / "dup.zip"
+    with zipfile.ZipFile(archive, "w") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+        zf.writestr("cat/0000.jpg", cifar_members[cat[0]])
+        zf.writestr("cat/0000.jpg", cifar_members[cat[1]])  # same name, other bytes
+        for n in dog:
+            zf.writestr(f"dog/{Path(n).name}", cifar_members[n])
+    spec = read_data(str(archive))
+    cats = [it.source for it in spec.splits["train"] if spec.class_names[it.target] == "cat"]
+    assert [read_bytes(s) for s in cats] == [cifar_members[cat[0]], cifar_members[cat[1]]]
+    assert len({source_name(s) for s in spec.splits["train"]}) == len(spec.splits["train"])  # told apart
+
+
+def test_tar_truncated_inside_a_member_header_is_an_error(tmp_path: Path, cifar_members: dict[str, bytes]) -> None:
+    full = tmp_path / "full.tar"
+    with tarfile.open(full, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in list(cifar_members.items())[:14]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    assert sum(read_data(str(full)).counts().values()) == 14
+    with tarfile.open(full) as tf:
+        header_at = tf.getmembers()[10].offset
+    for cut_at in (header_at + 100, header_at + 512 + 3):  # inside the 11th header; inside its data
+        cut = tmp_path / f"cut{cut_at}.tar"
+        cut.write_bytes(full.read_bytes()[:cut_at])
+        with pytest.raises(ImageRecError, match=rf"cut{cut_at}\.tar: .*(truncated|unexpected end)"):
+            read_data(str(cut))
+    garbage = tmp_path / "garbage.tar"  # an unreadable header in the middle
+    data = bytearray(full.read_bytes())
+    data[header_at : header_at + 512] = b"\x17" * 512
+    garbage.write_bytes(bytes(data))
+    with pytest.raises(ImageRecError, match=r"garbage\.tar: .*unreadable member header.*re-download"):
+        read_data(str(garbage))
+
+
+def _cifar_dir(root: Path, labels: list[int], n_rows: int) -> Path:
+    digits, _ = mini_digits(n_rows)
+    rows = np.repeat(digits.reshape(n_rows, 1, 784), 3, axis=1)[:, :, :784]  # gray digit in R, G and B planes
+    rows = np.pad(rows.reshape(n_rows, 3, 28, 28), ((0, 0), (0, 0), (2, 2), (2, 2))).reshape(n_rows, 3072)
+    write_pickle(root / "data_batch_1", {b"labels": labels, b"data": rows})
+    write_pickle(root / "test_batch", {b"labels": [0, 1], b"data": rows[:2]})
+    write_pickle(root / "batches.meta", {b"label_names": [b"a", b"b", b"c"]})
+    return root
+
+
+@pytest.mark.parametrize(("labels", "rows", "message"), [
+    ([0, 1, 2, 3, 0, 1], 6, r"data_batch_1: label 3 is out of range: labels must be 0\.\.2"),
+    ([0, 1, -1, 2, 0, 1], 6, r"data_batch_1: label -1 is out of range"),
+    ([0, 1, 2, 0, 1], 6, r"data_batch_1: 6 images but 5 labels"),
+])
+def test_cifar_batch_labels_are_checked(tmp_path: Path, labels: list[int], rows: int, message: str) -> None:
+    _cifar_dir(tmp_path, labels, rows)
+    with pytest.raises(ImageRecError, match=message):
+        read_data(str(tmp_path))
+    (tmp_path / "data_batch_1").unlink()
+    _cifar_dir(tmp_path, [0, 1, 2, 0, 1, 2], 6)  # the same batches with good labels read
+    assert read_data(str(tmp_path)).counts() == {"train": 6, "test": 2}
+
+
+def test_idx_class_without_training_images_is_dropped_like_a_folder_class(tmp_path: Path) -> None:
+    digits, labels = mini_digits(300)
+    keep = labels != 9
+    write_idx(tmp_path / "train-images-idx3-ubyte", digits[keep])
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels[keep])
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", digits[:40])
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels[:40])
+    spec = read_data(str(tmp_path))
+    assert spec.class_names == [str(d) for d in range(9)]
+    assert spec.counts() == {"train": int(keep.sum()), "test": int((labels[:40] != 9).sum())}
+    assert [spec.class_names[it.target] for it in spec.splits["test"]] == [str(v) for v in labels[:40] if v != 9]
+    assert spec.notes == [f"{tmp_path}: test has classes missing from train (dropped): 9"]
+
+
+def test_manifest_class_without_training_images_is_dropped(tmp_path: Path, images: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,split\nimgs/0.png,a,train\nimgs/1.png,b,train\nimgs/2.png,a,test\nimgs/3.png,z,test\n")
+    spec = read_data(str(manifest))
+    assert spec.class_names == ["a", "b"] and spec.counts() == {"train": 2, "test": 1}
+    assert spec.notes == [f"{manifest}: test has classes missing from train (dropped): z"]
+
+
+def test_manifest_listing_a_file_twice_uses_the_first_row(tmp_path: Path, images: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\nimgs/0.png,a\nimgs/1.png,b\nimgs/./0.png,b\n")
+    spec = read_data(str(manifest))
+    assert [(Path(it.source).name, spec.class_names[it.target]) for it in spec.splits["train"]] == [("0.png", "a"), ("1.png", "b")]
+    assert len(spec.notes) == 1 and "row 3: lists the same file as row 1" in spec.notes[0]
+
+
+def test_zip_with_backslash_names_or_only_an_inner_zip_says_why(tmp_path: Path, cifar_members: dict[str, bytes]) -> None:
+    data = next(iter(cifar_members.values()))
+    windows = tmp_path / "windows.zip"
+    with zipfile.ZipFile(windows, "w") as zf:
+        zf.writestr("cat\\0.jpg", data)
+        zf.writestr("dog\\0.jpg", data)
+    with pytest.raises(ImageRecError, match=r"windows\.zip: the member names use '\\' as the folder separator"):
+        read_data(str(windows))
+    outer = tmp_path / "outer.zip"
+    with zipfile.ZipFile(outer, "w") as zf:
+        zf.write(windows, "inner.zip")
+    with pytest.raises(ImageRecError, match=r"outer\.zip: holds no images, only the archive\(s\) inner\.zip"):
+        read_data(str(outer))

@@ -6,13 +6,16 @@ in tests/test_transforms.py.)
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms.v2 import functional as F
 
 from imagerec.config import PreprocessConfig
+from imagerec.data import read_data
 from imagerec.transforms import OPS, BatchAugment, apply_ops, base_transform, parse_op
 from imagerec.utils import ImageRecError
 
@@ -92,6 +95,33 @@ def test_parse_op_arguments() -> None:
     with pytest.raises(ImageRecError) as e:
         parse_op("blur")
     assert "use one of median, gaussian" in str(e.value)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("median:4", "odd whole number from 3"),  # once silently run as median:5
+    ("median:0", "odd whole number from 3"),
+    ("median:-3", "odd whole number from 3"),
+    ("median:3.5", "odd whole number from 3"),
+    ("gaussian:0", "sigma must be > 0"),
+    ("gaussian:-1", "sigma must be > 0"),
+    ("gaussian:nan", "finite"),
+    ("gaussian:inf", "finite"),
+    ("clahe:-2", "clip limit must be > 0"),
+    ("clahe:0", "clip limit must be > 0"),
+    ("canny:200:100", "0 <= low < high"),
+    ("canny:-5", "0 <= low < high"),
+    ("canny:300", "0 <= low < high"),  # low 300 above the default high 200
+])
+def test_parse_op_refuses_out_of_range_arguments(spec: str, message: str) -> None:
+    with pytest.raises(ImageRecError, match=rf"op '{re.escape(spec)}': .*{re.escape(message)}"):
+        parse_op(spec)
+
+
+def test_parse_op_accepts_in_range_arguments_and_applies_them_unchanged() -> None:
+    for spec in ("median:3", "median:7", "gaussian:0.5", "clahe:2", "canny:0:1", "canny:50:150"):
+        parse_op(spec)
+    digit = Image.fromarray(read_data("mnist-mini").arrays["test"][0])
+    assert np.array_equal(np.asarray(apply_ops(digit, ["median:5"])), np.asarray(digit.filter(ImageFilter.MedianFilter(5))))
 
 
 # --- BatchAugment ------------------------------------------------------------------------------------

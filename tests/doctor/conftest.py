@@ -146,3 +146,9 @@ def fresh_dataset(tmp_path: Path) -> Path:
     root = tmp_path / "pets"
     build_dataset(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def cifar_jpegs() -> list[bytes]:
+    """The first N_REAL CIFAR-10 JPEG files of the shared archive, as bytes."""
+    return real_images()

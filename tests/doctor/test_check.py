@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -17,6 +18,9 @@ from imagerec.doctor import (
 )
 from imagerec.doctor import check as check_module
 from imagerec.doctor.problems import SEVERITY
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +176,116 @@ def test_training_on_the_planted_folder_completes_and_lists_skipped_files(plante
         assert path in skipped, f"{path} not listed as skipped"
         assert path in errors, f"{path} not reported as an error by the doctor"
     assert result.metrics["test"]["num_samples"] > 0 and (tmp_path / "run" / "metrics.json").is_file()
+
+
+# --- what the reader leaves out; zips with duplicate names; near copies on real images ---------
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_images_the_reader_drops_are_reported_in_every_format(tmp_path: Path, capsys, cifar_jpegs) -> None:  # type: ignore[no-untyped-def]
+    from imagerec.doctor import write_html
+
+    imgs = cifar_jpegs[:13]
+    root = tmp_path / "te"
+    for k in range(5):
+        _write(root / "train/cat" / f"{k}.jpg", imgs[k])
+        _write(root / "train/dog" / f"{k}.jpg", imgs[5 + k])
+    for k in range(3):  # a class that train lacks: dropped by the reader
+        _write(root / "test/bird" / f"{k}.jpg", imgs[10 + k])
+    report = check_data(str(root), workers=1)
+    dropped = [p for p in report.problems if p.category == "skipped_by_reader"]
+    assert [(p.severity, p.detail) for p in dropped] == [
+        ("warning", f"{root}: test has classes missing from train (dropped): bird")]
+    assert report.summary["problems"]["skipped_by_reader"] == 1
+    assert report.summary["severity"]["warning"] >= 1
+    assert any(p["category"] == "skipped_by_reader" for p in report_to_json(report)["problems"])
+    assert "skipped_by_reader" in write_html(report, tmp_path / "r.html").read_text()
+    assert check_command(str(root)) == 0
+    table = capsys.readouterr().out
+    assert "skipped_by_reader" in table and "missing from train" in table
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,label\n{root}/train/cat/0.jpg,cat\n{root}/train/dog/0.jpg,dog\n{root}/gone.jpg,dog\n")
+    notes = [p.detail for p in check_data(str(manifest), workers=1).problems if p.category == "skipped_by_reader"]
+    assert len(notes) == 1 and "row 3: file not found" in notes[0]
+
+
+def test_zip_members_of_one_name_are_not_called_byte_duplicates(tmp_path: Path, cifar_jpegs: list[bytes]) -> None:
+    import warnings
+    import zipfile
+
+    imgs = cifar_jpegs[:8]
+    archive = tmp_path / "dup.zip"
+    with zipfile.ZipFile(archive, "w") as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile: "Duplicate name"
+        for k in range(3):
+            zf.writestr(f"cat/{k}.jpg", imgs[k])
+            zf.writestr(f"dog/{k}.jpg", imgs[4 + k])
+        zf.writestr("cat/0.jpg", imgs[3])  # another image under an existing name
+    report = check_data(str(archive), workers=1)
+    assert report.summary["images"] == {"train": 7}
+    assert [p.category for p in report.problems if "duplicate" in p.category or p.category == "split_leakage"] == []
+
+
+def test_distinct_mnist_digits_are_not_near_duplicates() -> None:
+    """mnist-mini: 7,000 different handwritten digits. pHash + thumb correlation alone flagged 217 of
+    them; the changed-pixel bound leaves only a few plain '1's that differ in a handful of pixels."""
+    report = check_data("mnist-mini", workers=1)
+    near = [p for p in report.problems if p.category in ("near_duplicate", "split_leakage")]
+    assert len(near) <= 10, len(near)
+    assert {p.label for p in near} <= {"1"}
+
+
+def _variants(img: PIL.Image.Image) -> dict[str, bytes]:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def encode(im: Image.Image, fmt: str, **kw: object) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    w, h = img.size
+    brighter = Image.fromarray(np.clip(np.asarray(img, dtype=np.int16) + 20, 0, 255).astype(np.uint8))
+    return {
+        "jpeg.jpg": encode(img.convert("RGB"), "JPEG", quality=75),
+        "x2.jpg": encode(img.convert("RGB").resize((2 * w, 2 * h), Image.Resampling.BICUBIC), "JPEG", quality=85),
+        "x1.1.png": encode(img.resize((w * 11 // 10, h * 11 // 10), Image.Resampling.BICUBIC), "PNG"),
+        "bright.png": encode(brighter, "PNG"),
+    }
+
+
+def test_near_copies_of_real_digits_and_photos_are_found(tmp_path: Path, cifar_jpegs: list[bytes]) -> None:
+    import io
+
+    from PIL import Image
+
+    from imagerec.data import read_data
+
+    digits = read_data("mnist-mini").arrays["test"][:30]
+    originals = {"digit": [Image.fromarray(d) for d in digits],
+                 "photo": [Image.open(io.BytesIO(b)).convert("RGB") for b in cifar_jpegs[:30]]}
+    root = tmp_path / "copies"
+    expected: dict[str, str] = {}  # copy -> its original
+    for kind, imgs in originals.items():
+        for k, img in enumerate(imgs):
+            orig = root / kind / f"{k:02d}.png"
+            orig.parent.mkdir(parents=True, exist_ok=True)
+            img.save(orig)
+            for name, data in _variants(img).items():
+                expected[str(_write(root / kind / f"{k:02d}_{name}", data))] = str(orig)
+    report = check_data(str(root), workers=1)
+    found = {p.path: p.extra["duplicate_of"] for p in report.problems if p.category == "near_duplicate"}
+    for kind in originals:
+        for variant in ("jpeg", "x2", "x1.1", "bright"):
+            copies = [c for c in expected if f"/{kind}/" in c and f"_{variant}." in c]
+            hits = [c for c in copies if found.get(c) == expected[c]]
+            assert len(hits) >= 28, (kind, variant, len(hits), sorted(set(copies) - set(hits))[:3])
+    assert set(found) <= set(expected)  # no original flagged as a copy of another original

@@ -122,3 +122,23 @@ def test_resume_refuses_settings_the_saved_state_depends_on(tmp_path: Path) -> N
     # what can change: how long it trains, where and how fast it runs; the same value is no change
     result = train(resume=str(run), epochs=2, workers=0, num_threads=1, model="cnn", data="mnist-mini", out=str(run))
     assert result.metrics["epochs_run"] == 2
+
+
+def test_resume_keeps_the_record_true(tmp_path: Path) -> None:
+    """A resume with nothing to train rewrites nothing (config.yaml once said epochs 1 for a 2-epoch
+    model, and train_seconds became 0); a resume that trains adds its time to the run's."""
+    run = tmp_path / "r"
+    train(data="mnist-mini", out=str(run), epochs=2, limit_train=256, batch_size=64, val_fraction=0.02)
+    config = (run / "config.yaml").read_text()
+    assert "model: cnn\n" in config and "lr: 0.003\n" in config and "weight_decay: 0.05\n" in config  # resolved
+    record = {f: (run / f).read_bytes() for f in ("config.yaml", "metrics.json", "history.csv", "last.json", "best.json")}
+    for overrides in ({"epochs": 1}, {}):
+        result = train(resume=str(run), **overrides)
+        assert result.metrics["epochs_run"] == 2
+        assert {f: (run / f).read_bytes() for f in record} == record
+    before = json.loads(record["metrics.json"])["train_seconds"]
+    assert before == pytest.approx(json.loads(record["last.json"])["state"]["train_seconds"], abs=0.5)
+    result = train(resume=str(run), epochs=3)
+    third_epoch = float((run / "history.csv").read_text().strip().splitlines()[-1].split(",")[5])  # epoch_time_s
+    assert result.metrics["train_seconds"] >= before + third_epoch - 0.01
+    assert "epochs: 3\n" in (run / "config.yaml").read_text()

@@ -183,3 +183,23 @@ def test_bad_arguments_are_named(cnn_run: Path, kwargs: dict, fragment: str) -> 
 def test_missing_run_is_named(tmp_path: Path) -> None:
     with pytest.raises(ImageRecError, match="model not found: .*never-trained"):
         evaluate_robustness(tmp_path / "never-trained")
+
+
+def test_bundle_result_is_written_beside_the_bundle_so_it_can_be_exported_again(cnn_run: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    export_run(cnn_run, "onnx", bundle, parity_images=16)
+    r = evaluate_robustness(bundle, limit=10, corruptions=["fog"], severities=[1], attacks=[])
+    assert json.loads((tmp_path / "bundle.robustness-test.json").read_text()) == r
+    assert not (bundle / "robustness-test.json").exists()
+    export_run(cnn_run, "onnx", bundle, parity_images=16, overwrite=True)  # the bundle holds only what export wrote
+    assert (tmp_path / "bundle.robustness-test.json").is_file()
+
+
+def test_other_data_at_an_old_runs_relative_data_path_is_refused(old_relative_run: Path, tmp_path: Path,
+                                                               write_other_digits) -> None:  # type: ignore[no-untyped-def]
+    old = old_relative_run
+    with pytest.raises(ImageRecError, match="saved relative to the folder training ran in.*pass the data explicitly"):
+        evaluate_robustness(old, limit=10, corruptions=[], attacks=[], write=False)
+    write_other_digits(tmp_path / "digits" / "test")
+    with pytest.raises(ImageRecError, match="fingerprint differs.*Pass the data to use explicitly as DATA"):
+        evaluate_robustness(old, limit=10, corruptions=[], attacks=[], write=False)

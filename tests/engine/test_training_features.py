@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import imagerec
 from imagerec.config import TrainConfig, load_config_file
 from imagerec.data import read_data
+from imagerec.engine.callbacks import Callback
 from imagerec.engine.optim import create_schedule
 from imagerec.utils import ImageRecError
 
@@ -155,3 +156,91 @@ def test_freed_tensor_memory_is_reused_without_page_faults():
     for _ in range(5):
         step()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2_000  # default glibc: ~82k
+
+
+class _GrabTrainingInputs(Callback):
+    """Keeps the training loader's cache (the uint8 inputs every epoch is cut from) and its items."""
+
+    def on_fit_start(self, trainer) -> None:
+        self.cache, self.items = trainer.train_loader.cache.clone(), trainer.train_loader.items
+
+
+def test_ops_reach_training_on_array_data(tmp_path: Path) -> None:
+    """`--op` on IDX arrays: the training inputs are what eval/predict compute for the same images
+    (they used to be the raw arrays, so the op changed nothing in training and everything after)."""
+    from imagerec.config import PreprocessConfig
+    from imagerec.data import open_image
+    from imagerec.transforms import base_transform
+
+    small = {**SMALL, "limit_train": 256, "val_fraction": 0.02}
+    grab = _GrabTrainingInputs()
+    imagerec.train(out=str(tmp_path / "sobel"), ops=["sobel"], callbacks=[grab], **small)
+    imagerec.train(out=str(tmp_path / "plain"), **small)
+    a, b = (load_file(str(tmp_path / r / "best.safetensors")) for r in ("sobel", "plain"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    pre = PreprocessConfig.from_dict(json.loads((tmp_path / "sobel" / "best.json").read_text())["preprocess"])
+    spec = read_data("mnist-mini")
+    eval_t = base_transform(pre)
+    for i in (0, 7, len(grab.items) - 1):
+        assert torch.equal(grab.cache[i], eval_t(open_image(grab.items[i].source, 1, spec.arrays)))
+
+
+def test_fine_tune_from_a_run_prepares_inputs_as_that_run_did(tmp_path: Path) -> None:
+    """--pretrained RUN_DIR: the source run's mean/std and ops, not ImageNet's (its weights expect them)."""
+    small = {**SMALL, "limit_train": 128, "val_fraction": 0.02}
+    imagerec.train(out=str(tmp_path / "base"), ops=["median:3"], **small)
+    imagerec.train(out=str(tmp_path / "ft"), pretrained=str(tmp_path / "base"), **small)
+    src, ft = (json.loads((tmp_path / r / "best.json").read_text())["preprocess"] for r in ("base", "ft"))
+    assert src["mean"] != [0.449] and (ft["mean"], ft["std"], ft["ops"]) == (src["mean"], src["std"], ["median:3"])
+    assert json.loads((tmp_path / "ft" / "best.json").read_text())["train_config"]["ops"] == ["median:3"]
+    # ops given for the fine-tune are kept; the normalisation still comes from the source
+    imagerec.train(out=str(tmp_path / "ft2"), pretrained=str(tmp_path / "base"), ops=["clahe"], **small)
+    ft2 = json.loads((tmp_path / "ft2" / "best.json").read_text())["preprocess"]
+    assert (ft2["mean"], ft2["ops"]) == (src["mean"], ["clahe"])
+
+
+def test_yaml_scientific_notation_is_a_number(tmp_path: Path) -> None:
+    # PyYAML (YAML 1.1) reads 1e-3 and 5e-4, without a dot, as strings.
+    (tmp_path / "sci.yaml").write_text("lr: 1e-3\nweight_decay: 5e-4\nlabel_smoothing: 0\n")
+    cfg = load_config_file(tmp_path / "sci.yaml")
+    assert (cfg.lr, cfg.weight_decay, cfg.label_smoothing) == (0.001, 0.0005, 0.0)
+    (tmp_path / "word.yaml").write_text("lr: fast\n")
+    with pytest.raises(ImageRecError, match="'lr' must be a number, got 'fast'"):
+        load_config_file(tmp_path / "word.yaml")
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "triangle", "cosine"])
+def test_warmup_epochs_sets_every_schedules_warm_up(schedule: str) -> None:
+    def peak_step(**kw: float) -> int:
+        f = create_schedule(TrainConfig(schedule=schedule, epochs=4, **kw), steps_per_epoch=10)
+        values = [f(s) for s in range(40)]
+        return int(np.argmax(values))
+
+    default = {"onecycle": 10, "triangle": 9, "cosine": 10}[schedule]  # 25%, 23% of the steps, one epoch
+    assert peak_step() == default
+    assert peak_step(warmup_epochs=2) == 20
+    assert peak_step(warmup_epochs=0.5) == 5
+
+
+def test_limit_train_is_stratified_and_seeded(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    from imagerec.engine.data_prep import limit_items as _limit
+
+    items = read_data("mnist-mini").splits["train"]
+    subset = _limit(items, 12, seed=0)
+    counts = np.bincount([it.target for it in subset], minlength=10)
+    assert len(subset) == 12 and counts.min() == 1 and counts.max() == 2  # every class, none twice over
+    assert subset == _limit(items, 12, seed=0) and subset != _limit(items, 12, seed=1)
+    big = np.bincount([it.target for it in _limit(items, 1000, seed=0)], minlength=10)
+    share = np.bincount([it.target for it in items], minlength=10) * 1000 / len(items)
+    assert np.abs(big - share).max() < 1  # each class its share, rounded
+    # fewer images than classes: some class must go without, and the user is told which
+    with caplog.at_level("WARNING", logger="imagerec"):
+        r = imagerec.train(out=str(tmp_path / "five"), **{**SMALL, "limit_train": 5, "val_fraction": 0.0})
+    assert sum(r.metrics["test"]["confusion_matrix"][0]) == 100
+    assert "no training images for 5 class(es)" in caplog.text and "--limit-train 5" in caplog.text
+
+
+def test_early_stopping_without_validation_images_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ImageRecError, match=r"--early-stopping 1 .* no validation images.*--val-fraction 0\.1"):
+        imagerec.train(out=str(tmp_path / "es"), early_stopping=1, val_fraction=0.0, **SMALL)
+    assert not (tmp_path / "es").exists()  # refused before anything was written

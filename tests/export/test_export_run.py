@@ -255,3 +255,40 @@ def test_one_thread_copies_use_the_runtime_fastest_on_one_thread(onnx_bundle: tu
     want = onnx_bundle[1].get("preferred_runtime_1thread", onnx_bundle[1]["preferred_runtime"])
     assert bundle.create_runtime(threads=1).name == want
     assert bundle.create_runtime().name == onnx_bundle[1]["preferred_runtime"]
+
+
+def test_bf16_runtime_is_gated_by_agreement_not_by_max_drop() -> None:
+    """An fp32 export's bf16 runtime must agree image by image: an accuracy-only gate (and --max-drop,
+    meant for int8) would let predictions flip as long as as many flip right as wrong."""
+    from imagerec.export.parity import ImageSet, compare
+
+    ref = torch.softmax(torch.randn(64, 10, generator=torch.Generator().manual_seed(0)) * 3, dim=1)
+    flipped = ref.clone()
+    flipped[0] = flipped[0].flip(0)  # 1 of 64 images changes its top-1 (98.4% agreement)
+    images = ImageSet(torch.zeros(64, 1, 2, 2, dtype=torch.uint8), None, [f"im{i}" for i in range(64)], "synthetic")
+    res = compare(ref, flipped, images, "bf16", max_drop=5.0)
+    assert res["gate"] == {"min_top1_agreement": 0.995, "max_abs_diff": 0.01}
+    assert not res["passed"] and res["differing"] == ["im0"]
+    close = compare(ref, ref + 0.004, images, "bf16", max_drop=0.0)  # bf16 rounding: within 1e-2
+    assert close["passed"] and not compare(ref, ref + 0.004, images, "fp32")["passed"]
+
+
+def test_bundle_manifest_records_the_bf16_agreement_gate(onnx_bundle: tuple[Path, dict]) -> None:
+    _, manifest = onnx_bundle
+    bf16 = [e for e in manifest["runtimes"] + manifest["rejected_runtimes"] if e.get("precision") == "bf16"]
+    if not bf16:
+        pytest.skip("no OpenVINO bf16 runtime on this machine (no OpenVINO, or no bf16 units)")
+    gate = bf16[0]["parity"]["gate"]
+    assert gate == {"min_top1_agreement": 0.995, "max_abs_diff": 0.01}
+    passed = bf16[0]["parity"]["top1_agreement"] >= 0.995 and bf16[0]["parity"]["max_abs_diff"] <= 0.01
+    assert (bf16[0] in manifest["runtimes"]) == passed
+
+
+def test_export_refuses_other_data_at_an_old_runs_relative_data_path(old_relative_run: Path, tmp_path: Path,
+                                                                     write_other_digits) -> None:  # type: ignore[no-untyped-def]
+    old = old_relative_run
+    write_other_digits(tmp_path / "digits")  # other images at that path, from this folder
+    with pytest.raises(ImageRecError, match="fingerprint differs.*Pass the data to use explicitly as DATA"):
+        export_run(old, "onnx", tmp_path / "b", parity_images=8)
+    assert not (tmp_path / "b").exists()
+

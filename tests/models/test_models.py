@@ -147,3 +147,15 @@ def test_mlp_wrong_input_size_says_what_it_expected() -> None:
     model = create_model("mlp", num_classes=3, in_chans=1, img_size=28)
     with pytest.raises(ImageRecError, match="1x28x28"):
         model(torch.randn(BATCH, 3, 32, 32))
+
+
+@pytest.mark.parametrize("in_chans,smallest", [(1, 16), (3, 9)])
+def test_airbench_names_the_smallest_input_it_takes(in_chans: int, smallest: int) -> None:
+    """Below it the stem and three poolings leave an empty map: refused when the model is built,
+    not with a raw RuntimeError in the middle of training."""
+    model = create_model("airbench", num_classes=10, in_chans=in_chans, img_size=smallest)
+    for mode in (model.train, model.eval):
+        mode()
+        assert model(torch.randn(BATCH, in_chans, smallest, smallest)).shape == (BATCH, 10)
+    with pytest.raises(ImageRecError, match=f"at least {smallest} px.*--image-size {smallest}"):
+        create_model("airbench", num_classes=10, in_chans=in_chans, img_size=smallest - 1)

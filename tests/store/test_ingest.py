@@ -162,3 +162,22 @@ def test_reports_name_stored_images_by_the_path_they_came_from(
     report = check_data("store:digits", min_side=8)
     small = [p for p in report.problems if "tiny.png" in p.path]
     assert small and small[0].path == display_name(src), [p.path for p in report.problems]
+
+
+def test_ingest_reports_what_the_reader_left_out(store_url: str, cifar_folder: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A test-only class is dropped by the reader: ingest says so, so the counts add up."""
+    from imagerec.store import ingest_command
+
+    jpgs = sorted(cifar_folder.rglob("*.jpg"))[:9]
+    root = tmp_path / "te"
+    for k, src in enumerate(jpgs):
+        where = ("train/cat", "train/dog", "test/bird")[k % 3]
+        (root / where).mkdir(parents=True, exist_ok=True)
+        (root / where / f"{k}.jpg").write_bytes(src.read_bytes())
+    with open_store(store_url) as store:
+        report = ingest(store, str(root), "te", progress=False)
+    assert report.seen == 6 and report.notes == [f"{root}: test has classes missing from train (dropped): bird"]
+    assert "1 note(s) below" in report.summary()
+    assert ingest_command(str(root), "te2", db=store_url) == 0
+    out = capsys.readouterr().out
+    assert "left out:" in out and "missing from train (dropped): bird" in out

@@ -40,8 +40,13 @@ class TarMember:
 
 @dataclass(frozen=True)
 class ZipMember:
+    """A file inside a zip. `index` is its position in the central directory: a zip may hold two
+    members of one name, and reading by name would return the last one for both."""
+
     archive: str
     name: str
+    index: int | None = None
+    copy: int = 0  # 0 for the first member of this name, 1 for the second, ...
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ def source_name(src: Source) -> str:
     """A stable human-readable name for messages and data fingerprints."""
     if isinstance(src, str):
         return src
+    if isinstance(src, ZipMember) and src.copy:
+        return f"{src.archive}::{src.name} (copy {src.copy + 1} of that name)"
     if isinstance(src, TarMember | ZipMember):
         return f"{src.archive}::{src.name}"
     if isinstance(src, ArrayRef):
@@ -95,7 +102,12 @@ def read_bytes(src: Source) -> bytes:
     zf = _ZIPS.get(src.archive)
     if zf is None:
         zf = _ZIPS[src.archive] = zipfile.ZipFile(src.archive)
-    return zf.read(src.name)
+    if src.index is None:
+        return zf.read(src.name)
+    info = zf.infolist()[src.index]
+    if info.filename != src.name:
+        raise KeyError(f"member {src.index} of {src.archive} is '{info.filename}', not '{src.name}': the zip changed")
+    return zf.read(info)
 
 
 DECODE_ERRORS = (

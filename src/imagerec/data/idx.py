@@ -123,6 +123,7 @@ def read_cifar_dir(root: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
         files = {"train": [root / "train"], "test": [root / "test"]}
         meta_file, names_key, label_key = root / "meta", "fine_label_names", "fine_labels"
     arrays, labels = {}, {}
+    owners: list[tuple[Path, np.ndarray]] = []  # (batch file, its labels), for messages
     for split, paths in files.items():
         paths = [p for p in paths if p.exists()]
         if not paths:
@@ -134,10 +135,36 @@ def read_cifar_dir(root: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
         data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
         if data.ndim != 2 or data.shape[1] != 3072:
             raise ImageRecError(f"{paths[0]}: CIFAR data must be N x 3072 uint8 rows, got {data.shape}")
+        batch_labels = [_batch_labels(p, b, label_key) for p, b in zip(paths, batches, strict=True)]
         arrays[split] = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # (N, H, W, C)
-        labels[split] = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+        labels[split] = np.concatenate(batch_labels)
+        owners += [(p, lab) for p, lab in zip(paths, batch_labels, strict=True)]
     if "train" not in arrays:
         raise ImageRecError(f"{root}: no CIFAR training batches found")
-    n_classes = int(max(int(v.max()) for v in labels.values())) + 1
-    class_names = _names(load_cifar_batch(meta_file), names_key) if meta_file.exists() else [str(i) for i in range(n_classes)]
+    if meta_file.exists():
+        class_names = _names(load_cifar_batch(meta_file), names_key)
+    else:
+        class_names = [str(i) for i in range(max(int(v.max(initial=0)) for v in labels.values()) + 1)]
+    for p, lab in owners:
+        bad = lab[(lab < 0) | (lab >= len(class_names))]
+        if len(bad):
+            where = f"the {len(class_names)} names in {meta_file.name}" if meta_file.exists() else "labels from 0"
+            raise ImageRecError(
+                f"{p}: label {int(bad[0])} is out of range: labels must be 0..{len(class_names) - 1} "
+                f"(one per class, {where}); {len(bad)} label(s) of this batch are outside it"
+            )
     return arrays, labels, class_names
+
+
+def _batch_labels(path: Path, batch: dict, label_key: str) -> np.ndarray:
+    """The batch's labels as int64, checked to be one integer per data row."""
+    try:
+        lab = np.asarray(batch[label_key])
+    except (TypeError, ValueError) as e:
+        raise ImageRecError(f"{path}: '{label_key}' must be a list of integers ({e})") from e
+    if lab.ndim != 1 or (len(lab) and lab.dtype.kind not in "iu"):
+        raise ImageRecError(f"{path}: '{label_key}' must be a flat list of integers, got {lab.dtype} of shape {lab.shape}")
+    rows = len(np.asarray(batch["data"]))
+    if rows != len(lab):
+        raise ImageRecError(f"{path}: {rows} images but {len(lab)} labels; the batch is damaged, re-download it")
+    return lab.astype(np.int64)

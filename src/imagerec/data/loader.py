@@ -22,6 +22,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 from imagerec.data.decode import DEFAULT_MAX_PIXELS, ArrayRef, DecodeError, open_image
 from imagerec.data.readers import Item
 from imagerec.utils import ImageRecError, available_cpus, mix_seed
+
+if TYPE_CHECKING:
+    from imagerec.config import PreprocessConfig
 
 log = logging.getLogger("imagerec")
 
@@ -125,6 +129,14 @@ def default_workers(processes: int = 1) -> int:
     return max(1, min(8, available_cpus() // max(1, processes) - 1))
 
 
+def arrays_pass_through(pre: PreprocessConfig, size: int) -> bool:
+    """Whether `base_transform(pre, size=size)` returns an image that is already `size` x `size` in
+    `pre.channels` unchanged (no ops, no resize), so IDX/CIFAR arrays at that size may be copied
+    into the cache as they are (`ImageLoader(fast_arrays=...)`)."""
+    resize = pre.resize_size if size == pre.input_size else size  # base_transform's default resize
+    return not pre.ops and resize == size
+
+
 def _ignore_sigint(worker_id: int) -> None:
     # Ctrl-C reaches every process of the terminal's group. A worker leaves stopping to its main
     # process, which under torchrun first finishes its step so that all ranks stop together.
@@ -190,7 +202,8 @@ class ImageLoader:
             self._build_cache(arrays, channels, size, fast_arrays)
 
     def _build_cache(self, arrays: dict[str, np.ndarray], channels: int, size: int, fast_arrays: bool) -> None:
-        """Decode every item once. IDX/CIFAR arrays already at the right size are copied directly.
+        """Decode every item once. IDX/CIFAR arrays already at the right size are copied directly when
+        `fast_arrays` says the transform leaves them unchanged (`arrays_pass_through`), checked on a few.
 
         Under torchrun every rank decodes the whole training set into its own cache: each epoch's
         shuffle sends every item to some rank, so each needs them all (an evaluation loader holds
@@ -201,8 +214,11 @@ class ImageLoader:
             if arr.shape[1:3] == (size, size) and (arr.ndim == 3) == (channels == 1) and (arr.ndim == 3 or arr.shape[3] == channels):
                 idx = np.array([r.index for r in refs])
                 t = torch.from_numpy(np.ascontiguousarray(arr[idx]))
-                self.cache = (t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)).contiguous()  # (N, C, H, W)
-                return
+                t = (t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)).contiguous()  # (N, C, H, W)
+                if self._transform_keeps(t):
+                    self.cache = t
+                    return
+                log.debug("the transform changes the arrays' images: decoding them through it")
         cache = torch.empty((len(self.items), channels, size, size), dtype=torch.uint8)
         ok = np.zeros(len(self.items), dtype=bool)
         keys = [(i, 0) for i in range(len(self.items))]
@@ -216,6 +232,18 @@ class ImageLoader:
             self._note_errors(errors)
         self.valid = np.flatnonzero(ok)
         self.cache = cache
+
+    def _transform_keeps(self, raw: torch.Tensor, probes: int = 3) -> bool:
+        """Whether the transform returns a few of the raw array images (N, C, H, W) unchanged: a check
+        that the caller's `fast_arrays` holds, so the cache never differs from what eval/predict compute."""
+        for i in np.unique(np.linspace(0, len(self.items) - 1, probes).astype(int)):
+            _, t, _ = self.decode[(int(i), 0)]
+            if t is not None and not isinstance(t, torch.Tensor):  # a transform that returns the PIL image
+                t = torch.from_numpy(np.array(t))
+                t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)  # (C, H, W)
+            if t is None or not torch.equal(t, raw[i]):
+                return False
+        return True
 
     def _note_errors(self, errors: list[str]) -> list[str]:
         new = []

@@ -383,6 +383,7 @@ def _missing_message(spec: NamedDataset, data_dir: str | Path | None, why: str) 
     if os.environ.get("IMAGEREC_DATA"):
         places.append(Path(os.environ["IMAGEREC_DATA"]).expanduser() / spec.name)
     places.append(_cache_root() / "datasets" / spec.name)
+    places = list(dict.fromkeys(places))  # --data-dir reaches here as $IMAGEREC_DATA too
     where = f"{places[0]}/"
     if len(places) > 1:
         where += " (or " + " or ".join(f"{p}/" for p in places[1:]) + ")"
@@ -395,5 +396,8 @@ def _missing_message(spec: NamedDataset, data_dir: str | Path | None, why: str) 
     lines.append("On a machine with internet, fetch them from:")
     for f in spec.files:
         lines.extend(f"  {url}" for url in _urls(spec, f))
-    lines.append("Or set IMAGEREC_DATA (or pass data_dir) to a folder that holds them.")
+    lines.append(
+        f"Or point imagerec at a folder that holds {spec.name}/ with them: --data-dir DIR on the command line, "
+        "$IMAGEREC_DATA, or data_dir= in Python."
+    )
     return "\n".join(lines)

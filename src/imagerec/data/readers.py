@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tarfile
+import tempfile
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -207,20 +208,32 @@ def _cache_dir() -> Path:
 
 
 def _ungzip_to_cache(path: Path) -> Path:
-    """A .tar.gz cannot be read at random offsets: unpack the tar stream once into the cache."""
+    """A .tar.gz cannot be read at random offsets: unpack the tar stream once into the cache.
+
+    Several processes (torchrun ranks) may unpack the same archive at once: each writes its own
+    temp file and renames it into place atomically, so none sees another's half-written file.
+    """
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     out = _cache_dir() / "archives" / f"{path.name.split('.')[0]}-{key}.tar"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        try:
-            with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (OSError, EOFError) as e:
-            tmp.unlink(missing_ok=True)
-            raise ImageRecError(f"{path}: cannot decompress ({e}); is the archive complete?") from e
-        tmp.replace(out)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=out.parent)
+    tmp = Path(tmp_name)
+    try:
+        with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        if out.exists():  # another process finished first: its copy is the same bytes
+            tmp.unlink()
+        else:
+            os.replace(tmp, out)
+    except (OSError, EOFError) as e:
+        tmp.unlink(missing_ok=True)
+        raise ImageRecError(f"{path}: cannot decompress ({e}); is the archive complete?") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
@@ -228,24 +241,66 @@ def read_archive(path: Path) -> DataSpec:
     """Image folder layout inside .tar/.tar.gz/.tgz/.zip, read in place (never unpacked to the user's folders)."""
     rel: list[str] = []
     sources: list[Source] = []
+    names: list[str] = []  # every member, for the message when no image is found
     name = path.name.lower()
     try:
         if name.endswith(".zip"):
             with zipfile.ZipFile(path) as zf:
-                for info in zf.infolist():
+                copies: Counter[str] = Counter()
+                for i, info in enumerate(zf.infolist()):
+                    names.append(info.filename)
                     if not info.is_dir() and is_image_path(info.filename) and not _hidden(info.filename):
                         rel.append(info.filename)
-                        sources.append(ZipMember(str(path), info.filename))
+                        sources.append(ZipMember(str(path), info.filename, i, copies[info.filename]))
+                        copies[info.filename] += 1
         else:
             tar_path = _ungzip_to_cache(path) if name.endswith((".tar.gz", ".tgz")) else path
             with tarfile.open(tar_path, "r:") as tf:
                 for m in tf:
+                    names.append(m.name)
                     if m.isfile() and is_image_path(m.name) and not _hidden(m.name):
                         rel.append(m.name)
                         sources.append(TarMember(str(tar_path), m.name, m.offset_data, m.size))
+                end = tf.offset
+            _check_tar_end(path, tar_path, end)
     except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
         raise ImageRecError(f"{path}: cannot read archive ({e}); is it a complete .tar, .tar.gz or .zip?") from e
-    return _spec_from_layout(str(path), sources, rel)
+    try:
+        return _spec_from_layout(str(path), sources, rel)
+    except ImageRecError as e:
+        raise ImageRecError(_why_no_images(path, names) or str(e)) from e
+
+
+def _check_tar_end(path: Path, tar_path: Path, end: int) -> None:
+    """`tarfile` stops silently at a header it cannot read past the first: make sure the archive
+    really ended there (an end-of-archive zero block, or the end of the file on a block boundary)."""
+    with open(tar_path, "rb") as f:
+        f.seek(end)
+        block = f.read(tarfile.BLOCKSIZE)
+    if block and block != bytes(tarfile.BLOCKSIZE):
+        what = f"ends inside a member header at byte {end}" if len(block) < tarfile.BLOCKSIZE else f"has an unreadable member header at byte {end}"
+        raise ImageRecError(
+            f"{path}: the archive {what}, so it is truncated or corrupt and the members after it cannot be "
+            "listed; re-download or copy it again"
+        )
+
+
+def _why_no_images(path: Path, names: list[str]) -> str | None:
+    """A specific reason why an archive has no images in class folders, when there is one."""
+    backslashed = [n for n in names if "\\" in n]
+    if backslashed and not any("/" in n for n in names if is_image_path(n)):
+        return (
+            f"{path}: the member names use '\\' as the folder separator (e.g. '{backslashed[0]}'); zip readers take it "
+            "as part of the file name, so no class folders are seen. Re-create the archive with '/' separators "
+            "(e.g. Python's shutil.make_archive or 7-Zip)"
+        )
+    inner = [n for n in names if n.lower().endswith((".zip", ".tar", ".tar.gz", ".tgz"))]
+    if inner and not any(is_image_path(n) for n in names):
+        return (
+            f"{path}: holds no images, only the archive(s) {', '.join(inner[:3])}; archives inside archives are "
+            "not read. Extract the inner archive and pass it as DATA"
+        )
+    return None
 
 
 def _hidden(name: str) -> bool:
@@ -272,6 +327,10 @@ def _manifest_rows(path: Path) -> list[dict]:
     return list(csv.DictReader(text.splitlines()))
 
 
+_PATH_KEYS = ("path", "file", "filename", "image")
+_LABEL_KEYS = ("labels", "label", "class")
+
+
 def _pick(row: dict, names: tuple[str, ...]) -> object:
     for n in names:
         if n in row and row[n] not in (None, ""):
@@ -287,13 +346,21 @@ def read_manifest(path: Path) -> DataSpec:
         raise ImageRecError(f"{path}: the manifest has no rows")
     parsed: list[tuple[str, str, list[str]]] = []
     notes: list[str] = []
-    missing = 0
+    missing = repeated = 0
+    first_row: dict[str, int] = {}  # file -> the first row that lists it
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise ImageRecError(f"{path}, row {n}: expected an object with 'path' and 'label'")
-        rel = _pick(row, ("path", "file", "filename", "image"))
-        lab = _pick(row, ("labels", "label", "class"))
+        rel = _pick(row, _PATH_KEYS)
+        lab = _pick(row, _LABEL_KEYS)
         if rel is None or lab is None:
+            what, keys = ("path", _PATH_KEYS) if rel is None else ("label", _LABEL_KEYS)
+            present = [k for k in keys if k in row]
+            if present:  # the key is there, its value is not
+                raise ImageRecError(
+                    f"{path}, row {n}: the {what} is empty ({', '.join(f'{k!r}: {row[k]!r}' for k in present)}); "
+                    f"give every row a {what}, or remove the row"
+                )
             raise ImageRecError(f"{path}, row {n}: needs a 'path' and a 'label' column/key; found {sorted(row)}")
         labels = [str(x) for x in lab] if isinstance(lab, list) else [s.strip() for s in str(lab).replace("|", ";").split(";") if s.strip()]
         p = Path(str(rel))
@@ -307,14 +374,31 @@ def read_manifest(path: Path) -> DataSpec:
         if raw_split not in SPLIT_ALIASES:
             raise ImageRecError(f"{path}, row {n}: unknown split '{raw_split}'; use train, val or test")
         split = SPLIT_ALIASES[raw_split]
+        key = os.path.normpath(os.path.abspath(full))
+        if key in first_row:
+            repeated += 1
+            if repeated <= 5:
+                notes.append(f"{path}, row {n}: lists the same file as row {first_row[key]} ({full}); only row {first_row[key]} is used")
+            continue
+        first_row[key] = n
         parsed.append((str(full), split, labels))
     if missing > 5:
         notes.append(f"{path}: {missing} files listed in the manifest were not found and were skipped")
+    if repeated > 5:
+        notes.append(f"{path}: {repeated} rows list a file an earlier row already lists; only the first row of each file is used")
     if not parsed:
         raise ImageRecError(f"{path}: none of the {len(rows)} files in the manifest exist (paths are relative to {path.parent})")
-    class_names = sorted({lab for _, _, labels in parsed for lab in labels})
-    index = {c: k for k, c in enumerate(class_names)}
     multi = any(len(labels) != 1 for _, _, labels in parsed)
+    by_split: dict[str, set[str]] = {}
+    for _, split, labels in parsed:
+        by_split.setdefault(split, set()).update(labels)
+    if multi:  # an image's other labels still count: every class is kept
+        class_names = sorted({lab for labs in by_split.values() for lab in labs})
+    else:
+        known = train_classes(str(path), by_split, notes)
+        parsed = [row for row in parsed if row[2][0] in known]
+        class_names = sorted(known)
+    index = {c: k for k, c in enumerate(class_names)}
     splits: dict[str, list[Item]] = {}
     for full, split, labels in parsed:
         target: Target = tuple(sorted(index[x] for x in labels)) if multi else index[labels[0]]
@@ -322,14 +406,22 @@ def read_manifest(path: Path) -> DataSpec:
     return DataSpec(str(path), class_names, splits, multi_label=multi, notes=notes)
 
 
-def _labels_to_classes(labels: dict[str, np.ndarray]) -> tuple[list[str], dict[int, int]]:
-    values = sorted({int(v) for arr in labels.values() for v in np.unique(arr)})
-    return [str(v) for v in values], {v: k for k, v in enumerate(values)}
+def train_classes(origin: str, labels: dict[str, set[str]], notes: list[str]) -> set[str]:
+    """The class names: those of the train split, as for image folders. A class that only other
+    splits have cannot be learnt; its images are dropped, with a note naming it."""
+    if "train" not in labels:  # no train split: every class counts
+        return {x for labs in labels.values() for x in labs}
+    for split in sorted(labels):
+        extra = labels[split] - labels["train"]
+        if extra:
+            notes.append(f"{origin}: {split} has classes missing from train (dropped): {', '.join(sorted(extra))}")
+    return labels["train"]
 
 
 def read_idx_dir(root: Path) -> DataSpec:
     """MNIST-style IDX files (raw or .gz); train*/t10k*/test* files become the train/test splits.
-    Labels may be any integers (EMNIST letters start at 1): classes are the sorted distinct values."""
+    Labels may be any integers (EMNIST letters start at 1): classes are the sorted distinct values of
+    train; a label only the test file has is dropped with a note, as for image folders."""
     pairs = find_idx_pairs(root)
     images = {split: read_idx(img) for split, (img, _) in pairs.items()}
     labels = {split: read_idx(lab) for split, (_, lab) in pairs.items()}
@@ -349,11 +441,15 @@ def read_idx_dir(root: Path) -> DataSpec:
             raise ImageRecError(
                 f"{pairs[split][0]}: {len(images[split])} images but {len(labels[split])} labels in {pairs[split][1]}"
             )
-    class_names, index = _labels_to_classes(labels)
+    notes: list[str] = []
+    present = {split: {str(int(v)) for v in np.unique(arr)} for split, arr in labels.items()}
+    values = sorted(int(v) for v in train_classes(str(root), present, notes))
+    index = {v: k for k, v in enumerate(values)}
     splits = {
-        split: [Item(ArrayRef(split, i), index[int(v)]) for i, v in enumerate(labels[split])] for split in pairs
+        split: [Item(ArrayRef(split, i), index[v]) for i, v in enumerate(labels[split].tolist()) if v in index]
+        for split in pairs
     }
-    return DataSpec(str(root), class_names, splits, arrays=images)
+    return DataSpec(str(root), [str(v) for v in values], splits, arrays=images, notes=notes)
 
 
 def read_cifar(root: Path) -> DataSpec:

@@ -46,6 +46,10 @@ Dataset
                                 key `similar_to`.
     non_image [warning|info]    a file without an image extension (warning inside a class folder,
                                 info elsewhere, e.g. a top-level README).
+    skipped_by_reader [warning] what the reader leaves out, one entry per note it gives (path =
+                                the data root): images in a class only val/test have, manifest
+                                rows whose file is missing or that repeat a file, images outside
+                                class folders. Train, ingest and export go without them.
 
 Every problem has path, category, severity, detail, split, label (+ the keys above).
 
@@ -224,12 +228,14 @@ def check_data(
     max_side: int = 10000,
     near_dup_distance: int = 4,
     workers: int | None = None,
+    data_dir: str | None = None,
 ) -> CheckReport:
     """Check every image of DATA (folder, archive, manifest, IDX/CIFAR arrays or dataset name).
 
     Returns a `CheckReport`: problems sorted by severity, category and path, and a summary
     (images per split and class, imbalance ratio, problems per category, throughput).
-    `workers` threads decode in parallel (default: CPU count + 2, at most 16).
+    `workers` threads decode in parallel (default: CPU count + 2, at most 16). `data_dir` is where
+    dataset names are looked for first (as in `read_data`).
 
     Example:
         >>> report = check_data("mnist-mini")
@@ -237,7 +243,7 @@ def check_data(
         (10, {'train': 6000, 'test': 1000})
     """
     t0 = time.perf_counter()
-    spec = read_data(data)
+    spec = read_data(data, data_dir=data_dir)
     kind = _source_kind(spec)
     root = spec.origin
     workers = workers if workers is not None else min(16, (os.cpu_count() or 1) + 2)
@@ -281,6 +287,9 @@ def check_data(
     train_counts = _class_counts(spec).get("train") or next(iter(_class_counts(spec).values()), {})
     ratio, imbalance = _imbalance(train_counts, root)
     problems += imbalance
+    # what the reader left out (classes only val/test have, manifest rows whose file is missing,
+    # images outside class folders): the images train would silently go without
+    problems += [Problem(root, "skipped_by_reader", note, None, None) for note in spec.notes]
     if len(spec.class_names) < 2:
         problems.append(Problem(root, "single_class", single_class_message(spec), None, None))
 

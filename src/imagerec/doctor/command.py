@@ -23,6 +23,7 @@ def check_command(
     fix_dest: str | None = None,
     undo: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    data_dir: str | None = None,
 ) -> int:
     """Run the data doctor and print the table (or one JSON object) to stdout; return the exit code.
 
@@ -53,7 +54,7 @@ def check_command(
         raise ImageRecError(f"unknown fix '{fix}': the only fix is 'quarantine'")
     if fix is not None and not fix_dest:
         raise ImageRecError("--fix quarantine needs a destination folder, e.g. --fix quarantine ./quarantined")
-    report = check_data(data, max_pixels=max_pixels)
+    report = check_data(data, max_pixels=max_pixels, data_dir=data_dir)
     manifest = quarantine(report, fix_dest) if fix is not None else None  # type: ignore[arg-type]
     html_path = write_html(report, html) if html else None
     if fmt == "json":

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from imagerec.doctor.problems import SEVERITY, SEVERITY_ORDER, CheckReport
 
+_SHOW_DETAIL = {"skipped_by_reader"}  # their path is the data root: the detail says what was left out
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
@@ -37,7 +39,8 @@ def render_table(report: CheckReport, examples: int = 3) -> Table:
     for cat in order:
         probs = groups[cat]
         worst = min((p.severity for p in probs), key=SEVERITY_ORDER.__getitem__, default=SEVERITY[cat])
-        paths = "\n".join(p.path for p in probs[:examples]) + (f"\n... and {len(probs) - examples} more" if len(probs) > examples else "")
+        shown = [escape(p.detail if cat in _SHOW_DETAIL else p.path) for p in probs[:examples]]
+        paths = "\n".join(shown) + (f"\n... and {len(probs) - examples} more" if len(probs) > examples else "")
         table.add_row(cat, str(len(probs)), f"[{_STYLE[worst]}]{worst}[/]", paths)
     if not groups:
         table.add_row("(none)", "0", "[green]ok[/]", "no problems found")

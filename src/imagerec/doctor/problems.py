@@ -36,6 +36,7 @@ SEVERITY: dict[str, str] = {
     "odd_split_name": "warning",
     "label_typo": "warning",
     "non_image": "warning",  # inside a class folder; elsewhere "info"
+    "skipped_by_reader": "warning",
     "alpha": "info",
     "palette": "info",
 }

@@ -126,7 +126,7 @@ def read_checkpoint_meta(path_stem: str | Path) -> dict[str, Any]:
     if not jpath.is_file() and _pair_meta(stem, None) is None:
         if (stem.parent / "config.yaml").is_file():
             raise ImageRecError(f"{stem.parent} holds a run that stopped before its first checkpoint: nothing to resume; "
-                                "train it again (--save-every-steps N saves during an epoch)")
+                                "train it again with the same --out (--save-every-steps N saves during an epoch)")
         raise ImageRecError(f"no checkpoint at {stem}: {jpath.name} is missing (is this an imagerec run directory?)")
     try:
         meta = json.loads(jpath.read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +12,14 @@ import torch
 from imagerec.config import PreprocessConfig, write_json
 from imagerec.data import DataSpec, read_data, split_train_val
 from imagerec.data.decode import DEFAULT_MAX_PIXELS
-from imagerec.data.loader import ImageLoader, targets_tensor
+from imagerec.data.loader import ImageLoader, arrays_pass_through, targets_tensor
 from imagerec.data.readers import SPLIT_ALIASES, Item
 from imagerec.engine.checkpoint import load_model
 from imagerec.engine.pipeline import BatchPipeline, predict_logits
 from imagerec.metrics import classification_metrics, multilabel_metrics
 from imagerec.report import save_confusion_matrix_png
 from imagerec.transforms import base_transform
-from imagerec.utils import ImageRecError, resolve_device, resolve_precision, setup_compute
+from imagerec.utils import ImageRecError, check_batch_size, resolve_device, resolve_precision, setup_compute
 
 
 def write_eval_outputs(run_dir: Path, split: str, metrics: dict[str, Any]) -> None:
@@ -45,17 +46,49 @@ def remap_items(spec: DataSpec, split: str, model_classes: list[str]) -> list[It
     return [Item(it.source, conv(it.target)) for it in items]
 
 
-def read_run_split(train_config: dict[str, Any], data: str | None, split: str, class_names: list[str],
-                   source: str | Path) -> tuple[DataSpec, list[Item]]:
-    """`split` of `data` (default: the data the run at `source` was trained on), with the run's own
-    val carve-out (val_fraction, seed) and labels renumbered to the model's classes."""
+def read_run_data(train_config: dict[str, Any], data: str | None, source: str | Path,
+                  fingerprint: str | None = None) -> DataSpec:
+    """`data`, or (without it) the data the run at `source` was trained on, with the run's own val
+    carve-out (val_fraction, seed). Data used implicitly must match the checkpoint's `fingerprint`:
+    other data at the saved path (a relative one read from another folder, say) is refused, never
+    evaluated in its place."""
     where = data or train_config.get("data")
     if not where:
         raise ImageRecError(f"{source}: it does not say which data it was trained on; give the images as DATA")
-    spec = split_train_val(read_data(where), train_config.get("val_fraction", 0.1), train_config.get("seed", 0))
+    saved_relative = data is None and not where.startswith("store:") and not Path(where).expanduser().is_absolute()
+    try:
+        raw = read_data(where)
+    except ImageRecError as e:
+        if not saved_relative or Path(where).expanduser().exists():
+            raise
+        raise ImageRecError(
+            f"{source} was trained on DATA '{where}', a path saved relative to the folder training ran in, and it is "
+            f"not found from {Path.cwd()}: pass the data explicitly as DATA (or run from that folder)") from e
+    spec = split_train_val(raw, train_config.get("val_fraction", 0.1), train_config.get("seed", 0))
+    if data is None and fingerprint and spec.fingerprint() != fingerprint:
+        rel = (f"; the run saved DATA as '{where}', relative to the folder training ran in, and from {Path.cwd()} "
+               f"that is other data") if saved_relative else ""
+        raise ImageRecError(
+            f"{spec.origin} is not the data {source} was trained on: its fingerprint differs from the one in the "
+            f"checkpoint (files added, removed, relabelled or other data){rel}. Pass the data to use explicitly as DATA")
+    return spec
+
+
+def read_run_split(train_config: dict[str, Any], data: str | None, split: str, class_names: list[str],
+                   source: str | Path, fingerprint: str | None = None) -> tuple[DataSpec, list[Item], str]:
+    """`split` of `data` (default: the data the run at `source` was trained on, checked against
+    `fingerprint`), with the run's own val carve-out and labels renumbered to the model's classes,
+    and the split's name. Split `all` is every image of the data; DATA given explicitly without
+    a test split is evaluated whole when `test` (the default) is asked for."""
+    spec = read_run_data(train_config, data, source, fingerprint)
+    if split == "test" and data is not None and "test" not in spec.splits:
+        split = "all"
+    if split == "all":
+        spec = replace(spec, splits={"all": [it for s in sorted(spec.splits) for it in spec.splits[s]]})
     if split not in spec.splits:
-        raise ImageRecError(f"{spec.origin} has no '{split}' split; it has: {', '.join(sorted(spec.splits))}")
-    return spec, remap_items(spec, split, class_names)
+        raise ImageRecError(f"{spec.origin} has no '{split}' split; it has: {', '.join(sorted(spec.splits))} "
+                            f"(or use split 'all': every image of it)")
+    return spec, remap_items(spec, split, class_names), split
 
 
 def create_eval_loader(spec: DataSpec, items: list[Item], pre: PreprocessConfig, batch_size: int = 256, workers: int = -1,
@@ -63,7 +96,8 @@ def create_eval_loader(spec: DataSpec, items: list[Item], pre: PreprocessConfig,
     """Batches of `items` through the model's own eval transform (the one used after training)."""
     return ImageLoader(items, spec.arrays, pre.channels, pre.input_size, base_transform(pre), batch_size,
                        targets_tensor(items, pre.num_classes, pre.multi_label), workers=workers,
-                       max_pixels=max_pixels, fast_arrays=True, draft=pre.resize_size)
+                       max_pixels=max_pixels, fast_arrays=arrays_pass_through(pre, pre.input_size),
+                       draft=pre.resize_size)
 
 
 def evaluate_run(
@@ -82,11 +116,13 @@ def evaluate_run(
         >>> m["accuracy"], m["macro_f1"]
     """
     split = SPLIT_ALIASES.get(split.strip().lower(), split)  # 'VAL', 'validation': as folder names allow
+    check_batch_size(batch_size)
     setup_compute()
     model, meta = load_model(run_dir)
     pre = PreprocessConfig.from_dict(meta["preprocess"])
     cfg = meta["train_config"]
-    spec, items = read_run_split(cfg, data, split, list(pre.class_names), run_dir)
+    fingerprint = (meta.get("data") or {}).get("fingerprint")
+    spec, items, split = read_run_split(cfg, data, split, list(pre.class_names), run_dir, fingerprint)
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     model.to(dev).to(memory_format=torch.channels_last)

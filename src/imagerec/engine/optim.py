@@ -17,9 +17,15 @@ DEFAULT_LR = {"sgd": 0.02, "adam": 1e-3, "adamw": 3e-3, "adagrad": 1e-2}
 DEFAULT_WD = {"sgd": 5e-4, "adam": 0.0, "adamw": 0.05, "adagrad": 0.0}
 
 
-def create_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def resolve_lr_wd(cfg: TrainConfig) -> tuple[float, float]:
+    """(lr, weight decay): the config's, or the optimizer's defaults where it leaves them unset."""
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
     wd = cfg.weight_decay if cfg.weight_decay is not None else DEFAULT_WD[cfg.optimizer]
+    return lr, wd
+
+
+def create_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    lr, wd = resolve_lr_wd(cfg)
     groups = create_param_groups(model, lr, wd, cfg.backbone_lr_scale, cfg.freeze_backbone)
     if cfg.norm_lr_scale != 1.0:
         groups = split_norm_groups(model, groups, cfg.norm_lr_scale)
@@ -53,11 +59,15 @@ _NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.La
 
 
 def create_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """step -> multiplier of each group's base lr."""
+    """step -> multiplier of each group's base lr.
+
+    `cfg.warmup_epochs` is the warm-up of every schedule; None (the default) leaves each its own:
+    onecycle 25% of the steps, triangle 23%, cosine and constant one epoch."""
     total = max(1, cfg.epochs * steps_per_epoch)
+    explicit_warm = None if cfg.warmup_epochs is None else min(total, int(cfg.warmup_epochs * steps_per_epoch))
     if cfg.schedule == "onecycle":
-        # fastai/timm one-cycle: 25% warm-up from lr/25, then cosine down to ~0.
-        warm = max(1, int(0.25 * total))
+        # fastai/timm one-cycle: warm-up from lr/25 (pct_start 25% by default), then cosine down to ~0.
+        warm = max(1, int(0.25 * total)) if explicit_warm is None else explicit_warm
 
         def onecycle(step: int) -> float:
             if step < warm:
@@ -68,7 +78,7 @@ def create_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], f
         return onecycle
     if cfg.schedule == "triangle":
         # airbench94: linear 0.2 -> 1 over the first 23% of steps, then linear down to 0.07.
-        peak = max(1, int(0.23 * total))
+        peak = max(1, int(0.23 * total)) if explicit_warm is None else explicit_warm
 
         def triangle(step: int) -> float:
             if step < peak:
@@ -76,7 +86,7 @@ def create_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], f
             return 1.0 - 0.93 * min(1.0, (step - peak) / max(1, total - peak))
 
         return triangle
-    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    warm = steps_per_epoch if explicit_warm is None else explicit_warm
 
     def warmup_then(step: int) -> float:
         if step < warm:

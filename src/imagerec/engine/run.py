@@ -26,13 +26,14 @@ from rich.console import Console
 from imagerec.config import PreprocessConfig, TrainConfig, apply_overrides, write_json
 from imagerec.data import DataSpec, read_data, split_train_val
 from imagerec.data.decode import DECODE_ERRORS, ArrayRef, read_bytes
-from imagerec.data.loader import ImageLoader, default_workers, targets_tensor
+from imagerec.data.loader import ImageLoader, arrays_pass_through, default_workers, targets_tensor
 from imagerec.data.readers import single_class_message
 from imagerec.engine import distributed
 from imagerec.engine.callbacks import Callback, EarlyStopping, HistoryCSV, ProgressBar
 from imagerec.engine.checkpoint import load_checkpoint_tensors, read_checkpoint_meta, restore_optimizer
+from imagerec.engine.data_prep import limit_items, norm_for_channels, source_preprocess, warn_untrained_classes
 from imagerec.engine.evaluate import write_eval_outputs
-from imagerec.engine.optim import create_optimizer
+from imagerec.engine.optim import create_optimizer, resolve_lr_wd
 from imagerec.engine.pipeline import BatchPipeline
 from imagerec.engine.recipes import apply_recipe
 from imagerec.engine.task import ClassificationTask
@@ -109,13 +110,6 @@ def class_weights(counts: np.ndarray, n_items: int, multi_label: bool) -> torch.
     return torch.tensor(np.minimum(w, 10.0), dtype=torch.float32)
 
 
-def _limit(items: list, n: int, seed: int) -> list:
-    if not n or n >= len(items):
-        return items
-    keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:n])
-    return [items[i] for i in keep]
-
-
 def _uint8_sample(loader: ImageLoader, channels: int, n: int) -> torch.Tensor:
     """About n uint8 training images (B, C, H, W): every k-th image of the RAM cache, or the first
     four streamed batches (at most n)."""
@@ -157,7 +151,7 @@ def _make_loader(spec: DataSpec, items: list, pre: PreprocessConfig, cfg: TrainC
         workers=cfg.workers if cfg.workers >= 0 else default_workers(procs),
         cache=cfg.cache,
         max_pixels=cfg.max_pixels,
-        fast_arrays=True,
+        fast_arrays=arrays_pass_through(pre, size),
         draft=pre.resize_size,
         sample_weights=sample_weights,
         rank=distributed.rank(),
@@ -209,6 +203,10 @@ def resolve_out(out: str, resume: bool) -> Path:
             if (p / "last.json").is_file():
                 raise ImageRecError(f"{p} already holds a run; continue it with --resume {p}, or choose another --out")
             held = sorted(x.name for x in p.iterdir())
+            if held == ["config.yaml"]:  # a run that crashed or was stopped before its first checkpoint
+                log.warning("%s holds only the config.yaml of a run that stopped before its first checkpoint; "
+                            "training into it again", p)
+                return p
             raise ImageRecError(f"--out {p} is a folder that is not empty and holds no run ({', '.join(held[:3])}"
                                 f"{', ...' if len(held) > 3 else ''}); choose a new or empty folder")
         k = 2
@@ -241,9 +239,13 @@ def train(
     if resume is not None:
         resume_meta = read_checkpoint_meta(Path(resume) / "last")
         saved = TrainConfig(**resume_meta["train_config"])
+        if "train_seconds" not in resume_meta["state"] and saved.schedule in ("onecycle", "triangle"):
+            # Saved before --warmup-epochs reached these schedules (such checkpoints have no
+            # train_seconds): that run warmed up as the schedule does by default, and keeps doing so.
+            saved = replace(saved, warmup_epochs=None)
         cfg = apply_overrides(saved, overrides, "--resume overrides")
         _check_resume_overrides(saved, cfg, resume)
-        cfg = replace(cfg, out=str(resume))
+        cfg = replace(cfg, out=str(resume), data=saved.data)  # DATA as saved: the same data, checked above
         if "time_limit" in overrides:
             log.warning("--time-limit plans a new run; --resume trains to the %d epoch(s) it planned "
                         "(raise --epochs to train further)", cfg.epochs)
@@ -252,6 +254,11 @@ def train(
     cfg.validate()
     if not cfg.data:
         raise ImageRecError("no DATA given: pass a folder, archive, manifest or dataset name")
+    local = Path(cfg.data).expanduser()
+    if resume is None and not cfg.data.startswith("store:") and local.exists():
+        # A local path is read and saved absolute (config.yaml, checkpoints, data fingerprint), so
+        # eval/export/robustness find the same data from any folder; names and store:NAME stay as given.
+        cfg = replace(cfg, data=str(local.resolve()))
     with distributed.process_group(cfg.device) as device:
         return _train(cfg, device, resume, resume_meta, callbacks, console, started)
 
@@ -281,7 +288,23 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     spec = split_train_val(spec, cfg.val_fraction, cfg.seed)
     for note in spec.notes:
         log.warning(note)
+    if cfg.early_stopping and not spec.splits.get("val"):
+        raise ImageRecError(
+            f"--early-stopping {cfg.early_stopping} watches the validation {cfg.metric}, but there are no validation "
+            f"images: {spec.origin} has no val split and --val-fraction is {cfg.val_fraction:g}. Hold some out with "
+            "--val-fraction 0.1 (or give the data a val split), or leave out --early-stopping")
 
+    source_pre = source_preprocess(cfg.pretrained) if cfg.pretrained and resume_meta is None else None
+    if source_pre is not None:
+        # The weights learned on inputs prepared the source run's way: prepare these the same way
+        # (mean/std below; ops and interpolation here, unless this run sets them).
+        defaults = TrainConfig()
+        adopt = {k: (list(source_pre[k]) if k == "ops" else source_pre[k]) for k in ("ops", "interpolation")
+                 if k in source_pre and k not in cfg.explicit and getattr(cfg, k) == getattr(defaults, k)}
+        if adopt.get("ops"):
+            log.warning("--pretrained %s: applying its preprocessing ops %s, as its weights expect (give --op to choose others)",
+                        cfg.pretrained, " ".join(adopt["ops"]))
+        cfg = replace(cfg, **adopt)
     if resume_meta is not None:
         pre = PreprocessConfig.from_dict(resume_meta["preprocess"])
     else:
@@ -289,8 +312,9 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         resize = size if size <= 64 else int(round(size / 0.875))
         pre = PreprocessConfig(size, channels, (0.5,) * channels, (0.5,) * channels, resize, tuple(spec.class_names),
                                cfg.interpolation, tuple(cfg.ops), spec.multi_label)
-    train_items = _limit(spec.splits["train"], cfg.limit_train, cfg.seed)
+    train_items = limit_items(spec.splits["train"], cfg.limit_train, cfg.seed)
     counts = class_counts(train_items, pre.num_classes)
+    warn_untrained_classes(counts, list(pre.class_names), cfg.limit_train)
     balance, metric = resolve_balance(cfg, counts, pre.multi_label)
     cfg = replace(cfg, balance=balance, metric=metric)
     weights = class_weights(counts, len(train_items), pre.multi_label) if balance != "none" else None
@@ -308,7 +332,9 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
                             "use more data or fewer processes (--nproc_per_node)")
     val_loader = _make_loader(spec, spec.splits["val"], pre, cfg, train=False) if spec.splits.get("val") else None
     if resume_meta is None:
-        if cfg.pretrained:
+        if source_pre is not None:
+            mean, std = norm_for_channels(source_pre, pre.channels, str(cfg.pretrained))
+        elif cfg.pretrained:
             mean, std = (IMAGENET_MEAN, IMAGENET_STD) if pre.channels == 3 else ((0.449,), (0.226,))
         else:
             mean, std = _mean_std(train_loader, pre.channels)
@@ -317,6 +343,8 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     data_seconds = time.perf_counter() - t_data
 
     model_name = cfg.model if cfg.model != "auto" else ("cnn" if pre.input_size <= 64 else "resnet18")
+    lr, weight_decay = resolve_lr_wd(cfg)
+    cfg = replace(cfg, model=model_name, lr=lr, weight_decay=weight_decay)  # config.yaml records what trains
     model_kwargs = {"in_chans": pre.channels, "img_size": pre.input_size}
     torch.manual_seed(mix_seed(cfg.seed, -1))  # weight init is part of the run's seed too
     model = create_model(model_name, num_classes=pre.num_classes, **model_kwargs)
@@ -359,9 +387,6 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     }
     if resume_meta is not None and resume_meta["data"]["fingerprint"] != meta["data"]["fingerprint"]:
         log.warning("the data changed since this run started (fingerprint differs); resuming anyway")
-    if main:
-        head = f"# torchrun: {world} processes x batch_size {cfg.batch_size} = global batch {global_batch}\n" if world > 1 else ""
-        (run_dir / "config.yaml").write_text(head + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     cbs: list[Callback] = [ProgressBar(console), HistoryCSV(run_dir / "history.csv")] if main else []
     if cfg.early_stopping:
@@ -378,6 +403,13 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         _adapt_resume_to_world(trainer, resume_meta, len(train_loader))
         if trainer.state.epoch >= cfg.epochs:
             console.print(f"{run_dir} already finished {trainer.state.epoch} epoch(s); raise --epochs to train further")
+            # Nothing to train: the run's record stays as it is (re-evaluated only if it never was).
+            if distributed.broadcast_object((run_dir / "metrics.json").is_file()):
+                done = json.loads((run_dir / "metrics.json").read_text()) if main else {}
+                return RunResult(run_dir, done, model_name, main_process=main)
+    if main and (resume_meta is None or trainer.state.epoch < cfg.epochs):
+        head = f"# torchrun: {world} processes x batch_size {cfg.batch_size} = global batch {global_batch}\n" if world > 1 else ""
+        (run_dir / "config.yaml").write_text(head + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     console.print(
         f"training {model_name} ({meta['num_params']:,} params) on {spec.origin}: "
@@ -388,7 +420,6 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         f"{f', {world} processes x batch {cfg.batch_size} = global batch {global_batch}' if world > 1 else ''}",
         highlight=False,
     )
-    t0 = time.perf_counter()
     try:
         state = trainer.fit()
     except KeyboardInterrupt as e:
@@ -404,7 +435,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
             return RunResult(run_dir, {}, model_name, interrupted=True, main_process=main)
         console.print(f"interrupted: {where}; continue with: {launcher} train --resume {run_dir}")
         return RunResult(run_dir, {}, model_name, interrupted=True, main_process=main)
-    train_seconds = time.perf_counter() - t0
+    train_seconds = state.train_seconds  # all segments of a resumed run (saved in the checkpoints)
     if trainer.stop_reason:
         console.print(trainer.stop_reason)
 

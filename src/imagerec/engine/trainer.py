@@ -55,6 +55,7 @@ class TrainState:
     seen: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    train_seconds: float = 0.0  # time in fit() over every segment of the run, up to the last save
 
 
 def higher_is_better(metric: str) -> bool:
@@ -107,6 +108,7 @@ class Trainer:
         self._calibration: tuple[int, float] | None = None  # (global step, clock) where timing starts
         self._calibration_steps = max(1, min(20, len(train_loader) // 10))
         self._first_epoch, self._planned, self._time_up = 0, False, False
+        self._fit_clock: tuple[float, float] | None = None  # (perf_counter at fit(), train_seconds before it)
 
     # --- events --------------------------------------------------------------------------------
     def _emit(self, event: str, *args: Any) -> None:
@@ -186,6 +188,7 @@ class Trainer:
         """Train from the current state to cfg.epochs; returns the final state."""
         s = self.state
         self._first_epoch = s.epoch
+        self._fit_clock = (time.perf_counter(), s.train_seconds)
         self._emit("on_fit_start")
         # Ctrl-C and SIGTERM set a flag that the step loop checks after each step (under torchrun,
         # all ranks together: distributed.StopFlag), so the checkpoint holds whole steps: raised
@@ -214,6 +217,7 @@ class Trainer:
                 raise
             finally:
                 self._stop = None
+                self._count_seconds()
         self._emit("on_fit_end")
         return s
 
@@ -310,9 +314,15 @@ class Trainer:
         return (f"training diverged: {what} became NaN or infinite in epoch {self.state.epoch + 1}; "
                 f"lower --lr (it is {lr}) or set --grad-clip 1.0")
 
+    def _count_seconds(self) -> None:
+        if self._fit_clock is not None:
+            t0, before = self._fit_clock
+            self.state.train_seconds = before + time.perf_counter() - t0
+
     def save(self, name: str) -> None:
         if not distributed.is_main():
             return  # rank 0 writes the run directory
+        self._count_seconds()
         meta = dict(self.meta)
         meta["state"] = asdict(self.state)
         meta["state"]["skipped"] = sorted(set(self.state.skipped))

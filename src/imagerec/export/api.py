@@ -14,6 +14,7 @@ from torch import nn
 from imagerec.config import PreprocessConfig
 from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.engine.checkpoint import find_run_checkpoint, load_model
+from imagerec.engine.evaluate import read_run_data
 from imagerec.export.bundle import check_out, create_runtime, finalize_bundle, staging_dir
 from imagerec.export.onnx import export_onnx
 from imagerec.export.parity import (
@@ -37,7 +38,9 @@ FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "int8": "model.int8.on
 
 def openvino_runtimes(folder: Path, int8: bool) -> list[tuple[dict[str, Any], Runtime]]:
     """OpenVINO variants of the ONNX files in `folder`: bf16 where the CPU has bf16 units, and the
-    int8 graph when there is one. Each still has to pass its parity gate."""
+    int8 graph when there is one. Each still has to pass its parity gate (`parity.compare`): bf16
+    the agreement gate (top-1 agreement >= 99.5%, max |dprob| <= 1e-2), never `max_drop`, so an
+    fp32 export is only ever predicted with a runtime that agrees with it image by image."""
     hint = "bf16" if cpu_supports_bf16() else "f32"
     variants = [("openvino-bf16", FILES["onnx"], "bf16")] if hint == "bf16" else []
     if int8:
@@ -213,13 +216,17 @@ def export_run(
     model, meta = load_model(run_dir)
     pre = PreprocessConfig.from_dict(meta["preprocess"])
     cfg = meta.get("train_config", {})
-    where = data or cfg.get("data")
-    if not where:
+    if not data and not cfg.get("data"):
         raise ImageRecError(f"{run_dir}: the checkpoint does not say what data it was trained on; pass data=... / --data")
     kw = {"val_fraction": cfg.get("val_fraction", 0.1), "seed": cfg.get("seed", 0), "max_pixels": cfg.get("max_pixels", DEFAULT_MAX_PIXELS)}
+    fingerprint = (meta.get("data") or {}).get("fingerprint")
     try:
+        # the run's own data is checked against the checkpoint's fingerprint: never other data at its saved path
+        trained_on = read_run_data(cfg, None, run_dir, fingerprint) if data is None or (int8 and cfg.get("data")) else None
+        where = data or trained_on
+        assert where is not None
         images = load_images(where, pre, ("val", "test") if data is None else ("val", "test", "train"), parity_images, **kw)
-        calib = load_images(cfg.get("data") or where, pre, ("train",), calibration_images, **kw).x if int8 else None
+        calib = load_images(trained_on or where, pre, ("train",), calibration_images, **kw).x if int8 else None
     except ImageRecError as e:
         raise ImageRecError(f"{e}. Parity images come from the run's data; pass data=... / --data to use other images") from e
     stem = find_run_checkpoint(run_dir)

@@ -142,12 +142,24 @@ def default_widths(in_chans: int, img_size: int) -> tuple[tuple[int, int, int], 
     return (64, 128, 256), 1
 
 
+def min_input_size(stem_stride: int) -> int:
+    """The smallest square input that still leaves a 1x1 map after the stem and three 2x poolings."""
+    side = 8  # the stem's output side that three 2x poolings bring to 1
+    return (side - 1) * stem_stride + 2  # the 2x2 stem: out = (in - 2) // stride + 1
+
+
 @register_model("airbench")
 def airbench(num_classes: int, in_chans: int = 3, img_size: int = 224, **kwargs: Any) -> nn.Module:
     """airbench94's net (whitening stem, 3 conv groups, TTA in eval): the --recipe fast model."""
     widths, stride = default_widths(in_chans, img_size)
     widths = kwargs.pop("widths", None) or widths
     kwargs.setdefault("stem_stride", stride)
+    smallest = min_input_size(int(kwargs["stem_stride"]))
+    if img_size < smallest:
+        raise ImageRecError(
+            f"airbench needs {'grayscale' if in_chans == 1 else 'colour'} images of at least {smallest} px (its 2x2 stem"
+            f"{' of stride 2' if kwargs['stem_stride'] == 2 else ''} and three 2x poolings leave nothing of {img_size} px): "
+            f"use --image-size {smallest} or another --model, e.g. cnn")
     tta = kwargs.pop("tta", "flip-translate" if in_chans == 3 else "translate")
     return AirbenchNet(num_classes, in_chans, widths, tta, **kwargs)
 

@@ -43,13 +43,17 @@ def _size(n: int) -> str:
 
 
 def ingest_command(
-    source: str, dataset: str, split: str | None = None, db: str | None = None, update: bool = False
+    source: str, dataset: str, split: str | None = None, db: str | None = None, update: bool = False,
+    data_dir: str | None = None,
 ) -> int:
-    """`imagerec ingest SOURCE --dataset NAME [--split S] [--update] [--db URL]`: 0, or 1 when no image was readable."""
+    """`imagerec ingest SOURCE --dataset NAME [--split S] [--update] [--db URL] [--data-dir DIR]`: 0, or 1
+    when no image was readable."""
     with open_store(db) as store:
-        report = ingest(store, source, dataset, split=split, progress=True, update=update)
+        report = ingest(store, source, dataset, split=split, progress=True, update=update, data_dir=data_dir)
         console = _console()
         console.print(report.summary(), highlight=False)
+        for note in report.notes:
+            console.print(f"  left out: {note}", highlight=False, markup=False)
         for _name, reason in report.skipped[:MAX_SKIPPED_SHOWN]:  # reason names the file
             console.print(f"  skipped {reason}", highlight=False, markup=False)
         if len(report.skipped) > MAX_SKIPPED_SHOWN:

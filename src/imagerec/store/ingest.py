@@ -87,6 +87,7 @@ class IngestReport:
     added_per_split: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     update: bool = False
+    notes: list[str] = field(default_factory=list)  # what the reader left out, which `seen` does not count
 
     @property
     def images_per_s(self) -> float:
@@ -106,9 +107,10 @@ class IngestReport:
         if self.source_conflicts:
             duplicates += f" ({len(self.source_conflicts)} with other labels/split)"
         parts += [duplicates, f"{len(self.skipped)} unreadable"]
+        left_out = f"; the source's reader left files out: {len(self.notes)} note(s) below" if self.notes else ""
         return (
             f"{self.dataset}: {', '.join(parts)} "
-            f"({self.seen} seen in {self.seconds:.1f} s, {self.images_per_s:.0f} images/s)"
+            f"({self.seen} seen in {self.seconds:.1f} s, {self.images_per_s:.0f} images/s{left_out})"
         )
 
     def conflict_lines(self, limit: int = 10) -> list[str]:
@@ -378,6 +380,7 @@ def ingest(
     batch_size: int = 500,
     progress: bool = True,
     update: bool = False,
+    data_dir: str | None = None,
 ) -> IngestReport:
     """Copy the images of `source` (any DATA that `read_data` accepts) into `dataset` in the store.
 
@@ -385,7 +388,9 @@ def ingest(
     or CIFAR batches as PNG). Unreadable files are skipped and listed in the report. With
     `split`, only that split of the source is ingested (a source with no split layout is stored
     under it). Images already stored with other labels or another split are kept as stored and
-    reported, unless `update` is true: then they get the source's labels, split and path. Safe to
+    reported, unless `update` is true: then they get the source's labels, split and path. Files the
+    reader leaves out (a class only val/test have, a manifest row whose file is missing) are not
+    `seen`; its notes about them are in `notes`. Safe to
     interrupt at any point and to run again, or concurrently; a dataset is created by the first
     batch that stores an image in it.
 
@@ -401,9 +406,9 @@ def ingest(
         raise ImageRecError(f"batch_size must be at least 1, got {batch_size}")
     check_dataset_name(dataset)
     start = time.perf_counter()
-    spec = read_data(source)
+    spec = read_data(source, data_dir=data_dir)
     pairs = _select_items(spec, split)
-    report = IngestReport(dataset=dataset, source=source, update=update)
+    report = IngestReport(dataset=dataset, source=source, update=update, notes=list(spec.notes))
     target = _Target(dataset, list(spec.class_names), spec.multi_label)
     added: Counter[str] = Counter()
     bar = _progress_bar() if progress else None
