@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from imagerec.data.decode import DEFAULT_MAX_PIXELS
-from imagerec.utils import ImageRecError, did_you_mean
+from imagerec.utils import ImageRecError, atomic_write, did_you_mean
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 AUGMENT_PRESETS = ("none", "light", "standard", "strong")
@@ -276,9 +276,12 @@ def load_config_file(path: str | Path, base: TrainConfig | None = None) -> Train
     return apply_overrides(base or TrainConfig(), raw, str(p))
 
 
+def json_text(obj: Any) -> str:
+    """The JSON text imagerec writes for records (indented; anything else as str)."""
+    return json.dumps(obj, indent=2, default=str) + "\n"
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically: a crash mid-write never leaves a truncated file behind."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(p)
+    with atomic_write(path) as f:
+        f.write(json_text(obj))

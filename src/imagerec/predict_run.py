@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from PIL import Image
 
 from imagerec.data.decode import Source
 from imagerec.predict import VIDEO_EXTENSIONS, Predictor, expand_paths, is_video_path, load
-from imagerec.utils import ImageRecError, check_batch_size
+from imagerec.utils import ImageRecError, atomic_write, check_batch_size
 
 __all__ = ["CSV_FIELDS", "FORMATS", "VIDEO_EXTENSIONS", "is_video", "run_predict"]
 FORMATS = ("table", "json", "csv", "parquet")
@@ -140,15 +139,13 @@ def _resume_rows(output: Path, fmt: str) -> tuple[set[Key], list[dict[str, Any]]
 
 def _rewrite(output: Path, fmt: str, rows: list[dict[str, Any]]) -> None:
     """Replace `output` (JSON lines or CSV) atomically with `rows`."""
-    tmp = output.with_name(output.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(output, newline="") as f:
         if fmt == "json":
             f.writelines(json.dumps(r) + "\n" for r in rows)
         else:
             w = csv.writer(f)
             w.writerow(CSV_FIELDS)
             w.writerows([r.get(k) or "" for k in CSV_FIELDS] for r in rows)  # cells as read: already text
-    os.replace(tmp, output)
 
 
 def _csv_row(r: dict[str, Any]) -> list[Any]:
@@ -194,9 +191,8 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
     cols = {k: [r.get(k) for r in rows] for k in ("path", "frame", "time_s", "label", "score", "error")}
     cols["topk"] = [r.get("topk", []) for r in rows]
     cols["labels"] = [r.get("labels") for r in rows]  # a multi-label model's predicted set; null otherwise
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.table(cols), tmp)
-    tmp.replace(path)
+    with atomic_write(path, "wb") as f:
+        pq.write_table(pa.table(cols), f)
 
 
 def run_predict(

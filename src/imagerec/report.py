@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from rich.table import Table
 
 from imagerec.metrics import ECE_BINS
+from imagerec.utils import atomic_write
 
 # Above this many classes, cell counts are unreadable and are left out.
 MAX_CLASSES_WITH_COUNTS = 20
@@ -79,7 +80,8 @@ def save_confusion_matrix_png(
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, format="png")
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, dpi=120, format="png")
 
 
 def _is_multilabel(metrics: dict[str, Any]) -> bool:

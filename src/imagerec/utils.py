@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import difflib
 import functools
@@ -9,8 +10,12 @@ import hashlib
 import os
 import platform
 import sys
-from collections.abc import Iterable
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 
@@ -27,6 +32,37 @@ def check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ImageRecError(f"batch size must be a whole number of at least 1, got {batch_size!r}: "
                             f"use e.g. --batch-size 64 / batch_size=64")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w", *, durable: bool = False, **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """Write `path` all or nothing: the body writes a temp file beside it, which replaces `path` in
+    one rename when the body finishes. On any error (an exception in the body, a full disk, a file
+    size limit) the temp file is removed and `path` keeps what it held, so a crash or a kill never
+    leaves a truncated file. `durable` fsyncs before the rename (a power cut keeps the new file).
+
+    Example:
+        with atomic_write(run_dir / "history.csv", newline="") as f:
+            f.write(text)
+    """
+    path = Path(path)
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
+    if mode == "w":
+        open_kwargs.setdefault("encoding", "utf-8")
+    # a fresh name per writer (two processes may write one file) opened exclusively ("x"), so it
+    # gets the usual permissions (umask), unlike mkstemp's 0600
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, mode.replace("w", "x"), **open_kwargs) as f:
+            yield f
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -116,6 +152,52 @@ def setup_compute(num_threads: int = 0) -> int:
     torch.set_num_threads(max(1, n))
     retain_freed_memory()
     return torch.get_num_threads()
+
+
+class CpuLoadProbe:
+    """How many cores other processes keep busy, sampled in a background thread while a command starts.
+
+    torch's OpenMP threads spin while they wait for each other; with one thread per core and another
+    process busy on one of the cores they wait far longer than their share. Measured on a 2-core
+    AVX2 machine with one other busy process: see README "Training" (a run with `--num-threads 1`
+    against the default 2). Busy = the whole machine's non-idle time in /proc/stat (steal
+    included) minus this process's own CPU time, over the window.
+    """
+
+    def __init__(self, seconds: float = 0.25) -> None:
+        self.busy = 0.0
+        self._thread = threading.Thread(target=self._sample, args=(seconds,), name="cpu-load-probe", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _machine_ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(vals), vals[3] + vals[4]
+
+    def _sample(self, seconds: float) -> None:
+        try:
+            total0, idle0 = self._machine_ticks()
+            own0, wall0 = time.process_time(), time.monotonic()
+            time.sleep(seconds)
+            total1, idle1 = self._machine_ticks()
+            own1, wall1 = time.process_time(), time.monotonic()
+        except (OSError, ValueError, IndexError):
+            return  # no /proc (not Linux): nothing to say
+        wall, hz = wall1 - wall0, os.sysconf("SC_CLK_TCK")
+        busy = ((total1 - total0) - (idle1 - idle0)) / hz / wall
+        self.busy = max(0.0, busy - (own1 - own0) / wall)
+
+    def advice(self, threads: int) -> str | None:
+        """A warning when other processes use more cores than `threads` leaves free, else None."""
+        self._thread.join()
+        cpus = available_cpus()
+        if self.busy <= cpus - threads + 0.5:
+            return None
+        fewer = max(1, cpus - round(self.busy))
+        return (f"other processes are keeping {self.busy:.1f} of this machine's {cpus} cores busy, and this run uses "
+                f"{threads} threads: they will wait on each other and run much slower than their share; "
+                f"pass --num-threads {fewer} (or stop the other work) for a faster run")
 
 
 # glibc mallopt parameters (<malloc.h>)

@@ -671,6 +671,18 @@ def test_data_dir_flag_is_where_named_datasets_are_looked_for(tmp_path: Path, co
     assert "--data-dir DIR" in proc.stderr and "$IMAGEREC_DATA" in proc.stderr
 
 
+def test_export_data_takes_data_dir(run_dir: Path, tmp_path: Path) -> None:
+    """`export --data NAME` finds a named dataset through `--data-dir` as the other commands do."""
+    env = {k: v for k, v in os.environ.items() if k != "IMAGEREC_DATA"}
+    env.update(IMAGEREC_OFFLINE="1")
+    data_dir = tmp_path / "datasets"
+    proc = run_cli("export", run_dir, "--out", tmp_path / "b", "--data", "mnist", "--data-dir", data_dir,
+                   cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"Put these files in {data_dir / 'mnist'}/" in proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
 # --- DATA saved with the run; eval of a plain folder -------------------------------------------------
 
 

@@ -272,6 +272,11 @@ def test_download_false_lists_data_dir(tmp_path: Path) -> None:
     msg = str(info.value)
     assert "download=False" in msg and str(tmp_path / "mine" / "fashion-mnist") in msg
     assert "8d4fb7e6c68d591d4c3dfef9ec88bf0d" in msg
+    assert f"the data folder {tmp_path / 'mine'}/ does not exist" in msg  # a typo is named as one
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ImageRecError) as info:
+        resolve_named_dataset("fashion-mnist", data_dir=tmp_path / "mine", download=False)
+    assert "does not exist" not in str(info.value)
 
 
 # --- cifar10: archive + extraction (a tiny stand-in archive, same layout) ----------------

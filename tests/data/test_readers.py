@@ -650,20 +650,28 @@ def test_targz_cache_tolerates_another_process_unpacking_at_the_same_time(
     _check_small_cifar(spec, cifar_members)
 
 
-def test_zip_with_two_members_of_one_name_reads_both(tmp_path: Path, cifar_members: dict[str, bytes]) -> None:
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_archive_with_two_members_of_one_name_reads_both(tmp_path: Path, cifar_members: dict[str, bytes], kind: str) -> None:
     names = sorted(n for n in cifar_members if "/train/" in n)
     cat = [n for n in names if "/cat/" in n]
     dog = [n for n in names if "/dog/" in n]
-    archive = tmp_path / "dup.zip"
-    with zipfile.ZipFile(archive, "w") as zf, pytest.warns(UserWarning, match="Duplicate name"):
-        zf.writestr("cat/0000.jpg", cifar_members[cat[0]])
-        zf.writestr("cat/0000.jpg", cifar_members[cat[1]])  # same name, other bytes
-        for n in dog:
-            zf.writestr(f"dog/{Path(n).name}", cifar_members[n])
+    members = [("cat/0000.jpg", cifar_members[cat[0]]), ("cat/0000.jpg", cifar_members[cat[1]])]  # same name, other bytes
+    members += [(f"dog/{Path(n).name}", cifar_members[n]) for n in dog]
+    archive = tmp_path / f"dup.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+            for name, data in members:
+                zf.writestr(name, data)
+    else:
+        with tarfile.open(archive, "w") as tf:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
     spec = read_data(str(archive))
     cats = [it.source for it in spec.splits["train"] if spec.class_names[it.target] == "cat"]
     assert [read_bytes(s) for s in cats] == [cifar_members[cat[0]], cifar_members[cat[1]]]
-    assert len({source_name(s) for s in spec.splits["train"]}) == len(spec.splits["train"])  # told apart
+    assert len({source_name(it.source) for it in spec.splits["train"]}) == len(spec.splits["train"])  # told apart
 
 
 def test_tar_truncated_inside_a_member_header_is_an_error(tmp_path: Path, cifar_members: dict[str, bytes]) -> None:

@@ -244,3 +244,26 @@ def test_early_stopping_without_validation_images_is_refused(tmp_path: Path) -> 
     with pytest.raises(ImageRecError, match=r"--early-stopping 1 .* no validation images.*--val-fraction 0\.1"):
         imagerec.train(out=str(tmp_path / "es"), early_stopping=1, val_fraction=0.0, **SMALL)
     assert not (tmp_path / "es").exists()  # refused before anything was written
+
+
+def test_resume_checks_the_limit_train_subset(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """The images `--limit-train` picked are recorded; a resume that would pick others says so."""
+    run = tmp_path / "lim"
+    small = {**SMALL, "model": "mlp", "limit_train": 128}
+    imagerec.train(out=str(run), **small)
+    meta_path = run / "last.json"
+    assert len(json.loads(meta_path.read_text())["data"]["train_subset"]) == 64
+    with caplog.at_level("WARNING", logger="imagerec"):
+        imagerec.train(resume=str(run), epochs=2)
+    assert "--limit-train" not in caplog.text  # the same subset: nothing to say
+    for value, expect in ((None, "saved before imagerec recorded"), ("0" * 64, "differ from those this run started")):
+        meta = json.loads(meta_path.read_text())
+        if value is None:
+            del meta["data"]["train_subset"]  # a run saved by an older imagerec
+        else:
+            meta["data"]["train_subset"] = value
+        meta_path.write_text(json.dumps(meta))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="imagerec"):
+            imagerec.train(resume=str(run), epochs=meta["state"]["epoch"] + 1)
+        assert expect in caplog.text

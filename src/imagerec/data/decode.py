@@ -36,6 +36,7 @@ class TarMember:
     name: str
     offset: int
     size: int
+    copy: int = 0  # 0 for the first member of this name, 1 for the second, ... (as ZipMember)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def source_name(src: Source) -> str:
     """A stable human-readable name for messages and data fingerprints."""
     if isinstance(src, str):
         return src
-    if isinstance(src, ZipMember) and src.copy:
+    if isinstance(src, TarMember | ZipMember) and src.copy:
         return f"{src.archive}::{src.name} (copy {src.copy + 1} of that name)"
     if isinstance(src, TarMember | ZipMember):
         return f"{src.archive}::{src.name}"

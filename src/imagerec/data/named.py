@@ -38,7 +38,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from imagerec.utils import ImageRecError, did_you_mean, md5_file
+from imagerec.utils import ImageRecError, atomic_write, did_you_mean, md5_file
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 
@@ -329,11 +329,9 @@ class _DownloadFailed(Exception):
 
 def _download_one(url: str, file: DatasetFile, dest: Path, progress: Progress, task: int) -> None:
     """Fetch `url` into a temp file beside `dest`, check its md5, then rename it to `dest`."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
     try:
         md5 = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as resp:
+        with atomic_write(dest, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as resp:
             length = resp.headers.get("Content-Length")
             if length and length.isdigit():
                 progress.update(task, total=int(length))
@@ -341,13 +339,10 @@ def _download_one(url: str, file: DatasetFile, dest: Path, progress: Progress, t
                 out.write(block)
                 md5.update(block)
                 progress.advance(task, len(block))
-        if md5.hexdigest() != file.md5:
-            raise _DownloadFailed(f"md5 is {md5.hexdigest()}, expected {file.md5} (corrupt or wrong file)")
-        os.replace(tmp, dest)
+            if md5.hexdigest() != file.md5:  # inside the block: a bad file never reaches `dest`
+                raise _DownloadFailed(f"md5 is {md5.hexdigest()}, expected {file.md5} (corrupt or wrong file)")
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         raise _DownloadFailed(str(e)) from e
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _extract(spec: NamedDataset, archive: Path, dest: Path) -> None:
@@ -387,7 +382,11 @@ def _missing_message(spec: NamedDataset, data_dir: str | Path | None, why: str) 
     where = f"{places[0]}/"
     if len(places) > 1:
         where += " (or " + " or ".join(f"{p}/" for p in places[1:]) + ")"
-    lines = [f"dataset '{spec.name}' was not found locally, and {why}.", f"Put these files in {where}:"]
+    lines = [f"dataset '{spec.name}' was not found locally, and {why}."]
+    given = [Path(p).expanduser() for p in (data_dir, os.environ.get("IMAGEREC_DATA")) if p]
+    lines += [f"Note: the data folder {p}/ does not exist (a typo in --data-dir or $IMAGEREC_DATA?)."
+              for p in dict.fromkeys(given) if not p.is_dir()]
+    lines.append(f"Put these files in {where}:")
     for f in spec.files:
         size = f"{f.size} bytes, " if f.size is not None else ""
         lines.append(f"  {f.name}  ({size}md5 {f.md5})")

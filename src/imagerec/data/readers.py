@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import tarfile
-import tempfile
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import numpy as np
 
 from imagerec.data.decode import ArrayRef, Source, TarMember, ZipMember, is_image_path, source_name
 from imagerec.data.idx import find_idx_pairs, read_cifar_dir, read_idx
-from imagerec.utils import ImageRecError
+from imagerec.utils import ImageRecError, atomic_write
 
 log = logging.getLogger("imagerec")
 
@@ -211,7 +210,8 @@ def _ungzip_to_cache(path: Path) -> Path:
     """A .tar.gz cannot be read at random offsets: unpack the tar stream once into the cache.
 
     Several processes (torchrun ranks) may unpack the same archive at once: each writes its own
-    temp file and renames it into place atomically, so none sees another's half-written file.
+    temp file and renames it into place atomically, so none sees another's half-written file
+    (the last rename wins; the copies are the same bytes).
     """
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -219,21 +219,11 @@ def _ungzip_to_cache(path: Path) -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=out.parent)
-    tmp = Path(tmp_name)
     try:
-        with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+        with gzip.open(path, "rb") as src, atomic_write(out, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        if out.exists():  # another process finished first: its copy is the same bytes
-            tmp.unlink()
-        else:
-            os.replace(tmp, out)
     except (OSError, EOFError) as e:
-        tmp.unlink(missing_ok=True)
         raise ImageRecError(f"{path}: cannot decompress ({e}); is the archive complete?") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 
@@ -244,9 +234,9 @@ def read_archive(path: Path) -> DataSpec:
     names: list[str] = []  # every member, for the message when no image is found
     name = path.name.lower()
     try:
+        copies: Counter[str] = Counter()  # an archive may hold several members of one name
         if name.endswith(".zip"):
             with zipfile.ZipFile(path) as zf:
-                copies: Counter[str] = Counter()
                 for i, info in enumerate(zf.infolist()):
                     names.append(info.filename)
                     if not info.is_dir() and is_image_path(info.filename) and not _hidden(info.filename):
@@ -260,7 +250,8 @@ def read_archive(path: Path) -> DataSpec:
                     names.append(m.name)
                     if m.isfile() and is_image_path(m.name) and not _hidden(m.name):
                         rel.append(m.name)
-                        sources.append(TarMember(str(tar_path), m.name, m.offset_data, m.size))
+                        sources.append(TarMember(str(tar_path), m.name, m.offset_data, m.size, copies[m.name]))
+                        copies[m.name] += 1
                 end = tf.offset
             _check_tar_end(path, tar_path, end)
     except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:

@@ -22,6 +22,7 @@ from imagerec.data.decode import (
     read_bytes,
 )
 from imagerec.doctor.problems import SEVERITY_ORDER, CheckReport, Problem
+from imagerec.utils import atomic_write
 
 THUMB_PX = 96
 _NO_DECODE = {"zero_byte", "truncated", "corrupt", "not_an_image", "decompression_bomb"}
@@ -121,5 +122,6 @@ def write_html(report: CheckReport, path: str | Path, max_thumbnails: int = 200,
     parts.append("</body></html>")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(parts), encoding="utf-8")
+    with atomic_write(out) as f:
+        f.write("".join(parts))
     return out

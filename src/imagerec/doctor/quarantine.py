@@ -8,31 +8,21 @@ before its move and "moved" after; `undo_quarantine` checks where each file real
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imagerec.doctor.problems import CATEGORIES, CheckReport
-from imagerec.utils import ImageRecError, sha256_file
+from imagerec.utils import ImageRecError, atomic_write, sha256_file
 
 MANIFEST_NAME = "quarantine-manifest.json"
 
 
 def _write_atomic(path: Path, obj: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".quarantine-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, durable=True) as f:
+        json.dump(obj, f, indent=2)
 
 
 def _files_to_move(report: CheckReport, categories: list[str] | None) -> dict[Path, list[str]]:

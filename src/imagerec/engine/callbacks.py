@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from imagerec.utils import atomic_write
+
 if TYPE_CHECKING:
     from imagerec.engine.trainer import Trainer
 
@@ -52,12 +54,10 @@ class HistoryCSV(Callback):
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
         rows = trainer.state.history
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(self.path, newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
-        tmp.replace(self.path)
 
 
 class ProgressBar(Callback):

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from imagerec.config import json_text
 from imagerec.utils import ImageRecError
 
 FORMAT = "imagerec-checkpoint"
@@ -78,7 +79,7 @@ def save_checkpoint(
         meta["optimizer_state"] = opt_meta
     tensors.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in (extra or {}).items()})
     json_tmp, weights_tmp = _tmp(stem, ".json"), _tmp(stem, ".safetensors")
-    json_tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    json_tmp.write_text(json_text(meta))
     save_file(tensors, str(weights_tmp),
               metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION), "weights_id": weights_id})
     os.replace(weights_tmp, stem.with_suffix(".safetensors"))

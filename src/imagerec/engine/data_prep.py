@@ -3,12 +3,14 @@ classes left without training images, and the preprocessing that `--pretrained R
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from imagerec.data.decode import source_name
 from imagerec.engine.checkpoint import read_checkpoint_meta
 from imagerec.utils import ImageRecError
 
@@ -37,6 +39,32 @@ def limit_items(items: list, n: int, seed: int) -> list:
     rng = np.random.default_rng(seed)
     keep = [by_class[k][j] for k, q in zip(keys, quota, strict=True) for j in rng.permutation(len(by_class[k]))[:q]]
     return [items[i] for i in sorted(keep)]
+
+
+def subset_fingerprint(items: list) -> str:
+    """sha256 over the (source, label) of the items a run trains on: which images `--limit-train` picked."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{source_name(it.source)}\t{it.target}\n".encode())
+    return h.hexdigest()
+
+
+def record_train_subset(now: dict[str, Any], saved: dict[str, Any] | None, items: list, limit: int) -> None:
+    """Record which images `--limit-train` picked in the run's data record `now`; on resume (`saved`:
+    the checkpoint's data record), warn when they are not the ones the run started with."""
+    if not limit:
+        return
+    now["train_subset"] = subset_fingerprint(items)
+    if saved is None or saved.get("fingerprint") != now["fingerprint"]:
+        return  # a new run, or the data itself changed (warned about already)
+    if "train_subset" not in saved:
+        log.warning("--limit-train %d: this run was saved before imagerec recorded which images the limit picked, so "
+                    "it cannot check that the resumed run trains on the same ones (runs started before 2026-12-07 "
+                    "picked them differently and resume on another subset); train again for an exact continuation",
+                    limit)
+    elif saved["train_subset"] != now["train_subset"]:
+        log.warning("--limit-train %d: the images picked now differ from those this run started with (the selection "
+                    "rule changed); resuming on the new subset", limit)
 
 
 def warn_untrained_classes(counts: np.ndarray, class_names: list[str], limit: int) -> None:

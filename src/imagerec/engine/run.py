@@ -31,7 +31,13 @@ from imagerec.data.readers import single_class_message
 from imagerec.engine import distributed
 from imagerec.engine.callbacks import Callback, EarlyStopping, HistoryCSV, ProgressBar
 from imagerec.engine.checkpoint import load_checkpoint_tensors, read_checkpoint_meta, restore_optimizer
-from imagerec.engine.data_prep import limit_items, norm_for_channels, source_preprocess, warn_untrained_classes
+from imagerec.engine.data_prep import (
+    limit_items,
+    norm_for_channels,
+    record_train_subset,
+    source_preprocess,
+    warn_untrained_classes,
+)
 from imagerec.engine.evaluate import write_eval_outputs
 from imagerec.engine.optim import create_optimizer, resolve_lr_wd
 from imagerec.engine.pipeline import BatchPipeline
@@ -40,7 +46,7 @@ from imagerec.engine.task import ClassificationTask
 from imagerec.engine.trainer import StepStop, Trainer
 from imagerec.models import count_parameters, create_model, load_pretrained
 from imagerec.transforms import BatchAugment, base_transform, item_augment, normalize_batch, train_base_size
-from imagerec.utils import ImageRecError, library_versions, mix_seed, resolve_precision, setup_compute
+from imagerec.utils import CpuLoadProbe, ImageRecError, atomic_write, library_versions, mix_seed, resolve_precision, setup_compute
 
 log = logging.getLogger("imagerec")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -267,7 +273,8 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
            callbacks: list[Callback] | None, console: Console | None, started: float) -> RunResult:
     main, world = distributed.is_main(), distributed.world_size()
     console = console if main and console is not None else Console(stderr=True, soft_wrap=True, quiet=not main)
-    setup_compute(cfg.num_threads or distributed.default_threads())
+    threads = setup_compute(cfg.num_threads or distributed.default_threads())
+    load = CpuLoadProbe() if device.type == "cpu" and main else None  # sampled while the data is read
     amp_dtype = resolve_precision(cfg.precision, device)
     sync_bn = distributed.check_sync_bn(cfg.sync_bn, device)
     if cfg.deterministic:
@@ -387,6 +394,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     }
     if resume_meta is not None and resume_meta["data"]["fingerprint"] != meta["data"]["fingerprint"]:
         log.warning("the data changed since this run started (fingerprint differs); resuming anyway")
+    record_train_subset(meta["data"], resume_meta["data"] if resume_meta else None, train_items, cfg.limit_train)
 
     cbs: list[Callback] = [ProgressBar(console), HistoryCSV(run_dir / "history.csv")] if main else []
     if cfg.early_stopping:
@@ -409,8 +417,11 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
                 return RunResult(run_dir, done, model_name, main_process=main)
     if main and (resume_meta is None or trainer.state.epoch < cfg.epochs):
         head = f"# torchrun: {world} processes x batch_size {cfg.batch_size} = global batch {global_batch}\n" if world > 1 else ""
-        (run_dir / "config.yaml").write_text(head + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        with atomic_write(run_dir / "config.yaml") as f:
+            f.write(head + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
+    if load is not None and (advice := load.advice(threads)):
+        log.warning(advice)
     console.print(
         f"training {model_name} ({meta['num_params']:,} params) on {spec.origin}: "
         f"{train_loader.num_items} train / {trainer.val_items} val images, "

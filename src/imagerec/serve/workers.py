@@ -40,7 +40,7 @@ from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
 from typing import Any
 
-from imagerec.utils import ImageRecError, c_library
+from imagerec.utils import ImageRecError, atomic_write, c_library
 
 log = logging.getLogger("imagerec.serve")
 
@@ -90,11 +90,10 @@ class AdminLog:
 
     def report(self) -> None:
         """Write this worker's progress where the other workers look for it."""
-        tmp = self._status.with_suffix(".tmp")
-        tmp.write_text(json.dumps({
-            "pid": os.getpid(), "worker": self.worker, "applied": self.applied, "failures": self.failures[-20:],
-        }))
-        tmp.replace(self._status)
+        with atomic_write(self._status) as f:
+            f.write(json.dumps({
+                "pid": os.getpid(), "worker": self.worker, "applied": self.applied, "failures": self.failures[-20:],
+            }))
 
     def peers(self) -> list[dict[str, Any]]:
         """Status of every other live worker."""

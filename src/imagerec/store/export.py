@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from imagerec.store.db import Store
 from imagerec.store.reader import dataset_row
 from imagerec.store.schema import blobs, images
-from imagerec.utils import ImageRecError
+from imagerec.utils import ImageRecError, atomic_write
 
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -137,5 +137,6 @@ def export_dataset(store: Store, name: str, out_dir: str | Path) -> int:
                 manifest.append({"path": target.relative_to(out).as_posix(), "labels": list(labels), "split": split})
             count += 1
     if manifest:
-        (out / "manifest.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
+        with atomic_write(out / "manifest.jsonl") as f:
+            f.write("".join(json.dumps(m) + "\n" for m in manifest))
     return count
