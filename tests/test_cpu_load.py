@@ -52,3 +52,29 @@ def test_advice_names_the_thread_count_to_pass() -> None:
     assert probe.advice(max(1, cpus - 1)) is None  # a core left free for the other process: nothing to say
     probe.busy = 0.3
     assert probe.advice(cpus) is None
+
+
+def test_no_advice_to_pass_the_thread_count_already_used() -> None:
+    probe = CpuLoadProbe(seconds=0.0)
+    probe._thread.join()
+    probe.busy = 1.8
+    assert probe.advice(1) is None  # nothing fewer to suggest
+
+
+def test_bf16_without_native_support_is_warned_about(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    from imagerec import utils
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(utils, "cpu_supports_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="imagerec"):
+        assert utils.resolve_precision("bf16", cpu) is torch.bfloat16  # still what was asked for
+        assert utils.resolve_precision("auto", cpu) is None
+    assert caplog.text.count("no native bf16") == 1 and "--precision auto" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(utils, "cpu_supports_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="imagerec"):
+        assert utils.resolve_precision("bf16", cpu) is torch.bfloat16
+    assert "no native bf16" not in caplog.text

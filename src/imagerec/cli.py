@@ -44,15 +44,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record(run_dir: Path, status: str, db: str | None) -> None:
+def _record(run_dir: Path, status: str | None, db: str | None) -> None:
     """Record a run (and its evaluations) in the store; a store problem never fails a finished run."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from imagerec.store import open_store, record_run_dir
 
     try:
         with open_store(db) as store:
             record_run_dir(store, run_dir, status)
-    except (ImageRecError, OSError) as e:
-        logging.getLogger("imagerec").warning("run not recorded in the store: %s", e)
+    except (ImageRecError, OSError, SQLAlchemyError) as e:  # the store turns its own failures into ImageRecError
+        logging.getLogger("imagerec").warning("run not recorded in the store: %s", (str(e).splitlines() or [repr(e)])[0])
 
 
 def _print_run_summary(result: Any) -> None:
@@ -72,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from imagerec.report import metrics_table, summary_line
 
     m = evaluate_run(args.run, args.data, args.split, batch_size=args.batch_size, device=args.device)
-    _record(Path(args.run), "completed", args.db)
+    _record(Path(args.run), None, args.db)  # the run keeps its own status (an evaluation does not finish it)
     if args.format == "json":
         print(json.dumps(m))
         return 0
@@ -97,7 +99,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from imagerec.predict_run import run_predict
 
     return run_predict(args.run, args.paths, top_k=args.top_k, fmt=args.format, output=args.output,
-                       resume=args.resume, every=args.every, batch_size=args.batch_size, device=args.device)
+                       resume=args.resume, every=args.every, batch_size=args.batch_size, device=args.device,
+                       max_pixels=args.max_pixels)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

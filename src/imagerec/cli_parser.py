@@ -51,8 +51,9 @@ TRAIN_HELP = {
     "grad_clip": "clip the gradient norm to this value (0 = off)",
     "augment": "augmentation preset: none | light | standard | strong",
     "hflip": "random horizontal flips (default: on for standard/strong)",
-    "mixup": "mixup alpha (0 = off; strong uses 0.2)",
-    "cutmix": "cutmix alpha (0 = off; strong uses 1.0)",
+    "mixup": "mixup alpha (0 = off; default: 0.2 with --augment strong, else off); on multi-label data it mixes the "
+             "label sets too",
+    "cutmix": "cutmix alpha (0 = off; default: 1.0 with --augment strong, else off)",
     "image_size": "model input size in pixels (default: native size up to 64 px, else 224)",
     "channels": "1 or 3 (default: 1 when every image is grayscale)",
     "ops": "preprocessing op, repeatable: median[:k] gaussian[:sigma] equalize clahe[:clip] grayscale sobel canny[:lo:hi]",
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="store URL (SQLite path or postgresql://...) that store:NAME data is read from (default $IMAGEREC_DB)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="refuse images with more pixels than this (default: the run's own --max-pixels, as eval uses)")
 
     p = sub.add_parser("check", help="find corrupt, odd, duplicate and leaking images before training")
     p.add_argument("data", nargs="?", help="any DATA that train accepts")

@@ -33,8 +33,9 @@ BALANCE = ("auto", "weights", "sampler", "none")
 class PreprocessConfig:
     """How a raw image becomes the model's input tensor, and what the outputs mean.
 
-    Eval transform: decode -> convert to `channels` -> `ops` -> resize shorter side to
-    `resize_size` -> center crop `input_size` -> scale to [0, 1] -> normalize(mean, std).
+    Eval transform: decode -> EXIF orientation -> convert to `channels` -> resize shorter side to
+    `resize_size` -> center crop `input_size` -> `ops` (on the cropped pixels) -> uint8 tensor;
+    then, on the batch, scale to [0, 1] -> normalize(mean, std) (`transforms.base_transform`).
     """
 
     input_size: int
@@ -99,8 +100,10 @@ class TrainConfig:
     hflip: bool | None = None
     translate: int | None = None
     cutout: int = 0
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    # None: the --augment preset's own (strong: 0.2 / 1.0, the others off); 0 turns it off. A run
+    # records the alpha that ran (resolve_mixing).
+    mixup: float | None = None
+    cutmix: float | None = None
     image_size: int | None = None
     channels: int | None = None
     interpolation: str = "bilinear"
@@ -164,7 +167,7 @@ class TrainConfig:
         if self.norm_lr_scale <= 0:
             raise ImageRecError(f"norm_lr_scale must be positive, got {self.norm_lr_scale}")
         at_least_zero = {"seed": self.seed, "early_stopping": self.early_stopping, "grad_clip": self.grad_clip,
-                         "mixup": self.mixup, "cutmix": self.cutmix,
+                         "mixup": self.mixup or 0.0, "cutmix": self.cutmix or 0.0,
                          "warmup_epochs": 0.0 if self.warmup_epochs is None else self.warmup_epochs,
                          "save_every_steps": self.save_every_steps, "num_threads": self.num_threads,
                          "backbone_lr_scale": self.backbone_lr_scale,
@@ -186,6 +189,32 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         internal = {f.name for f in fields(self) if f.metadata.get("internal")}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in internal}
+
+    def mixing(self) -> dict[str, float]:
+        """{"mixup": alpha, "cutmix": alpha} as they run (`resolve_mixing`), for a run to record."""
+        mixup, cutmix = resolve_mixing(self.augment, self.mixup, self.cutmix)
+        return {"mixup": mixup, "cutmix": cutmix}
+
+
+def resolve_mixing(augment: str, mixup: float | None, cutmix: float | None) -> tuple[float, float]:
+    """The (mixup, cutmix) alphas that run: an unset one (None) is the --augment preset's own
+    (strong: 0.2 and 1.0, the others: off); a given one, 0 included, is used as given (0 = off)."""
+    strong = augment == "strong"
+    return (0.2 if strong else 0.0) if mixup is None else mixup, (1.0 if strong else 0.0) if cutmix is None else cutmix
+
+
+def legacy_mixing(saved: TrainConfig, meta: dict[str, Any]) -> dict[str, float]:
+    """For the resume of a checkpoint written before an explicit --mixup/--cutmix 0 meant off (it has
+    no `batch_mixing`): the alphas that run trained with, so it goes on mixing as it did. `strong`
+    took a 0 for unset (0.2 / 1.0), and multi-label data was never mixed. {} for newer checkpoints."""
+    if "batch_mixing" in meta:
+        return {}
+    mixup, cutmix = saved.mixup or 0.0, saved.cutmix or 0.0
+    if meta.get("preprocess", {}).get("multi_label"):
+        mixup, cutmix = 0.0, 0.0
+    elif saved.augment == "strong":
+        mixup, cutmix = mixup or 0.2, cutmix or 1.0
+    return {"mixup": mixup, "cutmix": cutmix}
 
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h|hr)?\s*", re.IGNORECASE)
@@ -247,12 +276,19 @@ def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:
     return value
 
 
+# train flags that are not keys of a --config file, and the environment variable that also sets each
+COMMAND_LINE_ONLY = {"db": "IMAGEREC_DB", "data_dir": "IMAGEREC_DATA"}
+
+
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], origin: str) -> TrainConfig:
     """Return `cfg` with `overrides` applied; unknown keys fail with a suggestion."""
     by_name = {f.name: f for f in fields(TrainConfig) if not f.metadata.get("internal")}
     updates = {}
     for key, value in overrides.items():
         norm = str(key).replace("-", "_")
+        if norm in COMMAND_LINE_ONLY:  # where things are, not how to train: not saved with the run
+            raise ImageRecError(f"'{key}' in {origin} is not a training setting: give it on the command line "
+                                f"(--{norm.replace('_', '-')} ...) or as ${COMMAND_LINE_ONLY[norm]}")
         if norm not in by_name:
             raise ImageRecError(f"unknown config key '{key}' in {origin}.{did_you_mean(norm, by_name)}")
         f = by_name[norm]

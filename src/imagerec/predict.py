@@ -30,7 +30,9 @@ from imagerec.data.decode import (
     decode_bytes,
     display_name,
     is_image_path,
+    is_refused_image_path,
     open_image,
+    prepare_pil_image,
 )
 from imagerec.data.readers import walk_files
 from imagerec.engine.checkpoint import load_model
@@ -55,7 +57,8 @@ def is_video_path(name: str) -> bool:
 def expand_paths(patterns: Iterable[str | Path]) -> list[str | Source]:
     """Files as given, folders searched recursively for images and videos, globs expanded, and
     `store:NAME` expanded to the stored dataset's images; order kept. A pattern that matches nothing
-    is kept as is, so it is reported as not found."""
+    is kept as is, so it is reported as not found. A folder's image files of formats imagerec does
+    not read (TGA, HEIC, ...) are kept too, so each is reported rather than silently left out."""
     out: list[str | Source] = []
     for pat in patterns:
         p = Path(pat)
@@ -64,7 +67,8 @@ def expand_paths(patterns: Iterable[str | Path]) -> list[str | Source]:
             out.extend(it.source for split in sorted(spec.splits) for it in spec.splits[split])
         elif p.is_dir():
             out.extend(str(p / f) for f in walk_files(p)
-                       if (is_image_path(f.name) or is_video_path(f.name)) and (p / f).is_file())
+                       if (is_image_path(f.name) or is_video_path(f.name) or is_refused_image_path(f.name))
+                       and (p / f).is_file())
         elif p.exists():
             out.append(str(p))
         else:
@@ -121,18 +125,25 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **kwargs: Any) -> Predictor:
+        """A Predictor over a run's best checkpoint. Its pixel limit is the run's own `max_pixels`
+        (as `imagerec eval` applies it) unless `max_pixels` is given."""
         model, meta = load_model(run_dir)
         if "runtime" in kwargs:
             raise ImageRecError(f"{run_dir} is a run directory; runtime= applies to exported bundles ('imagerec export')")
+        if kwargs.get("max_pixels") is None:
+            kwargs["max_pixels"] = (meta.get("train_config") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)
         return cls(model, PreprocessConfig.from_dict(meta["preprocess"]), meta=meta, **kwargs)
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path | Bundle, runtime: str | None = None, **kwargs: Any) -> Predictor:
         """A Predictor over an exported bundle (verified by sha256), with its fastest gated runtime or
-        `runtime`. Pass a `Bundle` from `load_bundle` to make several copies without verifying again."""
+        `runtime`. Pass a `Bundle` from `load_bundle` to make several copies without verifying again.
+        Its pixel limit is the source run's `max_pixels` (recorded at export) unless `max_pixels` is given."""
         from imagerec.export.bundle import Bundle, load_bundle
 
         bundle = bundle_dir if isinstance(bundle_dir, Bundle) else load_bundle(bundle_dir)
+        if kwargs.get("max_pixels") is None:
+            kwargs["max_pixels"] = (bundle.manifest.get("source") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)
         kwargs.pop("precision", None)  # the runtime's precision is the bundle's (fp32 or int8)
         session = bundle.create_runtime(runtime, threads=kwargs.get("threads", 0))
         return cls(None, bundle.pre, meta=bundle.manifest, runtime=session, **kwargs)
@@ -142,7 +153,12 @@ class Predictor:
         """One image -> uint8 (C, H, W), exactly as evaluation prepares it."""
         draft = (self.pre.resize_size, self.pre.resize_size)
         if isinstance(image, Image.Image):
-            img = convert_mode(image, self.pre.channels)
+            # EXIF orientation, pixel limit and mode as a path or bytes get. Not the reduced-size
+            # JPEG decode (`draft`), though: it must be set before the pixels are decoded, and on
+            # the caller's own image it would change that image (its size and mode) for the caller
+            # too; an image already loaded, or made in memory, has no compressed data left to draft
+            # from. A large JPEG passed this way can so differ from its path by a few levels.
+            img = prepare_pil_image(image, "PIL image", self.pre.channels, self.max_pixels)
         elif isinstance(image, np.ndarray):
             img = convert_mode(_array_image(image), self.pre.channels)
         elif isinstance(image, bytes):

@@ -2,7 +2,8 @@
 store:NAME, videos), output formats (table, JSON lines, CSV, Parquet) and `--resume`.
 
 JSON lines and CSV are written row by row and flushed per batch, so an interrupted run loses at
-most one batch and `--resume` skips every image already in the output. Parquet cannot be
+most one batch and `--resume` skips every image already in the output; a last row cut short (no
+final newline: kill -9, a full disk) is not a finished prediction, and is dropped and redone. Parquet cannot be
 appended to; it is rewritten whole (atomically) at the end, including the resumed rows. In every
 format `--resume` keeps one row per input: rows that failed are dropped and predicted again (a
 JSON lines or CSV file holding any is first rewritten, atomically, without them).
@@ -10,7 +11,9 @@ JSON lines or CSV file holding any is first rewritten, atomically, without them)
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import sys
 from collections.abc import Iterator
@@ -80,32 +83,88 @@ def predict_video(predictor: Predictor, path: str, every: int, top_k: int, chunk
 Key = tuple[str, Any]
 
 
-def _read_rows(output: Path, fmt: str) -> list[dict[str, Any]]:
-    """The prediction rows in `output` (each with a `path`), or a clear error for a file that is not
-    a `fmt` prediction file (another format, another tool's file)."""
+def _decode(data: bytes) -> str:
+    return io.TextIOWrapper(io.BytesIO(data), newline="").read()  # the encoding open() writes with
+
+
+def _read_rows(output: Path, fmt: str) -> tuple[list[dict[str, Any]], int | None]:
+    """The prediction rows in `output` (each with a `path`), and the line of an unfinished last row
+    that was left out (None when there is none), or a clear error for a file that is not a `fmt`
+    prediction file (another format, another tool's file, a bad line before the last).
+
+    A write stopped midway (kill -9, a full disk) leaves the last row without its end: a line with no
+    final newline, or a CSV record that does not parse into all its fields. That row is not a
+    finished prediction; the caller rewrites the file without it and predicts that input again."""
     what = f"cannot resume from {output}: it is not a readable {fmt} prediction file"
+    fix = "give --format matching the file, or another --output"
     try:
-        if fmt == "json":  # json.dumps escapes newlines, so one row is one line
-            rows = [json.loads(line) for line in output.read_text().split("\n") if line.strip()]
-        elif fmt == "csv":
-            with open(output, newline="") as f:  # newline="": a quoted name may hold a line break
-                reader = csv.DictReader(f)
-                rows = list(reader)
-                if "path" not in (reader.fieldnames or []):
-                    head = ",".join(reader.fieldnames or [])
-                    raise ImageRecError(f"{what} (its first line is {head[:60]!r}, not a header with a path column "
-                                        f"like {','.join(CSV_FIELDS)}); give --format matching the file, or another --output")
-        else:
+        if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            rows = pq.read_table(output).to_pylist()
-    except (json.JSONDecodeError, OSError, ValueError, csv.Error) as e:
-        raise ImageRecError(f"{what} ({e}); give --format matching the file, or another --output") from e
-    bad = next((r for r in rows if not isinstance(r, dict) or not isinstance(r.get("path"), str)), None)
-    if bad is not None:
-        raise ImageRecError(f"{what}: a row without a path ({str(bad)[:80]}); give --format matching the file, "
-                            f"or another --output")
-    return rows
+            return pq.read_table(output).to_pylist(), None
+        data = output.read_bytes()
+        cut = data.rfind(b"\n") + 1  # up to the last newline: what follows it is a row cut short
+        head, tail = _decode(data[:cut]), data[cut:].decode("utf-8", "replace")
+    except (OSError, ValueError) as e:
+        raise ImageRecError(f"{what} ({e}); {fix}") from e
+    rows, partial = _json_rows(head, tail, what, fix) if fmt == "json" else _csv_rows(head, tail, what, fix)
+    for line, r in rows:
+        if not isinstance(r, dict) or not isinstance(r.get("path"), str):
+            raise ImageRecError(f"{what}: line {line} is a row without a path ({str(r)[:80]}); {fix}")
+    return [r for _, r in rows], partial
+
+
+def _json_rows(head: str, tail: str, what: str, fix: str) -> tuple[list[tuple[int, Any]], int | None]:
+    """(line number, row) of each finished line (json.dumps escapes newlines: one row is one line)."""
+    rows = []
+    lines = head.split("\n")
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ImageRecError(f"{what} (line {n}: {e.msg}, column {e.colno}); {fix}") from e
+    if not tail.strip():
+        return rows, None
+    try:
+        last = json.loads(tail)
+    except json.JSONDecodeError:
+        last = None  # cut short, as expected
+    if not tail.lstrip().startswith("{") or (last is not None and not isinstance(last, dict)):
+        raise ImageRecError(f"{what} (line {len(lines)} is not a JSON row: {tail[:60]!r}); {fix}")
+    if isinstance(last, dict) and not isinstance(last.get("path"), str):
+        raise ImageRecError(f"{what}: line {len(lines)} is a row without a path ({tail[:80]}); {fix}")
+    return rows, len(lines)
+
+
+def _csv_rows(head: str, tail: str, what: str, fix: str) -> tuple[list[tuple[int, Any]], int | None]:
+    """(line number, row) of each finished CSV record after the header."""
+    text = head + tail
+    records: list[tuple[int, list[str]]] = []
+    reader = csv.reader(io.StringIO(text, newline=""))  # newline="": a quoted name may hold a line break
+    try:
+        start = 1
+        for rec in reader:
+            records.append((start, rec))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise ImageRecError(f"{what} (line {start}: {e}); {fix}") from e
+    header_line = ",".join(CSV_FIELDS)
+    if not records or (len(records) == 1 and not head and header_line.startswith(text)):
+        return [], (1 if text else None)  # empty, or the header itself cut short
+    header = records[0][1]
+    if "path" not in header:
+        raise ImageRecError(f"{what} (its first line is {','.join(header)[:60]!r}, not a header with a path column "
+                            f"like {header_line}); {fix}")
+    partial = None
+    # cut short: no final newline, or too few fields (cut after a line break inside a quoted name);
+    # one cut inside a quoted error message may look whole, but error rows are predicted again anyway
+    if len(records) > 1 and (tail or len(records[-1][1]) != len(header)):
+        partial = records.pop()[0]
+    for line, rec in records[1:]:
+        if len(rec) != len(header):
+            raise ImageRecError(f"{what} (line {line} has {len(rec)} fields, the header {len(header)}); {fix}")
+    return [(line, dict(zip(header, rec, strict=True))) for line, rec in records[1:]], partial
 
 
 def _key(r: dict[str, Any]) -> Key:
@@ -115,11 +174,15 @@ def _key(r: dict[str, Any]) -> Key:
 
 def _resume_rows(output: Path, fmt: str) -> tuple[set[Key], list[dict[str, Any]], bool]:
     """Keys (path, frame) of the successful rows in `output`, those rows (one per key, the first),
-    and whether the file holds anything else (failed or repeated rows, an older CSV header): then
-    it must be rewritten with only the rows kept before new rows are appended."""
+    and whether the file holds anything else (failed or repeated rows, an older CSV header, an
+    unfinished last row): then it must be rewritten with only the rows kept before new rows are
+    appended, so nothing is ever appended onto a line cut short."""
     if not output.exists():
         return set(), [], False
-    rows = _read_rows(output, fmt)
+    rows, partial = _read_rows(output, fmt)
+    if partial is not None:
+        print(f"resume: line {partial} of {output} is an unfinished row (the write stopped midway); "
+              f"it is dropped and that input predicted again", file=sys.stderr)
     done: set[Key] = set()
     kept = []
     for r in rows:
@@ -131,9 +194,9 @@ def _resume_rows(output: Path, fmt: str) -> tuple[set[Key], list[dict[str, Any]]
         if not r.get("error") and key not in done:
             done.add(key)
             kept.append(r)
-    stale = len(kept) != len(rows)
-    if fmt == "csv" and rows and list(rows[0]) != CSV_FIELDS:
-        stale = True
+    stale = len(kept) != len(rows) or partial is not None
+    if fmt == "csv" and (not rows or list(rows[0]) != CSV_FIELDS):
+        stale = True  # an older header, or none at all (an empty file)
     return done, kept, stale
 
 
@@ -156,15 +219,32 @@ def _csv_row(r: dict[str, Any]) -> list[Any]:
             r.get("error", "")]
 
 
+@contextlib.contextmanager
+def _naming(path: Path | None) -> Iterator[None]:
+    """Name `path` in an OSError raised while writing it: only open() sets `filename`, so a full disk
+    or a file size limit hit by write() or flush() would say "File too large" without saying where."""
+    try:
+        yield
+    except OSError as e:
+        if path is None or e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+
+
 class _Writer:
-    def __init__(self, fmt: str, out: IO[str] | None, append: bool) -> None:
-        self.fmt, self.out = fmt, out
+    def __init__(self, fmt: str, out: IO[str] | None, append: bool, path: Path | None = None) -> None:
+        self.fmt, self.out, self.path = fmt, out, path
         self.rows: list[dict[str, Any]] = []
         self.csv = csv.writer(out) if fmt == "csv" and out is not None else None
         if self.csv is not None and not append:
-            self.csv.writerow(CSV_FIELDS)
+            with _naming(path):
+                self.csv.writerow(CSV_FIELDS)
 
     def write(self, r: dict[str, Any]) -> None:
+        with _naming(self.path):
+            self._write(r)
+
+    def _write(self, r: dict[str, Any]) -> None:
         if self.fmt == "parquet":
             self.rows.append(r)
         elif self.out is None:
@@ -181,7 +261,14 @@ class _Writer:
 
     def flush(self) -> None:
         if self.out is not None:
-            self.out.flush()
+            with _naming(self.path):
+                self.out.flush()
+
+    def close(self) -> None:
+        """Close the output file (never stdout)."""
+        if self.out is not None and self.path is not None:
+            with _naming(self.path):
+                self.out.close()
 
 
 def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -205,8 +292,10 @@ def run_predict(
     every: int = 1,
     batch_size: int = 64,
     device: str = "auto",
+    max_pixels: int | None = None,
 ) -> int:
     """Predict `inputs` with the run or bundle `source`; returns the exit code (1 when nothing could be read).
+    `max_pixels`: the pixel limit (default: the run's own, as `imagerec eval` applies it).
 
     Example:
         >>> run_predict("runs/mnist", ["digits/", "clip.mp4"], fmt="csv", output="preds.csv", every=10)
@@ -220,17 +309,20 @@ def run_predict(
     if resume and not output:
         raise ImageRecError("--resume needs --output FILE (the file whose predictions are kept)")
     check_batch_size(batch_size)
+    if max_pixels is not None and max_pixels < 1:
+        raise ImageRecError(f"--max-pixels must be at least 1, got {max_pixels}")
     items: list[str | Source] = expand_paths(inputs)
     if not items:
         raise ImageRecError(f"no images found in: {' '.join(inputs)} (nor videos: {', '.join(VIDEO_EXTENSIONS)})")
     out_path = Path(output) if output else None
     done, kept, stale = _resume_rows(out_path, fmt) if resume and out_path else (set(), [], False)
-    predictor = load(source, batch_size=batch_size, device=device)
+    predictor = load(source, batch_size=batch_size, device=device, max_pixels=max_pixels)
     if stale and out_path is not None and fmt != "parquet":
-        _rewrite(out_path, fmt, kept)  # failed and repeated rows out: each input ends with one row
+        with _naming(out_path):  # failed, repeated and unfinished rows out: each input ends with one row
+            _rewrite(out_path, fmt, kept)
     append = bool(resume and out_path and out_path.exists() and fmt != "parquet")
     stream = None if fmt == "parquet" else (open(out_path, "a" if append else "w", newline="") if out_path else sys.stdout)
-    writer = _Writer(fmt, stream, append)
+    writer = _Writer(fmt, stream, append, out_path)
     writer.rows.extend(kept)
     total = errors = 0
     try:
@@ -255,10 +347,10 @@ def run_predict(
                     writer.write(r)
             writer.flush()
     finally:
-        if stream is not None and out_path is not None:
-            stream.close()
+        writer.close()
         if fmt == "parquet" and out_path is not None:
-            _write_parquet(out_path, writer.rows)
+            with _naming(out_path):
+                _write_parquet(out_path, writer.rows)
     if errors:
         print(f"{errors} of {total} input(s) could not be read", file=sys.stderr)
     if resume and done:

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -32,14 +33,27 @@ def save_confusion_matrix_png(
     path: str | os.PathLike[str],
     title: str = "",
 ) -> None:
-    """Write a row-normalised confusion matrix (rows = true, cols = predicted) as PNG.
+    """Write `confusion_matrix_png` to `path` (atomically).
+
+    Example:
+        >>> save_confusion_matrix_png([[5, 1], [0, 4]], ["cat", "dog"], "cm.png", "val")
+    """
+    png = confusion_matrix_png(cm, class_names, title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out, "wb") as f:
+        f.write(png)
+
+
+def confusion_matrix_png(cm: list[list[int]], class_names: list[str], title: str = "") -> bytes:
+    """A row-normalised confusion matrix (rows = true, cols = predicted) as PNG bytes.
 
     Colours show the fraction of each true class predicted as each class; for up
     to 20 classes the raw counts are written in the cells. The figure grows with
     the number of classes so that ~100 classes stay legible.
 
     Example:
-        >>> save_confusion_matrix_png([[5, 1], [0, 4]], ["cat", "dog"], "cm.png", "val")
+        >>> Path("cm.png").write_bytes(confusion_matrix_png([[5, 1], [0, 4]], ["cat", "dog"], "val"))
     """
     counts = np.asarray(cm, dtype=np.int64)
     k = len(class_names)
@@ -78,10 +92,9 @@ def save_confusion_matrix_png(
                 ax.text(j, i, str(counts[i, j]), ha="center", va="center",
                         color=colour, fontsize=cell_size)
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, "wb") as f:
-        fig.savefig(f, dpi=120, format="png")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format="png")
+    return buffer.getvalue()
 
 
 def _is_multilabel(metrics: dict[str, Any]) -> bool:

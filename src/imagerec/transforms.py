@@ -18,7 +18,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F
 
-from imagerec.config import PreprocessConfig
+from imagerec.config import PreprocessConfig, resolve_mixing
 from imagerec.utils import ImageRecError, did_you_mean
 
 _INTERP = {
@@ -129,14 +129,21 @@ def apply_ops(img: Image.Image, ops: tuple[str, ...] | list[str]) -> Image.Image
 
 
 def _resize_crop_of_long_image(img: Image.Image, resize: int, size: int, interp: InterpolationMode) -> Image.Image | None:
-    """Resize-short-side-then-centre-crop of an image of extreme aspect ratio, computed on the
-    cropped region only; None for any other image (it takes the usual two steps).
+    """Resize-short-side-then-centre-crop of an image of extreme aspect ratio (over 4:1), computed
+    on the cropped region only; None for any other image (it takes the usual two steps).
 
     Resizing the short side of a 1 x 1,600,000 strip to 256 would make it 256 x 409,600,000 pixels
     (GBs, for a 2 KB PNG under any pixel limit) only for the crop to keep 256 x 256 of it. PIL's
-    `resize(box=...)` resamples just the source region behind the crop, with the same scale and
-    the same filter taps (it reads source pixels beyond the box), so the result equals the two
-    steps as torchvision does them: its output size (long side truncated) and its crop offsets.
+    `resize(box=...)` resamples just the source region behind the crop, with the geometry of the
+    two steps as torchvision does them (its output size, long side truncated, and its crop offsets),
+    the same scale and filter, reading source pixels beyond the box. It is close to the two steps,
+    not equal to them: bilinear (the default) is within 1 level of them; nearest may pick the
+    neighbouring source pixel (the box coordinates are single-precision floats in PIL); bicubic and
+    lanczos can differ by tens of levels on noisy pixels, because PIL resamples in two separable
+    passes, rounding and clipping to 0-255 in between, and may run the passes in the other order
+    for the box than for the whole image. Train, eval, predict and serve all take this path, so a
+    model sees its long images prepared one way everywhere; changing it would change what existing
+    models were trained on.
     """
     w, h = img.size
     short, long_ = min(w, h), max(w, h)
@@ -213,12 +220,43 @@ def item_augment(cfg: PreprocessConfig, preset: str) -> Callable[[torch.Tensor],
     return v2.Compose(ops) if ops else None
 
 
+class MultiHotMix:
+    """MixUp or CutMix (one of them per batch at random, as v2.RandomChoice picks) for multi-label
+    batches: the targets are multi-hot floats (B, K), which torchvision's MixUp/CutMix (class indices
+    only) do not take. A mixed image's targets are the same blend of both images' label sets, soft
+    targets that the BCE loss takes as they are. Sampling follows torchvision's: lambda ~ Beta(alpha,
+    alpha), each image mixed with the one before it in the batch, CutMix's lambda corrected to the
+    pasted box's area."""
+
+    def __init__(self, mixup: float, cutmix: float) -> None:
+        self.kinds = [(kind, torch.distributions.Beta(torch.tensor([a]), torch.tensor([a])))
+                      for kind, a in (("mixup", mixup), ("cutmix", cutmix)) if a > 0]
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kind, beta = self.kinds[int(torch.randint(len(self.kinds), ()))]
+        lam = float(beta.sample())
+        x_other, y_other = x.roll(1, 0), y.roll(1, 0)
+        if kind == "mixup":
+            x = x * lam + x_other * (1.0 - lam)
+        else:
+            h, w = x.shape[-2:]
+            cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+            r = 0.5 * math.sqrt(1.0 - lam)
+            y0, y1 = max(cy - int(r * h), 0), min(cy + int(r * h), h)
+            x0, x1 = max(cx - int(r * w), 0), min(cx + int(r * w), w)
+            x = x.clone()
+            x[..., y0:y1, x0:x1] = x_other[..., y0:y1, x0:x1]
+            lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+        return x, y * lam + y_other * (1.0 - lam)
+
+
 class BatchAugment:
     """Random translate (pad + crop), horizontal flip and cutout on a uint8 batch, per sample, vectorised
-    (airbench's batch_crop/batch_flip_lr/batch_cutout); random erasing and mixup/cutmix after normalisation."""
+    (airbench's batch_crop/batch_flip_lr/batch_cutout); random erasing and mixup/cutmix after normalisation.
+    `mixup`/`cutmix`: alphas, None for the preset's own, 0 for off (`config.resolve_mixing`)."""
 
-    def __init__(self, cfg: PreprocessConfig, preset: str, hflip: bool | None, mixup: float, cutmix: float,
-                 translate: int | None = None, cutout: int = 0) -> None:
+    def __init__(self, cfg: PreprocessConfig, preset: str, hflip: bool | None, mixup: float | None = None,
+                 cutmix: float | None = None, translate: int | None = None, cutout: int = 0) -> None:
         small = is_small(cfg)
         self.cutout = min(cutout, cfg.input_size)
         # airbench fills the square with 0 after normalisation, i.e. with the mean colour.
@@ -228,16 +266,14 @@ class BatchAugment:
             self.pad = translate
         self.flip = (preset in ("standard", "strong")) if hflip is None else hflip
         self.erase = v2.RandomErasing(p=0.25, value=0) if preset == "strong" else None
-        if preset == "strong":
-            mixup, cutmix = mixup or 0.2, cutmix or 1.0
-        mixers = []
-        if mixup > 0:
-            mixers.append(v2.MixUp(alpha=mixup, num_classes=cfg.num_classes))
-        if cutmix > 0:
-            mixers.append(v2.CutMix(alpha=cutmix, num_classes=cfg.num_classes))
-        if cfg.multi_label:
-            mixers = []  # soft one-hot mixing is only defined for single-label targets
-        self.mix = v2.RandomChoice(mixers) if mixers else None
+        mixup, cutmix = resolve_mixing(preset, mixup, cutmix)
+        self.mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+        if cfg.multi_label and (mixup > 0 or cutmix > 0):
+            self.mix = MultiHotMix(mixup, cutmix)
+        elif mixup > 0 or cutmix > 0:
+            mixers = [v2.MixUp(alpha=mixup, num_classes=cfg.num_classes)] if mixup > 0 else []
+            mixers += [v2.CutMix(alpha=cutmix, num_classes=cfg.num_classes)] if cutmix > 0 else []
+            self.mix = v2.RandomChoice(mixers)
 
     def geometric(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> same shape, each sample shifted/flipped by its own draw."""

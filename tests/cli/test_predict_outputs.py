@@ -260,3 +260,83 @@ def test_output_into_a_closed_pipe_stops_quietly(run_and_digits, monkeypatch, ca
         code = main(["predict", str(run), str(paths[0].parent), "--format", "csv", "--batch-size", "4"])
     assert code == 0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+@pytest.mark.parametrize("cut", [1, 7, 30])  # bytes cut off the end: the newline, mid-field, mid-row
+def test_resume_redoes_a_last_row_cut_short(run_and_digits, tmp_path: Path, capsys, fmt: str, cut: int) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 or a full disk stops the write mid-row: that row is dropped and redone, nothing is glued onto it."""
+    run, paths, _ = run_and_digits
+    files = [str(p) for p in paths[:6]]
+    out = tmp_path / f"preds.{fmt}"
+    run_predict(str(run), files[:4], fmt=fmt, output=str(out))
+    whole = out.read_bytes()
+    out.write_bytes(whole[:-cut])
+    capsys.readouterr()
+    assert run_predict(str(run), files, fmt=fmt, output=str(out), resume=True) == 0
+    err = capsys.readouterr().err
+    assert f"line {5 if fmt == 'csv' else 4} of {out} is an unfinished row" in err, err  # the CSV header is line 1
+    assert "resumed: 3 prediction(s)" in err
+    rows = _rows(out, fmt)
+    assert sorted(r["path"] for r in rows) == sorted(files)  # every input once, the cut one redone
+    for r in rows:
+        assert None not in r and set(r) >= {"path", "label", "topk"}, r  # no row glued onto another
+        best = r["topk"][0]["label"] if fmt == "json" else json.loads(r["topk"])[0][0]
+        assert best == r["label"]
+    assert out.read_bytes().startswith(whole[: whole.rstrip(b"\r\n").rfind(b"\n") + 1])  # the 3 whole rows as they were
+
+
+def test_resume_redoes_a_csv_row_cut_inside_a_quoted_line_break(run_and_digits, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run, paths, _ = run_and_digits
+    odd = tmp_path / "in" / "two\nlines.png"
+    odd.parent.mkdir()
+    odd.write_bytes(paths[1].read_bytes())
+    out = tmp_path / "p.csv"
+    run_predict(str(run), [str(paths[0]), str(odd)], fmt="csv", output=str(out))
+    data = out.read_bytes()
+    out.write_bytes(data[: data.index(b"two\n") + 4])  # ends in a newline, inside the quoted name
+    run_predict(str(run), [str(paths[0]), str(odd)], fmt="csv", output=str(out), resume=True)
+    rows = _rows(out, "csv")
+    assert [r["path"] for r in rows] == [str(paths[0]), str(odd)] and all(r["label"] for r in rows)
+
+
+def test_resume_names_the_line_of_a_bad_row_before_the_last(run_and_digits, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run, paths, _ = run_and_digits
+    out = tmp_path / "p.json"
+    run_predict(str(run), [str(p) for p in paths[:4]], fmt="json", output=str(out))
+    lines = out.read_text().splitlines(keepends=True)
+    lines[2] = lines[2][:20] + "\n"  # damaged in the middle: not an interruption, so refused
+    out.write_text("".join(lines))
+    before = out.read_bytes()
+    with pytest.raises(ImageRecError, match=r"p.json: it is not a readable json prediction file \(line 3: "):
+        run_predict(str(run), [str(p) for p in paths[:5]], fmt="json", output=str(out), resume=True)
+    assert out.read_bytes() == before
+    out.write_text('{"not": "a prediction"}')  # another tool's one-line file is never emptied
+    with pytest.raises(ImageRecError, match="line 1 is a row without a path"):
+        run_predict(str(run), [str(paths[0])], fmt="json", output=str(out), resume=True)
+    assert out.read_text() == '{"not": "a prediction"}'
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_full_disk_error_names_the_output_file(run_and_digits, tmp_path: Path, fmt: str) -> None:  # type: ignore[no-untyped-def]
+    """write() errors carry no file name (only open() sets one): the CLI must still say which file."""
+    import subprocess
+    import sys
+    import textwrap
+
+    run, paths, _ = run_and_digits
+    out = tmp_path / f"preds.{fmt}"
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        from imagerec.cli import main
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
+        sys.exit(main(["predict", {str(run)!r}, {str(paths[0].parent)!r}, "--format", {fmt!r}, "--output", {str(out)!r}]))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 2, res.stderr
+    assert f"error: {out}: File too large" in res.stderr, res.stderr
+    assert 0 < out.stat().st_size <= 1500
+    run_predict(str(run), [str(paths[0].parent)], fmt=fmt, output=str(out), resume=True)  # then resumes whole
+    assert sorted(r["path"] for r in _rows(out, fmt)) == sorted(str(p) for p in paths)

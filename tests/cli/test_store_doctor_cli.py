@@ -39,6 +39,9 @@ def test_ingest_train_runs_datasets_export(tmp_path: Path) -> None:
     ds = json.loads(cli("datasets", "--format", "json", cwd=tmp_path, env=env).stdout)
     row = next(d for d in ds["datasets"] if d["name"] == "digits")
     assert row["images"] == 800 and row["splits"] == {"train": 600, "test": 200}
+    table = cli("datasets", cwd=tmp_path, env={**env, "COLUMNS": "400"}).stdout  # README: counts per split and label
+    labels = row["labels"]
+    assert f"0 {labels['0']}, 1 {labels['1']}," in table and "... (2 more" in table, table
 
     t = cli("train", "store:digits", "--out", "run", "--epochs", "5", cwd=tmp_path, env=env)
     assert t.returncode == 0, t.stderr
@@ -132,3 +135,57 @@ def test_one_class_is_refused_by_train_and_reported_by_check(tmp_path: Path) -> 
 def test_check_refuses_a_pixel_limit_below_one(tmp_path: Path) -> None:
     r = cli("check", "mnist-mini", "--max-pixels", "0", cwd=tmp_path, env=dict(os.environ))
     assert r.returncode == 2 and r.stderr.strip() == "error: max_pixels must be at least 1, got 0", r.stderr
+
+
+def test_a_read_only_store_fails_ingest_in_one_line_and_never_a_finished_run(tmp_path: Path) -> None:
+    """A store that cannot be written: ingest says so in one line; train and eval warn and finish (exit 0)."""
+    import pytest
+
+    from imagerec.store import open_store
+
+    db = tmp_path / "ro.db"
+    with open_store(str(db)):
+        pass
+    spec = read_data("mnist-mini")
+    folder = tmp_path / "digits"
+    for split in ("train", "test"):
+        for k, it in enumerate(spec.splits[split][:60]):
+            d = folder / split / spec.class_names[it.target]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(spec.arrays[split][it.source.index]).save(d / f"{k}.png")
+    # we run as root, which writes through permission bits: the immutable flag stops root too
+    if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here, and as root a chmod 444 store stays writable")
+    try:
+        env = dict(os.environ, IMAGEREC_DB=str(db), OMP_NUM_THREADS="1")
+        problem = f"the image store sqlite:///{db} failed: attempt to write a readonly database. make the file"
+        i = cli("ingest", str(folder), "--dataset", "d", cwd=tmp_path, env=env)
+        assert i.returncode == 2 and "Traceback" not in i.stderr, i.stderr[-2000:]
+        assert f"error: {problem}" in i.stderr.splitlines()[-1]
+        t = cli("train", str(folder), "--out", "run", "--epochs", "1", "--model", "mlp", cwd=tmp_path, env=env)
+        assert t.returncode == 0 and "Traceback" not in t.stderr, t.stderr[-2000:]
+        assert f"WARNING: run not recorded in the store: {problem}" in t.stderr
+        assert "run saved in run" in t.stdout and "test: accuracy" in t.stdout  # the summary is printed
+        e = cli("eval", "run", "--format", "json", cwd=tmp_path, env=env)
+        assert e.returncode == 0 and json.loads(e.stdout)["split"] == "test", e.stderr[-2000:]
+        assert f"WARNING: run not recorded in the store: {problem}" in e.stderr
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], check=True)
+
+
+def test_recording_a_finished_run_never_fails_it_whatever_the_store_raises(tmp_path: Path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    import sqlalchemy as sa
+
+    import imagerec.store
+    from imagerec.cli import _record
+
+    def refused(*args: object) -> None:
+        raise sa.exc.IntegrityError("INSERT INTO runs ...", {}, Exception("UNIQUE constraint failed: runs.name"))
+
+    monkeypatch.setattr(imagerec.store, "record_run_dir", refused)
+    with caplog.at_level(logging.WARNING, logger="imagerec"):
+        _record(tmp_path, "completed", str(tmp_path / "store.db"))  # returns: the run stays finished
+    assert "run not recorded in the store: (builtins.Exception) UNIQUE constraint failed: runs.name" in caplog.text
+    assert "INSERT INTO" not in caplog.text  # one line, not the SQL

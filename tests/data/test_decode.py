@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagerec.data.decode import ArrayRef, DecodeError, convert_mode, decode_bytes, open_image
+from imagerec.data.decode import (
+    ArrayRef,
+    DecodeError,
+    convert_mode,
+    decode_bytes,
+    is_image_path,
+    is_refused_image_path,
+    open_image,
+    sniff_format,
+)
 
 
 def save(img: Image.Image, path: Path, **kw: object) -> Path:
@@ -231,3 +240,37 @@ def test_max_pixels_can_be_raised_past_pils_own_limit() -> None:
         decode_bytes(data, "big.png", max_pixels=300_000_000)
     assert "DecompressionBomb" not in str(info.value) and "exceeds the limit" not in str(info.value)
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # PIL's global is put back
+
+
+# --- formats: one table (sniff_format) for every path ------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "magic"), [("RGB", b"P6"), ("L", b"P5"), ("1", b"P4")])
+def test_ppm_pgm_pbm_are_read(tmp_path: Path, mode: str, magic: bytes) -> None:
+    img = textured((20, 12)).convert(mode)
+    path = save(img, tmp_path / {"RGB": "a.ppm", "L": "a.pgm", "1": "a.pbm"}[mode])
+    assert path.read_bytes()[:2] == magic and sniff_format(path.read_bytes()) == "PPM"
+    assert np.array_equal(pixels(open_image(str(path), channels=3)), pixels(convert_mode(img, 3)))
+    plain = b"P3\n2 1\n255\n255 0 0 0 0 255\n"  # the ASCII variants (P1-P3) too
+    assert pixels(decode_bytes(plain, "plain.ppm")).tolist() == [[[255, 0, 0], [0, 0, 255]]]
+    assert is_image_path("scan.PGM") and is_image_path("x.pnm")
+
+
+def test_tga_and_other_formats_without_magic_bytes_are_refused_by_name(tmp_path: Path) -> None:
+    """TGA has no magic bytes (Pillow's check is loose), so it is refused everywhere, with what to do."""
+    path = save(textured((8, 8)), tmp_path / "a.tga")
+    assert sniff_format(path.read_bytes()) is None and Image.open(path).format == "TGA"
+    with pytest.raises(DecodeError, match=r"a\.tga: not an image file imagerec reads: .* JPEG, PNG, GIF, BMP, TIFF, "
+                                          r"WebP or PPM/PGM/PBM image\. TGA and other formats are not read; convert"):
+        open_image(str(path))
+    assert is_refused_image_path("A.TGA") and not is_image_path("a.tga")
+    for data in (b"Pf\n2 1\n-1\n" + b"\x00" * 8, b"P7\nWIDTH 1\n", b"P6x"):  # not P1-P6 + whitespace
+        assert sniff_format(data) is None
+
+
+def test_magic_bytes_name_the_format_pillow_opens() -> None:
+    for fmt in ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM"):
+        buf = io.BytesIO()
+        textured((8, 8)).save(buf, fmt)
+        assert sniff_format(buf.getvalue()) == fmt
+        assert decode_bytes(buf.getvalue(), f"x.{fmt.lower()}").size == (8, 8)

@@ -764,3 +764,31 @@ def test_zip_with_backslash_names_or_only_an_inner_zip_says_why(tmp_path: Path, 
         zf.write(windows, "inner.zip")
     with pytest.raises(ImageRecError, match=r"outer\.zip: holds no images, only the archive\(s\) inner\.zip"):
         read_data(str(outer))
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_ppm_files_are_read_and_tga_files_are_left_out_with_a_note(tmp_path: Path, kind: str) -> None:
+    """A listing reads every format decoding reads (PPM/PGM/PBM too) and never drops an image file
+    without a word: a TGA, which nothing in imagerec reads, is named in a note (train and eval log it)."""
+    src = tmp_path / "src"
+    for cls in ("cat", "dog"):
+        (src / cls).mkdir(parents=True)
+        Image.new("RGB", (4, 4), (9, 9, 9)).save(src / cls / "a.png")
+    Image.new("RGB", (4, 4), (200, 0, 0)).save(src / "cat" / "b.ppm")
+    Image.new("L", (4, 4), 7).save(src / "dog" / "c.pgm")
+    Image.new("RGB", (4, 4)).save(src / "cat" / "d.tga")
+    (src / "cat" / "notes.txt").write_text("not an image")
+    data = src
+    if kind == "zip":
+        data = tmp_path / "data.zip"
+        with zipfile.ZipFile(data, "w") as zf:
+            for p in sorted(src.rglob("*")):
+                zf.write(p, p.relative_to(src).as_posix())
+    spec = read_data(str(data))
+    names = sorted(source_name(it.source).rsplit("/", 1)[-1] for it in spec.splits["train"])
+    assert names == ["a.png", "a.png", "b.ppm", "c.pgm"]
+    ppm = next(it.source for it in spec.splits["train"] if source_name(it.source).endswith("b.ppm"))
+    assert np.asarray(open_image(ppm))[0, 0].tolist() == [200, 0, 0]
+    (note,) = [n for n in spec.notes if ".tga" in n]
+    assert note == (f"{data}: left out 1 image file(s) of formats imagerec does not read (1 .tga); it reads JPEG, PNG, "
+                    "GIF, BMP, TIFF, WebP or PPM/PGM/PBM: convert them (e.g. to PNG) to use them")

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms.v2 import functional as F
 
-from imagerec.config import PreprocessConfig
+from imagerec.config import PreprocessConfig, TrainConfig, legacy_mixing, resolve_mixing
 from imagerec.data import read_data
 from imagerec.transforms import OPS, BatchAugment, apply_ops, base_transform, parse_op
 from imagerec.utils import ImageRecError
@@ -228,3 +228,94 @@ def test_extreme_aspect_ratio_is_cropped_before_the_resize() -> None:
         whole = F.pil_to_tensor(F.center_crop(F.resize(img, [256], antialias=True), [224, 224]))
         diff = (base_transform(pre)(img).int() - whole.int()).abs()
         assert diff.max() <= (1 if max(shape) / min(shape[:2]) > 4 else 0), shape
+
+
+# --- mixup / cutmix ---------------------------------------------------------------------------------
+
+
+def test_explicit_zero_turns_strongs_mixing_off_and_unset_keeps_it() -> None:
+    """`--augment strong --mixup 0 --cutmix 0`: no mixing (0 = off, as --help says); unset (None): strong's own."""
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 2
+    off = BatchAugment(cfg(32), "strong", hflip=None, mixup=0.0, cutmix=0.0)
+    assert off.mix is None
+    torch.manual_seed(0)
+    _, y_off = off.after_normalize(x, y)
+    assert torch.equal(y_off, y)  # hard labels: nothing was mixed
+    preset = BatchAugment(cfg(32), "strong", hflip=None, mixup=None, cutmix=None)
+    assert [(type(m).__name__, m.alpha) for m in preset.mix.transforms] == [("MixUp", 0.2), ("CutMix", 1.0)]
+    only_cutmix = BatchAugment(cfg(32), "strong", hflip=None, mixup=0.0, cutmix=None)
+    assert [type(m).__name__ for m in only_cutmix.mix.transforms] == ["CutMix"]
+    assert BatchAugment(cfg(32), "light", hflip=None).mix is None  # other presets: off unless given
+    assert resolve_mixing("strong", None, 0.0) == (0.2, 0.0) and resolve_mixing("light", 0.3, None) == (0.3, 0.0)
+
+
+def test_legacy_checkpoints_resume_with_the_mixing_they_trained_with() -> None:
+    """Checkpoints written before an explicit 0 meant off (no `batch_mixing`) took 0 as unset with
+    strong and never mixed multi-label data: their resume keeps doing what they did."""
+    old = {"preprocess": {"multi_label": False}}
+    strong = TrainConfig(augment="strong", mixup=0.0, cutmix=0.5)
+    assert legacy_mixing(strong, old) == {"mixup": 0.2, "cutmix": 0.5}
+    assert legacy_mixing(TrainConfig(augment="light", mixup=0.4, cutmix=0.0), old) == {"mixup": 0.4, "cutmix": 0.0}
+    assert legacy_mixing(strong, {"preprocess": {"multi_label": True}}) == {"mixup": 0.0, "cutmix": 0.0}
+    assert legacy_mixing(strong, {**old, "batch_mixing": {"mixup": 0.0, "cutmix": 0.5}}) == {}  # a newer checkpoint
+    assert TrainConfig().mixup is None and TrainConfig().cutmix is None  # a config file without them: the preset's
+
+
+def multi_hot(n: int = 8, k: int = 5) -> torch.Tensor:
+    return (torch.rand(n, k, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_multi_label_batches_are_mixed_with_their_label_sets(kind: str) -> None:
+    """On multi-hot targets a mixed image's targets are the same blend of both images' label sets."""
+    pre = PreprocessConfig(16, 3, (0.5,) * 3, (0.5,) * 3, 16, tuple("abcde"), multi_label=True)
+    aug = BatchAugment(pre, "light", hflip=None, **{kind: 1.0})
+    x, y = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)), multi_hot()
+    lams = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        xm, ym = aug.after_normalize(x, y)
+        other = x.roll(1, 0)
+        if kind == "mixup":  # xm = lam * x + (1 - lam) * other, one lam for the batch
+            lam = float(((xm - other) / (x - other))[0, 0, 0, 0])
+            torch.testing.assert_close(xm, lam * x + (1 - lam) * other)
+        else:  # a box of `other` pasted in: lam = the share of pixels kept
+            pasted = (xm != x).any(1) & (xm == other).all(1)  # (B, H, W)
+            assert torch.equal(pasted, pasted[:1].expand_as(pasted))  # the same box in every image
+            assert ((xm == x).all(1) | pasted).all()
+            lam = 1.0 - float(pasted[0].float().mean())
+        assert 0.0 <= lam <= 1.0
+        torch.testing.assert_close(ym, lam * y + (1 - lam) * y.roll(1, 0))
+        lams.append(lam)
+    assert ym.shape == y.shape and ym.min() >= 0 and ym.max() <= 1
+    assert min(lams) < 0.95 and not torch.equal(ym, y)  # it did mix (soft targets), not pass the batch through
+
+
+# --- the documented preprocessing order ---------------------------------------------------------
+
+
+def test_documented_preprocess_order_is_the_order_base_transform_runs() -> None:
+    """PreprocessConfig's docstring is the contract saved in every checkpoint and bundle: the ops
+    run on the resized, centre-cropped pixels, not before the resize."""
+    pre = cfg(16, 24, ops=("equalize",))
+    img = scene("RGB")  # 48x48: resized to 24, cropped to 16
+    documented = apply_ops(F.center_crop(F.resize(img, [24], antialias=True), [16, 16]), ["equalize"])
+    before = F.center_crop(F.resize(apply_ops(img, ["equalize"]), [24], antialias=True), [16, 16])
+    out = base_transform(pre)(img)
+    assert torch.equal(out, F.pil_to_tensor(documented)) and not torch.equal(out, F.pil_to_tensor(before))
+    doc = " ".join((PreprocessConfig.__doc__ or "").split())
+    assert doc.index("EXIF") < doc.index("resize shorter side") < doc.index("center crop") < doc.index("`ops`")
+
+
+def test_long_image_shortcut_is_documented_as_it_behaves() -> None:
+    """The one-step resize+crop of images over 4:1 matches the two steps to within 1 level for
+    bilinear (the default); bicubic can differ more (PIL's pass order): the docstring says so, and
+    no longer claims equality."""
+    from imagerec.transforms import _resize_crop_of_long_image
+
+    doc = " ".join((_resize_crop_of_long_image.__doc__ or "").split())
+    assert "equals the two steps" not in doc and "bilinear (the default) is within 1 level" in doc
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (2001, 97, 3), dtype=np.uint8), "RGB")  # tall and noisy
+    two = F.pil_to_tensor(F.center_crop(F.resize(img, [256], antialias=True), [224, 224]))
+    assert (base_transform(cfg(224, 256))(img).int() - two.int()).abs().max() <= 1

@@ -289,3 +289,25 @@ def test_near_copies_of_real_digits_and_photos_are_found(tmp_path: Path, cifar_j
             hits = [c for c in copies if found.get(c) == expected[c]]
             assert len(hits) >= 28, (kind, variant, len(hits), sorted(set(copies) - set(hits))[:3])
     assert set(found) <= set(expected)  # no original flagged as a copy of another original
+
+
+def test_check_agrees_with_the_decoder_on_formats() -> None:
+    """PPM/PGM (which training reads) are clean images to `check`, ASCII ones too, not "text"; a TGA
+    named .jpg, which training skips (no magic bytes), is reported as not an image it reads."""
+    import io
+
+    from PIL import Image
+
+    from imagerec.doctor.inspect import inspect_bytes
+
+    ascii_pgm = b"P2\n4 4\n255\n" + b"10 20 30 40\n" * 4
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(buf, "PPM")
+    for name, data in (("a.pgm", ascii_pgm), ("b.ppm", buf.getvalue())):
+        res = inspect_bytes(data, name, max_pixels=10**8, min_side=2, max_side=10**5)
+        assert (res.format, res.findings) == ("PPM", []), (name, res.findings)
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(buf, "TGA")
+    res = inspect_bytes(buf.getvalue(), "photo.jpg", max_pixels=10**8, min_side=2, max_side=10**5)
+    (finding,) = res.findings
+    assert finding[0] == "not_an_image" and finding[1].startswith("TGA data: imagerec reads JPEG, PNG")

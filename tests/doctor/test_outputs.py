@@ -95,3 +95,81 @@ def test_quarantine_refuses_non_folder_sources(planted, tmp_path: Path) -> None:
         quarantine(check_data(str(archive)), tmp_path / "q")
     with pytest.raises(ImageRecError, match="outside the data folder"):
         quarantine(check_data(str(root)), root / "q")
+
+
+def _small_folder(root: Path, classes: tuple[str, ...] = ("cat", "bird")) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for k in range(5):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / cls / f"{k}.png")
+
+
+def test_quarantine_lists_the_files_it_leaves_behind_a_symlink_out_of_data(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from imagerec.doctor.command import check_command
+
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    _small_folder(data, ("cat",))
+    _small_folder(elsewhere, ("bird",))
+    (data / "cat" / "bad.png").write_text("junk")
+    (elsewhere / "bird" / "broken.png").write_text("junk")
+    (data / "bird").symlink_to(elsewhere / "bird", target_is_directory=True)  # read as class 'bird'
+    assert check_command(str(data), fmt="json", fix="quarantine", fix_dest=str(tmp_path / "q")) == 1
+    out = json.loads(capsys.readouterr().out)
+    left = str(data / "bird" / "broken.png")
+    assert [s["path"] for s in out["quarantine_skipped"]] == [left]
+    assert "outside the data folder" in out["quarantine_skipped"][0]["reason"]
+    state = json.loads(Path(out["quarantine_manifest"]).read_text())
+    assert state["skipped"] == out["quarantine_skipped"]
+    assert [m["src"] for m in state["moves"]] == [str(data / "cat" / "bad.png")]
+    assert (elsewhere / "bird" / "broken.png").read_text() == "junk"  # nothing outside DATA is touched
+
+    assert check_command(str(data), fix="quarantine", fix_dest=str(tmp_path / "q2")) == 1
+    table = capsys.readouterr().out
+    assert f"not quarantined {left}: its real file {elsewhere / 'bird' / 'broken.png'} is outside" in table
+
+
+@pytest.mark.parametrize("how", ["full disk", "killed"])
+def test_a_move_stopped_midway_leaves_the_original_and_undo_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     how: str) -> None:
+    """Across filesystems a move is copy + delete: a full disk (or a kill) stops it with a partial copy."""
+    import errno
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    _small_folder(data)
+    big = data / "cat" / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 400)
+    before = _sha(big)
+
+    def partial_copy(src: str, dst: str) -> None:
+        Path(dst).write_bytes(Path(src).read_bytes()[:4096])
+        if how == "killed":
+            raise KeyboardInterrupt  # stands for SIGKILL: nothing after this line runs
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "move", partial_copy)
+    dest = tmp_path / "q"
+    if how == "killed":
+        with pytest.raises(KeyboardInterrupt):
+            quarantine(check_data(str(data)), dest)
+        assert (dest / "cat" / "big.png").stat().st_size == 4096  # the kill left the partial copy
+    else:
+        manifest = quarantine(check_data(str(data)), dest)
+        state = json.loads(manifest.read_text())
+        assert state["skipped"] == [{"path": str(big), "reason": f"could not be moved to {dest / 'cat' / 'big.png'}: "
+                                                                 "No space left on device"}]
+        assert not (dest / "cat" / "big.png").exists()  # the partial copy is removed
+    monkeypatch.undo()
+    assert _sha(big) == before
+    res = undo_quarantine(dest / "quarantine-manifest.json")
+    assert res.restored == [] and [p for p, _ in res.skipped] == [str(big)]
+    reason = res.skipped[0][1]
+    assert reason.startswith("never moved"), reason  # not "a file exists at the original path now"
+    assert _sha(big) == before

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -85,5 +88,33 @@ def test_checkpoints_from_before_the_pairing_id_still_load(tmp_path: Path) -> No
     meta = json.loads(jpath.read_text())
     del meta["weights_id"]
     jpath.write_text(json.dumps(meta))
+    assert ckpt.read_checkpoint_meta(stem)["epoch"] == 1
+    assert torch.equal(ckpt.load_checkpoint_tensors(stem)[0]["weight"], torch.ones(2, 3))
+
+
+def test_a_save_on_a_full_disk_names_the_file_and_keeps_the_previous_pair(tmp_path: Path) -> None:
+    """QA: a file size limit (as a full disk) while saving gave a SafetensorError traceback and left
+    best.json.tmp; now one ImageRecError naming the file, no temp files, the old pair loadable."""
+    stem = tmp_path / "best"
+    ckpt.save_checkpoint(stem, _model(1.0), {"epoch": 1})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    script = textwrap.dedent(f"""
+        import resource, signal
+        import torch
+        from imagerec.engine.checkpoint import save_checkpoint
+        from imagerec.utils import ImageRecError
+        big = torch.nn.Linear(256, 256)  # 256 KB of weights, over the limit below; its JSON is not
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+        try:
+            save_checkpoint({str(stem)!r}, big, {{"epoch": 2}})
+        except ImageRecError as e:
+            print("error:", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.stdout.startswith(f"error: {stem}.safetensors: cannot save the checkpoint: File too large;"), out.stdout
+    assert len(out.stdout.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no .tmp left, the old pair untouched
     assert ckpt.read_checkpoint_meta(stem)["epoch"] == 1
     assert torch.equal(ckpt.load_checkpoint_tensors(stem)[0]["weight"], torch.ones(2, 3))

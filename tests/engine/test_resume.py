@@ -142,3 +142,39 @@ def test_resume_keeps_the_record_true(tmp_path: Path) -> None:
     third_epoch = float((run / "history.csv").read_text().strip().splitlines()[-1].split(",")[5])  # epoch_time_s
     assert result.metrics["train_seconds"] >= before + third_epoch - 0.01
     assert "epochs: 3\n" in (run / "config.yaml").read_text()
+
+
+def test_resume_evaluates_again_a_run_stopped_during_its_final_evaluation(tmp_path: Path) -> None:
+    """QA: a resumed run killed after its last checkpoint, while it evaluated the final model, kept
+    the metrics.json (and eval files) of the segment before, and `--resume` then reported those."""
+    run = tmp_path / "r"
+    train(data="mnist-mini", out=str(run), epochs=1, limit_train=256, batch_size=64, model="mlp")
+    record = ("metrics.json", "eval-test.json", "confusion-test.png")
+    first = {f: (run / f).read_bytes() for f in record}
+    train(resume=str(run), epochs=2)
+    second = {f: (run / f).read_bytes() for f in record}
+    assert json.loads(second["metrics.json"])["checkpoints"] == {
+        name: json.loads((run / f"{name}.json").read_text())["weights_id"] for name in ("best", "last")}
+
+    def stopped_in_final_evaluation(metrics_json: bytes) -> None:  # the epoch-2 checkpoints, the epoch-1 record
+        for f in record:
+            (run / f).write_bytes(first[f])
+        (run / "metrics.json").write_bytes(metrics_json)
+
+    old_style = json.loads(first["metrics.json"])
+    del old_style["checkpoints"]  # as written before metrics.json named its checkpoints: compared by epochs_run
+    for stale in (first["metrics.json"], json.dumps(old_style).encode()):
+        stopped_in_final_evaluation(stale)
+        result = train(resume=str(run))
+        assert result.metrics["epochs_run"] == 2
+        now = json.loads((run / "metrics.json").read_text())
+        assert now["epochs_run"] == 2 and now["test"] == json.loads(second["metrics.json"])["test"]
+        assert (run / "eval-test.json").read_bytes() == second["eval-test.json"]
+        assert (run / "confusion-test.png").read_bytes() == second["confusion-test.png"]
+    # a current record from before `checkpoints` (same epochs) is kept as it is
+    current = json.loads(second["metrics.json"])
+    del current["checkpoints"]
+    (run / "metrics.json").write_text(json.dumps(current))
+    before = (run / "metrics.json").read_bytes()
+    assert train(resume=str(run)).metrics["epochs_run"] == 2
+    assert (run / "metrics.json").read_bytes() == before

@@ -105,6 +105,9 @@ def test_yaml_config_file(tmp_path: Path) -> None:
     (tmp_path / "typo.yaml").write_text("learning_rate: 0.1\n")
     with pytest.raises(ImageRecError, match="unknown config key 'learning_rate'"):
         load_config_file(tmp_path / "typo.yaml")
+    (tmp_path / "where.yaml").write_text("data_dir: /data\n")  # a command-line flag, not a setting
+    with pytest.raises(ImageRecError, match=r"'data_dir' .* is not a training setting.*--data-dir .*\$IMAGEREC_DATA"):
+        load_config_file(tmp_path / "where.yaml")
 
 
 def test_bad_values_are_refused_before_training(tmp_path: Path) -> None:
@@ -241,9 +244,23 @@ def test_limit_train_is_stratified_and_seeded(caplog: pytest.LogCaptureFixture, 
 
 
 def test_early_stopping_without_validation_images_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ImageRecError, match=r"--early-stopping 1 .* no validation images.*--val-fraction 0\.1"):
+    with pytest.raises(ImageRecError, match=r"--early-stopping 1 .* no validation images.*--val-fraction 0\.1") as info:
         imagerec.train(out=str(tmp_path / "es"), early_stopping=1, val_fraction=0.0, **SMALL)
+    assert "validation auto" not in str(info.value)  # the metric is not resolved yet: not named as "auto"
     assert not (tmp_path / "es").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(("metric", "multi_label"), [("map", False), ("balanced_accuracy", True)])
+def test_a_metric_the_task_does_not_compute_is_refused(metric: str, multi_label: bool) -> None:
+    """Early stopping and the best checkpoint watch --metric: one that is never computed would make
+    every epoch the best (early stopping never fires), so it is refused up front."""
+    from imagerec.config import TrainConfig
+    from imagerec.engine.run import resolve_balance
+
+    cfg = TrainConfig(metric=metric)
+    with pytest.raises(ImageRecError, match=rf"--metric {metric} is not computed for (multi|single)-label data"):
+        resolve_balance(cfg, np.array([10, 10]), multi_label)
+    assert resolve_balance(cfg, np.array([10, 10]), not multi_label)[1] == metric  # fine for the other kind
 
 
 def test_resume_checks_the_limit_train_subset(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
@@ -267,3 +284,74 @@ def test_resume_checks_the_limit_train_subset(caplog: pytest.LogCaptureFixture, 
         with caplog.at_level("WARNING", logger="imagerec"):
             imagerec.train(resume=str(run), epochs=meta["state"]["epoch"] + 1)
         assert expect in caplog.text
+
+
+def _mixers_called(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The kind of every batch mixer call during training: 'MixUp', 'CutMix' or 'MultiHotMix'."""
+    from torchvision.transforms import v2
+
+    from imagerec.transforms import MultiHotMix
+
+    calls: list[str] = []
+    for cls in (v2.MixUp, v2.CutMix, MultiHotMix):
+        real = cls.__call__ if cls is MultiHotMix else cls.forward
+        name = "__call__" if cls is MultiHotMix else "forward"
+
+        def spy(self, *args, _real=real, _name=cls.__name__):  # type: ignore[no-untyped-def]
+            calls.append(_name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(cls, name, spy)
+    return calls
+
+
+def test_mixup_zero_turns_strongs_mixing_off_and_the_record_says_what_ran(tmp_path: Path, monkeypatch) -> None:
+    import yaml
+
+    calls = _mixers_called(monkeypatch)
+    small = {**SMALL, "limit_train": 256, "model": "mlp", "augment": "strong"}
+    imagerec.train(out=str(tmp_path / "off"), mixup=0.0, cutmix=0.0, **small)
+    assert calls == []  # --mixup 0 --cutmix 0: off, even with strong
+    saved = yaml.safe_load((tmp_path / "off" / "config.yaml").read_text())
+    assert (saved["mixup"], saved["cutmix"]) == (0.0, 0.0)
+    imagerec.train(out=str(tmp_path / "on"), **small)
+    assert calls and set(calls) <= {"MixUp", "CutMix"}  # unset: strong's own
+    saved = yaml.safe_load((tmp_path / "on" / "config.yaml").read_text())
+    assert (saved["mixup"], saved["cutmix"]) == (0.2, 1.0)  # config.yaml records the alphas that ran
+    meta = json.loads((tmp_path / "on" / "last.json").read_text())
+    assert meta["batch_mixing"] == {"mixup": 0.2, "cutmix": 1.0}
+
+
+def test_a_checkpoint_from_before_explicit_zero_resumes_mixing_as_it_did(tmp_path: Path, monkeypatch) -> None:
+    """An older checkpoint (no `batch_mixing`) of a strong run records mixup 0.0 for "unset": it mixed
+    then, and its resume goes on mixing, now with the alphas written down."""
+    run = tmp_path / "old"
+    imagerec.train(out=str(run), **{**SMALL, "limit_train": 256, "model": "mlp", "augment": "strong"})
+    meta = json.loads((run / "last.json").read_text())
+    del meta["batch_mixing"]
+    meta["train_config"].update(mixup=0.0, cutmix=0.0)  # what older versions wrote for strong's default
+    (run / "last.json").write_text(json.dumps(meta))
+    calls = _mixers_called(monkeypatch)
+    imagerec.train(resume=str(run), epochs=2)
+    assert calls and set(calls) <= {"MixUp", "CutMix"}
+    meta = json.loads((run / "last.json").read_text())
+    assert meta["batch_mixing"] == {"mixup": 0.2, "cutmix": 1.0}
+    assert (meta["train_config"]["mixup"], meta["train_config"]["cutmix"]) == (0.2, 1.0)
+
+
+def test_mixup_on_multi_label_data_mixes_the_label_sets(tmp_path: Path, monkeypatch) -> None:
+    import yaml
+
+    spec = read_data("mnist-mini")
+    rows = ["path,label"]
+    for k, it in enumerate(spec.splits["train"][:200]):
+        digit = int(spec.class_names[it.target])
+        Image.fromarray(spec.arrays["train"][it.source.index]).save(tmp_path / f"{k}.png")
+        rows.append(f"{k}.png,{'even' if digit % 2 == 0 else 'odd'};{'big' if digit >= 5 else 'small'}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    calls = _mixers_called(monkeypatch)
+    imagerec.train(data=str(tmp_path / "m.csv"), out=str(tmp_path / "ml"), model="mlp", epochs=1, batch_size=32,
+                   mixup=0.4, val_fraction=0.0)
+    assert calls and set(calls) == {"MultiHotMix"}  # every training batch, with soft multi-hot targets
+    assert yaml.safe_load((tmp_path / "ml" / "config.yaml").read_text())["mixup"] == 0.4
+    assert json.loads((tmp_path / "ml" / "last.json").read_text())["batch_mixing"] == {"mixup": 0.4, "cutmix": 0.0}

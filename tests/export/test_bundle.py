@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -189,3 +193,47 @@ def test_export_refuses_a_model_whose_outputs_do_not_match_the_class_names(tmp_p
     with pytest.raises(ImageRecError, match="the model outputs 10 classes but its preprocessing config names 9"):
         export_model(model, pre, "onnx", tmp_path / "b", images=synthetic_images(pre, n=4), timing_seconds=0)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_on_a_full_disk_names_the_bundle_and_leaves_nothing(fmt: str, tmp_path: Path) -> None:
+    """QA: with a file size limit (as a full disk) torchscript aborted the process (SIGABRT, a C++
+    stack trace) and left `.NAME.partial-PID`; onnx said "cannot export this model ... try
+    --format torchscript". Both are the disk's fault: one ImageRecError naming the bundle."""
+    out = tmp_path / "b"
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from imagerec.config import PreprocessConfig
+        from imagerec.export import export_model, synthetic_images
+        from imagerec.models import create_model
+        from imagerec.utils import ImageRecError
+        model = create_model("cnn", num_classes=10, in_chans=1, img_size=28)  # ~400 KB of weights
+        pre = PreprocessConfig(28, 1, (0.5,), (0.25,), 28, tuple(str(i) for i in range(10)))
+        images = synthetic_images(pre, n=4)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+        try:
+            export_model(model, pre, {fmt!r}, {str(out)!r}, images=images, timing_seconds=0)
+        except ImageRecError as e:
+            print("error:", e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # not -6 (SIGABRT)
+    assert proc.stdout.startswith(f"error: cannot write the export {out}: File too large;"), proc.stdout + proc.stderr[-2000:]
+    assert "cannot export this model" not in proc.stdout and len(proc.stdout.strip().splitlines()) == 1
+    assert sorted(tmp_path.iterdir()) == []  # no bundle and no staging folder
+
+
+def test_export_removes_staging_folders_of_killed_exports(tmp_path: Path) -> None:
+    """An export killed with -9 leaves `.NAME.partial-PID`; the next export to that output removes
+    it, and leaves alone the one of an export still running."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed, running = tmp_path / f".b.partial-{dead.pid}", tmp_path / f".b.partial-{os.getppid()}"
+    for folder in (killed, running):
+        folder.mkdir()
+        (folder / "model.ts").write_bytes(b"half")
+    model = create_model("cnn", num_classes=10, in_chans=1, img_size=28)
+    pre = PreprocessConfig(28, 1, (0.5,), (0.25,), 28, tuple(str(i) for i in range(10)))
+    export_model(model, pre, "torchscript", tmp_path / "b", images=synthetic_images(pre, n=4), timing_seconds=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "b"]

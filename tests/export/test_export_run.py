@@ -292,3 +292,21 @@ def test_export_refuses_other_data_at_an_old_runs_relative_data_path(old_relativ
         export_run(old, "onnx", tmp_path / "b", parity_images=8)
     assert not (tmp_path / "b").exists()
 
+
+
+def test_bundle_keeps_the_runs_max_pixels(cnn_run: Path, tmp_path: Path) -> None:
+    """predict and serve apply a bundle's source run's pixel limit, as `imagerec eval` does the run's."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cnn_run, run)
+    for name in ("best.json", "last.json"):
+        meta = json.loads((run / name).read_text())
+        meta["train_config"]["max_pixels"] = 5000
+        (run / name).write_text(json.dumps(meta))
+    manifest = export_run(run, "onnx", tmp_path / "b", parity_images=32)
+    assert manifest["source"]["max_pixels"] == 5000
+    assert imagerec.load(tmp_path / "b").max_pixels == 5000
+    assert imagerec.load(tmp_path / "b", max_pixels=90).max_pixels == 90
+    text = manifest["input"]["normalisation"]  # the order of the preprocess contract, as it runs
+    assert text.index("EXIF") < text.index("resize") < text.index("centre crop") < text.index("ops")

@@ -278,6 +278,67 @@ def test_magic_bytes():
     assert sniff_image_type(b"RIFF\x10\x00\x00\x00WEBPVP8 ") == "webp"
     assert sniff_image_type(b"RIFF\x10\x00\x00\x00WAVEfmt ") is None
     assert sniff_image_type(b"<html>") is None and sniff_image_type(b"") is None
+    # PPM/PGM/PBM, which predict and the folder readers read too; TGA (no magic bytes) nowhere
+    assert sniff_image_type(b"P6\n3 2\n255\n") == "ppm" and sniff_image_type(b"P1 2 2 0110") == "ppm"
+    assert sniff_image_type(b"P7\n") is None and sniff_image_type(b"\x00\x00\x02\x00\x00\x00") is None
+
+
+def test_ppm_upload_is_predicted_like_the_same_png(run_dir):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from imagerec.predict import load
+    from imagerec.serve.inputs import Upload, prepare_image
+
+    predictor = load(run_dir)
+    digit = Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))
+    encoded = {}
+    for fmt in ("PPM", "PNG"):
+        buf = io.BytesIO()
+        digit.save(buf, fmt)
+        encoded[fmt] = prepare_image(predictor, Upload(0, f"d.{fmt.lower()}", buf.getvalue()), 40_000_000)
+    assert encoded["PPM"].format == "ppm" and torch.equal(encoded["PPM"].tensor, encoded["PNG"].tensor)
+
+
+def test_served_runs_keep_their_own_max_pixels(run_dir, tmp_path):
+    """A run's own pixel limit (its training --max-pixels, which eval and predict apply) holds when it
+    is served; the server's --max-pixels caps it. Over it: 413, as for the server's own limit."""
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from imagerec.serve.errors import ApiError
+    from imagerec.serve.inputs import Upload, prepare_image
+
+    run = tmp_path / "small-limit"
+    shutil.copytree(run_dir, run)
+    for name in ("best.json", "last.json"):
+        meta = json.loads((run / name).read_text())
+        meta["train_config"]["max_pixels"] = 500
+        (run / name).write_text(json.dumps(meta))
+    registry = ModelRegistry(ServeSettings(models=(str(run),), instances=1), ServeMetrics())
+    registry.load_startup()
+    try:
+        predictor = registry.default().predictor
+        assert predictor.max_pixels == 500
+        small, big = io.BytesIO(), io.BytesIO()
+        Image.new("L", (20, 20), 9).save(small, "PNG")
+        Image.new("L", (28, 28), 9).save(big, "PNG")  # 784 pixels
+        assert prepare_image(predictor, Upload(0, "small.png", small.getvalue()), 40_000_000).width == 20
+        with pytest.raises(ApiError) as e:
+            prepare_image(predictor, Upload(0, "big.png", big.getvalue()), 40_000_000)
+        assert (e.value.status, e.value.type) == (413, "too_many_pixels") and "exceeds the limit of 500" in e.value.message
+    finally:
+        registry.stop_all()
+    capped = ModelRegistry(ServeSettings(models=(str(run_dir),), instances=1, max_pixels=700), ServeMetrics())
+    capped.load_startup()
+    try:
+        assert capped.default().predictor.max_pixels == 700  # the server's lower limit caps the run's
+    finally:
+        capped.stop_all()
 
 
 def test_settings_validation_and_sources():

@@ -47,6 +47,35 @@ def test_runs_are_recorded_updated_and_compared(store_url: str, tmp_path: Path) 
             compare_runs(store, [first, 999])
 
 
+def test_an_evaluation_keeps_the_runs_status(store_url: str, tmp_path: Path) -> None:
+    """`imagerec eval` records its results with the run, but does not mark an interrupted run completed."""
+    from imagerec.store import record_run_dir
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "last.json").write_text(json.dumps({"train_config": {"epochs": 3}, "data": {"origin": "mnist-mini"}}))
+    (run / "eval-test.json").write_text(json.dumps({"accuracy": 0.5}))
+    with open_store(store_url) as store:
+        record_run_dir(store, run, "interrupted")
+        finished = list_runs(store)[0]["finished_at"]
+        record_run_dir(store, run, None)
+        (got,) = list_runs(store)
+        assert (got["status"], got["finished_at"]) == ("interrupted", finished)
+        assert got["metrics"]["evals"]["test"]["accuracy"] == 0.5
+        other = tmp_path / "never-recorded"  # evaluated before it was ever recorded: judged by its files
+        other.mkdir()
+        (other / "last.json").write_text((run / "last.json").read_text())
+        record_run_dir(store, other, None)
+        (other / "metrics.json").write_text("{}")
+        done = tmp_path / "done"
+        done.mkdir()
+        (done / "last.json").write_text((run / "last.json").read_text())
+        (done / "metrics.json").write_text("{}")
+        record_run_dir(store, done, None)
+        status = {r["name"]: r["status"] for r in list_runs(store)}
+        assert (status["never-recorded"], status["done"]) == ("interrupted", "completed")
+
+
 def test_predictions_by_sha256_or_path(store_url: str, tmp_path: Path) -> None:
     image = tmp_path / "x.png"
     image.write_bytes(b"\x89PNG fake but hashable")

@@ -84,3 +84,61 @@ def test_an_output_path_under_a_file_is_a_clear_error(one_image_store: tuple[str
     assert cli_main(["export-dataset", "one", str(afile / "sub"), "--db", url]) == 2
     assert cli_main(["export-dataset", "store:one", str(tmp_path / "ok"), "--db", url]) == 0
     assert (tmp_path / "ok" / "train" / "cls" / "a.png").read_bytes() == image.read_bytes()
+
+
+@pytest.mark.parametrize("mnist_store", ["sqlite"], indirect=True)
+def test_a_killed_export_leaves_no_folder_that_looks_complete_and_a_rerun_finishes(
+    mnist_store: tuple[str, object], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import hashlib
+    import subprocess
+    import sys
+    import time
+
+    from imagerec.cli import main as cli_main
+
+    url, _ = mnist_store
+    out = tmp_path / "exported"
+    proc = subprocess.Popen([sys.executable, "-m", "imagerec.cli", "export-dataset", "mnist", str(out), "--db", url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    written, deadline = 0, time.monotonic() + 120
+    while proc.poll() is None and written < 200 and time.monotonic() < deadline:
+        written = sum(1 for _ in tmp_path.rglob("*.png"))  # wherever the export writes them
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert 200 <= written < 7000, f"the export was not caught midway ({written} files written)"
+    assert not out.exists()  # only a hidden .exported.partial-PID folder, which no reader takes for the dataset
+    assert [p.name for p in tmp_path.iterdir()] == [f".exported.partial-{proc.pid}"]
+
+    with caplog.at_level(logging.WARNING, logger="imagerec"):
+        assert cli_main(["export-dataset", "mnist", str(out), "--db", url]) == 0  # no cleanup by hand
+    assert "export-dataset that was interrupted" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]
+    files = list(out.rglob("*.png"))
+    assert len(files) == 7000
+    assert all(hashlib.sha256(f.read_bytes()).hexdigest().startswith(f.stem) for f in files[::97])  # bytes as stored
+
+
+def test_a_full_disk_exports_nothing_and_names_the_folder(clashing_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+    import errno
+
+    import imagerec.store.export as export_module
+
+    opened = []
+
+    def open_until_full(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(path)
+        if len(opened) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(export_module, "open", open_until_full, raising=False)
+    out = tmp_path / "exports" / "out"
+    with open_store(clashing_store) as store, pytest.raises(ImageRecError, match=f"cannot export to {out}: No space left on device"):
+        export_dataset(store, "clash", out)
+    assert list(out.parent.iterdir()) == []  # no half export, no staging folder left behind
+    monkeypatch.undo()
+    with open_store(clashing_store) as store:
+        assert export_dataset(store, "clash", out) == 10

@@ -3,6 +3,13 @@
 EXIF orientation is applied, and grayscale/RGB/RGBA/palette/CMYK/16-bit images are converted to
 the model's channels. Anything that fails raises `DecodeError` naming the file; callers decide
 whether to skip it (training) or report it (predict).
+
+The formats read are the ones named by reliable magic bytes (`sniff_format`): JPEG, PNG, GIF,
+BMP, TIFF, WebP and PPM/PGM/PBM (P1-P6). Every path uses this one table: folder and archive
+listings (by extension, `IMAGE_EXTENSIONS`), decoding, `predict` and the server's type check.
+Other formats Pillow can read are refused everywhere with one message: TGA has no magic bytes
+(Pillow recognises it by a loose header check that arbitrary bytes can pass), and the rest are
+rare enough that converting them (to PNG, say) is the clearer path.
 """
 
 from __future__ import annotations
@@ -24,8 +31,39 @@ from PIL import Image, ImageOps
 
 from imagerec.utils import ImageRecError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
+# Image files of formats imagerec does not read: listed so that a folder's reader can say it
+# skipped them, and `predict DIR` reports them, rather than leaving them out without a word.
+REFUSED_IMAGE_EXTENSIONS = (".tga", ".ico", ".pcx", ".psd", ".jp2", ".j2k", ".jxl", ".heic", ".heif", ".avif",
+                            ".dds", ".qoi", ".sgi", ".pfm")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
+
+# Magic bytes -> format, as Pillow's own plugins recognise them; PPM also needs the whitespace
+# after its two-byte magic that the format requires. PIL_FORMATS: the Pillow plugin(s) each
+# format is opened with (a JPEG with extra frames opens as MPO).
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),  # BigTIFF
+    (b"MM\x00+", "TIFF"),
+)
+PIL_FORMATS = {"JPEG": ("JPEG", "MPO"), "PNG": ("PNG",), "GIF": ("GIF",), "BMP": ("BMP",), "TIFF": ("TIFF",),
+               "WEBP": ("WEBP",), "PPM": ("PPM",)}
+READABLE = "JPEG, PNG, GIF, BMP, TIFF, WebP or PPM/PGM/PBM"
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'JPEG', 'PNG', 'GIF', 'BMP', 'TIFF', 'WEBP' or 'PPM' from the leading bytes, else None."""
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if len(data) >= 3 and data[:2] in (b"P1", b"P2", b"P3", b"P4", b"P5", b"P6") and data[2] in b" \t\n\r\x0b\x0c":
+        return "PPM"
+    return next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
 
 
 @dataclass(frozen=True)
@@ -186,23 +224,32 @@ def check_pixels(name: str, size: tuple[int, int], max_pixels: int) -> None:
 _PIL_LIMIT = threading.Lock()
 
 
-def pil_open(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """`Image.open` on bytes, with PIL's own pixel limit lifted to `max_pixels` when that is higher.
+def pil_open(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, formats: tuple[str, ...] | None = None) -> Image.Image:
+    """`Image.open` on bytes (with only the Pillow plugins `formats`, when given), with PIL's own
+    pixel limit lifted to `max_pixels` when that is higher.
 
     PIL refuses on open any image over twice its `Image.MAX_IMAGE_PIXELS`, whatever the caller's
     limit; when the user raised `max_pixels` past that, the user's limit must be the one that
     applies. PIL's limit is a module global, so it is lifted under a lock, for the open only (the
-    header read, where PIL checks it). Callers check `max_pixels` themselves (`check_pixels`).
+    header read, where PIL checks it). Callers check `max_pixels` themselves (`check_pixels`), with
+    a one-line error, so PIL's DecompressionBombWarning (which names PIL's own source file and line)
+    is silenced here too; `catch_warnings` changes process-wide state, hence the lock for every open.
     """
-    if max_pixels <= DEFAULT_MAX_PIXELS:
-        return Image.open(io.BytesIO(data))
     with _PIL_LIMIT, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+        old = Image.MAX_IMAGE_PIXELS
+        if max_pixels > DEFAULT_MAX_PIXELS:
+            Image.MAX_IMAGE_PIXELS = max_pixels
         try:
-            return Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data), formats=formats)
         finally:
             Image.MAX_IMAGE_PIXELS = old
+
+
+def not_readable_message(name: str, data: bytes) -> str:
+    """Why `data` (a file whose magic bytes name no format imagerec reads) is refused."""
+    return (f"{name}: not an image file imagerec reads: its first bytes ({data[:8].hex()}) are not those of a "
+            f"{READABLE} image. TGA and other formats are not read; convert the file (e.g. to PNG)")
 
 
 def decode_bytes(
@@ -219,14 +266,33 @@ def decode_bytes(
     """
     if not data:
         raise DecodeError(f"{name}: empty file (0 bytes); remove it or replace it with a real image")
+    kind = sniff_format(data)
+    if kind is None:
+        raise DecodeError(not_readable_message(name, data))
     with decode_errors(name):
-        img = pil_open(data, max_pixels)
+        img = pil_open(data, max_pixels, PIL_FORMATS[kind])
         check_pixels(name, img.size, max_pixels)
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB" if channels == 3 else "L", draft_size)
         img.load()
-        img = ImageOps.exif_transpose(img) or img
-        return convert_mode(img, channels)
+        return _upright(img, channels)
+
+
+def prepare_pil_image(
+    img: Image.Image, name: str, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """A caller's PIL image, prepared as `decode_bytes` prepares the pixels it decodes: the pixel
+    limit, EXIF orientation, conversion to `channels`. The caller's image is not changed."""
+    with decode_errors(name):
+        check_pixels(name, img.size, max_pixels)
+        img.load()  # an image from Image.open is read here (a damaged file fails here, named)
+        return _upright(img, channels)
+
+
+def _upright(img: Image.Image, channels: int) -> Image.Image:
+    """A loaded image, EXIF orientation applied (on a copy), in 'L' or 'RGB'."""
+    img = ImageOps.exif_transpose(img) or img
+    return convert_mode(img, channels)
 
 
 def open_image(
@@ -250,3 +316,8 @@ def open_image(
 
 def is_image_path(path: str | Path) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def is_refused_image_path(path: str | Path) -> bool:
+    """An image file of a format imagerec does not read (TGA, ICO, HEIC, ...), by its extension."""
+    return str(path).lower().endswith(REFUSED_IMAGE_EXTENSIONS)

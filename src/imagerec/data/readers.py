@@ -21,7 +21,16 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from imagerec.data.decode import ArrayRef, Source, TarMember, ZipMember, is_image_path, source_name
+from imagerec.data.decode import (
+    READABLE,
+    ArrayRef,
+    Source,
+    TarMember,
+    ZipMember,
+    is_image_path,
+    is_refused_image_path,
+    source_name,
+)
 from imagerec.data.idx import find_idx_pairs, read_cifar_dir, read_idx
 from imagerec.utils import ImageRecError, atomic_write
 
@@ -179,14 +188,28 @@ def _spec_from_layout(origin: str, sources: list[Source], rel_paths: list[str]) 
     return DataSpec(origin, class_names, splits, notes=notes)
 
 
+def refused_images_note(origin: str, names: list[str]) -> list[str]:
+    """A note naming the image files of formats imagerec does not read (TGA, HEIC, ...), which a
+    listing leaves out: never without a word."""
+    refused = Counter(PurePosixPath(n).suffix.lower() for n in names if is_refused_image_path(n))
+    if not refused:
+        return []
+    kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(refused.items()))
+    return [f"{origin}: left out {refused.total()} image file(s) of formats imagerec does not read ({kinds}); "
+            f"it reads {READABLE}: convert them (e.g. to PNG) to use them"]
+
+
 def read_folder(root: Path) -> DataSpec:
-    rel, sources = [], []
+    rel, sources, refused = [], [], []
     for r in walk_files(root):
         p = root / r
         if is_image_path(r.name) and p.is_file():  # a broken symlink is not an image
             rel.append(r.as_posix())
             sources.append(str(p))
+        elif is_refused_image_path(r.name):
+            refused.append(r.name)
     spec = _spec_from_layout(str(root), sources, rel)
+    spec.notes.extend(refused_images_note(str(root), refused))
     # top-level folders holding images (class folders, or a wrapper folder around the layout)
     present = {r.split("/", 1)[0] for r in rel}
     if root.is_dir():
@@ -257,9 +280,11 @@ def read_archive(path: Path) -> DataSpec:
     except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
         raise ImageRecError(f"{path}: cannot read archive ({e}); is it a complete .tar, .tar.gz or .zip?") from e
     try:
-        return _spec_from_layout(str(path), sources, rel)
+        spec = _spec_from_layout(str(path), sources, rel)
     except ImageRecError as e:
         raise ImageRecError(_why_no_images(path, names) or str(e)) from e
+    spec.notes.extend(refused_images_note(str(path), [n for n in names if not _hidden(n)]))
+    return spec
 
 
 def _check_tar_end(path: Path, tar_path: Path, end: int) -> None:

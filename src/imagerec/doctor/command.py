@@ -6,6 +6,7 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.doctor.check import check_data
@@ -56,11 +57,14 @@ def check_command(
         raise ImageRecError("--fix quarantine needs a destination folder, e.g. --fix quarantine ./quarantined")
     report = check_data(data, max_pixels=max_pixels, data_dir=data_dir)
     manifest = quarantine(report, fix_dest) if fix is not None else None  # type: ignore[arg-type]
+    # problem files left in place (behind a symlink out of DATA, a move that failed), each with why
+    skipped = json.loads(manifest.read_text(encoding="utf-8")).get("skipped", []) if manifest else []
     html_path = write_html(report, html) if html else None
     if fmt == "json":
         out = report_to_json(report)
         out["html"] = str(html_path) if html_path else None
         out["quarantine_manifest"] = str(manifest) if manifest else None
+        out["quarantine_skipped"] = skipped if manifest else None
         sys.stdout.write(json.dumps(out) + "\n")
     else:
         console = Console()
@@ -69,4 +73,6 @@ def check_command(
             console.print(f"HTML report: {html_path}")
         if manifest:
             console.print(f"quarantined files listed in {manifest} (undo with --undo {manifest})")
+        for left in skipped:
+            console.print(f"[yellow]not quarantined[/] {escape(left['path'])}: {escape(left['reason'])}", soft_wrap=True)
     return 1 if report.n_errors else 0

@@ -15,20 +15,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from imagerec.data.decode import Source, convert_mode, display_name, pil_open, read_bytes
+from imagerec.data.decode import PIL_FORMATS, READABLE, Source, convert_mode, display_name, pil_open, read_bytes, sniff_format
 from imagerec.doctor.hashing import thumb32
 
 Finding = tuple[str, str, dict[str, Any]]
 
-_MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-)
 _OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"%PDF", "a PDF document"),
     (b"PK\x03\x04", "a zip archive (or Office document)"),
@@ -41,7 +32,7 @@ _OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
 )
 _EXT_FORMATS = {
     ".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP",
-    ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP",
+    ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM", ".pnm": "PPM",
 }  # fmt: skip
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
@@ -65,13 +56,8 @@ class FileResult:
 
 
 def sniff(data: bytes) -> str | None:
-    """The image format named by the magic bytes at the start of `data`, else None."""
-    for magic, fmt in _MAGIC:
-        if data.startswith(magic):
-            return fmt
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
+    """The image format named by the magic bytes at the start of `data`, else None (the decoder's table)."""
+    return sniff_format(data)
 
 
 def _describe_non_image(data: bytes) -> str | None:
@@ -228,6 +214,10 @@ def inspect_bytes(data: bytes, name: str, max_pixels: int, min_side: int, max_si
         res.add(_classify_decode_error(e), f"cannot read the {fmt or 'image'} header ({type(e).__name__}: {e})")
         return res
 
+    if fmt is None or res.format not in PIL_FORMATS[fmt]:  # Pillow reads it; imagerec's decoder does not
+        res.add("not_an_image", f"{res.format} data: imagerec reads {READABLE} images (by their first bytes) and "
+                "skips this file; convert it (e.g. to PNG)", actual_format=res.format)
+        return res
     ext = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
     expected = _EXT_FORMATS.get(ext)
     actual = "JPEG" if res.format == "MPO" else res.format  # MPO: a JPEG with extra frames

@@ -2,7 +2,10 @@
 
 The manifest `<dest>/quarantine-manifest.json` is rewritten atomically before and after every
 move, so after a crash it still says exactly which files were moved: an entry is "moving"
-before its move and "moved" after; `undo_quarantine` checks where each file really is.
+before its move and "moved" after ("failed" when the move did not happen, with its reason);
+`undo_quarantine` checks where each file really is. Files that are not moved (their real file is
+outside the data folder, behind a symlink; a move that failed) are listed under "skipped", each
+with its reason, so a quarantine never leaves a problem file behind without saying so.
 """
 
 from __future__ import annotations
@@ -25,20 +28,28 @@ def _write_atomic(path: Path, obj: dict[str, Any]) -> None:
         json.dump(obj, f, indent=2)
 
 
-def _files_to_move(report: CheckReport, categories: list[str] | None) -> dict[Path, list[str]]:
+def _files_to_move(report: CheckReport, categories: list[str] | None) -> tuple[dict[Path, list[str]], dict[str, str]]:
+    """The real files to move (with their problem categories), and {path: why not} for the problem
+    files that are left where they are."""
     root = Path(report.root).resolve()
     chosen: dict[Path, list[str]] = {}
+    skipped: dict[str, str] = {}
     for p in report.problems:
         if (p.category not in categories) if categories is not None else (p.severity != "error"):
             continue
         f = Path(p.path)
-        if not f.is_file():  # folders (empty_class, odd_split_name) and the dataset root stay
+        if f.is_dir():  # folders (empty_class, odd_split_name) and the dataset root stay
+            continue
+        if not f.is_file():
+            skipped[p.path] = "not found any more (moved or deleted since it was checked)"
             continue
         resolved = f.resolve()
-        if root not in resolved.parents:
+        if root not in resolved.parents:  # e.g. a class folder that is a symlink to a folder elsewhere
+            skipped[p.path] = (f"its real file {resolved} is outside the data folder {root} (reached through a "
+                               "symbolic link), and only files inside it are moved: fix or remove it there")
             continue
         chosen.setdefault(resolved, []).append(p.category)
-    return chosen
+    return chosen, skipped
 
 
 def quarantine(report: CheckReport, dest_dir: str | Path, categories: list[str] | None = None) -> Path:
@@ -67,7 +78,7 @@ def quarantine(report: CheckReport, dest_dir: str | Path, categories: list[str] 
     unknown = sorted(set(categories or []) - set(CATEGORIES))
     if unknown:
         raise ImageRecError(f"unknown problem categories: {', '.join(unknown)}")
-    files = _files_to_move(report, categories)
+    files, skipped = _files_to_move(report, categories)
     plan = [(src, dest / src.relative_to(root)) for src in sorted(files)]
     clash = [str(d) for _, d in plan if d.exists() or d.is_symlink()]
     if clash:
@@ -80,6 +91,7 @@ def quarantine(report: CheckReport, dest_dir: str | Path, categories: list[str] 
         "categories": categories,
         "complete": False,
         "moves": [],
+        "skipped": [{"path": path, "reason": why} for path, why in skipped.items()],
     }
     _write_atomic(manifest, state)
     for src, dst in plan:
@@ -89,8 +101,18 @@ def quarantine(report: CheckReport, dest_dir: str | Path, categories: list[str] 
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.exists():
             raise ImageRecError(f"{dst} appeared during the quarantine; stopped, nothing overwritten")
-        shutil.move(src, dst)
-        entry["state"] = "moved"
+        try:
+            shutil.move(src, dst)
+        except OSError as e:
+            if not src.exists():
+                raise
+            # across filesystems a move is a copy and a delete: a full disk stops it with a partial
+            # copy here and the original untouched; the copy goes, the original stays, and it is said
+            dst.unlink(missing_ok=True)
+            entry["state"], entry["reason"] = "failed", f"could not be moved to {dst}: {e.strerror or e}"
+            state["skipped"].append({"path": str(src), "reason": entry["reason"]})
+        else:
+            entry["state"] = "moved"
         _write_atomic(manifest, state)
     state["complete"] = True
     _write_atomic(manifest, state)
@@ -125,6 +147,14 @@ def undo_quarantine(manifest_path: str | Path) -> UndoResult:
     for entry in moves:
         src, dst = Path(entry["src"]), Path(entry["dst"])
         if entry.get("state") == "restored":
+            continue
+        if entry.get("state") == "failed":
+            result.skipped.append((str(src), f"never moved ({entry.get('reason', 'its move failed')})"))
+            continue
+        if entry.get("state") == "moving" and src.is_file() and sha256_file(src) == entry["sha256"]:
+            why = f"; {dst} is an unfinished copy, safe to delete" if dst.exists() else ""
+            result.skipped.append((str(src), f"never moved (the quarantine stopped while moving it): the original "
+                                             f"is still in place, unchanged{why}"))
             continue
         if not dst.exists():
             reason = "never moved (the quarantine stopped first)" if src.exists() else "missing from the quarantine folder"

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from imagerec.config import json_text
-from imagerec.utils import ImageRecError
+from imagerec.utils import ImageRecError, write_error_text
 
 FORMAT = "imagerec-checkpoint"
 FORMAT_VERSION = 1
@@ -68,7 +68,8 @@ def save_checkpoint(
 
     Both files carry the same random `weights_id`, so a pair from different saves is detected.
     Both temp files are complete before either rename: a kill between the two renames leaves
-    `<stem>.json.tmp`, which the next load finishes (`_pair_meta`)."""
+    `<stem>.json.tmp`, which the next load finishes (`_pair_meta`). A save that fails (a full disk)
+    removes its temp files and raises ImageRecError naming the file; the pair saved before stays."""
     stem = Path(path_stem)
     tensors = {f"model.{k}": v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
     weights_id = uuid.uuid4().hex
@@ -79,9 +80,22 @@ def save_checkpoint(
         meta["optimizer_state"] = opt_meta
     tensors.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in (extra or {}).items()})
     json_tmp, weights_tmp = _tmp(stem, ".json"), _tmp(stem, ".safetensors")
-    json_tmp.write_text(json_text(meta))
-    save_file(tensors, str(weights_tmp),
-              metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION), "weights_id": weights_id})
+    writing = stem.with_suffix(".json")
+    try:
+        json_tmp.write_text(json_text(meta))
+        writing = stem.with_suffix(".safetensors")
+        save_file(tensors, str(weights_tmp),
+                  metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION), "weights_id": weights_id})
+    except BaseException as e:
+        # Nothing renamed yet: the pair saved before is whole. (A full disk in safetensors' writer
+        # is a SafetensorError, not an OSError.)
+        json_tmp.unlink(missing_ok=True)
+        weights_tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError | SafetensorError):
+            raise ImageRecError(f"{writing}: cannot save the checkpoint: {write_error_text(e)}. The {stem.name} "
+                                f"checkpoint saved before it, if any, is unchanged; once that is fixed, continue the "
+                                f"run with --resume") from e
+        raise
     os.replace(weights_tmp, stem.with_suffix(".safetensors"))
     os.replace(json_tmp, stem.with_suffix(".json"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imagerec.config import PreprocessConfig, write_json
+from imagerec.config import PreprocessConfig, json_text
 from imagerec.data import DataSpec, read_data, split_train_val
 from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.data.loader import ImageLoader, arrays_pass_through, targets_tensor
@@ -17,16 +18,26 @@ from imagerec.data.readers import SPLIT_ALIASES, Item
 from imagerec.engine.checkpoint import load_model
 from imagerec.engine.pipeline import BatchPipeline, predict_logits
 from imagerec.metrics import classification_metrics, multilabel_metrics
-from imagerec.report import save_confusion_matrix_png
+from imagerec.report import confusion_matrix_png
 from imagerec.transforms import base_transform
-from imagerec.utils import ImageRecError, check_batch_size, resolve_device, resolve_precision, setup_compute
+from imagerec.utils import ImageRecError, atomic_write_files, check_batch_size, resolve_device, resolve_precision, setup_compute
+
+log = logging.getLogger("imagerec")
+
+
+def eval_outputs(run_dir: Path, split: str, metrics: dict[str, Any]) -> dict[Path, bytes]:
+    """The files one evaluation writes, rendered in memory: eval-<split>.json and (single-label)
+    confusion-<split>.png. Written together (`atomic_write_files`), so a failed write never leaves
+    one evaluation's JSON beside another's PNG."""
+    files = {run_dir / f"eval-{split}.json": json_text(metrics).encode()}
+    if "confusion_matrix" in metrics:
+        files[run_dir / f"confusion-{split}.png"] = confusion_matrix_png(
+            metrics["confusion_matrix"], list(metrics["per_class"]), title=f"{run_dir.name} - {split}")
+    return files
 
 
 def write_eval_outputs(run_dir: Path, split: str, metrics: dict[str, Any]) -> None:
-    write_json(run_dir / f"eval-{split}.json", metrics)
-    if "confusion_matrix" in metrics:
-        save_confusion_matrix_png(metrics["confusion_matrix"], list(metrics["per_class"]), run_dir / f"confusion-{split}.png",
-                                  title=f"{run_dir.name} - {split}")
+    atomic_write_files(eval_outputs(run_dir, split, metrics))
 
 
 def remap_items(spec: DataSpec, split: str, model_classes: list[str]) -> list[Item]:
@@ -123,6 +134,8 @@ def evaluate_run(
     cfg = meta["train_config"]
     fingerprint = (meta.get("data") or {}).get("fingerprint")
     spec, items, split = read_run_split(cfg, data, split, list(pre.class_names), run_dir, fingerprint)
+    for note in spec.notes:  # as train says them: e.g. image files of formats imagerec does not read
+        log.warning(note)
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     model.to(dev).to(memory_format=torch.channels_last)

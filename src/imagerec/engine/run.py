@@ -1,14 +1,17 @@
 """`train()`: from a TrainConfig to a finished run directory (the function behind `imagerec train`).
 
 Run directory: config.yaml (resolved settings), best/last checkpoints (.safetensors + .json),
-history.csv, metrics.json, eval-<split>.json and confusion-<split>.png.
+history.csv, metrics.json, eval-<split>.json and confusion-<split>.png; `.train.lock` while a process
+trains into it (`run_dir`).
 
 Under torchrun every process runs `train()`; rank 0 alone writes the run directory and prints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -23,7 +26,7 @@ import yaml
 from PIL import Image
 from rich.console import Console
 
-from imagerec.config import PreprocessConfig, TrainConfig, apply_overrides, write_json
+from imagerec.config import PreprocessConfig, TrainConfig, apply_overrides, json_text, legacy_mixing
 from imagerec.data import DataSpec, read_data, split_train_val
 from imagerec.data.decode import DECODE_ERRORS, ArrayRef, read_bytes
 from imagerec.data.loader import ImageLoader, arrays_pass_through, default_workers, targets_tensor
@@ -38,15 +41,25 @@ from imagerec.engine.data_prep import (
     source_preprocess,
     warn_untrained_classes,
 )
-from imagerec.engine.evaluate import write_eval_outputs
+from imagerec.engine.evaluate import eval_outputs
 from imagerec.engine.optim import create_optimizer, resolve_lr_wd
 from imagerec.engine.pipeline import BatchPipeline
 from imagerec.engine.recipes import apply_recipe
+from imagerec.engine.run_dir import checkpoint_ids, claim_run_dir, lock_for_resume, recorded_metrics
 from imagerec.engine.task import ClassificationTask
 from imagerec.engine.trainer import StepStop, Trainer
 from imagerec.models import count_parameters, create_model, load_pretrained
 from imagerec.transforms import BatchAugment, base_transform, item_augment, normalize_batch, train_base_size
-from imagerec.utils import CpuLoadProbe, ImageRecError, atomic_write, library_versions, mix_seed, resolve_precision, setup_compute
+from imagerec.utils import (
+    CpuLoadProbe,
+    ImageRecError,
+    atomic_write,
+    atomic_write_files,
+    library_versions,
+    mix_seed,
+    resolve_precision,
+    setup_compute,
+)
 
 log = logging.getLogger("imagerec")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -105,6 +118,12 @@ def resolve_balance(cfg: TrainConfig, counts: np.ndarray, multi_label: bool) -> 
     metric = cfg.metric
     if metric == "auto":
         metric = "map" if multi_label else ("macro_f1" if imbalanced else "accuracy")
+    wrong = {"map": False, "balanced_accuracy": True}.get(metric)  # the kind of data each is not computed for
+    if wrong is not None and wrong == multi_label:
+        kind, fits = (("multi-label", "accuracy, loss, macro_f1 or map") if multi_label
+                      else ("single-label", "accuracy, loss, macro_f1 or balanced_accuracy"))
+        raise ImageRecError(f"--metric {metric} is not computed for {kind} data, so it could never pick a best "
+                            f"checkpoint or stop early; use {fits} (or auto)")
     return balance, metric
 
 
@@ -198,30 +217,6 @@ def _check_resume_overrides(saved: TrainConfig, cfg: TrainConfig, resume: str) -
         )
 
 
-def resolve_out(out: str, resume: bool) -> Path:
-    p = Path(out)
-    if resume:
-        return p
-    if p.is_file():
-        raise ImageRecError(f"--out {p} is a file; give a folder for the run (it is created if missing)")
-    if p.exists() and any(p.iterdir()):
-        if out != TrainConfig.out:
-            if (p / "last.json").is_file():
-                raise ImageRecError(f"{p} already holds a run; continue it with --resume {p}, or choose another --out")
-            held = sorted(x.name for x in p.iterdir())
-            if held == ["config.yaml"]:  # a run that crashed or was stopped before its first checkpoint
-                log.warning("%s holds only the config.yaml of a run that stopped before its first checkpoint; "
-                            "training into it again", p)
-                return p
-            raise ImageRecError(f"--out {p} is a folder that is not empty and holds no run ({', '.join(held[:3])}"
-                                f"{', ...' if len(held) > 3 else ''}); choose a new or empty folder")
-        k = 2
-        while Path(f"{out}{k}").exists():
-            k += 1
-        p = Path(f"{out}{k}")
-    return p
-
-
 def train(
     cfg: TrainConfig | None = None,
     *,
@@ -249,6 +244,7 @@ def train(
             # Saved before --warmup-epochs reached these schedules (such checkpoints have no
             # train_seconds): that run warmed up as the schedule does by default, and keeps doing so.
             saved = replace(saved, warmup_epochs=None)
+        saved = replace(saved, **legacy_mixing(saved, resume_meta))  # from before an explicit --mixup 0 meant off
         cfg = apply_overrides(saved, overrides, "--resume overrides")
         _check_resume_overrides(saved, cfg, resume)
         cfg = replace(cfg, out=str(resume), data=saved.data)  # DATA as saved: the same data, checked above
@@ -265,12 +261,15 @@ def train(
         # A local path is read and saved absolute (config.yaml, checkpoints, data fingerprint), so
         # eval/export/robustness find the same data from any folder; names and store:NAME stay as given.
         cfg = replace(cfg, data=str(local.resolve()))
-    with distributed.process_group(cfg.device) as device:
-        return _train(cfg, device, resume, resume_meta, callbacks, console, started)
+    with distributed.process_group(cfg.device) as device, contextlib.ExitStack() as held:  # held: the run's lock
+        if resume_meta is not None:  # refused at once while another process trains into the run
+            distributed.run_on_main(functools.partial(lock_for_resume, Path(cfg.out), resume_meta, held))
+        return _train(cfg, device, resume, resume_meta, callbacks, console, started, held)
 
 
 def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_meta: dict[str, Any] | None,
-           callbacks: list[Callback] | None, console: Console | None, started: float) -> RunResult:
+           callbacks: list[Callback] | None, console: Console | None, started: float,
+           held: contextlib.ExitStack) -> RunResult:
     main, world = distributed.is_main(), distributed.world_size()
     console = console if main and console is not None else Console(stderr=True, soft_wrap=True, quiet=not main)
     threads = setup_compute(cfg.num_threads or distributed.default_threads())
@@ -297,7 +296,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         log.warning(note)
     if cfg.early_stopping and not spec.splits.get("val"):
         raise ImageRecError(
-            f"--early-stopping {cfg.early_stopping} watches the validation {cfg.metric}, but there are no validation "
+            f"--early-stopping {cfg.early_stopping} watches the validation {cfg.metric if cfg.metric != 'auto' else 'metric'}, but there are no validation "
             f"images: {spec.origin} has no val split and --val-fraction is {cfg.val_fraction:g}. Hold some out with "
             "--val-fraction 0.1 (or give the data a val split), or leave out --early-stopping")
 
@@ -351,7 +350,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
 
     model_name = cfg.model if cfg.model != "auto" else ("cnn" if pre.input_size <= 64 else "resnet18")
     lr, weight_decay = resolve_lr_wd(cfg)
-    cfg = replace(cfg, model=model_name, lr=lr, weight_decay=weight_decay)  # config.yaml records what trains
+    cfg = replace(cfg, model=model_name, lr=lr, weight_decay=weight_decay, **cfg.mixing())  # config.yaml records what trains
     model_kwargs = {"in_chans": pre.channels, "img_size": pre.input_size}
     torch.manual_seed(mix_seed(cfg.seed, -1))  # weight init is part of the run's seed too
     model = create_model(model_name, num_classes=pre.num_classes, **model_kwargs)
@@ -372,12 +371,8 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     augment = BatchAugment(pre, cfg.augment, cfg.hflip, cfg.mixup, cfg.cutmix, cfg.translate, cfg.cutout)
     pipeline = BatchPipeline(pre, device, cfg.channels_last, augment)
 
-    def make_run_dir() -> Path:
-        d = resolve_out(cfg.out, resume is not None)
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
-    run_dir = distributed.run_on_main(make_run_dir)  # one directory, named by rank 0
+    # one directory, named (and, for a new run, created and locked) by rank 0
+    run_dir = distributed.run_on_main(lambda: Path(cfg.out) if resume is not None else claim_run_dir(cfg.out, held))
     cfg = replace(cfg, out=str(run_dir))
     global_batch = train_loader.global_batch_size
     meta = {
@@ -386,6 +381,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         "num_params": count_parameters(model),
         "preprocess": pre.to_dict(),
         "train_config": cfg.to_dict(),
+        "batch_mixing": {"mixup": cfg.mixup, "cutmix": cfg.cutmix},  # the alphas that ran (0 = off)
         "versions": library_versions(),
         "distributed": {"world_size": world, "global_batch_size": global_batch},
         "data": {"origin": spec.origin, "fingerprint": spec.fingerprint(), "counts": spec.counts(),
@@ -411,10 +407,12 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         _adapt_resume_to_world(trainer, resume_meta, len(train_loader))
         if trainer.state.epoch >= cfg.epochs:
             console.print(f"{run_dir} already finished {trainer.state.epoch} epoch(s); raise --epochs to train further")
-            # Nothing to train: the run's record stays as it is (re-evaluated only if it never was).
-            if distributed.broadcast_object((run_dir / "metrics.json").is_file()):
-                done = json.loads((run_dir / "metrics.json").read_text()) if main else {}
-                return RunResult(run_dir, done, model_name, main_process=main)
+            # Nothing to train: the run's record stays as it is, unless its final evaluation is missing or
+            # older than its checkpoints (the run stopped during it): then that evaluation runs again.
+            done = distributed.broadcast_object(recorded_metrics(run_dir, trainer.state.epoch) if main else None)
+            if done is not None:
+                return RunResult(run_dir, done if main else {}, model_name, main_process=main)
+            console.print("its final evaluation is missing or older than its checkpoints: evaluating it again")
     if main and (resume_meta is None or trainer.state.epoch < cfg.epochs):
         head = f"# torchrun: {world} processes x batch_size {cfg.batch_size} = global batch {global_batch}\n" if world > 1 else ""
         with atomic_write(run_dir / "config.yaml") as f:
@@ -432,7 +430,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         highlight=False,
     )
     try:
-        state = trainer.fit()
+        state = trainer.fit() if trainer.state.epoch < cfg.epochs else trainer.state  # finished: evaluate only
     except KeyboardInterrupt as e:
         launcher = f"torchrun --nproc_per_node {distributed.local_world_size()} -m imagerec" if world > 1 else "imagerec"
         if isinstance(e, StepStop):
@@ -467,6 +465,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         "world_size": world,
         "global_batch_size": global_batch,
     }
+    outputs: dict[Path, bytes] = {}
     for split in ("val", "test"):
         if spec.splits.get(split):
             loader = val_loader if split == "val" else _make_loader(spec, spec.splits[split], pre, cfg, train=False)
@@ -474,11 +473,12 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
             m = trainer.evaluate(loader)
             skipped |= set(loader.skipped.values())
             if main:
-                write_eval_outputs(run_dir, split, m)
+                outputs.update(eval_outputs(run_dir, split, m))
             metrics[split] = m
     metrics["skipped_files"] = sorted(set().union(*distributed.all_gather_object(skipped)))  # streamed shards differ
-    if main:
-        write_json(run_dir / "metrics.json", metrics)
+    if main:  # all written together, metrics.json last: --resume re-evaluates unless it names these checkpoints
+        metrics["checkpoints"] = checkpoint_ids(run_dir)
+        atomic_write_files({**outputs, run_dir / "metrics.json": json_text(metrics).encode()})
     if metrics["skipped_files"]:
         console.print(f"skipped {len(metrics['skipped_files'])} unreadable file(s); listed in {run_dir / 'metrics.json'}")
     return RunResult(run_dir, metrics, model_name, main_process=main)

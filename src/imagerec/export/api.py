@@ -15,7 +15,7 @@ from imagerec.config import PreprocessConfig
 from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.engine.checkpoint import find_run_checkpoint, load_model
 from imagerec.engine.evaluate import read_run_data
-from imagerec.export.bundle import check_out, create_runtime, finalize_bundle, staging_dir
+from imagerec.export.bundle import check_out, create_runtime, finalize_bundle
 from imagerec.export.onnx import export_onnx
 from imagerec.export.parity import (
     ImageSet,
@@ -30,7 +30,7 @@ from imagerec.export.parity import (
 from imagerec.export.quantize import quantize_onnx
 from imagerec.export.runtime import OpenVinoRuntime, OrtRuntime, Runtime, TorchScriptRuntime, openvino_available
 from imagerec.export.torchscript import export_torchscript
-from imagerec.utils import ImageRecError, available_cpus, cpu_supports_bf16, library_versions
+from imagerec.utils import ImageRecError, available_cpus, cpu_supports_bf16, library_versions, staging_dir, write_error_text
 
 FORMATS = ("onnx", "torchscript")
 FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "int8": "model.int8.onnx"}
@@ -103,7 +103,7 @@ def export_model(
     if reference.shape[1] != pre.num_classes:
         raise ImageRecError(f"{src}: the model outputs {reference.shape[1]} classes but its preprocessing config names "
                             f"{pre.num_classes} class names; a bundle would print wrong labels")
-    tmp = staging_dir(out)
+    tmp = staging_dir(out, "an export")
     try:
         if fmt == "onnx":
             info = export_onnx(model, pre, tmp / FILES["onnx"])
@@ -170,7 +170,8 @@ def export_model(
             "input": {"name": info.get("input", "image"), "dtype": "uint8", "layout": "NCHW",
                       "shape": ["batch", pre.channels, pre.input_size, pre.input_size],
                       "normalisation": "inside the graph: (x - mean*255) / (std*255); feed the uint8 output of the "
-                                       "preprocess transform"},
+                                       "preprocess transform: decode, EXIF orientation, convert to `channels`, resize "
+                                       "the shorter side to `resize_size`, centre crop `input_size`, then the `ops`"},
             "output": {"name": info.get("output", "probs"), "activation": "sigmoid" if pre.multi_label else "softmax",
                        "classes": int(reference.shape[1])},
             "runtimes": entries,
@@ -184,8 +185,10 @@ def export_model(
             "export_seconds": round(time.perf_counter() - t0, 2),
         }
         manifest = finalize_bundle(tmp, out, manifest, overwrite)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a file size limit: the disk's problem, not the model's
+            raise ImageRecError(f"cannot write the export {out}: {write_error_text(e)}; {out} was left as it was") from e
         raise
     manifest["path"] = str(out)
     return manifest
@@ -232,7 +235,8 @@ def export_run(
     stem = find_run_checkpoint(run_dir)
     source = {"run_dir": str(Path(run_dir).resolve()), "checkpoint": stem.name + ".json", "model": meta.get("model"),
               "model_kwargs": meta.get("model_kwargs", {}), "data_origin": (meta.get("data") or {}).get("origin"),
-              "data_fingerprint": (meta.get("data") or {}).get("fingerprint")}
+              "data_fingerprint": (meta.get("data") or {}).get("fingerprint"),
+              "max_pixels": kw["max_pixels"]}  # the run's pixel limit, which predict and serve apply to the bundle
     return export_model(model, pre, fmt, out, int8=int8, images=images, calibration=calib, max_drop=max_drop,
                         source=source, overwrite=overwrite)
 

@@ -38,15 +38,6 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def staging_dir(out: Path) -> Path:
-    """A fresh temp folder beside `out`, so the final rename stays on one filesystem."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
 def replace_refusal(out: Path, source_run: str | Path | None = None) -> str | None:
     """Why `--overwrite` must not replace `out`, or None when it may.
 

@@ -44,6 +44,8 @@ def export_onnx(model: nn.Module, pre: PreprocessConfig, path: str | Path) -> di
             _run_exporter(graph, x, path, exporter)
             break
         except Exception as e:  # noqa: BLE001 - any exporter failure means: try the other one
+            if isinstance(e, OSError) and e.errno is not None:
+                raise  # writing the file failed (a full disk): not the model's fault, and the other exporter writes it too
             errors.append(f"{exporter}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             log.info("ONNX %s exporter failed, trying the next: %s", exporter, errors[-1])
     else:

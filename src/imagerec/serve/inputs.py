@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from imagerec.data.decode import DecodeError
+from imagerec.data.decode import PIL_FORMATS, DecodeError
 from imagerec.serve.errors import ApiError
 from imagerec.serve.limits import IMAGE_TYPES, sniff_image_type
 
@@ -30,14 +30,7 @@ log = logging.getLogger("imagerec.serve")
 
 IMAGE_FIELDS = ("file", "files")
 MAX_OTHER_FIELDS = 16
-_PIL_FORMATS = {
-    "jpeg": {"JPEG", "MPO"},
-    "png": {"PNG"},
-    "gif": {"GIF"},
-    "bmp": {"BMP"},
-    "tiff": {"TIFF"},
-    "webp": {"WEBP"},
-}
+_PIL_FORMATS = {kind.lower(): set(names) for kind, names in PIL_FORMATS.items()}
 _DATA_URL = re.compile(rb"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(rb"\s+")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
@@ -265,7 +258,11 @@ def decode_base64(text: str, label: str) -> bytes:
 
 
 def prepare_image(predictor: Any, up: Upload, max_pixels: int) -> Prepared:
-    """Check one upload (type by magic bytes, pixel count) and preprocess it with the model's own config."""
+    """Check one upload (type by magic bytes, pixel count) and preprocess it with the model's own config.
+
+    The pixel limit is the server's `max_pixels` or the model's own (its training `--max-pixels`,
+    which eval and predict apply), whichever is lower."""
+    max_pixels = min(max_pixels, getattr(predictor, "max_pixels", max_pixels))
     data = up.data
     if not data:
         raise ApiError(400, "empty_file", f"{up.label}: empty file (0 bytes)")

@@ -12,30 +12,18 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from imagerec.data.decode import sniff_format
 from imagerec.serve.errors import ApiError, error_body
 
-# Magic-byte signatures of the formats the decoder accepts; the client's filename and
-# Content-Type are never trusted.
-_SIGNATURES: tuple[tuple[bytes, str], ...] = (
-    (b"\xff\xd8\xff", "jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "png"),
-    (b"GIF87a", "gif"),
-    (b"GIF89a", "gif"),
-    (b"BM", "bmp"),
-    (b"II*\x00", "tiff"),
-    (b"MM\x00*", "tiff"),
-)
-IMAGE_TYPES = ("jpeg", "png", "gif", "bmp", "tiff", "webp")
+# The image types the decoder reads, by magic bytes (`imagerec.data.decode.sniff_format`, the one
+# table every path uses); the client's filename and Content-Type are never trusted.
+IMAGE_TYPES = ("jpeg", "png", "gif", "bmp", "tiff", "webp", "ppm")
 
 
 def sniff_image_type(data: bytes) -> str | None:
-    """'jpeg', 'png', 'gif', 'bmp', 'tiff' or 'webp' from the leading bytes, else None."""
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    for magic, kind in _SIGNATURES:
-        if data.startswith(magic):
-            return kind
-    return None
+    """'jpeg', 'png', 'gif', 'bmp', 'tiff', 'webp' or 'ppm' (PPM/PGM/PBM) from the leading bytes, else None."""
+    fmt = sniff_format(data)
+    return fmt.lower() if fmt else None
 
 
 class BodyTooLarge(ApiError):

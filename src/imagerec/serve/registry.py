@@ -204,7 +204,9 @@ class ModelRegistry:
         predictors = [loader() for _ in range(n)]
         for predictor in predictors:
             if hasattr(predictor, "max_pixels"):
-                predictor.max_pixels = self.settings.max_pixels
+                # the model's own limit (its training --max-pixels) holds here as in eval and predict;
+                # the server's --max-pixels caps it for uploads
+                predictor.max_pixels = min(predictor.max_pixels, self.settings.max_pixels)
             pre = predictor.pre
             # One warm-up call so the first request does not pay for lazy initialisation.
             predictor.predict_batch(

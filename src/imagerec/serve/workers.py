@@ -40,7 +40,7 @@ from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
 from typing import Any
 
-from imagerec.utils import ImageRecError, atomic_write, c_library
+from imagerec.utils import ImageRecError, atomic_write, c_library, process_alive
 
 log = logging.getLogger("imagerec.serve")
 
@@ -104,7 +104,7 @@ class AdminLog:
             except (OSError, ValueError):
                 continue  # being replaced right now
             me = status["pid"] == os.getpid() and status["worker"] == self.worker
-            if not me and _alive(status["pid"]):
+            if not me and process_alive(status["pid"]):
                 out.append(status)
         return out
 
@@ -134,16 +134,6 @@ class AdminLog:
 def status_name(worker: int, pid: int) -> str:
     """A worker's status file: written once it is ready, then after each admin action it applies."""
     return f"worker-{worker}-{pid}.json"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class PartlyApplied(Exception):
@@ -280,7 +270,7 @@ def remove_stale_state(tmp: str | Path | None = None) -> list[Path]:
             pid = int((folder / SUPERVISOR_PID).read_text())
         except (OSError, ValueError):
             continue
-        if not _alive(pid):
+        if not process_alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed

@@ -124,12 +124,22 @@ def record_run(
         return int(conn.execute(sa.select(runs.c.id).where(runs.c.run_dir == run_dir)).scalar_one())
 
 
-def record_run_dir(store: Store, run_dir: str | Path, status: str) -> int:
+def record_run_dir(store: Store, run_dir: str | Path, status: str | None) -> int:
     """Record a run directory written by `imagerec train` from its JSON files: settings, versions and
-    data from last.json, metrics from metrics.json, and every eval-<split>.json under "evals"."""
+    data from last.json, metrics from metrics.json, and every eval-<split>.json under "evals".
+
+    `status` None (an `imagerec eval` of the run) keeps the status and finish time the run was
+    recorded with; a run not recorded yet is "completed" if it has metrics.json, else "interrupted"."""
     import json
 
     d = Path(run_dir)
+    finished_at = None
+    if status is None:
+        with store.engine.connect() as conn:
+            row = conn.execute(sa.select(runs.c.status, runs.c.finished_at)
+                               .where(runs.c.run_dir == str(d.expanduser().resolve()))).first()
+        status, finished_at = (row.status, row.finished_at) if row is not None else (
+            "completed" if (d / "metrics.json").is_file() else "interrupted", None)
     meta_path = d / "last.json"
     if not meta_path.is_file():
         raise ImageRecError(f"{d} is not a run directory (no last.json)")
@@ -144,7 +154,8 @@ def record_run_dir(store: Store, run_dir: str | Path, status: str) -> int:
         metrics["evals"] = evals
     data = meta.get("data", {})
     return record_run(store, d, meta.get("train_config", {}), metrics, meta.get("versions", {}), status,
-                      name=d.name, data_origin=data.get("origin"), data_fingerprint=data.get("fingerprint"))
+                      name=d.name, finished_at=finished_at, data_origin=data.get("origin"),
+                      data_fingerprint=data.get("fingerprint"))
 
 
 def _run_dict(row: sa.Row) -> dict[str, Any]:

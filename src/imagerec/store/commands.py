@@ -69,7 +69,7 @@ def ingest_command(
 
 
 def datasets_command(db: str | None = None, fmt: str = "table") -> int:
-    """`imagerec datasets [--db URL] [--format table|json]`: the datasets with counts per split."""
+    """`imagerec datasets [--db URL] [--format table|json]`: the datasets with counts per split and label."""
     _check_format(fmt)
     with open_store(db) as store:
         rows = list_datasets(store)
@@ -80,7 +80,7 @@ def datasets_command(db: str | None = None, fmt: str = "table") -> int:
     from rich.table import Table
 
     table = Table(title=f"datasets in {where}")
-    for col in ("name", "images", "train", "val", "test", "classes", "multi", "size", "created"):
+    for col in ("name", "images", "train", "val", "test", "classes", "multi", "size", "created", "images per label"):
         table.add_column(col, justify="right" if col in ("images", "train", "val", "test", "classes", "size") else "left",
                          no_wrap=col == "name")
     for d in rows:
@@ -92,12 +92,19 @@ def datasets_command(db: str | None = None, fmt: str = "table") -> int:
             "yes" if d["multi_label"] else "no",
             _size(d["bytes"]),
             (d["created_at"] or "")[:10],
+            _label_counts(d["labels"]),
         )
     console = _console()
     console.print(table)
     if not rows:
         console.print("no datasets yet: add one with imagerec ingest DATA --dataset NAME")
     return 0
+
+
+def _label_counts(labels: dict[str, int], shown: int = 8) -> str:
+    """`cat 120, dog 98, ...`: the first `shown` labels in class order (all of them: --format json)."""
+    text = ", ".join(f"{name} {n}" for name, n in list(labels.items())[:shown])
+    return text + (f", ... ({len(labels) - shown} more: --format json)" if len(labels) > shown else "")
 
 
 def runs_command(db: str | None = None, fmt: str = "table", compare: list[int] | None = None) -> int:

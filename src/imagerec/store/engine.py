@@ -93,6 +93,23 @@ def _sqlite_events(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
+def _store_errors(engine: Engine) -> None:
+    """Every query of `engine` that fails because of the store itself (a file damaged past its header,
+    a read-only file, a full disk, a server gone) raises ImageRecError naming the store, instead of
+    a traceback from whichever command ran it: this is the one place they are converted.
+
+    Integrity errors (a duplicate row, a missing parent) are the callers' to handle and pass through,
+    as do programming errors; pre-ping failures too, so the pool can reconnect."""
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _on_error(ctx: sa.engine.ExceptionContext) -> None:
+        exc = ctx.sqlalchemy_exception
+        if ctx.is_pre_ping or not (isinstance(exc, sa.exc.OperationalError) or type(exc) is sa.exc.DatabaseError):
+            return
+        error = connect_error if ctx.connection is None else store_error
+        raise error(engine.url, ctx.original_exception) from ctx.original_exception
+
+
 def create_store_engine(url: URL) -> Engine:
     """A pooled engine for `url` (already resolved); SQLite files get their folder created."""
     backend = url.get_backend_name()
@@ -106,19 +123,27 @@ def create_store_engine(url: URL) -> Engine:
             ) from e
         engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _sqlite_events(engine)
+        _store_errors(engine)
         return engine
     try:
-        return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
+        engine = sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
     except (ImportError, sa.exc.NoSuchModuleError) as e:
         raise ImageRecError(
             f"cannot use the store URL {mask_url(url)}: its database driver is missing ({e}); "
             "install it with: pip install 'psycopg[binary]'"
         ) from e
+    _store_errors(engine)
+    return engine
 
 
-def connect_error(url: URL, e: Exception) -> ImageRecError:
+def _detail(e: BaseException) -> str:
+    """The first line of the database's own message."""
+    return str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def connect_error(url: URL, e: BaseException) -> ImageRecError:
     """A user-facing error for a store that cannot be opened."""
-    detail = str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    detail = _detail(e)
     if url.get_backend_name() == "sqlite":
         hint = "check that the file is a SQLite database and its folder is writable, or choose another with --db"
     elif "does not exist" in detail and "database" in detail:
@@ -126,3 +151,23 @@ def connect_error(url: URL, e: Exception) -> ImageRecError:
     else:
         hint = "check that the server is running and reachable, and the user, password and database are right; " + URL_HELP
     return ImageRecError(f"cannot open the image store {mask_url(url)}: {detail}. {hint}")
+
+
+def store_error(url: URL, e: BaseException) -> ImageRecError:
+    """A user-facing error for a query on an open store that failed because of the store itself."""
+    detail = _detail(e)
+    low = detail.lower()
+    if url.get_backend_name() != "sqlite":
+        hint = "check that the server is running and reachable, and that the database has space left"
+    elif "malformed" in low or "not a database" in low or "corrupt" in low:
+        hint = "the file is damaged: restore it from a backup, or ingest the data again into a new store (--db NEW.db)"
+    elif "readonly" in low or "read-only" in low or "permission" in low:
+        hint = ("make the file and its folder writable (SQLite also writes FILE-wal and FILE-shm beside it), "
+                "or choose another store with --db")
+    elif "disk i/o" in low or "full" in low or "space" in low:
+        hint = "the disk may be full (or a file size limit reached): free space where the store is, or choose another with --db"
+    elif "locked" in low or "busy" in low:
+        hint = "another process held the store's write lock too long: try again when it has finished"
+    else:
+        hint = "check the store file and its folder, or choose another store with --db"
+    return ImageRecError(f"the image store {mask_url(url)} failed: {detail}. {hint}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -14,7 +16,7 @@ import sqlalchemy as sa
 from imagerec.store.db import Store
 from imagerec.store.reader import dataset_row
 from imagerec.store.schema import blobs, images
-from imagerec.utils import ImageRecError, atomic_write
+from imagerec.utils import ImageRecError, atomic_write, staging_dir
 
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -64,8 +66,8 @@ def _file_name(original_path: str, sha256: str, fmt: str) -> str:
     return sha256[:16] + EXTENSIONS.get(fmt.upper(), ".img")
 
 
-def _make_out_dir(out: Path) -> None:
-    """Create `out` (new, or an existing empty folder); an error naming the path that is in the way otherwise."""
+def _check_out_dir(out: Path) -> None:
+    """`out` must be new or an existing empty folder; an error naming the path that is in the way otherwise."""
     if out.exists():
         if not out.is_dir() or any(out.iterdir()):
             raise ImageRecError(f"{out} exists and is not an empty folder: export into a new or empty folder")
@@ -75,8 +77,12 @@ def _make_out_dir(out: Path) -> None:
             if not parent.is_dir():
                 raise ImageRecError(f"cannot create {out}: {parent} is a file, not a folder; export into a new or empty folder")
             break
+
+
+def _staging_dir(out: Path) -> Path:
+    """`utils.staging_dir` with the message this command gives when it cannot create it."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        return staging_dir(out, "an export-dataset")
     except OSError as e:
         raise ImageRecError(f"cannot create {out}: {e.strerror or e}; export into a new or empty folder you can write to") from e
 
@@ -85,9 +91,11 @@ def export_dataset(store: Store, name: str, out_dir: str | Path) -> int:
     """Write dataset `name` to `out_dir/<split>/<label>/<file>`; return the number of images.
 
     Files keep their original basename (or a sha256 prefix for array images) and their exact
-    stored bytes, each checked against its sha256. `out_dir` must be new or empty, and is only
-    created once the dataset is known; nothing is ever overwritten (a name clash gets the sha256
-    prefix appended). Multi-label datasets file each image under its first label and also get
+    stored bytes, each checked against its sha256. `out_dir` must be new or empty; nothing is ever
+    overwritten (a name clash gets the sha256 prefix appended). The images are written into a
+    hidden folder `.OUT.partial-PID` beside `out_dir`, renamed to `out_dir` only once every image
+    is there: an interrupted export (kill, full disk) never leaves a folder that looks complete,
+    and the next run removes what a killed one left. Multi-label datasets file each image under its first label and also get
     `manifest.jsonl` with all labels.
 
     A label becomes one folder name: '/', '\\' and NUL become '_' and outer spaces are dropped. When
@@ -100,8 +108,6 @@ def export_dataset(store: Store, name: str, out_dir: str | Path) -> int:
         7000
     """
     out = Path(out_dir).expanduser()
-    count = 0
-    manifest: list[dict] = []
     with store.read() as conn:
         ds = dataset_row(store, conn, name)
         used = conn.scalars(sa.select(images.c.labels).where(images.c.dataset_id == ds.id).distinct())
@@ -112,30 +118,47 @@ def export_dataset(store: Store, name: str, out_dir: str | Path) -> int:
                 " and ".join(repr(label) for label in group), name,
                 ", ".join(f"{label!r} -> {folders[label]}/" for label in group),
             )
-        _make_out_dir(out)
-        query = (
-            sa.select(images.c.sha256, images.c.original_path, images.c.format, images.c.labels, images.c.split, blobs.c.data)
-            .join(blobs, blobs.c.sha256 == images.c.sha256)
-            .where(images.c.dataset_id == ds.id)
-            .order_by(images.c.id)
-        )
-        for sha, original, fmt, labels, split, data in conn.execution_options(yield_per=256).execute(query):
-            data = bytes(data)
-            if hashlib.sha256(data).hexdigest() != sha:
-                raise ImageRecError(
-                    f"the stored bytes of {original} (sha256 {sha}) are corrupt in {store.display_url}: "
-                    "re-ingest the dataset into a new store"
-                )
-            folder = out / _safe_part(split) / folders[labels[0] if labels else UNLABELED]
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / _file_name(original, sha, fmt)
-            if target.exists():
-                target = target.with_name(f"{target.stem}-{sha[:12]}{target.suffix}")
-            with open(target, "xb") as f:  # "x": never overwrite
-                f.write(data)
-            if ds.multi_label:
-                manifest.append({"path": target.relative_to(out).as_posix(), "labels": list(labels), "split": split})
-            count += 1
+        _check_out_dir(out)
+        tmp = _staging_dir(out.absolute())  # absolute: OUT may be '.', an empty working folder
+        try:
+            count = _write_images(store, conn, ds, folders, tmp)
+            os.replace(tmp, out)  # an empty folder at `out` is replaced too; a non-empty one makes this fail
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise ImageRecError(f"cannot export to {out}: {where}{e.strerror or e}; nothing was exported (free space "
+                                f"there, or export into another new or empty folder)") from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return count
+
+
+def _write_images(store: Store, conn: sa.Connection, ds: sa.Row, folders: dict[str, str], out: Path) -> int:
+    """Write every image of dataset row `ds` (and a multi-label manifest) into `out`; the count."""
+    count = 0
+    manifest: list[dict] = []
+    query = (
+        sa.select(images.c.sha256, images.c.original_path, images.c.format, images.c.labels, images.c.split, blobs.c.data)
+        .join(blobs, blobs.c.sha256 == images.c.sha256)
+        .where(images.c.dataset_id == ds.id)
+        .order_by(images.c.id)
+    )
+    for sha, original, fmt, labels, split, data in conn.execution_options(yield_per=256).execute(query):
+        data = bytes(data)
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise ImageRecError(
+                f"the stored bytes of {original} (sha256 {sha}) are corrupt in {store.display_url}: "
+                "re-ingest the dataset into a new store"
+            )
+        folder = out / _safe_part(split) / folders[labels[0] if labels else UNLABELED]
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / _file_name(original, sha, fmt)
+        if target.exists():
+            target = target.with_name(f"{target.stem}-{sha[:12]}{target.suffix}")
+        with open(target, "xb") as f:  # "x": never overwrite
+            f.write(data)
+        if ds.multi_label:
+            manifest.append({"path": target.relative_to(out).as_posix(), "labels": list(labels), "split": split})
+        count += 1
     if manifest:
         with atomic_write(out / "manifest.jsonl") as f:
             f.write("".join(json.dumps(m) + "\n" for m in manifest))
