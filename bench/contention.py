@@ -2,7 +2,7 @@
 advice (`--num-threads`) gives back. One JSON line per case; the baseline is the same training on
 the quiet machine, in the same invocation.
 
-    python bench/contention.py                    # mnist-cnn on 20k MNIST digits, 2 epochs a case
+    python bench/contention.py                    # cnn on 20k MNIST digits, 2 epochs a case
     python bench/contention.py --hogs 2           # two other busy processes instead of one
 
 The other work is a pure-Python busy loop per hog (one core each), started before the run and
@@ -49,7 +49,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hogs", type=int, default=1, help="other busy processes (one core each)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of all cases, interleaved")
-    p.add_argument("--train-args", default="--model mnist-cnn --epochs 2 --limit-train 20000 --batch-size 128",
+    p.add_argument("--train-args", default="--model cnn --epochs 2 --limit-train 20000 --batch-size 128",
                    help="flags for `imagerec train MNIST`")
     args = p.parse_args()
     cores = len(os.sched_getaffinity(0))

@@ -242,10 +242,10 @@ class CpuLoadProbe:
     """How many cores other processes keep busy, sampled in a background thread while a command starts.
 
     torch's OpenMP threads spin while they wait for each other; with one thread per core and another
-    process busy on one of the cores they wait far longer than their share. Measured on a 2-core
-    AVX2 machine with one other busy process: see README "Training" (a run with `--num-threads 1`
-    against the default 2). Busy = the whole machine's non-idle time in /proc/stat (steal
-    included) minus this process's own CPU time, over the window.
+    process busy on one of the cores they wait far longer than their share (`bench/contention.py`,
+    2-core AVX2 machine, one busy process: 2 threads ran at 0.34-0.36x the quiet rate, 1 thread at
+    0.62-0.68x). Busy = the whole machine's non-idle time in /proc/stat (steal included) minus this
+    process's own CPU time, over the window.
     """
 
     def __init__(self, seconds: float = 0.25) -> None:
