@@ -7,7 +7,7 @@ Compares, on the same model in the same process:
   ORT `session.run` on a prepared array, fp32 and
   int8; PyTorch bf16 autocast and fp32 on a prepared normalised float tensor),
 and prints the predict-path / best-raw ratios for batch-N throughput and batch-1 latency.
-Weights are random (speed does not depend on them), so the int8 gate is opened (max_drop=100).
+Weights are random (speed does not depend on them), so the int8 gate is opened (max_drop=100, min_agreement=0).
 
 Usage: python bench/export.py [--seconds 1.5] [--batch 32]   (about 2 minutes on 2 cores)
 """
@@ -63,7 +63,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         manifest = export_model(model, pre, "onnx", Path(tmp) / "r18", int8=True, images=synthetic_images(pre, 32),
-                                calibration=synthetic_images(pre, 64, seed=1).x, max_drop=100.0, timing_seconds=1.0)
+                                calibration=synthetic_images(pre, 64, seed=1).x, max_drop=100.0, min_agreement=0.0,
+                                timing_seconds=1.0)
         export_s = time.perf_counter() - t0
         bundle = load_bundle(Path(tmp) / "r18")
         ort = {n: bundle.create_runtime(n) for n in ("onnx-fp32", "onnx-int8")}

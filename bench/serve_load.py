@@ -303,7 +303,8 @@ def build_model(kind: str) -> str:
     arch = kind.removesuffix("-224")
     model = create_model(arch, num_classes=10, img_size=224).eval()
     export_model(model, pre, "onnx", out / arch, int8=True, images=synthetic_images(pre, 32),
-                 calibration=synthetic_images(pre, 64, seed=1).x, max_drop=100.0, timing_seconds=1.0)
+                 calibration=synthetic_images(pre, 64, seed=1).x, max_drop=100.0, min_agreement=0.0,
+                 timing_seconds=1.0)
     return str(out / arch)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,19 +46,30 @@ def cnn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(result.run_dir)
 
 
+def _copy_run(run: Path, dest: Path, **train_config: Any) -> Path:
+    import json
+    import shutil
+
+    shutil.copytree(run, dest)
+    for name in ("best.json", "last.json"):
+        meta = json.loads((dest / name).read_text())
+        meta["train_config"].update(train_config)
+        (dest / name).write_text(json.dumps(meta))
+    return dest
+
+
+@pytest.fixture
+def copy_run() -> Callable[..., Path]:
+    """copy_run(run, dest, **train_config): a copy of a run whose checkpoints record other training
+    settings (e.g. max_pixels=500), as a run trained with them would."""
+    return _copy_run
+
+
 @pytest.fixture
 def old_relative_run(cnn_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of `cnn_run` whose checkpoints name DATA as older runs did (relative, as typed:
     "digits"), with the working folder at `tmp_path`, where that path does not exist yet."""
-    import json
-    import shutil
-
-    old = tmp_path / "old-run"
-    shutil.copytree(cnn_run, old)
-    for name in ("best.json", "last.json"):
-        meta = json.loads((old / name).read_text())
-        meta["train_config"]["data"] = "digits"
-        (old / name).write_text(json.dumps(meta))
+    old = _copy_run(cnn_run, tmp_path / "old-run", data="digits")
     monkeypatch.chdir(tmp_path)
     return old
 

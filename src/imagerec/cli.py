@@ -143,7 +143,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from imagerec.export import export_command
 
     return export_command(args.run, args.format, args.out, int8=args.int8, parity_images=args.parity_images,
-                          max_drop=args.max_drop, data=args.data, overwrite=args.overwrite)
+                          max_drop=args.max_drop, data=args.data, overwrite=args.overwrite,
+                          min_agreement=args.min_agreement)
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:

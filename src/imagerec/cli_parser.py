@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="also quantize to int8 (static, calibrated on training images)")
     p.add_argument("--parity-images", type=int, default=256, help="validation images for the parity check")
     p.add_argument("--max-drop", type=float, default=1.0, help="refuse int8 if accuracy drops by more points than this")
+    p.add_argument("--min-agreement", type=float, default=0.97, metavar="F",
+                   help="refuse int8 if its top-1 label agrees with fp32's on fewer than this fraction of images")
     p.add_argument("--data", help="images for parity/calibration (default: the run's own data)")
     p.add_argument("--data-dir", metavar="DIR", help=DATA_DIR_HELP)
     p.add_argument("--db", help="store URL (SQLite path or postgresql://...) that store:NAME data is read from (default $IMAGEREC_DB)")

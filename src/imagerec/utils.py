@@ -184,9 +184,13 @@ def cpu_supports_bf16() -> bool:
     return any(f in _cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
 
 
-def cpu_has_vnni() -> bool:
-    """True when the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
-    return any(f in _cpu_flags() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+def int8_may_saturate() -> bool:
+    """True on an x86 CPU without int8 dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX-INT8),
+    or whose flags cannot be read: there u8 x s8 kernels add pairs of products in int16, which 8-bit
+    weights can saturate (OpenVINO's "saturation issue"; ONNX Runtime's `reduce_range`)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    return not any(f in _cpu_flags() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -88,18 +88,23 @@ def test_check_json_quarantine_and_undo(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "error: unknown --fix action 'delete'" in bad.stderr
 
 
+def write_digit_splits(folder: Path, per_split: int) -> Path:
+    """`per_split` mnist-mini digits each of train and test as PNGs in FOLDER/<split>/<label>/."""
+    spec = read_data("mnist-mini")
+    for split in ("train", "test"):
+        for k, it in enumerate(spec.splits[split][:per_split]):
+            d = folder / split / spec.class_names[it.target]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(spec.arrays[split][it.source.index]).save(d / f"{k}.png")
+    return folder
+
+
 def test_db_flag_is_where_store_data_is_read_from(tmp_path: Path) -> None:
     """`--db URL` names the store a `store:NAME` DATA comes from, not only where records go: with
     the default store empty, train/eval/check/predict read the dataset from the --db store."""
     env = {k: v for k, v in os.environ.items() if k != "IMAGEREC_DB"} | {"IMAGEREC_HOME": str(tmp_path / "home")}
     team = str(tmp_path / "team.db")
-    spec = read_data("mnist-mini")
-    folder = tmp_path / "digits"
-    for split in ("train", "test"):
-        for k, it in enumerate(spec.splits[split][:200]):
-            d = folder / split / spec.class_names[it.target]
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(spec.arrays[split][it.source.index]).save(d / f"{k}.png")
+    folder = write_digit_splits(tmp_path / "digits", 200)
     r = cli("ingest", str(folder), "--dataset", "digits", "--db", team, cwd=tmp_path, env=env)
     assert r.returncode == 0 and "400 added" in r.stdout, r.stderr
     assert f"train on it with: imagerec train store:digits --db {team}" in r.stdout
@@ -146,13 +151,7 @@ def test_a_read_only_store_fails_ingest_in_one_line_and_never_a_finished_run(tmp
     db = tmp_path / "ro.db"
     with open_store(str(db)):
         pass
-    spec = read_data("mnist-mini")
-    folder = tmp_path / "digits"
-    for split in ("train", "test"):
-        for k, it in enumerate(spec.splits[split][:60]):
-            d = folder / split / spec.class_names[it.target]
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(spec.arrays[split][it.source.index]).save(d / f"{k}.png")
+    folder = write_digit_splits(tmp_path / "digits", 60)
     # we run as root, which writes through permission bits: the immutable flag stops root too
     if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not available here, and as root a chmod 444 store stays writable")

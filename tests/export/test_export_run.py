@@ -273,6 +273,56 @@ def test_bf16_runtime_is_gated_by_agreement_not_by_max_drop() -> None:
     assert close["passed"] and not compare(ref, ref + 0.004, images, "fp32")["passed"]
 
 
+def test_int8_is_gated_by_agreement_as_well_as_accuracy() -> None:
+    """Accuracy alone passed an int8 runtime that agreed with fp32 on 78% of images (flips that
+    cancelled); int8 must also agree on >= 97% (min_agreement) of images."""
+    from imagerec.export.parity import ImageSet, compare, refusal_message
+
+    ref = torch.softmax(torch.randn(100, 10, generator=torch.Generator().manual_seed(0)) * 3, dim=1)
+    targets = ref.argmax(1).clone()
+    flipped = ref.clone()
+    flipped[:10] = flipped[:10].flip(1)  # 10 of 100 images change their top-1: 90% agreement
+    targets[:5] = flipped[:5].argmax(1)  # 5 of those flips are "right", 5 "wrong": accuracy unchanged
+    images = ImageSet(torch.zeros(100, 1, 2, 2, dtype=torch.uint8), targets, [f"im{i}" for i in range(100)], "synthetic")
+    res = compare(ref, flipped, images, "int8", max_drop=1.0)
+    assert res["accuracy_drop_points"] == 0.0 and res["top1_agreement"] == 0.9
+    assert res["gate"] == {"max_accuracy_drop_points": 1.0, "min_top1_agreement": 0.97} and not res["passed"]
+    msg = refusal_message("onnx-int8", res, "run")
+    assert "top-1 agreement with fp32 90.00% (needs >= 97.0%)" in msg and "--min-agreement" in msg
+    assert compare(ref, flipped, images, "int8", max_drop=1.0, min_agreement=0.9)["passed"]
+    assert compare(ref, ref, images, "int8", max_drop=0.0)["passed"]
+
+
+def test_min_agreement_out_of_range_is_refused_before_loading(cnn_run: Path, tmp_path: Path) -> None:
+    for bad in (97.0, -0.1, float("nan")):
+        with pytest.raises(ImageRecError, match=r"--min-agreement .* from 0 to 1"):
+            export_run(cnn_run, "onnx", tmp_path / "b", int8=True, min_agreement=bad)
+    assert not (tmp_path / "b").exists()
+
+
+def test_8bit_int8_bundle_falls_back_to_fp32_on_a_cpu_without_vnni(onnx_bundle: tuple[Path, dict],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """8-bit weights were gated on the exporting CPU; one without VNNI can saturate (measured -1.56
+    points on AVX2), so predict/serve pick a runtime that is not int8 there, and say why once."""
+    from imagerec.export import bundle as bundle_mod
+
+    manifest = json.loads((onnx_bundle[0] / "imagerec.json").read_text())
+    manifest.update(preferred_runtime="onnx-int8", preferred_runtime_1thread="onnx-int8")
+    manifest["quantization"]["weights"] = "int8"
+    monkeypatch.setattr(bundle_mod, "int8_may_saturate", lambda: False)
+    assert bundle_mod.preferred_runtime_entry(manifest)["name"] == "onnx-int8"  # a VNNI CPU: as exported
+    monkeypatch.setattr(bundle_mod, "int8_may_saturate", lambda: True)
+    monkeypatch.setattr(bundle_mod, "_warned_saturation", set())
+    with pytest.warns(UserWarning, match="8-bit weights on a CPU with VNNI; this CPU has none.*Export it again"):
+        entry = bundle_mod.preferred_runtime_entry(manifest)
+    assert entry["precision"] != "int8"
+    assert bundle_mod.preferred_runtime_entry(manifest, threads=1)["precision"] != "int8"
+    manifest["quantization"]["weights"] = "int7 (reduce_range: no VNNI)"  # exported on such a CPU: safe there
+    assert bundle_mod.preferred_runtime_entry(manifest)["name"] == "onnx-int8"
+    del manifest["quantization"]["weights"]  # bundles from before the field: 8-bit weights
+    assert bundle_mod.preferred_runtime_entry(manifest)["precision"] != "int8"
+
+
 def test_bundle_manifest_records_the_bf16_agreement_gate(onnx_bundle: tuple[Path, dict]) -> None:
     _, manifest = onnx_bundle
     bf16 = [e for e in manifest["runtimes"] + manifest["rejected_runtimes"] if e.get("precision") == "bf16"]
@@ -294,16 +344,9 @@ def test_export_refuses_other_data_at_an_old_runs_relative_data_path(old_relativ
 
 
 
-def test_bundle_keeps_the_runs_max_pixels(cnn_run: Path, tmp_path: Path) -> None:
+def test_bundle_keeps_the_runs_max_pixels(cnn_run: Path, tmp_path: Path, copy_run) -> None:  # type: ignore[no-untyped-def]
     """predict and serve apply a bundle's source run's pixel limit, as `imagerec eval` does the run's."""
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(cnn_run, run)
-    for name in ("best.json", "last.json"):
-        meta = json.loads((run / name).read_text())
-        meta["train_config"]["max_pixels"] = 5000
-        (run / name).write_text(json.dumps(meta))
+    run = copy_run(cnn_run, tmp_path / "run", max_pixels=5000)
     manifest = export_run(run, "onnx", tmp_path / "b", parity_images=32)
     assert manifest["source"]["max_pixels"] == 5000
     assert imagerec.load(tmp_path / "b").max_pixels == 5000

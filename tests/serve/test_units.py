@@ -302,23 +302,17 @@ def test_ppm_upload_is_predicted_like_the_same_png(run_dir):
     assert encoded["PPM"].format == "ppm" and torch.equal(encoded["PPM"].tensor, encoded["PNG"].tensor)
 
 
-def test_served_runs_keep_their_own_max_pixels(run_dir, tmp_path):
+def test_served_runs_keep_their_own_max_pixels(run_dir, tmp_path, copy_run):
     """A run's own pixel limit (its training --max-pixels, which eval and predict apply) holds when it
     is served; the server's --max-pixels caps it. Over it: 413, as for the server's own limit."""
     import io
-    import shutil
 
     from PIL import Image
 
     from imagerec.serve.errors import ApiError
     from imagerec.serve.inputs import Upload, prepare_image
 
-    run = tmp_path / "small-limit"
-    shutil.copytree(run_dir, run)
-    for name in ("best.json", "last.json"):
-        meta = json.loads((run / name).read_text())
-        meta["train_config"]["max_pixels"] = 500
-        (run / name).write_text(json.dumps(meta))
+    run = copy_run(run_dir, tmp_path / "small-limit", max_pixels=500)
     registry = ModelRegistry(ServeSettings(models=(str(run),), instances=1), ServeMetrics())
     registry.load_startup()
     try:

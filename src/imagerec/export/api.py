@@ -18,6 +18,7 @@ from imagerec.engine.evaluate import read_run_data
 from imagerec.export.bundle import check_out, create_runtime, finalize_bundle
 from imagerec.export.onnx import export_onnx
 from imagerec.export.parity import (
+    INT8_MIN_AGREEMENT,
     ImageSet,
     compare,
     load_images,
@@ -62,6 +63,11 @@ def _versions() -> dict[str, str]:
     return v
 
 
+def check_min_agreement(min_agreement: float) -> None:
+    if not 0.0 <= min_agreement <= 1.0:  # also refuses NaN
+        raise ImageRecError(f"--min-agreement (min_agreement) {min_agreement:g}: a fraction of images, from 0 to 1 (e.g. 0.97)")
+
+
 def export_model(
     model: nn.Module,
     pre: PreprocessConfig,
@@ -72,6 +78,7 @@ def export_model(
     images: ImageSet | None = None,
     calibration: torch.Tensor | None = None,
     max_drop: float = 1.0,
+    min_agreement: float = INT8_MIN_AGREEMENT,
     source: dict[str, Any] | None = None,
     overwrite: bool = False,
     timing_seconds: float = 0.5,
@@ -79,7 +86,8 @@ def export_model(
     """Export `model` with its preprocessing to a bundle folder `out`, gated on parity with PyTorch.
 
     `images` are the parity images (default: 32 synthetic ones); `calibration` the uint8 images
-    int8 is calibrated on (default: the parity images). A runtime that fails its gate raises
+    int8 is calibrated on (default: the parity images); int8 runtimes may lose at most `max_drop`
+    points of accuracy and must agree with fp32 on at least `min_agreement` of the images. A runtime that fails its gate raises
     ImageRecError naming the differing images, and nothing is left at `out`. An existing `out` is
     replaced only with `overwrite`, and only when it is an imagerec bundle (`bundle.replace_refusal`).
 
@@ -92,6 +100,7 @@ def export_model(
         raise ImageRecError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
     if int8 and fmt != "onnx":
         raise ImageRecError("int8 export uses ONNX Runtime quantization: use format onnx with int8")
+    check_min_agreement(min_agreement)
     out = Path(out)
     check_out(out, overwrite, (source or {}).get("run_dir"))  # before the slow part; finalize_bundle checks again
     # Export a private fp32 copy: tracing must not change the caller's model (memory format, dtype, mode).
@@ -123,7 +132,7 @@ def export_model(
             quant = quantize_onnx(tmp / FILES["onnx"], tmp / FILES["int8"], calib)
             quant["calibration_data"] = "training images" if calibration is not None else f"parity images ({images.origin})"
             rt8 = OrtRuntime(tmp / FILES["int8"], "onnx-int8")
-            res = compare(reference, run_batched(rt8, images.x), images, "int8", pre.multi_label, max_drop)
+            res = compare(reference, run_batched(rt8, images.x), images, "int8", pre.multi_label, max_drop, min_agreement)
             entries.append({"name": "onnx-int8", "file": FILES["int8"], "engine": "onnxruntime", "precision": "int8",
                             "parity": res})
             if not res["passed"]:
@@ -134,7 +143,7 @@ def export_model(
         if fmt == "onnx" and openvino_available():
             for entry, rt in openvino_runtimes(tmp, int8):
                 entry["parity"] = compare(reference, run_batched(rt, images.x), images, entry["precision"],
-                                          pre.multi_label, max_drop)
+                                          pre.multi_label, max_drop, min_agreement)
                 # Optional runtimes that miss their gate are left out, not fatal: the export still
                 # has the ones the user asked for.
                 if entry["parity"]["passed"]:
@@ -201,6 +210,7 @@ def export_run(
     int8: bool = False,
     parity_images: int = 256,
     max_drop: float = 1.0,
+    min_agreement: float = INT8_MIN_AGREEMENT,
     data: str | None = None,
     calibration_images: int = 300,
     overwrite: bool = False,
@@ -216,6 +226,7 @@ def export_run(
         >>> m["runtimes"][1]["parity"]["accuracy_after"]
     """
     check_out(Path(out), overwrite, run_dir)  # before loading any images; export_model checks again
+    check_min_agreement(min_agreement)
     model, meta = load_model(run_dir)
     pre = PreprocessConfig.from_dict(meta["preprocess"])
     cfg = meta.get("train_config", {})
@@ -238,7 +249,7 @@ def export_run(
               "data_fingerprint": (meta.get("data") or {}).get("fingerprint"),
               "max_pixels": kw["max_pixels"]}  # the run's pixel limit, which predict and serve apply to the bundle
     return export_model(model, pre, fmt, out, int8=int8, images=images, calibration=calib, max_drop=max_drop,
-                        source=source, overwrite=overwrite)
+                        min_agreement=min_agreement, source=source, overwrite=overwrite)
 
 
 def summarize_export(manifest: dict[str, Any]) -> str:
@@ -257,9 +268,9 @@ def summarize_export(manifest: dict[str, Any]) -> str:
 
 
 def export_command(run_dir: str, fmt: str, out: str, int8: bool = False, parity_images: int = 256, max_drop: float = 1.0,
-                   data: str | None = None, overwrite: bool = False) -> int:
+                   data: str | None = None, overwrite: bool = False, min_agreement: float = INT8_MIN_AGREEMENT) -> int:
     """`imagerec export`: export_run plus a printed summary; returns the exit code."""
     manifest = export_run(run_dir, fmt, out, int8=int8, parity_images=parity_images, max_drop=max_drop, data=data,
-                          overwrite=overwrite)
+                          overwrite=overwrite, min_agreement=min_agreement)
     print(summarize_export(manifest))
     return 0

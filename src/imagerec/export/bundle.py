@@ -23,7 +23,7 @@ from typing import Any
 
 from imagerec.config import PreprocessConfig, write_json
 from imagerec.export.runtime import OpenVinoRuntime, OrtRuntime, Runtime, TorchScriptRuntime, openvino_available
-from imagerec.utils import ImageRecError, sha256_file
+from imagerec.utils import ImageRecError, int8_may_saturate, sha256_file
 
 MANIFEST = "imagerec.json"
 FORMAT = "imagerec-bundle"
@@ -31,6 +31,17 @@ FORMAT_VERSION = 1
 ENGINES = ("onnxruntime", "openvino", "torchscript")
 MANIFEST_HASH = "manifest_sha256"
 _warned_unsealed: set[str] = set()  # bundles already warned about (once per bundle and process)
+_warned_saturation: set[str] = set()
+
+
+def saturation_risk(manifest: dict[str, Any]) -> bool:
+    """True when the bundle's int8 runtimes use full 8-bit weights and this CPU has no VNNI: 8-bit
+    u8 x s8 kernels without VNNI add pairs of products in int16 and can saturate (OpenVINO's
+    "saturation issue" page; on a 2-core AVX2 AMD EPYC the suite's MNIST cnn lost 1.56 points).
+    Bundles exported on such a CPU use 7-bit weights (`quantization.weights` says "int7 ..."); ones
+    from before that field existed used 8-bit weights everywhere."""
+    quant = manifest.get("quantization") or {}
+    return bool(quant) and not str(quant.get("weights", "int8")).startswith("int7") and int8_may_saturate()
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -143,6 +154,16 @@ def preferred_runtime_entry(manifest: dict[str, Any], threads: int = 0) -> dict[
     usable = [r for r in manifest["runtimes"] if r["engine"] != "openvino" or openvino_available()]
     if not usable:
         raise ImageRecError("the bundle has no runtime that can run here (its runtimes need openvino: pip install openvino)")
+    if saturation_risk(manifest) and any(r["precision"] != "int8" for r in usable):
+        # Its parity gate ran on a CPU with VNNI and cannot vouch for this one: use the fp32/bf16 runtimes.
+        key = str(manifest.get("manifest_sha256") or id(manifest))
+        if key not in _warned_saturation:
+            _warned_saturation.add(key)
+            warnings.warn("this int8 bundle was quantized with 8-bit weights on a CPU with VNNI; this CPU has none, "
+                          "where 8-bit int8 kernels can saturate and lose accuracy, so its fp32 runtime is used "
+                          "instead. Export it again on this machine (`imagerec export RUN --int8`) for 7-bit "
+                          "weights that are safe here.", stacklevel=3)
+        usable = [r for r in usable if r["precision"] != "int8"]
     by_name = {r["name"]: r for r in usable}
     single = by_name.get(manifest.get("preferred_runtime_1thread")) if threads == 1 else None
     return dict(single or by_name.get(manifest.get("preferred_runtime"))

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imagerec.utils import ImageRecError, cpu_has_vnni
+from imagerec.utils import ImageRecError, int8_may_saturate
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: tor
         # saturates; ONNX Runtime's advice there is 7-bit weights (reduce_range). Measured on a 2-core
         # AVX2 AMD EPYC: the test suite's MNIST cnn lost 1.56 points with 8-bit weights (refused by
         # the 1-point gate) and passes with 7-bit.
-        reduce_range = not cpu_has_vnni()
+        reduce_range = int8_may_saturate()
         quantize_static(
             str(src), str(int8_path), _reader(calibration, input_name, batch_size),
             quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
