@@ -267,9 +267,13 @@ def _name(image: ImageInput, i: int) -> str:
 
 def check_model_path(source: str | Path) -> None:
     """A clear error for a model path that does not exist (before anything tries to load it)."""
-    if not Path(source).exists():
+    path = Path(source)
+    if not path.exists():
+        aside = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"))
+        hint = (f"; {aside[0]} holds the bundle an interrupted 'imagerec export --overwrite' moved aside: exporting "
+                f"to {source} again puts it back first, or rename it to {source}") if aside else ""
         raise ImageRecError(f"model not found: {source} (give a run directory written by 'imagerec train' "
-                            f"or a bundle folder written by 'imagerec export')")
+                            f"or a bundle folder written by 'imagerec export'){hint}")
 
 
 def load(source: str | Path, **kwargs: Any) -> Predictor:

@@ -237,3 +237,32 @@ def test_export_removes_staging_folders_of_killed_exports(tmp_path: Path) -> Non
     pre = PreprocessConfig(28, 1, (0.5,), (0.25,), 28, tuple(str(i) for i in range(10)))
     export_model(model, pre, "torchscript", tmp_path / "b", images=synthetic_images(pre, n=4), timing_seconds=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "b"]
+
+
+def test_export_puts_back_a_bundle_an_interrupted_overwrite_moved_aside(tmp_path: Path) -> None:
+    """`export --overwrite` moves the old bundle to `.NAME.old-PID` and then renames the new one into
+    place; a kill between the two renames left no bundle at NAME. predict names the folder holding
+    it, and the next export to NAME puts it back first (a leftover beside an existing NAME goes)."""
+    from imagerec.predict import check_model_path
+
+    model = create_model("cnn", num_classes=10, in_chans=1, img_size=28)
+    pre = PreprocessConfig(28, 1, (0.5,), (0.25,), 28, tuple(str(i) for i in range(10)))
+    export_model(model, pre, "torchscript", tmp_path / "b", images=synthetic_images(pre, n=4), timing_seconds=0)
+    before = _snapshot(tmp_path / "b")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    aside, new = tmp_path / f".b.old-{dead.pid}", tmp_path / f".b.partial-{dead.pid}"
+    os.replace(tmp_path / "b", aside)  # the state between the two renames
+    shutil.copytree(aside, new)
+    with pytest.raises(ImageRecError, match=rf"model not found: .*b .*{aside.name} holds the bundle an interrupted"):
+        check_model_path(tmp_path / "b")
+    with pytest.raises(ImageRecError, match="already exists"):  # put back, and not replaced without --overwrite
+        export_model(model, pre, "torchscript", tmp_path / "b", images=synthetic_images(pre, n=4), timing_seconds=0)
+    assert _snapshot(tmp_path / "b") == before and not aside.exists()
+    export_model(model, pre, "torchscript", tmp_path / "b", images=synthetic_images(pre, n=4), timing_seconds=0,
+                 overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # the killed export's staging folder went too
+    shutil.copytree(tmp_path / "b", aside)  # killed after the second rename: the old copy is a leftover
+    export_model(model, pre, "torchscript", tmp_path / "b", images=synthetic_images(pre, n=4), timing_seconds=0,
+                 overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]

@@ -15,7 +15,7 @@ from imagerec.config import PreprocessConfig
 from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.engine.checkpoint import find_run_checkpoint, load_model
 from imagerec.engine.evaluate import read_run_data
-from imagerec.export.bundle import check_out, create_runtime, finalize_bundle
+from imagerec.export.bundle import check_out, create_runtime, finalize_bundle, recover_interrupted_replace
 from imagerec.export.onnx import export_onnx
 from imagerec.export.parity import (
     INT8_MIN_AGREEMENT,
@@ -102,6 +102,7 @@ def export_model(
         raise ImageRecError("int8 export uses ONNX Runtime quantization: use format onnx with int8")
     check_min_agreement(min_agreement)
     out = Path(out)
+    recover_interrupted_replace(out)
     check_out(out, overwrite, (source or {}).get("run_dir"))  # before the slow part; finalize_bundle checks again
     # Export a private fp32 copy: tracing must not change the caller's model (memory format, dtype, mode).
     model = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
@@ -225,6 +226,7 @@ def export_run(
         >>> m = export_run("runs/mnist", "onnx", "exports/mnist", int8=True)
         >>> m["runtimes"][1]["parity"]["accuracy_after"]
     """
+    recover_interrupted_replace(Path(out))
     check_out(Path(out), overwrite, run_dir)  # before loading any images; export_model checks again
     check_min_agreement(min_agreement)
     model, meta = load_model(run_dir)

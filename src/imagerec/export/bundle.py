@@ -12,8 +12,10 @@ and loads nothing with pickle.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -23,7 +25,7 @@ from typing import Any
 
 from imagerec.config import PreprocessConfig, write_json
 from imagerec.export.runtime import OpenVinoRuntime, OrtRuntime, Runtime, TorchScriptRuntime, openvino_available
-from imagerec.utils import ImageRecError, int8_may_saturate, sha256_file
+from imagerec.utils import ImageRecError, int8_may_saturate, process_alive, sha256_file
 
 MANIFEST = "imagerec.json"
 FORMAT = "imagerec-bundle"
@@ -106,6 +108,25 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     """sha256 of the manifest's canonical JSON (sorted keys, no whitespace) without `manifest_sha256`."""
     body = {k: v for k, v in manifest.items() if k != MANIFEST_HASH}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def recover_interrupted_replace(out: Path) -> None:
+    """Undo what an `--overwrite` killed between its two renames left: the old bundle moved aside to
+    `.OUT.old-PID` and nothing at `out`. The old bundle goes back to `out` (the state before that
+    export; its new bundle, in `.OUT.partial-PID`, is removed by the next `staging_dir`). An
+    `.old-PID` folder beside an `out` that exists is the leftover of a kill after the second rename
+    and is removed."""
+    log = logging.getLogger("imagerec")
+    for old in sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*")):
+        pid = old.name.rpartition("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid() or process_alive(int(pid)):
+            continue
+        if out.exists() or out.is_symlink():
+            log.warning("removing %s, the previous bundle an interrupted export --overwrite had already replaced", old)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            log.warning("restoring %s from %s: an export --overwrite was interrupted while replacing it", out, old)
+            os.replace(old, out)
 
 
 def finalize_bundle(tmp: Path, out: Path, manifest: dict[str, Any], overwrite: bool = False) -> dict[str, Any]:
