@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
+import torch
 from store_helpers import SourceFacts, assert_healthy, integrity, stored_counts
 
 from imagerec.store import Store, ingest, open_store
@@ -93,3 +95,43 @@ def test_concurrent_ingests_from_two_processes(store_url: str, cifar_folder: Pat
     # three datasets of the same 300 images: 900 image rows sharing 300 blobs
     assert (facts["images"], facts["blobs"]) == (900, 300)
     assert integrity(store_url)["duplicate_images"] == 0
+
+
+def test_a_store_failing_mid_training_stops_the_run_resumable_and_resume_is_exact(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images streamed from the store by loader workers: when the store fails (here its blobs table
+    goes away between epochs), the run stops with one message naming the store and how to resume,
+    `last` holds every finished step, and the resume ends with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    import imagerec
+    from imagerec.data.loader import DataSourceError
+    from imagerec.engine.callbacks import Callback
+
+    with open_store(store_url) as store:
+        ingest(store, "mnist-mini", "mnist", progress=False)
+    monkeypatch.setenv("IMAGEREC_DB", store_url)
+    admin = sa.create_engine(sa.make_url(store_url) if "://" in store_url else f"sqlite:///{store_url}")
+
+    def rename(old: str, new: str) -> None:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"ALTER TABLE {old} RENAME TO {new}")
+
+    class StoreGoesAway(Callback):
+        def on_epoch_end(self, trainer, row):  # type: ignore[no-untyped-def]
+            rename("blobs", "blobs_away")
+
+    settings = dict(data="store:mnist", model="mlp", epochs=2, limit_train=200, batch_size=32, cache="none", workers=1,
+                    num_threads=1, augment="none")
+    whole = imagerec.train(out=str(tmp_path / "whole"), **settings)
+    with pytest.raises(DataSourceError) as stopped:
+        imagerec.train(out=str(tmp_path / "cut"), callbacks=[StoreGoesAway()], **settings)
+    msg = str(stopped.value)
+    assert "blobs" in msg and "Training stopped in epoch 2 after step 0" in msg, msg
+    assert f"imagerec train --resume {tmp_path / 'cut'}" in msg and "Traceback" not in msg
+    rename("blobs_away", "blobs")
+    admin.dispose()
+    imagerec.train(resume=str(tmp_path / "cut"))
+    a, b = load_file(Path(whole.run_dir) / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -38,6 +38,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("imagerec")
 
 
+class DataSourceError(ImageRecError):
+    """The data's source failed (the image store unreachable or damaged), not one image: the run
+    cannot go on, unlike with a bad file, which is skipped."""
+
+
+class _SourceFailure(str):
+    """A source failure inside a loader worker, carried back to the main process in the batch's
+    error list (raised from the worker, DataLoader would wrap it in the worker's traceback text)."""
+
+
+def _raise_source_failures(errors: list[str]) -> None:
+    failed = [e for e in errors if isinstance(e, _SourceFailure)]
+    if failed:
+        raise DataSourceError(str(failed[0]))
+
+
 @dataclass
 class Batch:
     x: torch.Tensor  # (B, C, H, W) uint8
@@ -74,6 +90,8 @@ class DecodeDataset(Dataset):
             t = self.transform(img)
         except DecodeError as e:
             return i, None, str(e)
+        except ImageRecError as e:  # the store failed: every image after this one would too
+            return i, None, _SourceFailure(e)
         if self.augment is not None:
             torch.manual_seed(seed)
             t = self.augment(t)
@@ -226,6 +244,7 @@ class ImageLoader:
         workers = self.workers if len(self.items) > 2000 else 0
         dl = DataLoader(self.decode, batch_sampler=batches, num_workers=workers, collate_fn=_collate)
         for idx, x, errors in dl:
+            _raise_source_failures(errors)
             if x is not None:
                 cache[idx] = x
                 ok[idx.numpy()] = True
@@ -312,6 +331,7 @@ class ImageLoader:
             worker_init_fn=_ignore_sigint if workers else None,
         )
         for idx, x, errors in dl:
+            _raise_source_failures(errors)
             skipped = self._note_errors(errors)
             if x is None:
                 if self.shuffle and self.world_size > 1:

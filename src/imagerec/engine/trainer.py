@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from imagerec.config import TrainConfig, format_minutes
-from imagerec.data.loader import ImageLoader
+from imagerec.data.loader import DataSourceError, ImageLoader
 from imagerec.engine import distributed
 from imagerec.engine.callbacks import Callback, StopTraining
 from imagerec.engine.checkpoint import save_checkpoint
@@ -215,6 +215,12 @@ class Trainer:
             except StepStop:
                 self.save("last")
                 raise
+            except DataSourceError as e:
+                # Raised while fetching a batch, so between steps: `last` is as exact as after a signal.
+                self.save("last")
+                raise DataSourceError(f"{e}. Training stopped in epoch {s.epoch + 1} after step {s.epoch_step}; "
+                                      f"{self.run_dir}/last holds every step before it. Once the store answers "
+                                      f"again, continue with: imagerec train --resume {self.run_dir}") from e
             finally:
                 self._stop = None
                 self._count_seconds()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from imagerec.store.engine import connect_error, create_store_engine, resolve_url
+from imagerec.store.engine import connect_error, create_store_engine, resolve_url, store_error
 from imagerec.store.schema import blobs
 
 
@@ -51,6 +51,8 @@ def read_blob(src: StoreBlob) -> bytes:
             data = conn.execute(sa.select(blobs.c.data).where(blobs.c.sha256 == src.sha256)).scalar()
     except sa.exc.OperationalError as e:
         raise connect_error(engine.url, e) from e
+    except sa.exc.SQLAlchemyError as e:  # e.g. the blobs table gone: the store, not this image
+        raise store_error(engine.url, e) from e
     if data is None:
         raise FileNotFoundError(f"{src}: no such image in the store")
     return bytes(data)
