@@ -70,3 +70,31 @@ def test_default_out_takes_the_next_number_while_one_is_being_trained(tmp_path: 
             claim_run_dir("runs/exp2", third)  # named explicitly: refused
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["exp", "exp2"]
     assert not list((tmp_path / "runs").rglob(LOCK_FILE))
+
+
+def test_out_refusals_come_before_the_data_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy or already used --out was refused only once the data had been read (minutes for a big
+    dataset); the same refusals now come first, and the probe leaves the other run's lock alone."""
+    import imagerec.engine.run as run_mod
+
+    done = tmp_path / "done"
+    train(out=str(done), **SMALL)
+    read: list[str] = []
+
+    def no_reading(data: str, *args: Any, **kwargs: Any) -> None:
+        read.append(data)
+        raise AssertionError("the data was read before --out was checked")
+
+    monkeypatch.setattr(run_mod, "read_data", no_reading)
+    with pytest.raises(ImageRecError, match=f"{done} already holds a run; continue it with --resume"):
+        train(out=str(done), **SMALL)
+    with contextlib.ExitStack() as held:  # a run training into `busy` (here: this process holds its lock)
+        busy = claim_run_dir(str(tmp_path / "busy"), held)
+        with pytest.raises(ImageRecError, match="is training into this folder right now"):
+            train(out=str(busy), **SMALL)
+        with contextlib.ExitStack() as other, pytest.raises(ImageRecError, match="is training into this folder"):
+            claim_run_dir(str(busy), other)  # the probe took nothing: still locked
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ImageRecError, match="is a file; give a folder"):
+        train(out=str(tmp_path / "file"), **SMALL)
+    assert read == []

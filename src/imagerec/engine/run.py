@@ -45,7 +45,7 @@ from imagerec.engine.evaluate import eval_outputs
 from imagerec.engine.optim import create_optimizer, resolve_lr_wd
 from imagerec.engine.pipeline import BatchPipeline
 from imagerec.engine.recipes import apply_recipe
-from imagerec.engine.run_dir import checkpoint_ids, claim_run_dir, lock_for_resume, recorded_metrics
+from imagerec.engine.run_dir import checkpoint_ids, claim_run_dir, lock_for_resume, precheck_out, recorded_metrics
 from imagerec.engine.task import ClassificationTask
 from imagerec.engine.trainer import StepStop, Trainer
 from imagerec.models import count_parameters, create_model, load_pretrained
@@ -264,6 +264,8 @@ def train(
     with distributed.process_group(cfg.device) as device, contextlib.ExitStack() as held:  # held: the run's lock
         if resume_meta is not None:  # refused at once while another process trains into the run
             distributed.run_on_main(functools.partial(lock_for_resume, Path(cfg.out), resume_meta, held))
+        else:  # a new run: the same refusals as when it claims the folder, before the data is read
+            distributed.run_on_main(functools.partial(precheck_out, cfg.out))
         return _train(cfg, device, resume, resume_meta, callbacks, console, started, held)
 
 

@@ -70,6 +70,24 @@ class RunDirLock:
                 return True
             os.close(fd)  # its holder removed the file as this process locked it: lock the new one
 
+    def held_elsewhere(self) -> bool:
+        """True when another process holds the lock now; takes nothing and creates nothing."""
+        if fcntl is None:
+            return False
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:  # no lock file: nobody trains here
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)  # drops the probe's own lock, if it took one
+        return False
+
     def release(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
@@ -116,6 +134,21 @@ def _check_reusable(p: Path) -> None:
         return
     raise ImageRecError(f"--out {p} is a folder that is not empty and holds no run ({', '.join(held[:3])}"
                         f"{', ...' if len(held) > 3 else ''}); choose a new or empty folder")
+
+
+def precheck_out(out: str) -> None:
+    """The refusals `claim_run_dir` would give an explicit --out (a file, a run being trained into,
+    a folder holding a run or other files), made before the data is read, which can take minutes.
+    `claim_run_dir` still decides, under the lock."""
+    p = Path(out)
+    if out == TrainConfig.out or not (p.exists() or p.is_symlink()):
+        return
+    if not p.is_dir():
+        raise ImageRecError(f"--out {p} is a file; give a folder for the run (it is created if missing)")
+    lock = RunDirLock(p)
+    if lock.held_elsewhere():
+        raise lock.busy_error()
+    _check_reusable(p)
 
 
 def claim_run_dir(out: str, held: contextlib.ExitStack) -> Path:
