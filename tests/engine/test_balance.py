@@ -72,3 +72,23 @@ def test_sampler_draws_minority_classes_about_evenly(tmp_path: Path) -> None:
                          fast_arrays=True, sample_weights=torch.tensor([float(w[it.target]) for it in items]))
     drawn = np.bincount(np.array([items[i].target for i in loader.order(0)]), minlength=10)
     assert drawn.min() > 0.5 * drawn.mean()  # without the sampler, digits 5-9 get a tenth of 0-4
+
+
+def test_sampler_balances_classes_rarer_than_the_loss_weight_cap(tmp_path: Path) -> None:
+    """QA: train() gave the sampler the loss weights, capped at 10, so a class under n / (10 K)
+    images was drawn far less than 1/K (here 2 images a class against 400: 1.8% instead of 10%)."""
+    from imagerec.engine.callbacks import Callback
+
+    data = write_imbalanced_mnist(tmp_path / "imb", big=400, small=2)
+
+    class Draws(Callback):
+        def on_fit_start(self, trainer) -> None:  # type: ignore[no-untyped-def]
+            loader = trainer.train_loader
+            self.drawn = np.bincount(np.concatenate([loader.targets[loader.order(e)].numpy() for e in range(10)]),
+                                     minlength=10)
+
+    draws = Draws()
+    train(data=str(data), out=str(tmp_path / "run"), model="mlp", epochs=1, balance="sampler", val_fraction=0.0,
+          callbacks=[draws])
+    share = draws.drawn / draws.drawn.sum()
+    assert share.min() > 0.07 and share.max() < 0.13, share.round(3)

@@ -127,12 +127,13 @@ def resolve_balance(cfg: TrainConfig, counts: np.ndarray, multi_label: bool) -> 
     return balance, metric
 
 
-def class_weights(counts: np.ndarray, n_items: int, multi_label: bool) -> torch.Tensor:
-    """Single-label: n / (K * n_c) (sklearn's 'balanced'); multi-label: BCE pos_weight = neg / pos,
-    both capped at 10 so a class with a handful of images cannot dominate the loss."""
+def class_weights(counts: np.ndarray, n_items: int, multi_label: bool, cap: float = 10.0) -> torch.Tensor:
+    """Single-label: n / (K * n_c) (sklearn's 'balanced'); multi-label: BCE pos_weight = neg / pos.
+    Loss weights are capped at 10 so a class with a handful of images cannot dominate the loss; the
+    sampler's are not (cap=inf): capped, a class under n / (10 K) images was drawn less than 1/K."""
     c = np.maximum(counts, 1).astype(np.float64)
     w = (n_items - c) / c if multi_label else n_items / (len(c) * c)
-    return torch.tensor(np.minimum(w, 10.0), dtype=torch.float32)
+    return torch.tensor(np.minimum(w, cap), dtype=torch.float32)
 
 
 def _uint8_sample(loader: ImageLoader, channels: int, n: int) -> torch.Tensor:
@@ -330,8 +331,9 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         log.warning("class imbalance %.1f:1 -> balancing with %s; best checkpoint by val %s",
                     imbalance_ratio(counts), balance, metric)
     t_data = time.perf_counter()
+    sampling = balance == "sampler" and not pre.multi_label
     train_loader = _make_loader(spec, train_items, pre, cfg, train=True,
-                                class_sampling=weights if balance == "sampler" and not pre.multi_label else None)
+                                class_sampling=class_weights(counts, len(train_items), False, np.inf) if sampling else None)
     if train_loader.num_items == 0:
         raise ImageRecError(f"none of the {len(train_items)} training images of {spec.origin} could be read (the warnings above "
                             "say why for each); run `imagerec check` on the data")
