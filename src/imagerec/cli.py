@@ -73,7 +73,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from imagerec.engine.evaluate import evaluate_run
     from imagerec.report import metrics_table, summary_line
 
-    m = evaluate_run(args.run, args.data, args.split, batch_size=args.batch_size, device=args.device)
+    m = evaluate_run(args.run, args.data, args.split, batch_size=args.batch_size, device=args.device,
+                     precision=args.precision)
     _record(Path(args.run), None, args.db)  # the run keeps its own status (an evaluation does not finish it)
     if args.format == "json":
         print(json.dumps(m))

@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast dtype (default: the run's own training precision, so eval repeats its numbers)")
     p.add_argument("--db", help="the store: where store:NAME data is read from and the evaluation is recorded")
     p.add_argument("--data-dir", metavar="DIR", help=DATA_DIR_HELP)
 

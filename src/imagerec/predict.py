@@ -38,7 +38,15 @@ from imagerec.data.readers import walk_files
 from imagerec.engine.checkpoint import load_model
 from imagerec.engine.pipeline import autocast
 from imagerec.transforms import base_transform, normalize_batch
-from imagerec.utils import ImageRecError, available_cpus, check_batch_size, resolve_device, resolve_precision, setup_compute
+from imagerec.utils import (
+    ImageRecError,
+    available_cpus,
+    check_batch_size,
+    resolve_device,
+    resolve_precision,
+    run_precision,
+    setup_compute,
+)
 
 if TYPE_CHECKING:
     from imagerec.export.bundle import Bundle
@@ -132,6 +140,9 @@ class Predictor:
             raise ImageRecError(f"{run_dir} is a run directory; runtime= applies to exported bundles ('imagerec export')")
         if kwargs.get("max_pixels") is None:
             kwargs["max_pixels"] = (meta.get("train_config") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)
+        if kwargs.get("precision") is None:  # the run's own, as `imagerec eval` uses
+            device = resolve_device(kwargs.get("device") or "auto")
+            kwargs["precision"] = run_precision((meta.get("train_config") or {}).get("precision"), device)
         return cls(model, PreprocessConfig.from_dict(meta["preprocess"]), meta=meta, **kwargs)
 
     @classmethod

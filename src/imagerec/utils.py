@@ -227,6 +227,16 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     raise ImageRecError(f"unknown precision '{precision}': use auto, fp32, bf16 or fp16")
 
 
+def run_precision(saved: str | None, device: torch.device) -> str:
+    """The precision to evaluate or predict with a run trained at `saved`: the same, so the numbers
+    repeat training's, unless this device cannot run it (fp16 off CUDA, bf16 on a CPU without bf16
+    units, where it is emulated several times slower): then auto."""
+    saved = saved or "auto"
+    if (saved == "fp16" and device.type != "cuda") or (saved == "bf16" and device.type == "cpu" and not cpu_supports_bf16()):
+        return "auto"
+    return saved
+
+
 def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))

@@ -57,3 +57,29 @@ def test_eval_outputs_are_written_whole(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "eval-val.json").read_text())["confusion_matrix"] == m["confusion_matrix"]
     assert (tmp_path / "confusion-val.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion-val.png", "eval-val.json"]
+
+
+def test_eval_and_predict_use_the_runs_own_precision(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """QA: `imagerec eval` of a `--precision fp32` run evaluated in bf16 (auto) on a bf16 CPU and
+    overwrote eval-test.json with other numbers than training's own final evaluation."""
+    import torch
+
+    import imagerec
+    from imagerec import utils
+    from imagerec.engine.evaluate import evaluate_run
+    from imagerec.predict import Predictor
+
+    run = imagerec.train(data="mnist-mini", out=str(tmp_path / "r"), model="cnn", epochs=1, limit_train=600,
+                         precision="fp32").run_dir
+    recorded = json.loads((Path(run) / "eval-test.json").read_text())
+    again = evaluate_run(run, write=False)
+    assert (again["accuracy"], again["loss"], again["macro_f1"]) == (recorded["accuracy"], recorded["loss"], recorded["macro_f1"])
+    assert Predictor.from_run(run).amp_dtype is None  # fp32, as trained
+    assert Predictor.from_run(run, precision="bf16").amp_dtype == torch.bfloat16  # asked for
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(utils, "cpu_supports_bf16", lambda: False)
+    assert utils.run_precision("bf16", cpu) == "auto" and utils.run_precision("fp16", cpu) == "auto"
+    assert utils.run_precision("fp32", cpu) == "fp32" and utils.run_precision(None, cpu) == "auto"
+    assert utils.run_precision("fp16", cuda) == "fp16"
+    monkeypatch.setattr(utils, "cpu_supports_bf16", lambda: True)
+    assert utils.run_precision("bf16", cpu) == "bf16"

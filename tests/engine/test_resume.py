@@ -178,3 +178,22 @@ def test_resume_evaluates_again_a_run_stopped_during_its_final_evaluation(tmp_pa
     before = (run / "metrics.json").read_bytes()
     assert train(resume=str(run)).metrics["epochs_run"] == 2
     assert (run / "metrics.json").read_bytes() == before
+
+
+def test_resume_of_an_early_stopped_run_has_nothing_to_train(tmp_path: Path) -> None:
+    """QA: early stopping was not saved, so `--resume` of an early-stopped run trained one more epoch
+    (stopping early again) and rewrote last, history.csv and metrics.json, each time it was run."""
+    import hashlib
+
+    run = tmp_path / "r"
+    # lr 1e-30: the weights barely move, val loss stops improving, early stopping ends epoch 2 of 6
+    first = train(data="mnist-mini", out=str(run), model="mlp", epochs=6, limit_train=500, batch_size=50, lr=1e-30,
+                  metric="loss", early_stopping=1)
+    assert first.metrics["epochs_run"] == 2
+    files = ("last.safetensors", "last.json", "history.csv", "metrics.json")
+    before = {f: hashlib.sha256((run / f).read_bytes()).hexdigest() for f in files}
+    again = train(resume=str(run))
+    assert again.metrics["epochs_run"] == 2
+    assert {f: hashlib.sha256((run / f).read_bytes()).hexdigest() for f in files} == before
+    more = train(resume=str(run), epochs=8)  # --epochs raised: trains on (and stops early again, patience 1)
+    assert more.metrics["epochs_run"] == 3

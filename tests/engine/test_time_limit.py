@@ -142,3 +142,28 @@ def test_a_plan_cut_after_the_last_epoch_is_saved_with_it(tmp_path: Path) -> Non
     resumed = train(resume=str(tmp_path / "r"))
     assert resumed.metrics["epochs_run"] == 4
     assert len((tmp_path / "r" / "history.csv").read_text().strip().splitlines()) == 1 + 4
+
+
+def test_a_run_stopped_before_its_plan_plans_on_resume_with_the_time_left(tmp_path: Path) -> None:
+    """QA: stopped before its first steps were timed, a --time-limit run had saved the unplanned
+    default (10 epochs) and its resume trained all 10 with no limit; it now plans, with the time left."""
+    import time
+
+    cut = train(out=str(tmp_path / "cut"), callbacks=[FakeClock(budget=95), InterruptAt(1)], **COMMON)
+    state = json.loads((tmp_path / "cut" / "last.json").read_text())["state"]
+    assert cut.interrupted and state["planned"] is False and _epochs_in_checkpoint(tmp_path / "cut") == 10
+    seen: dict[str, float | None] = {}
+
+    class Deadline(Callback):  # before FakeClock, which sets a deadline of its own
+        def on_fit_start(self, trainer) -> None:
+            seen["left"] = None if trainer.deadline is None else trainer.deadline - time.perf_counter()
+
+    clock = FakeClock(budget=95)
+    resumed = train(resume=str(tmp_path / "cut"), callbacks=[Deadline(), clock])
+    assert seen["left"] is not None and 0 < seen["left"] <= 30 * 60 - state["train_seconds"]
+    assert _planned(clock.plans)[0] == resumed.metrics["epochs_run"] == _epochs_in_checkpoint(tmp_path / "cut") == 9
+    planned = train(out=str(tmp_path / "planned"), callbacks=[FakeClock(budget=95), InterruptAt(25)], **COMMON)
+    assert planned.interrupted and json.loads((tmp_path / "planned" / "last.json").read_text())["state"]["planned"]
+    seen.clear()
+    train(resume=str(tmp_path / "planned"), callbacks=[Deadline()])
+    assert seen["left"] is None  # planned before the stop: trains to that plan, no deadline

@@ -20,7 +20,15 @@ from imagerec.engine.pipeline import BatchPipeline, predict_logits
 from imagerec.metrics import classification_metrics, multilabel_metrics
 from imagerec.report import confusion_matrix_png
 from imagerec.transforms import base_transform
-from imagerec.utils import ImageRecError, atomic_write_files, check_batch_size, resolve_device, resolve_precision, setup_compute
+from imagerec.utils import (
+    ImageRecError,
+    atomic_write_files,
+    check_batch_size,
+    resolve_device,
+    resolve_precision,
+    run_precision,
+    setup_compute,
+)
 
 log = logging.getLogger("imagerec")
 
@@ -117,10 +125,12 @@ def evaluate_run(
     split: str = "test",
     batch_size: int = 256,
     device: str = "auto",
-    precision: str = "auto",
+    precision: str | None = None,
     write: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a run's best checkpoint on `split` of `data` (default: the data it was trained on).
+    """Evaluate a run's best checkpoint on `split` of `data` (default: the data it was trained on),
+    in the run's own precision unless `precision` says otherwise, so `eval-<split>.json` has the
+    numbers training's final evaluation gave.
 
     Example:
         >>> m = evaluate_run("runs/mnist", split="test")
@@ -137,7 +147,7 @@ def evaluate_run(
     for note in spec.notes:  # as train says them: e.g. image files of formats imagerec does not read
         log.warning(note)
     dev = resolve_device(device)
-    amp = resolve_precision(precision, dev)
+    amp = resolve_precision(precision or run_precision(cfg.get("precision"), dev), dev)
     model.to(dev).to(memory_format=torch.channels_last)
     loader = create_eval_loader(spec, items, pre, batch_size, max_pixels=cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
     logits, targets, _ = predict_logits(model, loader, BatchPipeline(pre, dev, True), amp)

@@ -399,25 +399,37 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     cbs: list[Callback] = [ProgressBar(console), HistoryCSV(run_dir / "history.csv")] if main else []
     if cfg.early_stopping:
         cbs.append(EarlyStopping(cfg.metric, cfg.early_stopping))
-    deadline = started + 60 * cfg.time_limit if cfg.time_limit and resume_meta is None else None
+    deadline = None
+    if cfg.time_limit and resume_meta is None:
+        deadline = started + 60 * cfg.time_limit
+    elif cfg.time_limit and resume_meta is not None and resume_meta["state"].get("planned") is False:
+        # Stopped before its first steps were timed, so before it planned its epochs: plan now, with the time left.
+        deadline = started + max(0.0, 60 * cfg.time_limit - float(resume_meta["state"].get("train_seconds", 0.0)))
     trainer = Trainer(cfg, model, optimizer, task, train_loader, val_loader, pipeline, device, amp_dtype, run_dir, meta,
                       cbs + (callbacks or []), deadline)
-    if resume_meta is not None:
+    finished = False
+    if resume_meta is None:
+        trainer.state.planned = False if deadline is not None else None
+    else:
         weights, state_tensors = load_checkpoint_tensors(Path(resume) / "last")
         model.load_state_dict(weights)
         restore_optimizer(optimizer, state_tensors, resume_meta)
         extra = {k.removeprefix("extra."): v for k, v in state_tensors.items() if k.startswith("extra.")}
         trainer.load_state(resume_meta["state"], extra)
         _adapt_resume_to_world(trainer, resume_meta, len(train_loader))
-        if trainer.state.epoch >= cfg.epochs:
-            console.print(f"{run_dir} already finished {trainer.state.epoch} epoch(s); raise --epochs to train further")
+        if trainer.state.stopped and cfg.epochs > int(resume_meta["train_config"]["epochs"]):
+            trainer.state.stopped = ""  # --epochs raised: train on past the early stop
+        finished = trainer.state.epoch >= cfg.epochs or bool(trainer.state.stopped)
+        if finished:
+            why = f"stopped early ({trainer.state.stopped})" if trainer.state.stopped else "already finished"
+            console.print(f"{run_dir} {why} after {trainer.state.epoch} epoch(s); raise --epochs to train further")
             # Nothing to train: the run's record stays as it is, unless its final evaluation is missing or
             # older than its checkpoints (the run stopped during it): then that evaluation runs again.
             done = distributed.broadcast_object(recorded_metrics(run_dir, trainer.state.epoch) if main else None)
             if done is not None:
                 return RunResult(run_dir, done if main else {}, model_name, main_process=main)
             console.print("its final evaluation is missing or older than its checkpoints: evaluating it again")
-    if main and (resume_meta is None or trainer.state.epoch < cfg.epochs):
+    if main and not finished:
         head = f"# torchrun: {world} processes x batch_size {cfg.batch_size} = global batch {global_batch}\n" if world > 1 else ""
         with atomic_write(run_dir / "config.yaml") as f:
             f.write(head + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -434,7 +446,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         highlight=False,
     )
     try:
-        state = trainer.fit() if trainer.state.epoch < cfg.epochs else trainer.state  # finished: evaluate only
+        state = trainer.state if finished else trainer.fit()  # finished: evaluate only (if not recorded)
     except KeyboardInterrupt as e:
         launcher = f"torchrun --nproc_per_node {distributed.local_world_size()} -m imagerec" if world > 1 else "imagerec"
         if isinstance(e, StepStop):

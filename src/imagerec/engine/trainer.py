@@ -56,6 +56,8 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     train_seconds: float = 0.0  # time in fit() over every segment of the run, up to the last save
+    stopped: str = ""  # why training ended before cfg.epochs (early stopping): a resume has nothing to train
+    planned: bool | None = None  # --time-limit: whether the epochs are planned yet (None: saved before this was kept)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -211,7 +213,8 @@ class Trainer:
                         if stop:
                             break
             except StopTraining as e:
-                self.stop_reason = str(e)
+                self.stop_reason = s.stopped = str(e)
+                self.save("last")  # with the reason: a plain --resume then finds nothing to train
             except StepStop:
                 self.save("last")
                 raise
@@ -265,7 +268,7 @@ class Trainer:
         epochs = int(distributed.broadcast_object(epochs))  # rank 0's plan
         if epochs == self.cfg.epochs and self._planned:
             return
-        self._planned = True
+        self._planned = self.state.planned = True
         self.cfg = replace(self.cfg, epochs=epochs)
         self.meta["train_config"]["epochs"] = epochs  # what --resume reads
         steps = len(self.train_loader)
