@@ -155,3 +155,44 @@ def test_head_on_health_ready_and_metrics(server):
             assert head.content == b""
             assert head.headers["content-type"] == got.headers["content-type"]
         assert c.head("/v1/predict").status_code == 405  # not on every route
+
+
+def test_openapi_documents_what_the_server_answers(server, digits):
+    """QA (schemathesis): 404/403/409/400 answers were undocumented, every 422 was documented as
+    FastAPI's {"detail": [...]} though the body is {"error": ...}, /metrics as JSON though it is
+    text, and no security scheme was declared. Each answer below must be a documented status of
+    its operation, with the documented error shape."""
+    with server.client() as c:
+        spec = c.get("/openapi.json").json()
+        answers = [  # (path template, method, response)
+            ("/v1/predict", "post", c.post("/v1/predict", files={"file": ("x.png", digits[0], "image/png")})),  # 401
+            ("/v1/predict", "post", c.post("/v1/predict", headers=auth(), files={"file": ("x.txt", b"hello", "text/plain")})),
+            ("/v1/predict", "post", c.post("/v1/predict", headers=auth(), params={"top_k": 0},
+                                           files={"file": ("x.png", digits[0], "image/png")})),  # 422
+            ("/v1/predict", "post", c.post("/v1/predict", headers=auth(), files=[("file", ("x.png", digits[0], "image/png"))] * 9)),
+            ("/v1/models/{name}/versions/{version}/predict", "post",
+             c.post("/v1/models/mnist/versions/9/predict", headers=auth(), files={"file": ("x.png", digits[0], "image/png")})),
+            ("/v1/models/{name}/versions/{version}", "get", c.get("/v1/models/mnist/versions/9")),
+            ("/v1/admin/models", "post", c.post("/v1/admin/models", json={"path": "x", "name": "a", "version": "1"})),  # 403
+            ("/v1/admin/models", "post", c.post("/v1/admin/models", headers=auth(), json={"path": ""})),
+            ("/v1/admin/models", "post", c.post("/v1/admin/models", headers=auth(), json={"path": "/nonexistent/run"})),
+            ("/v1/admin/default", "post", c.post("/v1/admin/default", headers=auth(), json={"name": "mnist", "version": "9"})),
+        ]
+        metrics = c.get("/metrics")
+    assert "HTTPValidationError" not in str(spec) and "ValidationError" not in str(spec.get("components", {}))
+    seen = set()
+    for path, method, r in answers:
+        op = spec["paths"][path][method]
+        assert str(r.status_code) in op["responses"], (path, r.status_code, sorted(op["responses"]))
+        doc = op["responses"][str(r.status_code)]["content"]["application/json"]["schema"]
+        assert doc == {"$ref": "#/components/schemas/ErrorBody"}, (path, r.status_code, doc)
+        assert set(r.json()) == {"error"} and {"type", "message"} <= set(r.json()["error"]), r.text
+        seen.add(r.status_code)
+    assert {400, 401, 403, 404, 413, 415, 422} <= seen, seen
+    assert set(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert set(spec["components"]["securitySchemes"]) == {"bearer", "apiKeyHeader"}
+    assert {} in spec["paths"]["/v1/predict"]["post"]["security"]  # a key only when the server has keys
+    assert {} not in spec["paths"]["/v1/admin/reload"]["post"]["security"]
+    files = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert files["properties"]["file"]["minItems"] == 1

@@ -473,6 +473,40 @@ def test_predictions_are_recorded_through_the_hook(run_dir, digits):
     assert rows[0]["request_id"] == r.json()["request_id"]
 
 
+def test_recorder_keeps_rows_while_the_store_stalls_and_counts_what_it_must_drop(monkeypatch, caplog):
+    """QA: with the predictions table locked for 20 s the server answered 9,277 predictions and
+    recorded 1,001, silently (1,000 queued requests, then drops nobody saw). Rows now wait in one
+    buffer written in large batches; past its cap they are counted in a metric and logged."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from imagerec.serve import recording
+
+    monkeypatch.setattr(recording, "MAX_PENDING_ROWS", 50)
+    gate, written, calls = threading.Event(), [], []
+
+    def stalled_store(rows):
+        calls.append(len(rows))
+        assert gate.wait(10)
+        written.extend(rows)
+
+    metrics = ServeMetrics()
+    rec = recording.Recorder(ServeSettings(models=("x",), record_predictions=stalled_store), metrics)
+    rec.record([{"i": 0}])
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:  # the writer has taken row 0 and is stuck in the store
+        time.sleep(0.01)
+    for i in range(1, 51):  # 50 requests' rows wait (the old recorder's limit was in requests, not rows)
+        rec.record([{"i": i}])
+    with caplog.at_level(logging.WARNING, logger="imagerec.serve"):
+        rec.record([{"i": 51}, {"i": 52}])  # past the cap: dropped, counted, said
+    gate.set()
+    rec.close()  # writes what waits
+    assert [r["i"] for r in written] == list(range(51)) and calls == [1, 50]  # the 50 in one write
+    assert rec.dropped == 2 and "2 prediction(s) not recorded (2 so far): 50 rows are already waiting" in caplog.text
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    assert families["imagerec_predictions_unrecorded"].samples[0].value == 2
+
+
 def test_db_records_predictions_in_the_store(run_dir, digits, tmp_path):
     import hashlib
 
@@ -663,3 +697,20 @@ def test_cli_fixed_wait_flag_reaches_the_settings(monkeypatch, run_dir):
     assert main(["serve", str(run_dir), "--max-wait-ms", "7"]) == 0
     assert main(["serve", str(run_dir), "--fixed-wait"]) == 0
     assert [(kw["max_wait_ms"], kw["adaptive_wait"]) for kw in seen] == [(7.0, True), (5.0, False)]
+
+
+def test_model_card_names_local_data_by_its_last_part_only(run_dir, tmp_path, copy_run):
+    """QA: `GET /v1/models` (no key needed) showed the server's absolute data path from the run's
+    config, though the card holds no server paths."""
+    from imagerec.serve.registry import public_data_name
+
+    run = copy_run(run_dir, tmp_path / "r", data="/srv/secret/photos")
+    registry = ModelRegistry(ServeSettings(models=(str(run),), instances=1), ServeMetrics())
+    registry.load_startup()
+    try:
+        card = registry.default().card()
+    finally:
+        registry.stop_all()
+    assert card["train"]["data"] == "photos" and "/srv" not in json.dumps(card)
+    assert public_data_name("mnist-mini") == "mnist-mini" and public_data_name("store:pets") == "store:pets"
+    assert public_data_name("C:\\data\\cats\\") == "cats" and public_data_name("runs/x/") == "x"

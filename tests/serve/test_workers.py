@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -74,11 +75,21 @@ def test_failure_in_another_worker_is_reported_and_late_workers_replay_the_log(t
         _, report = a0.run({"op": "reload", "version": None})
         assert report["workers"] == 2 and report["applied"] == 1
         assert report["failed"] == [{"worker": 1, "error": "RuntimeError: worker 1 cannot reload"}]
-        # A worker started now (or restarted after a crash) replays loads and defaults, not reloads.
+        # A worker started now (or restarted after a crash) replays loads and defaults, and only the
+        # reloads logged after it began reading its key file and checkpoints (AdminLog.begin).
         seen2: list[str] = []
         late = recording_admin(tmp_path, 2, seen2)
+        assert late.log is not None
+        late.log.begin()
+        reports: list[dict[str, Any] | None] = []
+        thread = threading.Thread(target=lambda: reports.append(a0.run({"op": "reload", "version": "3"})[1]))
+        thread.start()  # a reload while the late worker loads its startup models: the answer waits for it
+        time.sleep(0.5)
+        assert thread.is_alive()
         late.catch_up(startup=True)
-        assert seen2 == ["load:2"] and late.log is not None and late.log.applied == 2
+        thread.join(10)
+        assert seen2 == ["load:2", "reload:3"] and late.log.applied == 3 and late.log.ready
+        assert reports[0] is not None and (reports[0]["workers"], reports[0]["applied"], reports[0]["pending"]) == (3, 2, [])
     finally:
         a0.stop()
         a1.stop()
@@ -255,6 +266,159 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     assert "before it was ready; stopping the server" in log.read_text()
+
+
+def kill_one_worker(proc: subprocess.Popen) -> int:
+    victim = worker_pids(proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    return victim
+
+
+# A loader hook (in a module the workers import by name): the first call after the file $HOLD
+# appears waits until $HOLD.go exists, so a test can act while a worker is loading its models.
+HOLD_LOADER = """
+import os, time
+from pathlib import Path
+import imagerec
+
+def load(path):
+    hold = Path(os.environ["HOLD"])
+    try:
+        hold.rename(hold.with_suffix(".held"))
+    except FileNotFoundError:
+        return imagerec.load(path)
+    deadline = time.monotonic() + 60
+    while not hold.with_suffix(".go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return imagerec.load(path)
+"""
+
+
+def test_a_reload_logged_while_a_worker_restarts_reaches_it(run_dir: Path, digits: list[bytes], tmp_path: Path) -> None:
+    """The replacement of a killed worker reads the key file, then loads its models (held here until
+    the reload is logged), then replays the admin log: the reload is applied there too, and its answer
+    waits for that worker instead of counting it out."""
+    old, new = "old-key-0123456789abcdefgh", "new-key-0123456789abcdefgh"
+    keys = tmp_path / "keys.txt"
+    keys.write_text(old + "\n")
+    (tmp_path / "holdloader.py").write_text(HOLD_LOADER)
+    hold = tmp_path / "hold"
+    port = free_port()
+    code = ("import sys, holdloader; from imagerec.serve import serve; "
+            "serve([sys.argv[1]], port=int(sys.argv[2]), workers=2, api_key_file=sys.argv[3], loader=holdloader.load)")
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-c", code, f"mnist@1={run_dir}", str(port), str(keys)],
+                            stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+                            env={**os.environ, "PYTHONPATH": str(tmp_path), "HOLD": str(hold)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        readiness(url, 2)
+        hold.touch()
+        kill_one_worker(proc)
+        deadline = time.monotonic() + 120
+        while not hold.with_suffix(".held").exists():  # the replacement has read the key file; its model waits
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.05)
+        keys.write_text(new + "\n")  # the admin rotates the key and reloads
+        answers: list[httpx.Response] = []
+        reload = threading.Thread(target=lambda: answers.append(
+            httpx.post(url + "/v1/admin/reload", headers={"X-API-Key": old}, json={}, timeout=120)))
+        reload.start()
+        time.sleep(1.0)
+        hold.with_suffix(".go").touch()  # the replacement's model finishes loading
+        reload.join(120)
+        assert answers and answers[0].status_code == 200, answers and answers[0].text
+        assert answers[0].json()["api_keys"] == 1
+        assert answers[0].json()["workers"] == {"workers": 2, "applied": 2, "failed": [], "pending": []}
+        # Each worker now takes the new key and refuses the old one.
+        seen: dict[tuple[int, str], int] = {}
+        deadline = time.monotonic() + 60
+        while len({w for w, _ in seen}) < 2:
+            assert time.monotonic() < deadline, seen
+            with httpx.Client(base_url=url) as client:  # one connection: one worker
+                worker = client.get("/readyz").json()["worker"]["index"]
+                for name, key in (("old", old), ("new", new)):
+                    r = client.post("/v1/predict", headers={"X-API-Key": key},
+                                    files={"file": ("d.png", digits[0], "image/png")})
+                    seen[(worker, name)] = r.status_code
+        assert seen == {(0, "old"): 401, (0, "new"): 200, (1, "old"): 401, (1, "new"): 200}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_a_worker_that_cannot_replay_the_admin_log_stops_the_server(run_dir: Path, key_file: Path,
+                                                                    tmp_path: Path) -> None:
+    """A version loaded through the admin API whose folder is then removed: a restarted worker cannot
+    load it, and must not serve without it (the other would answer with it): the server stops,
+    naming the action and the path."""
+    import shutil
+    import uuid
+
+    extra = run_dir.parent / f"mnist-gone-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(run_dir, extra)
+    proc, url, log = start_workers(tmp_path / "serve.log", [f"mnist@1={run_dir}"], "--api-key-file", str(key_file))
+    try:
+        readiness(url, 2)
+        r = httpx.post(url + "/v1/admin/models", headers=auth(), timeout=120,
+                       json={"path": str(extra), "name": "mnist", "version": "2", "make_default": True})
+        assert r.status_code == 201 and r.json()["workers"]["applied"] == 2, r.text
+        shutil.rmtree(extra)  # still served from memory by both workers
+        kill_one_worker(proc)
+        try:
+            code = proc.wait(120)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 1, log.read_text()[-3000:]  # not serving a different default on one worker
+    finally:
+        shutil.rmtree(extra, ignore_errors=True)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = log.read_text()
+    assert "before it was ready; stopping the server: worker " in text
+    assert f"cannot repeat admin action #1 load mnist@2 from {extra}" in text
+
+
+def test_sigterm_refuses_new_connections_at_once_and_answers_running_requests(run_dir: Path, digits: list[bytes],
+                                                                               tmp_path: Path) -> None:
+    """As with one process: once SIGTERM arrives the port refuses new clients (they can retry
+    elsewhere) while a request already on its way (a slow upload here) is still answered."""
+    import socket
+
+    proc, url, log = start_workers(tmp_path / "serve.log", [str(run_dir)])
+    try:
+        readiness(url, 2)
+        port = int(url.rsplit(":", 1)[1])
+        body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="d.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n" + digits[0] + b"\r\n--b--\r\n")
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:50])
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        refused = False
+        deadline = time.monotonic() + 5
+        while not refused and time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()  # taken into the backlog
+            except ConnectionRefusedError:
+                refused = True
+        slow.sendall(body[50:])
+        slow.settimeout(30)
+        answer = slow.recv(100)
+        slow.close()
+        assert refused, "new connections were still accepted 5 s after SIGTERM"
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def test_workers_exit_when_the_supervisor_is_killed(run_dir: Path, tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagerec.serve.auth import ApiKeys, require_admin_key
-from imagerec.serve.errors import ApiError
+from imagerec.serve.auth import ADMIN_SECURITY, ApiKeys, require_admin_key
+from imagerec.serve.errors import ApiError, error_responses
 from imagerec.serve.registry import ModelEntry, ModelRegistry, resolve_model_path
 from imagerec.serve.settings import ModelSource
 from imagerec.serve.workers import PartlyApplied
@@ -133,6 +133,8 @@ def _run_admin(request: Request, action: dict[str, Any]) -> dict[str, Any]:
     tags=["admin"],
     status_code=201,
     dependencies=[Depends(require_admin_key)],
+    responses=error_responses(400, 403, 404, 409, 422),
+    openapi_extra={"security": ADMIN_SECURITY},
 )
 def admin_load_model(request: Request, body: LoadModelRequest) -> dict[str, Any]:
     """Load a model version from a path in the server's model dirs (never a URL)."""
@@ -142,7 +144,8 @@ def admin_load_model(request: Request, body: LoadModelRequest) -> dict[str, Any]
 
 
 @router.post(
-    "/v1/admin/default", tags=["admin"], dependencies=[Depends(require_admin_key)]
+    "/v1/admin/default", tags=["admin"], dependencies=[Depends(require_admin_key)],
+    responses=error_responses(403, 404, 422), openapi_extra={"security": ADMIN_SECURITY},
 )
 def admin_set_default(request: Request, body: DefaultRequest) -> dict[str, Any]:
     """Make a loaded version the default for /v1/predict (atomic; running requests are unaffected)."""
@@ -150,7 +153,8 @@ def admin_set_default(request: Request, body: DefaultRequest) -> dict[str, Any]:
 
 
 @router.post(
-    "/v1/admin/reload", tags=["admin"], dependencies=[Depends(require_admin_key)]
+    "/v1/admin/reload", tags=["admin"], dependencies=[Depends(require_admin_key)],
+    responses=error_responses(403, 404, 422), openapi_extra={"security": ADMIN_SECURITY},
 )
 def admin_reload(request: Request, body: ReloadRequest | None = None) -> dict[str, Any]:
     """Re-read checkpoints (all versions, or one) and the API key file."""

@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from imagerec import __version__
 from imagerec.serve.admin import admin_actions
 from imagerec.serve.admin import router as admin_router
-from imagerec.serve.auth import ApiKeys
+from imagerec.serve.auth import ApiKeys, document_api_keys
 from imagerec.serve.errors import install_error_handlers
 from imagerec.serve.http import MAX_HEAD_BYTES, http_protocol
 from imagerec.serve.limits import BodyLimitMiddleware
@@ -64,6 +64,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)
     """
     metrics = ServeMetrics()
+    # A worker (--workers): note the admin log's length before the key file and the checkpoints are
+    # read, so the reloads logged after that are repeated once the models are loaded (serve.workers).
+    admin_log = AdminLog(settings.worker_dir, settings.worker_index) if settings.worker_dir else None
+    if admin_log is not None:
+        admin_log.begin()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,10 +82,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
             None, registry.load_startup
         )  # blocking: off the loop
         app.state.recorder = await loop.run_in_executor(
-            None, Recorder, settings
+            None, Recorder, settings, metrics
         )  # may open/migrate the store
         app.state.registry = registry
-        admin_log = AdminLog(settings.worker_dir, settings.worker_index) if settings.worker_dir else None
         app.state.admin = Admin(admin_actions(registry, app.state.keys), admin_log,
                                 peer_timeout_s=max(120.0, settings.timeout_s))
         if admin_log is not None:  # a worker: repeat what the others were told before it started
@@ -118,6 +122,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.include_router(admin_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _add_docs(app)
+    document_api_keys(app)
     # Each add_middleware wraps the ones before it: MetricsMiddleware(CORSMiddleware(
     # BodyLimitMiddleware(app))). CORS sits outside every layer that answers, so the early 413/400
     # of BodyLimitMiddleware carry Access-Control-Allow-Origin too (a browser shows a CORS failure

@@ -13,7 +13,10 @@ import hmac
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from starlette.requests import Request
 
 from imagerec.serve.errors import ApiError
@@ -128,3 +131,26 @@ async def require_admin_key(request: Request) -> None:
             "forbidden",
             "admin endpoints need a valid API key ('Authorization: Bearer KEY' or 'X-API-Key: KEY')",
         )
+
+
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
+    "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+# OpenAPI `security` of an operation: predict needs a key only when the server has keys ({} = none);
+# admin always does.
+PREDICT_SECURITY = [{}, {"bearer": []}, {"apiKeyHeader": []}]
+ADMIN_SECURITY = [{"bearer": []}, {"apiKeyHeader": []}]
+
+
+def document_api_keys(app: FastAPI) -> None:
+    """Add the two ways of sending a key to the app's OpenAPI document (components.securitySchemes)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -48,6 +49,39 @@ class ApiError(Exception):
             headers or {},
         )
         self.extra = extra or {}  # more fields of the error object (e.g. what a reload did do)
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # some errors say more (e.g. what a reload did do)
+    type: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error the server answers: {"error": {"type": ..., "message": ...}}."""
+
+    error: ErrorDetail
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "bad request (no images, a malformed body or path)",
+    401: "API key missing or not valid",
+    403: "admin key missing or not valid (or the server has no keys)",
+    404: "no such model, version or path",
+    408: "the body did not arrive in time",
+    409: "that name@version is already loaded",
+    413: "body, file count (at most max_files, 16 by default) or pixel count over the limit",
+    415: "not an image of a format the server reads (checked by magic bytes)",
+    422: "invalid parameter, undecodable image, or a model that failed to load",
+    503: "overloaded or not ready (see Retry-After)",
+    504: "decoding and inference timed out",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for these error statuses, each with the JSON error shape (declaring 422
+    also replaces FastAPI's own validation-error schema, which this server never answers)."""
+    return {status: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
 
 
 def error_body(type: str, message: str, **extra: Any) -> dict[str, Any]:

@@ -90,6 +90,11 @@ class ServeMetrics:
         self.images = Counter(
             "imagerec_images", "Images predicted", ["model"], registry=r
         )
+        self.unrecorded = Counter(
+            "imagerec_predictions_unrecorded",
+            "Predictions answered but not recorded in the store (--db): it stalled past the backlog or refused them",
+            registry=r,
+        )
         self.inflight = Gauge(
             "imagerec_inflight_requests",
             "Prediction requests whose body has arrived, being decoded or waiting for the model",

@@ -65,15 +65,22 @@ class ModelEntry:
             "preprocessing": pre,
             "metrics": self.metrics,
             "train": {
-                k: train[k]
-                for k in ("data", "epochs", "image_size", "augment")
-                if k in train
+                **({"data": public_data_name(str(train["data"]))} if train.get("data") else {}),
+                **{k: train[k] for k in ("epochs", "image_size", "augment") if k in train},
             },
             "num_params": meta.get("num_params"),
             "instances": len(self.batcher.instances),
             "batching": self.batching,
             "loaded_at": self.loaded_at,
         }
+
+
+def public_data_name(data: str) -> str:
+    """A run's DATA as a client may see it: a dataset name or store:NAME as given, a local path
+    (saved absolute by `train`) by its last part only: the card holds no server paths."""
+    if data.startswith("store:") or not any(sep in data for sep in ("/", "\\")):
+        return data
+    return re.split(r"[\\/]", data.rstrip("/\\"))[-1] or data
 
 
 def read_eval_metrics(source: str) -> dict[str, Any]:

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
-from imagerec.serve.auth import require_predict_key
+from imagerec.serve.auth import PREDICT_SECURITY, require_predict_key
 from imagerec.serve.batching import BatcherClosed, QueueFull
-from imagerec.serve.errors import ApiError, error_response
+from imagerec.serve.errors import ApiError, error_response, error_responses
 from imagerec.serve.inputs import Prepared, Upload, parse_and_prepare_first, prepare_image
 from imagerec.serve.registry import ModelEntry
 
@@ -26,6 +26,7 @@ INDEX_HTML = STATIC_DIR / "index.html"
 # The request body is parsed by hand (streamed under a size cap, decoded in the pool), so the
 # OpenAPI schema for it is written out here for /docs.
 _PREDICT_BODY = {
+    "security": PREDICT_SECURITY,
     "requestBody": {
         "required": True,
         "content": {
@@ -37,7 +38,8 @@ _PREDICT_BODY = {
                         "file": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
-                            "description": "one or more images (repeat the field)",
+                            "minItems": 1,
+                            "description": "one or more images (repeat the field; at most max_files, 16 by default)",
                         }
                     },
                 }
@@ -50,7 +52,8 @@ _PREDICT_BODY = {
                         "images": {
                             "type": "array",
                             "items": {"type": "string", "format": "byte"},
-                            "description": "base64-encoded image files",
+                            "minItems": 1,
+                            "description": "base64-encoded image files (at most max_files, 16 by default)",
                         },
                         "names": {
                             "type": "array",
@@ -62,16 +65,8 @@ _PREDICT_BODY = {
             },
         },
     },
-    "responses": {
-        "400": {"description": "bad input"},
-        "401": {"description": "API key missing or wrong"},
-        "413": {"description": "body, file count or pixel count over the limit"},
-        "415": {"description": "not an image"},
-        "422": {"description": "undecodable image or bad parameter"},
-        "503": {"description": "overloaded (see Retry-After)"},
-        "504": {"description": "timed out"},
-    },
 }
+_PREDICT_ERRORS = (400, 401, 408, 413, 415, 422, 503, 504)
 _CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 
 
@@ -84,7 +79,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["ops"])
+@router.get("/readyz", tags=["ops"], responses=error_responses(503))
 @router.head("/readyz", include_in_schema=False)
 def readyz(request: Request) -> Response:
     """Models loaded and every batcher running."""
@@ -108,7 +103,7 @@ def readyz(request: Request) -> Response:
     return JSONResponse(body)
 
 
-@router.get("/metrics", tags=["ops"])
+@router.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
 @router.head("/metrics", include_in_schema=False)
 def metrics(request: Request) -> Response:
     """Prometheus text exposition."""
@@ -137,7 +132,7 @@ def list_models(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/models/{name}/versions/{version}", tags=["models"])
+@router.get("/v1/models/{name}/versions/{version}", tags=["models"], responses=error_responses(404, 422))
 def model_card(request: Request, name: str, version: str) -> dict[str, Any]:
     registry = request.app.state.registry
     entry = registry.get(name, version)
@@ -149,6 +144,7 @@ def model_card(request: Request, name: str, version: str) -> dict[str, Any]:
     "/v1/predict",
     tags=["predict"],
     dependencies=[Depends(require_predict_key)],
+    responses=error_responses(*_PREDICT_ERRORS),
     openapi_extra=_PREDICT_BODY,
 )
 async def predict(
@@ -163,6 +159,7 @@ async def predict(
     "/v1/models/{name}/versions/{version}/predict",
     tags=["predict"],
     dependencies=[Depends(require_predict_key)],
+    responses=error_responses(*_PREDICT_ERRORS, 404),
     openapi_extra=_PREDICT_BODY,
 )
 async def predict_version(

@@ -12,7 +12,12 @@ What must look like one server:
   the action there, appends it to an `AdminLog` (JSON lines in the supervisor's state folder, under
   an exclusive file lock), and waits until every other live worker has applied it: each worker
   follows the log in a thread and records how far it got. A worker started later (or restarted after
-  a crash) replays the log after loading its startup models, so it serves the same versions.
+  a crash) notes how long the log is before it reads its API key file and checkpoints (`AdminLog.begin`,
+  which also makes it a peer that actions wait for), and after loading its startup models replays the
+  log: every load and default switch, and the reloads logged after that note (the earlier ones are in
+  the files it read). A worker that cannot replay an action the others applied (a loaded version's
+  folder was removed since) does not become ready, and so stops the server: it would not serve what
+  the others serve.
 - Metrics: every worker writes prometheus_client's multiprocess files in the state folder and
   `/metrics` from any worker sums them (ServeMetrics.render); the queue-depth and in-flight gauges
   count live workers only (the supervisor drops a dead worker's gauges).
@@ -52,7 +57,7 @@ class AdminLog:
     """The admin actions of one server, shared by its workers: an append-only JSON-lines file.
 
     `applied` is how many actions this process has applied; `report()` writes it (and any failure)
-    to this worker's status file, which `wait_for_peers` reads."""
+    to this worker's status file, which `wait_for_peers` reads and the supervisor reads for `ready`."""
 
     def __init__(self, folder: str | Path, worker: int) -> None:
         self.folder = Path(folder)
@@ -60,7 +65,18 @@ class AdminLog:
         self.worker = worker
         self.applied = 0
         self.failures: list[dict[str, Any]] = []
+        self.files_read_at = 0  # the log's length when this worker began reading its key file and models
+        self.ready = False  # set once the startup replay is done
+        self.error: str | None = None  # why this worker cannot become ready
         self._status = self.folder / status_name(worker, os.getpid())
+
+    def begin(self) -> None:
+        """Call before reading the API key file and the startup checkpoints: notes how long the log is
+        (reloads up to here are in what this worker is about to read) and, in the same step under the
+        lock, makes this worker one that every later action waits for."""
+        with self.exclusive():
+            self.files_read_at = len(self.read())
+            self.report()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -93,15 +109,15 @@ class AdminLog:
         with atomic_write(self._status) as f:
             f.write(json.dumps({
                 "pid": os.getpid(), "worker": self.worker, "applied": self.applied, "failures": self.failures[-20:],
+                "ready": self.ready, "error": self.error,
             }))
 
     def peers(self) -> list[dict[str, Any]]:
         """Status of every other live worker."""
         out = []
         for path in self.folder.glob("worker-*.json"):
-            try:
-                status = json.loads(path.read_text())
-            except (OSError, ValueError):
+            status = read_status(path)
+            if not status:
                 continue  # being replaced right now
             me = status["pid"] == os.getpid() and status["worker"] == self.worker
             if not me and process_alive(status["pid"]):
@@ -132,8 +148,32 @@ class AdminLog:
 
 
 def status_name(worker: int, pid: int) -> str:
-    """A worker's status file: written once it is ready, then after each admin action it applies."""
+    """A worker's status file: written when it begins reading its files, when it is ready (or cannot
+    be), then after each admin action it applies."""
     return f"worker-{worker}-{pid}.json"
+
+
+def read_status(path: Path) -> dict[str, Any]:
+    """A worker's status ({} while there is none)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def describe(action: dict[str, Any]) -> str:
+    """An admin action in words, for errors: what it did, to which version, from which path."""
+    what = f"{action.get('name')}@{action.get('version')}"
+    if action["op"] == "load":
+        return f"#{action.get('seq')} load {what} from {action.get('path')}"
+    if action["op"] == "reload":
+        models = "all models" if action.get("name") is None else what
+        return f"#{action.get('seq')} reload {models}" + (" and the API key file" if action.get("keys") else "")
+    return f"#{action.get('seq')} {action['op']} {what}"
+
+
+class ReplayError(ImageRecError):
+    """A worker cannot repeat an admin action that the others applied, so it must not serve."""
 
 
 class PartlyApplied(Exception):
@@ -175,7 +215,8 @@ class Admin:
                 try:
                     result, repeat = self._apply(action)  # raises: nothing is appended...
                 except PartlyApplied as e:  # ...unless this process was changed all the same
-                    result, repeat, partly = None, e.repeat, e
+                    # "partial": the others may fail in the same way (a replay at startup then goes on)
+                    result, repeat, partly = None, {**e.repeat, "partial": True}, e
                 seq = self.log.append(repeat)
                 self.log.applied = seq
                 self.log.report()
@@ -186,22 +227,42 @@ class Admin:
         return result, report
 
     def catch_up(self, startup: bool = False) -> None:
-        """Apply the actions other workers appended since the last call. At startup reloads are
-        skipped: the models were just read from disk."""
+        """Apply the actions other workers appended since the last call.
+
+        At startup (after `AdminLog.begin` and loading the startup models) reloads logged before
+        `begin` are skipped: the key file and checkpoints were read after them. Any other action that
+        fails at startup raises ReplayError (unless it failed in the worker that logged it too, a
+        "partial" reload): this worker would serve something else than the others."""
         assert self.log is not None
         with self._lock:
             actions = self.log.read()[self.log.applied:]
             for action in actions:
-                if not (startup and action["op"] == "reload"):
+                if not (startup and action["op"] == "reload" and action["seq"] <= self.log.files_read_at):
                     try:
                         self._apply(action)
                     except Exception as e:  # noqa: BLE001 - reported to the worker that asked, and logged
                         error = e.error if isinstance(e, PartlyApplied) else e  # what failed
+                        if startup and not (isinstance(e, PartlyApplied) and action.get("partial")):
+                            self._refuse(action, error)
                         log.error("worker %d: admin action %s failed here: %s", self.log.worker, action, error)
                         self.log.failures.append({"seq": action["seq"], "error": f"{type(error).__name__}: {error}"[:500]})
                 self.log.applied = action["seq"]
+            if startup:
+                self.log.ready = True
             if actions or startup:
                 self.log.report()
+
+    def _refuse(self, action: dict[str, Any], error: BaseException) -> None:
+        """Stop this worker from becoming ready: it cannot repeat `action`, which the others applied."""
+        assert self.log is not None
+        self.log.error = (
+            f"worker {self.log.worker} cannot repeat admin action {describe(action)}, which the other "
+            f"workers applied ({type(error).__name__}: {error}"[:700]
+            + "); it would serve a different state from them, so the server stops. Start it again "
+            "(admin actions are not kept across restarts) and repeat the action from files that exist"
+        )
+        self.log.report()  # the supervisor prints the error
+        raise ReplayError(self.log.error) from error
 
     def follow(self) -> None:
         """Start the thread that applies other workers' actions as they appear."""
@@ -308,7 +369,7 @@ def run_workers(settings: Any) -> int:
         return proc
 
     def ready(k: int, proc: Any) -> bool:
-        return (state / status_name(k, proc.pid)).exists()
+        return bool(read_status(state / status_name(k, proc.pid)).get("ready"))
 
     def on_signal(signum: int, frame: Any) -> None:
         stopping.set()
@@ -327,15 +388,21 @@ def run_workers(settings: Any) -> int:
                 if proc.is_alive() or stopping.is_set():
                     continue
                 multiprocess.mark_process_dead(proc.pid, str(metrics_dir))
+                refused = read_status(state / status_name(k, proc.pid)).get("error")
                 (state / status_name(k, proc.pid)).unlink(missing_ok=True)
                 if not was_ready[k]:
-                    log.error("worker %d exited with status %s before it was ready; stopping the server", k, proc.exitcode)
+                    log.error("worker %d exited with status %s before it was ready; stopping the server%s", k,
+                              proc.exitcode, f": {refused}" if refused else "")
                     status = 1
                     stopping.set()
                     break
                 log.warning("worker %d (pid %d) exited with status %s; starting another", k, proc.pid, proc.exitcode)
                 procs[k], was_ready[k] = start(k), False
     finally:
+        # Stop accepting at once: the port refuses new clients (which they retry elsewhere) once this
+        # copy of the listening socket and the workers' copies (closed as each begins its shutdown)
+        # are gone. Open, its backlog would take connections that no worker accepts, to reset later.
+        sock.close()
         for proc in procs.values():
             if proc.is_alive():
                 proc.terminate()  # uvicorn's graceful shutdown: running requests finish
@@ -344,7 +411,6 @@ def run_workers(settings: Any) -> int:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
-        sock.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
         os.environ.pop(MULTIPROC_ENV, None)
