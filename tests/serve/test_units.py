@@ -714,3 +714,42 @@ def test_model_card_names_local_data_by_its_last_part_only(run_dir, tmp_path, co
     assert card["train"]["data"] == "photos" and "/srv" not in json.dumps(card)
     assert public_data_name("mnist-mini") == "mnist-mini" and public_data_name("store:pets") == "store:pets"
     assert public_data_name("C:\\data\\cats\\") == "cats" and public_data_name("runs/x/") == "x"
+
+
+def test_a_version_replaced_in_place_is_not_loaded_again_under_its_name(run_dir, tmp_path):
+    """--workers repeats an admin load in every worker (and in a replacement worker, later): a folder
+    retrained or re-exported in place since would give that worker other weights under the same
+    name@version. The action carries the weights the first worker loaded; others are refused."""
+    import shutil
+
+    from imagerec.engine.checkpoint import load_model, save_checkpoint
+    from imagerec.serve.admin import admin_actions
+    from imagerec.serve.errors import ApiError
+
+    run_dir_b = tmp_path / "b"  # the same run saved again: other weights_id
+    shutil.copytree(run_dir, run_dir_b)
+    model, meta = load_model(run_dir)
+    save_checkpoint(run_dir_b / "best", model, {k: v for k, v in meta.items() if k != "weights_id"})
+    registry = ModelRegistry(ServeSettings(models=(str(run_dir),), instances=1), ServeMetrics())
+    registry.load_startup()
+    try:
+        apply = admin_actions(registry, ApiKeys(None))
+        action = {"op": "load", "path": str(run_dir_b), "given": "b", "name": "b", "version": "1", "make_default": False}
+        _, repeat = apply(action)
+        first = registry.get("b", "1").weights
+        assert first and repeat["weights"] == first
+        assert first == json.loads((run_dir_b / "best.json").read_text())["weights_id"]
+        other = ModelRegistry(ServeSettings(models=(str(run_dir),), instances=1), ServeMetrics())
+        other.load_startup()
+        try:  # the same action repeated where the folder now holds run_dir's weights
+            changed = {**repeat, "path": str(run_dir)}
+            with pytest.raises(ApiError) as refused:
+                admin_actions(other, ApiKeys(None))(changed)
+            assert refused.value.status == 409 and refused.value.type == "model_changed"
+            assert [e.key for e in other.entries()] == [(run_dir.name, "1")]  # nothing was added
+            admin_actions(other, ApiKeys(None))({**repeat})  # the same weights: loaded
+            assert other.get("b", "1").weights == first
+        finally:
+            other.stop_all()
+    finally:
+        registry.stop_all()

@@ -69,9 +69,11 @@ def admin_actions(registry: ModelRegistry, keys: ApiKeys) -> Callable[[dict[str,
                 entry = registry.load(
                     ModelSource(action["path"], action["name"], action["version"]),
                     make_default=action["make_default"],
+                    expect_weights=action.get("weights"),
                 )
-            # The others load the same name and version, even where this one assigned the version.
-            return entry.card(default=entry is registry.default()), {**action, "name": entry.name, "version": entry.version}
+            # The others load the same name, version and weights, even where this one assigned the version.
+            repeat = {**action, "name": entry.name, "version": entry.version, "weights": entry.weights}
+            return entry.card(default=entry is registry.default()), repeat
         if op == "reload":
             return _reload(registry, keys, action), action
         raise ValueError(f"unknown admin action {op!r}")

@@ -47,6 +47,13 @@ class ModelEntry:
     def key(self) -> tuple[str, str]:
         return (self.name, self.version)
 
+    @property
+    def weights(self) -> str | None:
+        """What identifies the loaded weights: a run checkpoint's weights_id, a bundle's manifest_sha256
+        (None for a custom loader's model)."""
+        meta = getattr(self.predictor, "meta", None) or {}
+        return meta.get("weights_id") or meta.get("manifest_sha256")
+
     def card(self, default: bool = False) -> dict[str, Any]:
         """What a client needs to know about this model version (no server paths)."""
         p = self.predictor
@@ -284,8 +291,12 @@ class ModelRegistry:
             name, version, path, predictor, batcher, read_eval_metrics(path), batching
         )
 
-    def load(self, source: ModelSource, make_default: bool = False, freeze: bool = True) -> ModelEntry:
-        """Load a new model version (its name/version default to the folder name and the next integer)."""
+    def load(self, source: ModelSource, make_default: bool = False, freeze: bool = True,
+             expect_weights: str | None = None) -> ModelEntry:
+        """Load a new model version (its name/version default to the folder name and the next integer).
+        `expect_weights`: the weights another worker loaded for it (ModelEntry.weights); a folder that
+        now holds others (re-exported or retrained in place) is refused (409) rather than served under
+        the same name@version."""
         name = source.name or _default_name(source.path)
         if not NAME_RE.fullmatch(name):
             raise ApiError(
@@ -313,6 +324,12 @@ class ModelRegistry:
                     f"model '{name}' version '{version}' is already loaded; use another version or POST /v1/admin/reload",
                 )
             entry = self._create_entry(name, version, source.path)
+            if expect_weights and entry.weights and entry.weights != expect_weights:
+                _discard([entry])
+                raise ApiError(409, "model_changed",
+                               f"{source.path} now holds other weights than the {name}@{version} the other workers "
+                               f"loaded from it ({str(entry.weights)[:12]}... instead of {expect_weights[:12]}...): it was "
+                               "replaced in place; load the new weights as a new version instead")
             self._entries = {**self._entries, entry.key: entry}
             if make_default or self._default is None:
                 self._default = entry
