@@ -71,6 +71,20 @@ def test_forward_is_head_of_features(name: str) -> None:
         pre = model.forward_head(model.forward_features(x), pre_logits=True)
     assert torch.allclose(full, split, atol=1e-6)
     assert pre.shape == (BATCH, model.num_features)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        if feats.ndim == 2:  # pooled already (timm-style nets pool in forward_head): the classifier alone is the head
+            assert torch.allclose(full, model.get_classifier()(feats), atol=1e-6), name
+        model.reset_classifier(0)  # no classifier: the pre-logits features (airbench scaled them by 1/9)
+        assert torch.allclose(model(x), model.forward_head(model.forward_features(x), pre_logits=True), atol=1e-6), name
+
+
+def test_a_timm_model_too_deep_for_the_image_size_is_named_at_creation() -> None:
+    """QA: timm/convnext_atto on 28 px digits failed at the first training step with a conv2d traceback."""
+    with pytest.raises(ImageRecError, match=r"timm/convnext_atto cannot take 1x28x28 images .*--image-size"):
+        create_model("timm/convnext_atto", num_classes=10, in_chans=1, img_size=28)
+    model = create_model("timm/convnext_atto", num_classes=10, in_chans=1, img_size=64)
+    assert model.training  # the probe left the mode as built
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)

@@ -195,3 +195,26 @@ def test_param_groups_refuse_negative_scale_and_nothing_to_train() -> None:
         create_param_groups(create_model("cnn", num_classes=3), lr=0.1, weight_decay=0.0, backbone_lr_scale=-1)
     with pytest.raises(ImageRecError, match="no trainable parameters"):
         create_param_groups(create_model("cnn", num_classes=0), lr=0.1, weight_decay=0.0, freeze_backbone=True)
+
+
+def test_weights_of_another_architecture_are_refused_though_batchnorm_counters_match(tmp_path: Path) -> None:
+    """QA: a cnn's weights given to cnn-large "loaded" only BatchNorm's num_batches_tracked scalars
+    (they match in any model with BatchNorm) and the run trained from scratch without a word."""
+    save_file(create_model("cnn", num_classes=10, in_chans=1, img_size=28).state_dict(), str(tmp_path / "cnn.safetensors"))
+    target = create_model("cnn-large", num_classes=10, in_chans=1, img_size=28)
+    with pytest.raises(ImageRecError, match="no weight tensor .* only BatchNorm step counters did"):
+        load_pretrained(target, str(tmp_path / "cnn.safetensors"))
+
+
+def test_create_model_takes_pretrained(tmp_path: Path) -> None:
+    """STYLE.md's create_model(name, num_classes=..., pretrained=...): a TypeError for every registered model before."""
+    source = create_model("cnn", num_classes=10, in_chans=1, img_size=28)
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    plain = create_model("cnn", num_classes=3, in_chans=1, img_size=28, pretrained=False)
+    tuned = create_model("cnn", num_classes=3, in_chans=1, img_size=28, pretrained=str(tmp_path / "w.safetensors"))
+    backbone = [k for k in source.state_dict() if k in tuned.state_dict() and not k.startswith("head")]
+    assert backbone and all(torch.equal(tuned.state_dict()[k], source.state_dict()[k]) for k in backbone)
+    assert not all(torch.equal(plain.state_dict()[k], source.state_dict()[k]) for k in backbone)
+    assert tuned.get_classifier().out_features == 3
+    with pytest.raises(ImageRecError, match="built without weights .* pass pretrained="):
+        create_model("cnn", num_classes=3, pretrained=True)

@@ -47,21 +47,36 @@ def create_model(
     img_size: int = 224,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a classifier by name.
+    """Build a classifier by name; `pretrained` is False (random init), or weights to start from: a
+    .safetensors file, an imagerec run directory or `hf-hub:ORG/NAME` (`load_pretrained`: the
+    classifier stays as built, an input conv is adapted to `in_chans`). imagerec ships no weights of
+    its own, so `pretrained=True` is refused with what to pass instead.
 
     Example:
         >>> model = create_model("cnn", num_classes=10, in_chans=1, img_size=28)
+        >>> tuned = create_model("cnn", num_classes=3, in_chans=1, img_size=28, pretrained="runs/mnist")
     """
+    pretrained = kwargs.pop("pretrained", False)
+    if pretrained is True:
+        hint = f"'hf-hub:timm/{name[len('timm/'):]}', " if name.startswith("timm/") else ""
+        raise ImageRecError(f"{name} is built without weights (imagerec downloads none by itself): pass "
+                            f"pretrained={hint}a .safetensors file or a run directory to start from")
     if name.startswith("timm/"):
         from imagerec.models.timm_models import create_timm_model
 
-        return create_timm_model(name[len("timm/"):], num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
-    if name not in _MODELS:
+        model = create_timm_model(name[len("timm/"):], num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+    elif name not in _MODELS:
         raise ImageRecError(
             f"unknown model '{name}'.{did_you_mean(name, _MODELS)} "
             f"Run 'imagerec models' to list them, or use timm/<name> for any timm architecture."
         )
-    return _MODELS[name](num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+    else:
+        model = _MODELS[name](num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+    if pretrained:
+        from imagerec.models.pretrained import load_pretrained
+
+        load_pretrained(model, str(pretrained))
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

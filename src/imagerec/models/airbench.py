@@ -72,6 +72,19 @@ class ConvGroup(nn.Module):
         return self.act(self.norm2(self.conv2(x)))
 
 
+class ScaledLinear(nn.Linear):
+    """airbench's head: a bias-free Linear whose output is scaled (1/9), the scale a plain attribute,
+    so the state dict is a Linear's. The scale lives in the classifier, so `get_classifier()` of the
+    features is the model's output and `reset_classifier(0)` leaves the plain features."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
 class AirbenchNet(Classifier):
     def __init__(
         self,
@@ -95,7 +108,7 @@ class AirbenchNet(Classifier):
         self.act = nn.GELU()
         self.tta, self.head_scale = tta, head_scale
         self.num_features, self.num_classes = w3, num_classes
-        self.head = nn.Linear(w3, num_classes, bias=False) if num_classes > 0 else nn.Identity()
+        self.head = ScaledLinear(w3, num_classes, head_scale) if num_classes > 0 else nn.Identity()
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor, eps: float = 5e-4) -> None:
@@ -128,11 +141,11 @@ class AirbenchNet(Classifier):
         return 0.5 * feats + 0.5 * moved  # airbench's weights: half the original views, half the shifts
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.head(x) * self.head_scale
+        return x if pre_logits else self.head(x)
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes, bias=False) if num_classes > 0 else nn.Identity()
+        self.head = ScaledLinear(self.num_features, num_classes, self.head_scale) if num_classes > 0 else nn.Identity()
 
 
 def default_widths(in_chans: int, img_size: int) -> tuple[tuple[int, int, int], int]:

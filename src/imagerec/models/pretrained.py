@@ -143,10 +143,13 @@ def load_pretrained(model: nn.Module, source: str) -> dict[str, Any]:
             continue
         matched[name] = tensor
 
-    if not matched:
+    # Scalars (BatchNorm's num_batches_tracked) match in any model with BatchNorm: weights of another
+    # architecture matched only those, and the run trained from scratch believing it fine-tuned.
+    if not any(t.ndim > 0 for t in matched.values()):
         raise ImageRecError(
-            f"no tensor in '{path}' matches {type(model).__name__} (names or shapes all differ): "
-            f"check that the weights were saved from the same architecture"
+            f"no weight tensor in '{path}' matches {type(model).__name__} (names or shapes all differ"
+            f"{'; only BatchNorm step counters did' if matched else ''}): check that the weights were saved "
+            f"from the same architecture"
         )
     model.load_state_dict(matched, strict=False)
     missing = sorted(k for k in target if k not in matched)
