@@ -17,6 +17,7 @@ import torch
 from store_helpers import SourceFacts, assert_healthy, integrity, stored_counts
 
 from imagerec.store import Store, ingest, open_store
+from imagerec.store.engine import create_store_engine, resolve_url
 from imagerec.store.schema import blobs
 
 INGEST_SCRIPT = """
@@ -112,7 +113,7 @@ def test_a_store_failing_mid_training_stops_the_run_resumable_and_resume_is_exac
     with open_store(store_url) as store:
         ingest(store, "mnist-mini", "mnist", progress=False)
     monkeypatch.setenv("IMAGEREC_DB", store_url)
-    admin = sa.create_engine(sa.make_url(store_url) if "://" in store_url else f"sqlite:///{store_url}")
+    admin = create_store_engine(resolve_url(store_url))  # the store's own driver choice (psycopg 3)
 
     def rename(old: str, new: str) -> None:
         with admin.begin() as conn:
