@@ -42,6 +42,7 @@ from imagerec.utils import (
     ImageRecError,
     available_cpus,
     check_batch_size,
+    orphaned_siblings,
     resolve_device,
     resolve_precision,
     run_precision,
@@ -280,7 +281,7 @@ def check_model_path(source: str | Path) -> None:
     """A clear error for a model path that does not exist (before anything tries to load it)."""
     path = Path(source)
     if not path.exists():
-        aside = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"))
+        aside = orphaned_siblings(path, "old")
         hint = (f"; {aside[0]} holds the bundle an interrupted 'imagerec export --overwrite' moved aside: exporting "
                 f"to {source} again puts it back first, or rename it to {source}") if aside else ""
         raise ImageRecError(f"model not found: {source} (give a run directory written by 'imagerec train' "

@@ -83,16 +83,26 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def orphaned_siblings(out: Path, kind: str) -> list[Path]:
+    """The `.OUT.KIND-PID` entries beside `out` that a process which has since died left behind
+    (staging_dir's `partial`, an export --overwrite's `old`), sorted; those of this process and of
+    live ones are not included."""
+    found = []
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
+        pid = path.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            found.append(path)
+    return found
+
+
 def staging_dir(out: Path, what: str) -> Path:
     """A fresh hidden folder `.OUT.partial-PID` beside `out`, to be renamed to `out` when complete
     (one filesystem, so the rename is atomic). Those left by a `what` that was killed (its process
     is gone) are removed first, with a warning, so a re-run needs no cleanup by hand."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    for old in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
-        pid = old.name.rpartition("-")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            logging.getLogger("imagerec").warning("removing %s, the unfinished folder of %s that was interrupted", old, what)
-            shutil.rmtree(old, ignore_errors=True)
+    for old in orphaned_siblings(out, "partial"):
+        logging.getLogger("imagerec").warning("removing %s, the unfinished folder of %s that was interrupted", old, what)
+        shutil.rmtree(old, ignore_errors=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

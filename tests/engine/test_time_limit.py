@@ -167,3 +167,16 @@ def test_a_run_stopped_before_its_plan_plans_on_resume_with_the_time_left(tmp_pa
     seen.clear()
     train(resume=str(tmp_path / "planned"), callbacks=[Deadline()])
     assert seen["left"] is None  # planned before the stop: trains to that plan, no deadline
+
+
+def test_plan_deadline_plans_new_and_unplanned_resumed_runs_only():
+    """A new run plans from its start; a resumed run that had planned keeps its plan (None); one
+    stopped before it planned plans with the time it has left, never a deadline in the past."""
+    from imagerec.engine.run import plan_deadline
+
+    assert plan_deadline(0.0, 100.0, None) is None
+    assert plan_deadline(2.0, 100.0, None) == 220.0
+    assert plan_deadline(2.0, 100.0, {"planned": True, "train_seconds": 30.0}) is None
+    assert plan_deadline(2.0, 100.0, {"planned": None}) is None  # a run without a limit when it started
+    assert plan_deadline(2.0, 100.0, {"planned": False, "train_seconds": 30.0}) == 190.0
+    assert plan_deadline(2.0, 100.0, {"planned": False, "train_seconds": 500.0}) == 100.0

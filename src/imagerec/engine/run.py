@@ -194,6 +194,20 @@ RESUME_CHANGEABLE = ("epochs", "time_limit", "early_stopping", "device", "precis
                      "num_threads", "save_every_steps", "max_pixels", "channels_last", "deterministic")
 
 
+def plan_deadline(time_limit: float, started: float, resume_state: dict[str, Any] | None) -> float | None:
+    """When a `--time-limit` run must stop (a `time.perf_counter` instant), for the trainer to plan its
+    epochs by; None when there is nothing to plan: no limit, or a resumed run that planned already
+    (it keeps its plan). A run stopped before its first steps were timed planned nothing, so it
+    plans now, with the time it has left."""
+    if not time_limit:
+        return None
+    if resume_state is None:
+        return started + 60 * time_limit
+    if resume_state.get("planned") is False:
+        return started + max(0.0, 60 * time_limit - float(resume_state.get("train_seconds", 0.0)))
+    return None
+
+
 def _same_data(a: str, b: str) -> bool:
     if a == b:
         return True
@@ -399,12 +413,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     cbs: list[Callback] = [ProgressBar(console), HistoryCSV(run_dir / "history.csv")] if main else []
     if cfg.early_stopping:
         cbs.append(EarlyStopping(cfg.metric, cfg.early_stopping))
-    deadline = None
-    if cfg.time_limit and resume_meta is None:
-        deadline = started + 60 * cfg.time_limit
-    elif cfg.time_limit and resume_meta is not None and resume_meta["state"].get("planned") is False:
-        # Stopped before its first steps were timed, so before it planned its epochs: plan now, with the time left.
-        deadline = started + max(0.0, 60 * cfg.time_limit - float(resume_meta["state"].get("train_seconds", 0.0)))
+    deadline = plan_deadline(cfg.time_limit, started, resume_meta["state"] if resume_meta else None)
     trainer = Trainer(cfg, model, optimizer, task, train_loader, val_loader, pipeline, device, amp_dtype, run_dir, meta,
                       cbs + (callbacks or []), deadline)
     finished = False

@@ -12,7 +12,6 @@ and loads nothing with pickle.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -25,7 +24,7 @@ from typing import Any
 
 from imagerec.config import PreprocessConfig, write_json
 from imagerec.export.runtime import OpenVinoRuntime, OrtRuntime, Runtime, TorchScriptRuntime, openvino_available
-from imagerec.utils import ImageRecError, int8_may_saturate, process_alive, sha256_file
+from imagerec.utils import ImageRecError, int8_may_saturate, orphaned_siblings, sha256_file
 
 MANIFEST = "imagerec.json"
 FORMAT = "imagerec-bundle"
@@ -117,10 +116,7 @@ def recover_interrupted_replace(out: Path) -> None:
     `.old-PID` folder beside an `out` that exists is the leftover of a kill after the second rename
     and is removed."""
     log = logging.getLogger("imagerec")
-    for old in sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*")):
-        pid = old.name.rpartition("-")[2]
-        if not pid.isdigit() or int(pid) == os.getpid() or process_alive(int(pid)):
-            continue
+    for old in orphaned_siblings(out, "old"):
         if out.exists() or out.is_symlink():
             log.warning("removing %s, the previous bundle an interrupted export --overwrite had already replaced", old)
             shutil.rmtree(old, ignore_errors=True)
