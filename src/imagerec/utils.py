@@ -70,6 +70,21 @@ def atomic_write(path: str | Path, mode: str = "w", *, durable: bool = False, **
         raise
 
 
+def new_file_mode() -> int:
+    """The mode a file created now gets from open(): 0o666 less the process umask. For writers that
+    create files their own way (safetensors writes 0600), so every file of a run reads alike."""
+    try:  # Linux shows the umask without setting it; os.umask can only read it by changing it
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def process_alive(pid: int) -> bool:
     """False only when no process `pid` exists here (checked on POSIX; elsewhere assumed alive)."""
     if os.name != "posix":

@@ -118,3 +118,16 @@ def test_a_save_on_a_full_disk_names_the_file_and_keeps_the_previous_pair(tmp_pa
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no .tmp left, the old pair untouched
     assert ckpt.read_checkpoint_meta(stem)["epoch"] == 1
     assert torch.equal(ckpt.load_checkpoint_tensors(stem)[0]["weight"], torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_weights_get_the_same_permissions_as_the_other_run_files(tmp_path: Path, umask: int) -> None:
+    """safetensors writes its files 0600: the run's metadata was readable by a serving account or a
+    teammate, its weights were not. Both files of a pair now follow the umask like every other file."""
+    old = os.umask(umask)
+    try:
+        ckpt.save_checkpoint(tmp_path / "best", _model(1.0), {"model": "linear"})
+    finally:
+        os.umask(old)
+    modes = {p.suffix: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {".safetensors": 0o666 & ~umask, ".json": 0o666 & ~umask}

@@ -327,3 +327,37 @@ def test_sigterm_saves_on_rank_0_and_resume_is_exact(uninterrupted: Path, tmp_pa
     # the same val metrics per epoch (the train loss of the cut epoch is estimated from rank 0's share)
     cols = ("epoch", "val_loss", "val_accuracy")
     assert [[r[c] for c in cols] for r in _history(uninterrupted)] == [[r[c] for c in cols] for r in _history(run)]
+
+
+def test_a_killed_rank_leaves_one_error_line_naming_the_checkpoint_to_resume(tmp_path: Path) -> None:
+    """kill -9 of one rank: the other's collective fails. It used to end in gloo's 30-line traceback
+    ("Connection reset by peer ... GLHF!"), with nothing saying that last.json survived or how to go on."""
+    run = tmp_path / "lost"
+    cmd = [*TORCHRUN, "-m", "imagerec", "train", *RESUME, "--epochs", "3", "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline, step, killed = time.monotonic() + TIMEOUT, 0, False
+    try:
+        while step < 3 and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                step = json.loads((run / "last.json").read_text())["state"]["global_step"]
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.02)
+        for pid in descendants(proc.pid):
+            with contextlib.suppress(OSError):
+                if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed = True
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        for pid in descendants(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"rank 0 hung after rank 1 was killed:\n{out[-4000:]}")
+    assert killed and proc.returncode != 0, out[-4000:]
+    assert "error: another process of this 2-process run stopped" in out, out[-4000:]
+    assert f"continue with: torchrun --nproc_per_node 2 -m imagerec train --resume {run}" in out, out[-4000:]
+    assert "Connection reset by peer" in out or "Connection closed by peer" in out, out[-4000:]
+    assert "GLHF" not in out, out[-4000:]  # the end of gloo's message, printed only by the traceback

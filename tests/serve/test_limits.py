@@ -141,6 +141,13 @@ def test_text_posing_as_png(server):
     )
 
 
+def test_an_unread_format_is_refused_with_the_advice_to_convert_it(server):
+    """The same words as predict's: a TGA (no magic bytes) gets a 415 that says to convert the file."""
+    tga = bytes([0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 2, 0, 24, 0]) + b"\xff" * 12
+    expect(post(server, files={"file": ("b3.tga", tga, "image/x-tga")}), 415, "unsupported_media_type",
+           "convert the file (e.g. to PNG)")
+
+
 def test_png_header_plus_html_polyglot(server):
     body = b"\x89PNG\r\n\x1a\n<html><body>hello</body></html>" * 3
     expect(

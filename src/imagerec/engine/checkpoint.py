@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from imagerec.config import json_text
-from imagerec.utils import ImageRecError, write_error_text
+from imagerec.utils import ImageRecError, new_file_mode, write_error_text
 
 FORMAT = "imagerec-checkpoint"
 FORMAT_VERSION = 1
@@ -86,6 +86,7 @@ def save_checkpoint(
         writing = stem.with_suffix(".safetensors")
         save_file(tensors, str(weights_tmp),
                   metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION), "weights_id": weights_id})
+        os.chmod(weights_tmp, new_file_mode())  # safetensors' 0600 kept the weights from every other user
     except BaseException as e:
         # Nothing renamed yet: the pair saved before is whole. (A full disk in safetensors' writer
         # is a SafetensorError, not an OSError.)

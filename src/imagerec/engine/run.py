@@ -15,6 +15,7 @@ import functools
 import io
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -192,6 +193,36 @@ def _make_loader(spec: DataSpec, items: list, pre: PreprocessConfig, cfg: TrainC
 # batch size rereads part of the epoch).
 RESUME_CHANGEABLE = ("epochs", "time_limit", "early_stopping", "device", "precision", "workers", "cache",
                      "num_threads", "save_every_steps", "max_pixels", "channels_last", "deterministic")
+
+
+def _launcher(world: int) -> str:
+    """The command that starts a run like this one, for resume hints."""
+    return f"torchrun --nproc_per_node {distributed.local_world_size()} -m imagerec" if world > 1 else "imagerec"
+
+
+def _last_saved(run_dir: Path) -> str | None:
+    """Where `run_dir`/last stands ("epoch E, step S"), or None when there is no checkpoint yet."""
+    try:
+        saved = json.loads((run_dir / "last.json").read_text())["state"]
+        return f"epoch {saved['epoch'] + 1}, step {saved['epoch_step']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _first_sentence(e: BaseException) -> str:
+    """gloo's "[.../pair.cc:545] Read error [127.0.0.1]:24986: Connection reset by peer. This is
+    typically ..." as "Read error [127.0.0.1]:24986: Connection reset by peer"."""
+    line = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0])
+    return line.split(". ")[0][:200]
+
+
+def _peer_lost(e: RuntimeError) -> bool:
+    """Whether `e` is a collective failing because a peer process is gone (gloo raises plain
+    RuntimeErrors from DDP's gradient hooks; newer torch raises DistError subclasses)."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(e)
+    return isinstance(e, dist_error) or any(
+        s in text for s in ("Connection reset by peer", "Connection closed by peer", "gloo", "NCCL", "Broken pipe"))
 
 
 def plan_deadline(time_limit: float, started: float, resume_state: dict[str, Any] | None) -> float | None:
@@ -457,18 +488,27 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     try:
         state = trainer.state if finished else trainer.fit()  # finished: evaluate only (if not recorded)
     except KeyboardInterrupt as e:
-        launcher = f"torchrun --nproc_per_node {distributed.local_world_size()} -m imagerec" if world > 1 else "imagerec"
         if isinstance(e, StepStop):
             where = f"saved {run_dir}/last at epoch {trainer.state.epoch + 1}, step {trainer.state.epoch_step}"
-        elif (run_dir / "last.json").is_file():
-            saved = json.loads((run_dir / "last.json").read_text())["state"]
-            where = (f"stopped at once, mid-step: {run_dir}/last is the checkpoint from before, "
-                     f"at epoch {saved['epoch'] + 1}, step {saved['epoch_step']}")
+        elif saved := _last_saved(run_dir):
+            where = f"stopped at once, mid-step: {run_dir}/last is the checkpoint from before, {saved}"
         else:
             console.print(f"interrupted before the first checkpoint: nothing to resume in {run_dir}")
             return RunResult(run_dir, {}, model_name, interrupted=True, main_process=main)
-        console.print(f"interrupted: {where}; continue with: {launcher} train --resume {run_dir}")
+        console.print(f"interrupted: {where}; continue with: {_launcher(world)} train --resume {run_dir}")
         return RunResult(run_dir, {}, model_name, interrupted=True, main_process=main)
+    except RuntimeError as e:
+        if world == 1 or not _peer_lost(e):
+            raise
+        # A collective failed because another process of the run is gone (killed, out of memory):
+        # one line with what survived, not gloo's traceback ("Connection reset by peer ... GLHF!").
+        saved = _last_saved(run_dir)
+        raise ImageRecError(
+            f"another process of this {world}-process run stopped, so this one cannot go on "
+            f"({_first_sentence(e)}); "
+            + (f"{run_dir}/last is the checkpoint from {saved}; continue with: {_launcher(world)} train --resume {run_dir}"
+               if saved else f"it stopped before the first checkpoint: nothing to resume in {run_dir}")
+        ) from e
     train_seconds = state.train_seconds  # all segments of a resumed run (saved in the checkpoints)
     if trainer.stop_reason:
         console.print(trainer.stop_reason)

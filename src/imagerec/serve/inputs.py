@@ -22,9 +22,9 @@ from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from imagerec.data.decode import PIL_FORMATS, DecodeError
+from imagerec.data.decode import PIL_FORMATS, DecodeError, not_readable_message
 from imagerec.serve.errors import ApiError
-from imagerec.serve.limits import IMAGE_TYPES, sniff_image_type
+from imagerec.serve.limits import sniff_image_type
 
 log = logging.getLogger("imagerec.serve")
 
@@ -271,8 +271,8 @@ def prepare_image(predictor: Any, up: Upload, max_pixels: int) -> Prepared:
         raise ApiError(
             415,
             "unsupported_media_type",
-            f"{up.label}: not a {', '.join(t.upper() for t in IMAGE_TYPES)} image (first bytes: {data[:8].hex()}); "
-            "the type is read from the file's content, not its name or Content-Type",
+            f"{not_readable_message(up.label, data)}; the type is read from the file's content, not its name or "
+            "Content-Type",
         )
     try:
         with warnings.catch_warnings():
