@@ -51,17 +51,33 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def kill_all(proc: subprocess.Popen) -> str:
+    """SIGKILL `proc` and every process under it; what it printed."""
+    for pid in descendants(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    return proc.communicate()[0]
+
+
+def wait_for_step(run: Path, proc: subprocess.Popen, step: int) -> None:
+    """Until `run`/last.json is at global step `step` or later (or `proc` ended, or TIMEOUT passed)."""
+    deadline, at = time.monotonic() + TIMEOUT, 0
+    while at < step and time.monotonic() < deadline and proc.poll() is None:
+        try:
+            at = json.loads((run / "last.json").read_text())["state"]["global_step"]
+        except (OSError, ValueError, KeyError):
+            pass  # not written yet, or being replaced
+        time.sleep(0.02)
+
+
 def launch(args: list[str], timeout: float = TIMEOUT) -> tuple[int, str]:
     """Run a command to the end; kill it with every process under it and fail if it outlives `timeout`."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for pid in descendants(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        out = kill_all(proc)
         pytest.fail(f"{' '.join(args[-12:])} did not finish in {timeout} s (a rank hung?):\n{out[-4000:]}")
     return proc.returncode, out
 
@@ -301,20 +317,13 @@ def test_sigterm_saves_on_rank_0_and_resume_is_exact(uninterrupted: Path, tmp_pa
     run = tmp_path / "killed"
     cmd = [*TORCHRUN, "-m", "imagerec", "train", *RESUME, "--epochs", "2", "--out", str(run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline, step = time.monotonic() + TIMEOUT, 0
     try:
-        while step < 3 and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                step = json.loads((run / "last.json").read_text())["state"]["global_step"]
-            except (OSError, ValueError, KeyError):
-                pass  # not written yet, or being replaced
-            time.sleep(0.02)
+        wait_for_step(run, proc, 3)
         proc.send_signal(signal.SIGTERM)  # as a scheduler would: torchrun forwards it to every rank
         t0 = time.monotonic()
         out, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        out = kill_all(proc)
         pytest.fail(f"a rank hung after SIGTERM:\n{out[-4000:]}")
     assert time.monotonic() - t0 < 30, out[-4000:]  # well before torchrun's SIGKILL after 30 s
     assert "interrupted: saved" in out, out[-4000:]
@@ -335,14 +344,9 @@ def test_a_killed_rank_leaves_one_error_line_naming_the_checkpoint_to_resume(tmp
     run = tmp_path / "lost"
     cmd = [*TORCHRUN, "-m", "imagerec", "train", *RESUME, "--epochs", "3", "--out", str(run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline, step, killed = time.monotonic() + TIMEOUT, 0, False
+    killed = False
     try:
-        while step < 3 and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                step = json.loads((run / "last.json").read_text())["state"]["global_step"]
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.02)
+        wait_for_step(run, proc, 3)
         for pid in descendants(proc.pid):
             with contextlib.suppress(OSError):
                 if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
@@ -350,11 +354,7 @@ def test_a_killed_rank_leaves_one_error_line_naming_the_checkpoint_to_resume(tmp
                     killed = True
         out, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        for pid in descendants(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        out = kill_all(proc)
         pytest.fail(f"rank 0 hung after rank 1 was killed:\n{out[-4000:]}")
     assert killed and proc.returncode != 0, out[-4000:]
     assert "error: another process of this 2-process run stopped" in out, out[-4000:]
