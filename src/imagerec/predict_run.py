@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
+import os
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -220,13 +223,15 @@ def _csv_row(r: dict[str, Any]) -> list[Any]:
 
 
 @contextlib.contextmanager
-def _naming(path: Path | None) -> Iterator[None]:
+def _naming(path: Path | None, other_names: bool = False) -> Iterator[None]:
     """Name `path` in an OSError raised while writing it: only open() sets `filename`, so a full disk
-    or a file size limit hit by write() or flush() would say "File too large" without saying where."""
+    or a file size limit hit by write() or flush() would say "File too large" without saying where.
+    `other_names`: also when the error names another file (atomic_write's hidden temp file, a probe),
+    which the user never asked for."""
     try:
         yield
     except OSError as e:
-        if path is None or e.filename is not None:
+        if path is None or (e.filename is not None and not other_names):
             raise
         raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
@@ -271,6 +276,18 @@ class _Writer:
                 self.out.close()
 
 
+def _check_parquet_output(path: Path) -> None:
+    """Fail now, naming `path`, when it cannot be written (a missing or read-only folder, a folder
+    at `path`), as csv and json fail when they open their file: Parquet is written only at the end,
+    after every image has been predicted. A probe file beside it is created and removed."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    probe = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.probe")
+    with _naming(path, other_names=True), open(probe, "xb"):
+        pass
+    probe.unlink(missing_ok=True)
+
+
 def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -278,7 +295,7 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
     cols = {k: [r.get(k) for r in rows] for k in ("path", "frame", "time_s", "label", "score", "error")}
     cols["topk"] = [r.get("topk", []) for r in rows]
     cols["labels"] = [r.get("labels") for r in rows]  # a multi-label model's predicted set; null otherwise
-    with atomic_write(path, "wb") as f:
+    with _naming(path, other_names=True), atomic_write(path, "wb") as f:
         pq.write_table(pa.table(cols), f)
 
 
@@ -316,6 +333,8 @@ def run_predict(
         raise ImageRecError(f"no images found in: {' '.join(inputs)} (nor videos: {', '.join(VIDEO_EXTENSIONS)})")
     out_path = Path(output) if output else None
     done, kept, stale = _resume_rows(out_path, fmt) if resume and out_path else (set(), [], False)
+    if fmt == "parquet" and out_path is not None:
+        _check_parquet_output(out_path)
     predictor = load(source, batch_size=batch_size, device=device, max_pixels=max_pixels)
     if stale and out_path is not None and fmt != "parquet":
         with _naming(out_path):  # failed, repeated and unfinished rows out: each input ends with one row

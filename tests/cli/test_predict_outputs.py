@@ -340,3 +340,38 @@ def test_full_disk_error_names_the_output_file(run_and_digits, tmp_path: Path, f
     assert 0 < out.stat().st_size <= 1500
     run_predict(str(run), [str(paths[0].parent)], fmt=fmt, output=str(out), resume=True)  # then resumes whole
     assert sorted(r["path"] for r in _rows(out, fmt)) == sorted(str(p) for p in paths)
+
+
+def test_parquet_output_that_cannot_be_written_fails_at_once_naming_it(run_and_digits, tmp_path: Path, monkeypatch,  # type: ignore[no-untyped-def]
+                                                                       capsys) -> None:
+    # QA: --format parquet --output /nonexist/o.parquet predicted every image first (Parquet is written
+    # at the end), then failed naming atomic_write's hidden temp file; csv and json fail at once, naming it.
+    import errno
+    import os
+
+    import pyarrow.parquet
+
+    from imagerec import predict_run
+    from imagerec.cli import main
+
+    run, paths, _ = run_and_digits
+
+    def no_model(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the model was loaded (and images predicted) before the output was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(predict_run, "load", no_model)
+        for out, why in ((tmp_path / "missing" / "o.parquet", "No such file or directory"), (tmp_path, "Is a directory")):
+            assert main(["predict", str(run), str(paths[0]), "--format", "parquet", "--output", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {out}: {why}; "), err
+    assert list(tmp_path.iterdir()) == []  # no probe file left behind
+
+    def full_disk(table, where, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), where.name)  # as the write of the temp file fails
+
+    monkeypatch.setattr(pyarrow.parquet, "write_table", full_disk)
+    out = tmp_path / "o.parquet"
+    assert main(["predict", str(run), str(paths[0]), "--format", "parquet", "--output", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {out}: No space left on device; ")
+    assert list(tmp_path.iterdir()) == []

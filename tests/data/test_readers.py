@@ -470,6 +470,19 @@ def test_manifest_row_without_label(tmp_path: Path, images: Path) -> None:
         read_data(str(jsonl))
 
 
+def test_manifest_label_of_only_spaces_or_separators_is_empty(tmp_path: Path, images: Path) -> None:
+    # ' ' or ';' split into no label at all: refused like '' instead of turning the dataset multi-label
+    for label, shown in ((" ", "' '"), (";", "';'"), (" | ", "' | '")):
+        manifest = tmp_path / "m.csv"
+        manifest.write_text(f"path,label\nimgs/0.png,a\nimgs/1.png,b\nimgs/2.png,{label}\nimgs/3.png,a\n")
+        with pytest.raises(ImageRecError, match=rf"m\.csv, row 3: the label is empty \('label': {shown}\)"):
+            read_data(str(manifest))
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text('{"path": "imgs/0.png", "label": "a"}\n{"path": "imgs/1.png", "label": "  "}\n')
+    with pytest.raises(ImageRecError, match=r"m\.jsonl, row 2: the label is empty"):
+        read_data(str(jsonl))
+
+
 def test_manifest_unknown_split_is_an_error(tmp_path: Path, images: Path) -> None:
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label,split\nimgs/0.png,a,train\nimgs/1.png,a,holdout\n")
@@ -556,6 +569,42 @@ def test_symlinked_class_folders_are_read(tmp_path: Path) -> None:
     assert spec.class_names == ["bird", "cat", "dog"]
     assert Counter(spec.class_names[it.target] for it in spec.splits["train"]) == {"bird": 1, "cat": 2, "dog": 2}
     assert spec.notes == []
+
+
+def test_broken_symlink_is_left_out_with_a_note_naming_it(tmp_path: Path) -> None:
+    # a link to nothing is no image, but train and ingest must say which file they go without
+    root = tmp_path / "root"
+    for c, color in (("cat", (200, 0, 0)), ("dog", (0, 200, 0))):
+        (root / c).mkdir(parents=True)
+        (root / c / "0.png").write_bytes(png_bytes(color))
+    (root / "cat" / "broken.png").symlink_to("/nonexistent/photo.png")
+    spec = read_data(str(root))
+    assert spec.counts() == {"train": 2}
+    assert spec.notes == [f"{root}: left out 1 broken symbolic link(s), whose target does not exist: "
+                          "cat/broken.png -> /nonexistent/photo.png; point them at the image or remove them"]
+
+
+def test_tar_link_members_are_read_as_the_file_they_point_to(tmp_path: Path) -> None:
+    # as a symlink in a folder is: a symlink and a hard link member are images; a link to nothing is named
+    archive = tmp_path / "links.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name, color in (("data/cat/0.png", (200, 0, 0)), ("data/dog/0.png", (0, 200, 0))):
+            data = png_bytes(color)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, kind, target in (("data/cat/sym.png", tarfile.SYMTYPE, "0.png"),
+                                   ("data/dog/hard.png", tarfile.LNKTYPE, "data/dog/0.png"),
+                                   ("data/cat/gone.png", tarfile.SYMTYPE, "../missing.png")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tf.addfile(info)
+    spec = read_data(str(archive))
+    assert spec.counts() == {"train": 4}
+    got = {it.source.name: read_bytes(it.source) for it in spec.splits["train"]}  # type: ignore[union-attr]
+    assert got["data/cat/sym.png"] == got["data/cat/0.png"] and got["data/dog/hard.png"] == got["data/dog/0.png"]
+    assert spec.notes == [f"{archive}: left out 1 broken symbolic link(s), whose target is not a file in the archive: "
+                          "data/cat/gone.png -> ../missing.png; point them at the image or remove them"]
 
 
 def test_manifest_that_is_not_utf8_names_the_file_and_line(tmp_path: Path, images: Path) -> None:

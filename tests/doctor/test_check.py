@@ -215,6 +215,48 @@ def test_images_the_reader_drops_are_reported_in_every_format(tmp_path: Path, ca
     assert len(notes) == 1 and "row 3: file not found" in notes[0]
 
 
+def test_a_broken_symlink_is_named_as_one_like_the_reader_does(tmp_path: Path, cifar_jpegs: list[bytes]) -> None:
+    # not a "corrupt" error with a raw FileNotFoundError: the reader's note (ingest and train print it too)
+    root = tmp_path / "data"
+    for k in range(3):
+        _write(root / "cat" / f"{k}.jpg", cifar_jpegs[k])
+        _write(root / "dog" / f"{k}.jpg", cifar_jpegs[3 + k])
+    (root / "cat" / "broken.jpg").symlink_to("/nonexistent/photo.jpg")
+    report = check_data(str(root), workers=1)
+    assert [(p.category, p.path) for p in report.problems] == [("skipped_by_reader", str(root))]
+    assert "cat/broken.jpg -> /nonexistent/photo.jpg" in report.problems[0].detail
+    assert report.n_errors == 0 and report.summary["files_checked"] == 6
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_an_archive_reports_the_stray_files_its_folder_does(tmp_path: Path, cifar_jpegs: list[bytes], kind: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import zipfile
+
+    root = tmp_path / "data"
+    for k in range(3):
+        _write(root / "cat" / f"{k}.jpg", cifar_jpegs[k])
+        _write(root / "dog" / f"{k}.jpg", cifar_jpegs[3 + k])
+    (root / "cat" / "notes.txt").write_text("some notes")
+    (root / "README").write_text("top level")
+    (root / "cat" / "link0.jpg").symlink_to("0.jpg")
+    folder = check_data(str(root), workers=1)
+    archive = tmp_path / f"data.{kind}"
+    monkeypatch.chdir(tmp_path)  # members named data/...
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for f in sorted(root.rglob("*")):
+                zf.write(f.relative_to(tmp_path))
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            tf.add("data")
+    packed = check_data(str(archive), workers=1)
+    assert packed.summary["images"] == folder.summary["images"] == {"train": 7}
+    assert packed.summary["problems"] == folder.summary["problems"]
+    strays = sorted((p.path.split("::")[-1], p.severity, p.label) for p in packed.problems if p.category == "non_image")
+    assert strays == [("data/README", "info", None), ("data/cat/notes.txt", "warning", "cat")]
+
+
 def test_zip_members_of_one_name_are_not_called_byte_duplicates(tmp_path: Path, cifar_jpegs: list[bytes]) -> None:
     import warnings
     import zipfile

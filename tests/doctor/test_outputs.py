@@ -173,3 +173,74 @@ def test_a_move_stopped_midway_leaves_the_original_and_undo_says_so(tmp_path: Pa
     reason = res.skipped[0][1]
     assert reason.startswith("never moved"), reason  # not "a file exists at the original path now"
     assert _sha(big) == before
+
+
+def test_html_with_quarantine_keeps_the_thumbnails_of_the_moved_files(tmp_path: Path) -> None:
+    # the page is written before the quarantine moves the files its thumbnails are read from
+    import shutil
+
+    from imagerec.doctor.command import check_command
+
+    data = tmp_path / "data"
+    _small_folder(data / "train")
+    _small_folder(data / "test")
+    shutil.copy(data / "train" / "cat" / "1.png", data / "test" / "cat" / "leak.png")  # split_leakage: an error
+    html = tmp_path / "report.html"
+    assert check_command(str(data), html=str(html), fix="quarantine", fix_dest=str(tmp_path / "q")) == 1
+    assert (tmp_path / "q" / "test" / "cat" / "leak.png").is_file()  # it was moved
+    page = html.read_text(encoding="utf-8")
+    i = page.find("leak.png")
+    card = page[page.rfind('class="card"', 0, i) : i]
+    assert '<img src="data:image/png;base64,' in card and 'class="ph"' not in card
+
+
+def test_a_store_source_is_called_a_store_and_gets_store_advice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imagerec.doctor.output import report_to_json
+    from imagerec.store import ingest, open_store
+
+    _small_folder(tmp_path / "data")
+    db = tmp_path / "store.db"
+    monkeypatch.setenv("IMAGEREC_DB", str(db))
+    with open_store(str(db)) as store:
+        ingest(store, str(tmp_path / "data"), "pets", progress=False)
+    rep = check_data("store:pets", workers=1)
+    assert rep.source == "store" and report_to_json(rep)["source"] == "store"
+    with pytest.raises(ImageRecError, match=r"store:pets: only image folders can be quarantined, this is a dataset "
+                                            r"of the image store: export it with `imagerec export-dataset`"):
+        quarantine(rep, tmp_path / "q")
+
+
+def test_undo_after_the_quarantine_folder_was_moved(tmp_path: Path) -> None:
+    # the files are looked for beside the manifest when they are not at their recorded paths
+    data = tmp_path / "data"
+    _small_folder(data)
+    zero = data / "cat" / "zero.png"
+    zero.write_bytes(b"")
+    manifest = quarantine(check_data(str(data), workers=1), tmp_path / "quarantined")
+    assert not zero.exists()
+    moved = tmp_path / "review"
+    manifest.parent.rename(moved)
+    res = undo_quarantine(moved / manifest.name)
+    assert res.ok and res.restored == [str(zero.resolve())]
+    assert zero.is_file() and not (moved / "cat" / "zero.png").exists()
+    # gone from both places: the message names the recorded path it looked at
+    manifest2 = quarantine(check_data(str(data), workers=1), tmp_path / "q2")
+    (tmp_path / "q2" / "cat" / "zero.png").unlink()
+    res2 = undo_quarantine(manifest2)
+    assert res2.skipped == [(str(zero.resolve()), f"missing from the quarantine folder (not at {tmp_path.resolve() / 'q2' / 'cat' / 'zero.png'})")]
+
+
+def test_quarantine_gives_the_true_reason_for_a_broken_symlink(tmp_path: Path) -> None:
+    # a problem file replaced by a link to nothing after the check is not "moved or deleted"
+    data = tmp_path / "data"
+    _small_folder(data)
+    bad = data / "cat" / "bad.png"
+    bad.write_text("junk")
+    report = check_data(str(data), workers=1)
+    bad.unlink()
+    bad.symlink_to("/nonexistent/photo.png")
+    import json
+
+    state = json.loads(quarantine(report, tmp_path / "q").read_text())
+    assert state["skipped"] == [{"path": str(bad), "reason": "a broken symbolic link (its target /nonexistent/photo.png "
+                                                             "does not exist): fix or remove the link"}]

@@ -187,6 +187,33 @@ def test_manifest_fields_must_agree(bundle: Path, tmp_path: Path) -> None:
             load_bundle(folder)
 
 
+@pytest.mark.filterwarnings("ignore:.*has no manifest_sha256")
+def test_a_manifest_of_the_wrong_shape_is_damage_not_a_traceback(bundle: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # QA: format_version "1.0" crashed read_manifest (ValueError from int()), before the hash check;
+    # an unsealed manifest whose `files` was a list crashed verify_bundle (AttributeError: .items()).
+    def version_text(m: dict) -> None:
+        m["format_version"] = "1.0"
+
+    def files_as_list(m: dict) -> None:
+        m["files"] = list(m["files"])
+
+    def file_entry_not_a_table(m: dict) -> None:
+        m["files"]["model.onnx"] = "0" * 64
+
+    cases = ((version_text, r"format_version '1.0' is not a whole number; the bundle is damaged: export it again"),
+             (files_as_list, "contradicts itself: files is not a table of file names"),
+             (file_entry_not_a_table, "contradicts itself: files is not a table of file names"))
+    for k, (edit, why) in enumerate(cases):
+        folder, manifest = _legacy(bundle, tmp_path / f"b{k}")
+        edit(manifest)
+        (folder / "imagerec.json").write_text(json.dumps(manifest))
+        with pytest.raises(ImageRecError, match=why):
+            load_bundle(folder)
+        assert main(["predict", str(folder), str(tmp_path)]) == 2
+        assert capsys.readouterr().err.startswith("error: ")
+
+
 def test_export_refuses_a_model_whose_outputs_do_not_match_the_class_names(tmp_path: Path) -> None:
     model = create_model("cnn", num_classes=10, in_chans=1, img_size=28)
     pre = PreprocessConfig(28, 1, (0.5,), (0.25,), 28, tuple(f"c{i}" for i in range(9)))

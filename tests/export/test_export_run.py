@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 import imagerec
+from imagerec.engine.checkpoint import load_model, save_checkpoint
 from imagerec.export import api as export_api
 from imagerec.export import benchmark, export_run, load_bundle
 from imagerec.export.onnx import export_onnx
@@ -353,3 +356,56 @@ def test_bundle_keeps_the_runs_max_pixels(cnn_run: Path, tmp_path: Path, copy_ru
     assert imagerec.load(tmp_path / "b", max_pixels=90).max_pixels == 90
     text = manifest["input"]["normalisation"]  # the order of the preprocess contract, as it runs
     assert text.index("EXIF") < text.index("resize") < text.index("centre crop") < text.index("ops")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
+def test_benchmark_of_a_run_marks_the_precision_predict_runs_it_in(cnn_run: Path, tmp_path: Path, copy_run,  # type: ignore[no-untyped-def]
+                                                                     precision: str) -> None:
+    # QA: a run trained with --precision fp32 was marked as predicted by torch-bf16 on a CPU with bf16
+    # units (benchmark resolved "auto"); predict runs a run in its own precision (Predictor.from_run).
+    run = copy_run(cnn_run, tmp_path / "run", precision=precision)
+    amp = imagerec.load(run, device="cpu").amp_dtype
+    chosen = {r["runtime"] for r in benchmark(run, batch_sizes=(1,), seconds=0.01) if r["predict_uses"]}
+    assert chosen == {"torch-bf16" if amp == torch.bfloat16 else "torch-fp32"}
+
+
+def test_benchmark_of_a_bundle_needs_only_the_bundle(cnn_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # QA: with the source run's folder still there but its checkpoints deleted, `benchmark BUNDLE`
+    # failed "no checkpoint found"; a run trained again in that folder would have been timed as "torch".
+    run = Path(shutil.copytree(cnn_run, tmp_path / "run"))
+    export_run(run, "onnx", tmp_path / "b", parity_images=16)
+
+    def runtimes() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="imagerec"):
+            return [r["runtime"] for r in benchmark(tmp_path / "b", batch_sizes=(1,), seconds=0.01)]
+
+    assert runtimes()[0] == "torch-fp32" and "torch" not in caplog.text  # the weights exported: timed beside it
+    model, meta = load_model(run)
+    save_checkpoint(run / "best", model, meta)  # the same run saved again (trained on): a new weights_id
+    got = runtimes()
+    assert got[0] == "onnx-fp32" and not any(name.startswith("torch") for name in got)
+    assert "without PyTorch" in caplog.text and "holds other weights than the ones exported" in caplog.text
+    for f in [*run.glob("*.json"), *run.glob("*.safetensors")]:
+        f.unlink()  # checkpoints cleaned up after the export; the folder stays
+    got = runtimes()
+    assert got[0] == "onnx-fp32" and not any(name.startswith("torch") for name in got)
+    assert f"{run / 'best.json'} is gone" in caplog.text
+
+
+def test_int8_export_with_other_data_when_the_runs_data_has_moved(cnn_run: Path, tmp_path: Path, copy_run,  # type: ignore[no-untyped-def]
+                                                                   write_other_digits,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # QA: `export --int8 --data OTHER` still read the run's (moved) training folder, and its error
+    # said to pass --data, which the user had. --data's images are used for calibration then.
+    run = copy_run(cnn_run, tmp_path / "run", data=str(tmp_path / "moved-away"))
+    write_other_digits(tmp_path / "other")
+    with caplog.at_level(logging.WARNING, logger="imagerec"):
+        manifest = export_run(run, "onnx", tmp_path / "b", int8=True, data=str(tmp_path / "other"), parity_images=8,
+                              calibration_images=8, min_agreement=0.0, max_drop=100.0)
+    assert [r["name"] for r in manifest["runtimes"]][:2] == ["onnx-fp32", "onnx-int8"]
+    assert f"calibrating int8 on {tmp_path / 'other'} instead of the run's own training images" in caplog.text
+    # an unreadable --data names --data, and does not tell the user to pass it
+    with pytest.raises(ImageRecError, match="--data: the images to check the export with and to calibrate int8 on") as e:
+        export_run(run, "onnx", tmp_path / "b2", int8=True, data=str(tmp_path / "nothing-here"), parity_images=8)
+    assert "pass data=" not in str(e.value)

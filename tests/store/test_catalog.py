@@ -76,6 +76,34 @@ def test_an_evaluation_keeps_the_runs_status(store_url: str, tmp_path: Path) -> 
         assert (status["never-recorded"], status["done"]) == ("interrupted", "completed")
 
 
+def test_a_recorded_run_starts_when_its_folder_was_first_written(store_url: str, tmp_path: Path) -> None:
+    """`imagerec train` records a run once it has ended: its start is when config.yaml was written,
+    not the moment of recording (which is its finish)."""
+    import os
+    from datetime import datetime
+
+    from imagerec.store import record_run_dir
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 3\n")
+    (run / "last.json").write_text(json.dumps({"train_config": {"epochs": 3}, "data": {"origin": "mnist-mini"}}))
+    (run / "metrics.json").write_text("{}")
+    start = datetime.now().timestamp() - 3600  # an hour of training
+    os.utime(run / "config.yaml", (start, start))
+    with open_store(store_url) as store:
+        record_run_dir(store, run, "completed")
+        (got,) = list_runs(store)
+        started, finished = (datetime.fromisoformat(got[k]).timestamp() for k in ("started_at", "finished_at"))
+        assert abs(started - start) < 1e-3 and finished - started > 3500
+        (run / "eval-val.json").write_text(json.dumps({"accuracy": 0.5}))
+        record_run_dir(store, run, None)  # a later evaluation keeps the start
+        assert list_runs(store)[0]["started_at"] == got["started_at"]
+        os.utime(run / "config.yaml")  # a --resume writes it again: the run still started with its first segment
+        record_run_dir(store, run, "completed")
+        assert list_runs(store)[0]["started_at"] == got["started_at"]
+
+
 def test_predictions_by_sha256_or_path(store_url: str, tmp_path: Path) -> None:
     image = tmp_path / "x.png"
     image.write_bytes(b"\x89PNG fake but hashable")

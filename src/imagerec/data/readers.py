@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import shutil
 import tarfile
 import zipfile
@@ -199,17 +200,30 @@ def refused_images_note(origin: str, names: list[str]) -> list[str]:
             f"it reads {READABLE}: convert them (e.g. to PNG) to use them"]
 
 
+def broken_links_note(origin: str, links: list[tuple[str, str]], why: str = "whose target does not exist") -> list[str]:
+    """A note naming the image paths that are links to nothing ((path, target) pairs), which a
+    listing leaves out: never without a word."""
+    if not links:
+        return []
+    shown = ", ".join(f"{p} -> {t}" for p, t in links[:5]) + (", ..." if len(links) > 5 else "")
+    return [f"{origin}: left out {len(links)} broken symbolic link(s), {why}: {shown}; "
+            "point them at the image or remove them"]
+
+
 def read_folder(root: Path) -> DataSpec:
-    rel, sources, refused = [], [], []
+    rel, sources, refused, broken = [], [], [], []
     for r in walk_files(root):
         p = root / r
-        if is_image_path(r.name) and p.is_file():  # a broken symlink is not an image
+        if is_image_path(r.name) and p.is_file():
             rel.append(r.as_posix())
             sources.append(str(p))
+        elif is_image_path(r.name) and p.is_symlink() and not p.exists():  # a broken symlink: no image, but said so
+            broken.append((r.as_posix(), os.readlink(p)))
         elif is_refused_image_path(r.name):
             refused.append(r.name)
     spec = _spec_from_layout(str(root), sources, rel)
     spec.notes.extend(refused_images_note(str(root), refused))
+    spec.notes.extend(broken_links_note(str(root), broken))
     # top-level folders holding images (class folders, or a wrapper folder around the layout)
     present = {r.split("/", 1)[0] for r in rel}
     if root.is_dir():
@@ -255,6 +269,7 @@ def read_archive(path: Path) -> DataSpec:
     rel: list[str] = []
     sources: list[Source] = []
     names: list[str] = []  # every member, for the message when no image is found
+    broken: list[tuple[str, str]] = []  # image link members that point to no file of the archive
     name = path.name.lower()
     try:
         copies: Counter[str] = Counter()  # an archive may hold several members of one name
@@ -269,14 +284,22 @@ def read_archive(path: Path) -> DataSpec:
         else:
             tar_path = _ungzip_to_cache(path) if name.endswith((".tar.gz", ".tgz")) else path
             with tarfile.open(tar_path, "r:") as tf:
-                for m in tf:
-                    names.append(m.name)
-                    if m.isfile() and is_image_path(m.name) and not _hidden(m.name):
-                        rel.append(m.name)
-                        sources.append(TarMember(str(tar_path), m.name, m.offset_data, m.size, copies[m.name]))
-                        copies[m.name] += 1
+                members = list(tf)
                 end = tf.offset
             _check_tar_end(path, tar_path, end)
+            files = {posixpath.normpath(m.name): m for m in members if m.isfile()}
+            for m in members:
+                names.append(m.name)
+                if not is_image_path(m.name) or _hidden(m.name) or not (m.isfile() or m.issym() or m.islnk()):
+                    continue
+                # a link member is read as the file it points to, as a symlink in a folder is
+                data = m if m.isfile() else _tar_link_target(m, files)
+                if data is None:
+                    broken.append((m.name, m.linkname))
+                    continue
+                rel.append(m.name)
+                sources.append(TarMember(str(tar_path), m.name, data.offset_data, data.size, copies[m.name]))
+                copies[m.name] += 1
     except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
         raise ImageRecError(f"{path}: cannot read archive ({e}); is it a complete .tar, .tar.gz or .zip?") from e
     try:
@@ -284,7 +307,36 @@ def read_archive(path: Path) -> DataSpec:
     except ImageRecError as e:
         raise ImageRecError(_why_no_images(path, names) or str(e)) from e
     spec.notes.extend(refused_images_note(str(path), [n for n in names if not _hidden(n)]))
+    spec.notes.extend(broken_links_note(str(path), broken, "whose target is not a file in the archive"))
     return spec
+
+
+def _tar_link_target(m: tarfile.TarInfo, files: dict[str, tarfile.TarInfo]) -> tarfile.TarInfo | None:
+    """The file member a symbolic or hard link member points to (following links to links), or None
+    when it points outside the archive or to nothing in it."""
+    for _ in range(8):  # a loop of links points to nothing
+        if m.islnk():  # a hard link names the member itself
+            target = posixpath.normpath(m.linkname)
+        elif not m.linkname.startswith("/"):  # a symbolic link is relative to its own folder
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(m.name), m.linkname))
+        else:
+            return None
+        found = files.get(target)
+        if found is None or found.isfile():
+            return found
+        m = found
+    return None
+
+
+def list_archive_files(path: Path) -> list[str]:
+    """The names of every file (and link) member of a .tar/.tar.gz/.tgz/.zip, in archive order; for the
+    data doctor, which reports the non-image ones as it does a folder's stray files."""
+    if path.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(path) as zf:
+            return [i.filename for i in zf.infolist() if not i.is_dir()]
+    tar_path = _ungzip_to_cache(path) if path.name.lower().endswith((".tar.gz", ".tgz")) else path
+    with tarfile.open(tar_path, "r:") as tf:
+        return [m.name for m in tf if not m.isdir()]
 
 
 def _check_tar_end(path: Path, tar_path: Path, end: int) -> None:
@@ -379,6 +431,14 @@ def read_manifest(path: Path) -> DataSpec:
                 )
             raise ImageRecError(f"{path}, row {n}: needs a 'path' and a 'label' column/key; found {sorted(row)}")
         labels = [str(x) for x in lab] if isinstance(lab, list) else [s.strip() for s in str(lab).replace("|", ";").split(";") if s.strip()]
+        if not labels and not isinstance(lab, list):
+            # ' ' or ';' holds no label once split and stripped: refused like '', since the empty label
+            # list would otherwise silently turn the whole dataset multi-label (a JSONL [] is an explicit
+            # multi-label row with no positive class, and stays)
+            key = next(k for k in _LABEL_KEYS if row.get(k) is lab)
+            raise ImageRecError(
+                f"{path}, row {n}: the label is empty ({key!r}: {row[key]!r}); give every row a label, or remove the row"
+            )
         p = Path(str(rel))
         full = p if p.is_absolute() else path.parent / p
         if not full.is_file():

@@ -2,7 +2,8 @@
 
 `check_data(DATA)` works on anything `read_data` accepts. Every listed file is read and
 decoded in worker threads (PIL and hashlib release the GIL); a folder source is also walked
-for the files and folders the readers skip. Array sources (IDX, CIFAR batches) only get the
+for the files and folders the readers skip, and an archive's member list is read for its
+non-image files. Array sources (IDX, CIFAR batches) only get the
 hash, duplicate and imbalance checks. Nothing is modified; see `quarantine` for that.
 
 Problem categories (the strings are API; severity in brackets):
@@ -49,7 +50,8 @@ Dataset
     skipped_by_reader [warning] what the reader leaves out, one entry per note it gives (path =
                                 the data root): images in a class only val/test have, manifest
                                 rows whose file is missing or that repeat a file, images outside
-                                class folders. Train, ingest and export go without them.
+                                class folders, broken symbolic links (in a folder or a tar).
+                                Train, ingest and export go without them.
 
 Every problem has path, category, severity, detail, split, label (+ the keys above).
 
@@ -74,7 +76,7 @@ import numpy as np
 
 from imagerec.data import read_data
 from imagerec.data.decode import DEFAULT_MAX_PIXELS, ArrayRef, Source, display_name
-from imagerec.data.readers import DataSpec, single_class_message
+from imagerec.data.readers import DataSpec, list_archive_files, single_class_message
 from imagerec.doctor.hashing import (
     earliest_near_match,
     hamming,
@@ -82,7 +84,7 @@ from imagerec.doctor.hashing import (
     thumbs_from_array,
 )
 from imagerec.doctor.inspect import FileResult, inspect_many
-from imagerec.doctor.layout import label_typos, scan_folder
+from imagerec.doctor.layout import label_typos, scan_archive, scan_folder
 from imagerec.doctor.problems import SEVERITY, SEVERITY_ORDER, CheckReport, Problem
 
 _SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -102,6 +104,8 @@ class _Entry:
 def _source_kind(spec: DataSpec) -> str:
     if spec.arrays:
         return "arrays"
+    if spec.origin.startswith("store:"):  # read_store's origin: a dataset of the image store
+        return "store"
     p = Path(spec.origin)
     if p.is_dir():
         return "folder"
@@ -270,6 +274,8 @@ def check_data(
                 class_names.append(name)
                 all_counts.setdefault(split, {}).setdefault(name, n)
         folders = scan.class_paths
+    elif kind == "archive":  # the same stray files as in the folder it was packed from
+        problems += scan_archive(Path(root), list_archive_files(Path(root)))
 
     if kind == "arrays":
         results = _inspect_arrays(spec, entries)

@@ -56,10 +56,11 @@ def check_command(
     if fix is not None and not fix_dest:
         raise ImageRecError("--fix quarantine needs a destination folder, e.g. --fix quarantine ./quarantined")
     report = check_data(data, max_pixels=max_pixels, data_dir=data_dir)
+    # the page first: its thumbnails are read from the problem files, which the quarantine moves away
+    html_path = write_html(report, html) if html else None
     manifest = quarantine(report, fix_dest) if fix is not None else None  # type: ignore[arg-type]
     # problem files left in place (behind a symlink out of DATA, a move that failed), each with why
     skipped = json.loads(manifest.read_text(encoding="utf-8")).get("skipped", []) if manifest else []
-    html_path = write_html(report, html) if html else None
     if fmt == "json":
         out = report_to_json(report)
         out["html"] = str(html_path) if html_path else None

@@ -2,7 +2,8 @@
 
 Readers list only files with image extensions in known split/class folders. Here the whole
 tree is walked to find non-image files, empty class folders, split folders with odd names,
-images the reader skipped, and class names that look like typos of each other.
+images the reader skipped, and class names that look like typos of each other; an archive's
+member list is read for its non-image files.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def suggest_split(name: str) -> str | None:
 def scan_folder(root: Path, listed: set[str]) -> FolderScan:
     """Walk `root`; `listed` holds the absolute paths of the files the reader returned."""
     scan = FolderScan()
-    files = walk_files(root)
+    # image names that are broken symlinks are no images: the reader's note names them (skipped_by_reader)
+    files = [p for p in walk_files(root) if not (is_image_path(p.name) and _broken_link(root.joinpath(*p.parts)))]
     images = [p for p in files if is_image_path(p.name)]
     prefix = wrapper_prefix(images)
     k = len(prefix)
@@ -118,6 +120,27 @@ def scan_folder(root: Path, listed: set[str]) -> FolderScan:
         sev = "warning" if in_class else "info"
         scan.problems.append(Problem(full, "non_image", detail, split or None, label, severity=sev))
     return scan
+
+
+def scan_archive(path: Path, member_names: list[str]) -> list[Problem]:
+    """The non-image files among an archive's members (`list_archive_files`), as `scan_folder` reports
+    a folder's: a warning inside a folder that holds images (a class folder), info elsewhere."""
+    hidden = {n for n in member_names if any(part.startswith(".") or part == "__MACOSX" for part in PurePosixPath(n).parts)}
+    image_dirs = {str(PurePosixPath(n).parent) for n in member_names if is_image_path(n) and n not in hidden}
+    out: list[Problem] = []
+    for name in member_names:
+        if name in hidden or is_image_path(name):
+            continue
+        rel = PurePosixPath(name)
+        in_class = len(rel.parts) > 1 and str(rel.parent) in image_dirs
+        detail = f"not an image file ({rel.suffix or 'no extension'}): the readers ignore it"
+        label = rel.parent.name if in_class else None
+        out.append(Problem(f"{path}::{name}", "non_image", detail, None, label, severity="warning" if in_class else "info"))
+    return out
+
+
+def _broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def _only_digits_differ(a: str, b: str) -> bool:

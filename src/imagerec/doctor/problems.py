@@ -77,7 +77,7 @@ class Problem:
 
 @dataclass
 class CheckReport:
-    """What `check_data` found. `source` is folder, archive, manifest or arrays; `root` the path checked.
+    """What `check_data` found. `source` is folder, archive, manifest, arrays or store; `root` the path checked.
 
     `spec` (the reader's listing) and `sources` (problem path -> readable source) are kept for
     thumbnails and are not serialised.

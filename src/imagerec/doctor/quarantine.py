@@ -21,6 +21,14 @@ from imagerec.doctor.problems import CATEGORIES, CheckReport
 from imagerec.utils import ImageRecError, atomic_write, sha256_file
 
 MANIFEST_NAME = "quarantine-manifest.json"
+# why a source that is not a folder cannot be quarantined, and what to do instead
+_HOW_TO_FIX = {
+    "archive": "an archive: unpack it, check --fix quarantine the folder, and pack it again (or train on the folder)",
+    "manifest": "a manifest: remove the problem rows (or fix their files) in the manifest",
+    "arrays": "an array source (IDX or CIFAR batches): rebuild the arrays without the problem images",
+    "store": ("a dataset of the image store: export it with `imagerec export-dataset`, check --fix quarantine "
+              "the export, and ingest it again into a new dataset"),
+}
 
 
 def _write_atomic(path: Path, obj: dict[str, Any]) -> None:
@@ -39,6 +47,9 @@ def _files_to_move(report: CheckReport, categories: list[str] | None) -> tuple[d
             continue
         f = Path(p.path)
         if f.is_dir():  # folders (empty_class, odd_split_name) and the dataset root stay
+            continue
+        if f.is_symlink() and not f.exists():
+            skipped[p.path] = f"a broken symbolic link (its target {f.readlink()} does not exist): fix or remove the link"
             continue
         if not f.is_file():
             skipped[p.path] = "not found any more (moved or deleted since it was checked)"
@@ -64,10 +75,7 @@ def quarantine(report: CheckReport, dest_dir: str | Path, categories: list[str] 
         >>> undo_quarantine(manifest)
     """
     if report.source != "folder":
-        raise ImageRecError(
-            f"{report.root}: only image folders can be quarantined, this is a {report.source} source; "
-            "fix or rebuild it (unpack an archive first to quarantine its files)"
-        )
+        raise ImageRecError(f"{report.root}: only image folders can be quarantined, this is {_HOW_TO_FIX[report.source]}")
     root = Path(report.root).resolve()
     dest = Path(dest_dir).resolve()
     if dest == root or root in dest.parents:
@@ -131,11 +139,28 @@ class UndoResult:
         return not self.skipped
 
 
+def _quarantined_path(manifest: Path, state: dict[str, Any], entry: dict[str, Any]) -> Path:
+    """Where the quarantined copy of `entry` is: at its recorded path, or else at the same place
+    relative to the manifest (the quarantine folder was moved or renamed as a whole, e.g. to look at
+    it elsewhere). The recorded path when it is in neither place."""
+    dst = Path(entry["dst"])
+    if dst.exists() or dst.is_symlink():
+        return dst
+    try:
+        rel = Path(entry["src"]).relative_to(state["data_root"])
+    except (KeyError, TypeError, ValueError):
+        return dst
+    beside = manifest.resolve().parent / rel
+    return beside if beside.exists() or beside.is_symlink() else dst
+
+
 def undo_quarantine(manifest_path: str | Path) -> UndoResult:
     """Move quarantined files back to where they came from.
 
     A file is only restored when its sha256 still matches the manifest and nothing has
     appeared at its original path since; the others are listed in `skipped` with the reason.
+    The quarantine folder may have been moved or renamed as a whole: a file not at its recorded
+    path is looked for at the same place relative to the manifest.
     """
     manifest = Path(manifest_path)
     try:
@@ -145,7 +170,7 @@ def undo_quarantine(manifest_path: str | Path) -> UndoResult:
         raise ImageRecError(f"{manifest}: not a readable quarantine manifest ({e})") from e
     result = UndoResult()
     for entry in moves:
-        src, dst = Path(entry["src"]), Path(entry["dst"])
+        src, dst = Path(entry["src"]), _quarantined_path(manifest, state, entry)
         if entry.get("state") == "restored":
             continue
         if entry.get("state") == "failed":
@@ -157,7 +182,8 @@ def undo_quarantine(manifest_path: str | Path) -> UndoResult:
                                              f"is still in place, unchanged{why}"))
             continue
         if not dst.exists():
-            reason = "never moved (the quarantine stopped first)" if src.exists() else "missing from the quarantine folder"
+            reason = ("never moved (the quarantine stopped first)" if src.exists()
+                      else f"missing from the quarantine folder (not at {dst})")
             result.skipped.append((str(src), reason))
             continue
         if src.exists() or src.is_symlink():

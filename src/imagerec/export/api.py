@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -220,7 +221,8 @@ def export_run(
 
     Parity images are the run's validation split, re-created from its training data with its
     val_fraction and seed (or the val/test/train split of `data`), through the eval transform.
-    int8 is calibrated on `calibration_images` training images. Returns the bundle's manifest.
+    int8 is calibrated on `calibration_images` of the run's training images (those of `data` when
+    the run's own can no longer be read: moved, deleted). Returns the bundle's manifest.
 
     Example:
         >>> m = export_run("runs/mnist", "onnx", "exports/mnist", int8=True)
@@ -236,19 +238,38 @@ def export_run(
         raise ImageRecError(f"{run_dir}: the checkpoint does not say what data it was trained on; pass data=... / --data")
     kw = {"val_fraction": cfg.get("val_fraction", 0.1), "seed": cfg.get("seed", 0), "max_pixels": cfg.get("max_pixels", DEFAULT_MAX_PIXELS)}
     fingerprint = (meta.get("data") or {}).get("fingerprint")
+    # the run's own data is checked against the checkpoint's fingerprint: never other data at its saved path
+    trained_on = None
+    if data is None:
+        try:
+            trained_on = read_run_data(cfg, None, run_dir, fingerprint)
+        except ImageRecError as e:
+            raise ImageRecError(f"{e}. Parity images come from the run's data; pass data=... / --data to use other images") from e
+    elif int8 and cfg.get("data"):
+        # int8 is best calibrated on the images the model trained on; when they are gone (moved,
+        # deleted, changed since), on those of `data` (its train split first), as --help promises
+        try:
+            trained_on = read_run_data(cfg, None, run_dir, fingerprint)
+        except ImageRecError as e:
+            logging.getLogger("imagerec").warning("calibrating int8 on %s instead of the run's own training images: %s",
+                                                  data, e)
+    where = data or trained_on
+    assert where is not None
     try:
-        # the run's own data is checked against the checkpoint's fingerprint: never other data at its saved path
-        trained_on = read_run_data(cfg, None, run_dir, fingerprint) if data is None or (int8 and cfg.get("data")) else None
-        where = data or trained_on
-        assert where is not None
         images = load_images(where, pre, ("val", "test") if data is None else ("val", "test", "train"), parity_images, **kw)
-        calib = load_images(trained_on or where, pre, ("train",), calibration_images, **kw).x if int8 else None
+        # `data` may hold no train split (a test/ folder): then int8 is calibrated on the images it has
+        calib_splits = ("train",) if trained_on is not None else ("train", "val", "test")
+        calib = load_images(trained_on or where, pre, calib_splits, calibration_images, **kw).x if int8 else None
     except ImageRecError as e:
-        raise ImageRecError(f"{e}. Parity images come from the run's data; pass data=... / --data to use other images") from e
+        if data is None:
+            raise ImageRecError(f"{e}. Parity images come from the run's data; pass data=... / --data to use other images") from e
+        raise ImageRecError(f"{e} (data={data!r} / --data: the images to check the export with"
+                            f"{' and to calibrate int8 on' if int8 else ''})") from e
     stem = find_run_checkpoint(run_dir)
     source = {"run_dir": str(Path(run_dir).resolve()), "checkpoint": stem.name + ".json", "model": meta.get("model"),
               "model_kwargs": meta.get("model_kwargs", {}), "data_origin": (meta.get("data") or {}).get("origin"),
               "data_fingerprint": (meta.get("data") or {}).get("fingerprint"),
+              "weights_id": meta.get("weights_id"),  # which save: `benchmark` times only that one beside the bundle
               "max_pixels": kw["max_pixels"]}  # the run's pixel limit, which predict and serve apply to the bundle
     return export_model(model, pre, fmt, out, int8=int8, images=images, calibration=calib, max_drop=max_drop,
                         min_agreement=min_agreement, source=source, overwrite=overwrite)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import time
@@ -14,7 +15,7 @@ import torch
 
 from imagerec.config import PreprocessConfig
 from imagerec.engine.checkpoint import load_model
-from imagerec.export.bundle import is_bundle, load_bundle
+from imagerec.export.bundle import Bundle, is_bundle, load_bundle
 from imagerec.export.graph import example_input
 from imagerec.export.runtime import Runtime, TorchRuntime
 from imagerec.utils import (
@@ -22,30 +23,61 @@ from imagerec.utils import (
     cpu_supports_bf16,
     resolve_device,
     resolve_precision,
+    run_precision,
     setup_compute,
 )
+
+
+def _source_model(bundle: Bundle) -> torch.nn.Module | None:
+    """The PyTorch model a bundle was exported from, to time beside it, or None (with a warning
+    saying why) when its run's checkpoint is gone or is no longer the one exported: a bundle is
+    self-contained, and its own runtimes are benchmarked either way."""
+    source = bundle.manifest.get("source") or {}
+    if not source.get("run_dir"):
+        return None  # exported from a model in memory (export_model): there is no run to compare with
+    ckpt = Path(source["run_dir"]) / str(source.get("checkpoint") or "best.json")
+    log = logging.getLogger("imagerec")
+    skip = f"benchmark {bundle.path}: its runtimes only, without PyTorch (torch-fp32/torch-bf16) to compare with: " \
+           f"its source checkpoint {ckpt}"
+    if not ckpt.is_file():
+        log.warning("%s is gone", skip)
+        return None
+    try:
+        model, meta = load_model(ckpt)
+    except ImageRecError as e:
+        log.warning("%s cannot be loaded (%s)", skip, e)
+        return None
+    if source.get("weights_id") is not None:
+        same = meta.get("weights_id") == source["weights_id"]
+    else:  # a bundle from before the export recorded weights_id: what it did record must match
+        same = (meta.get("model"), meta.get("model_kwargs", {}), (meta.get("data") or {}).get("fingerprint")) == (
+            source.get("model"), source.get("model_kwargs", {}), source.get("data_fingerprint")
+        ) and PreprocessConfig.from_dict(meta["preprocess"]) == bundle.pre
+    if not same:
+        log.warning("%s holds other weights than the ones exported (trained again since?)", skip)
+        return None
+    return model
 
 
 def _runtimes(source: str | Path) -> tuple[list[tuple[Runtime, bool | None]], PreprocessConfig, str]:
     """[(runtime, passed its parity gate)], the preprocessing config, and the runtime predict uses."""
     found: list[tuple[Runtime, bool | None]] = []
-    run_dir: Path | None = None
     if is_bundle(source):
         bundle = load_bundle(source)
         pre, uses = bundle.pre, bundle.preferred_runtime
         for name in bundle.runtime_names:
             found.append((bundle.create_runtime(name), bool(bundle.runtime_entry(name)["parity"]["passed"])))
-        rd = (bundle.manifest.get("source") or {}).get("run_dir")
-        run_dir = Path(rd) if rd and Path(rd).exists() else None
+        model = _source_model(bundle)
     elif Path(source).exists():
-        run_dir = Path(source)
-        pre = PreprocessConfig.from_dict(load_model(run_dir)[1]["preprocess"])
-        amp = resolve_precision("auto", resolve_device("cpu"))
+        model, meta = load_model(source)
+        pre = PreprocessConfig.from_dict(meta["preprocess"])
+        # predict runs a run's model in the precision it trained with (Predictor.from_run), not "auto"
+        device = resolve_device("cpu")
+        amp = resolve_precision(run_precision((meta.get("train_config") or {}).get("precision"), device), device)
         uses = "torch-bf16" if amp == torch.bfloat16 else "torch-fp32"
     else:
         raise ImageRecError(f"model not found: {source} (give a run directory or a bundle folder)")
-    if run_dir is not None:
-        model, _ = load_model(run_dir)
+    if model is not None:
         found.insert(0, (TorchRuntime(model, pre, None), True))  # the reference itself
         if cpu_supports_bf16():
             found.insert(1, (TorchRuntime(model, pre, torch.bfloat16), None))  # not parity-gated

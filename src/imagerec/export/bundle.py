@@ -157,7 +157,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ImageRecError(f"{mpath} is not valid JSON ({e.msg}); the bundle is damaged: export it again") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ImageRecError(f"{mpath}: not an imagerec bundle manifest")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):  # read before the hash check: any JSON value
+        raise ImageRecError(f"{mpath}: format_version {version!r} is not a whole number; the bundle is damaged: "
+                            f"export it again")
+    if version > FORMAT_VERSION:
         raise ImageRecError(f"{mpath}: bundle format {manifest['format_version']} is newer than this imagerec supports "
                             f"({FORMAT_VERSION}); upgrade imagerec")
     return manifest
@@ -225,6 +229,10 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
     (where recorded), input shape vs preprocessing, runtimes vs the hashed files."""
     problems = []
     files = manifest.get("files") or {}
+    # an unsealed manifest (no manifest_sha256) is read as it is: its `files` may be any JSON value
+    files_ok = isinstance(files, dict) and all(isinstance(rec, dict) for rec in files.values())
+    if not files_ok:
+        problems.append("files is not a table of file names to their sha256 and size")
     pre = manifest.get("preprocess")
     names = pre.get("class_names") if isinstance(pre, dict) else None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
@@ -246,7 +254,7 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
         return problems
     rt_names = [r.get("name") for r in runtimes]
     for r in runtimes:
-        if r.get("file") not in files:
+        if files_ok and r.get("file") not in files:
             problems.append(f"runtime '{r.get('name')}' uses {r.get('file')}, which is not among its hashed files")
     for key in ("preferred_runtime", "preferred_runtime_1thread"):
         if manifest.get(key) is not None and manifest[key] not in rt_names:

@@ -129,17 +129,21 @@ def record_run_dir(store: Store, run_dir: str | Path, status: str | None) -> int
     data from last.json, metrics from metrics.json, and every eval-<split>.json under "evals".
 
     `status` None (an `imagerec eval` of the run) keeps the status and finish time the run was
-    recorded with; a run not recorded yet is "completed" if it has metrics.json, else "interrupted"."""
+    recorded with; a run not recorded yet is "completed" if it has metrics.json, else "interrupted".
+    A run is recorded once it has ended, so its start time is read from its folder (see
+    `_run_started_at`); a run recorded before keeps the start time it was recorded with (a resumed
+    run started when its first segment did)."""
     import json
 
     d = Path(run_dir)
     finished_at = None
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(runs.c.status, runs.c.finished_at)
+                           .where(runs.c.run_dir == str(d.expanduser().resolve()))).first()
     if status is None:
-        with store.engine.connect() as conn:
-            row = conn.execute(sa.select(runs.c.status, runs.c.finished_at)
-                               .where(runs.c.run_dir == str(d.expanduser().resolve()))).first()
         status, finished_at = (row.status, row.finished_at) if row is not None else (
             "completed" if (d / "metrics.json").is_file() else "interrupted", None)
+    started_at = _run_started_at(d) if row is None else None
     meta_path = d / "last.json"
     if not meta_path.is_file():
         raise ImageRecError(f"{d} is not a run directory (no last.json)")
@@ -154,8 +158,16 @@ def record_run_dir(store: Store, run_dir: str | Path, status: str | None) -> int
         metrics["evals"] = evals
     data = meta.get("data", {})
     return record_run(store, d, meta.get("train_config", {}), metrics, meta.get("versions", {}), status,
-                      name=d.name, finished_at=finished_at, data_origin=data.get("origin"),
+                      name=d.name, started_at=started_at, finished_at=finished_at, data_origin=data.get("origin"),
                       data_fingerprint=data.get("fingerprint"))
+
+
+def _run_started_at(run_dir: Path) -> datetime | None:
+    """When the run in `run_dir` started: the time its first file was written (`imagerec train` writes
+    config.yaml as training starts, once the data is read; every other file comes later). None when
+    the folder holds no file, and the record then says now."""
+    times = [f.stat().st_mtime for f in run_dir.iterdir() if f.is_file()] if run_dir.is_dir() else []
+    return datetime.fromtimestamp(min(times), timezone.utc) if times else None
 
 
 def _run_dict(row: sa.Row) -> dict[str, Any]:
