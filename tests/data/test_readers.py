@@ -672,7 +672,7 @@ def test_targz_cache_tolerates_another_process_unpacking_at_the_same_time(
 ) -> None:
     """Two torchrun ranks unpack one .tar.gz on first use: the second one (simulated by a nested call
     while the first is still writing) must neither clobber the first's temp file nor fail."""
-    from imagerec.data import readers
+    from imagerec.data import archive as archive_reader
 
     archive = tmp_path / "small.tar.gz"
     with tarfile.open(archive, "w:gz") as tf:
@@ -681,20 +681,20 @@ def test_targz_cache_tolerates_another_process_unpacking_at_the_same_time(
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     monkeypatch.setenv("IMAGEREC_CACHE", str(tmp_path / "cache"))
-    real_copy = readers.shutil.copyfileobj
+    real_copy = archive_reader.shutil.copyfileobj
     calls: list[Path] = []
 
     def copy_while_another_rank_unpacks(src, dst, length=0):  # type: ignore[no-untyped-def]
         if not calls:
             calls.append(tmp_path)
-            calls[0] = readers._ungzip_to_cache(archive)  # the other rank, finishing first
+            calls[0] = archive_reader._ungzip_to_cache(archive)  # the other rank, finishing first
         return real_copy(src, dst, length)
 
-    monkeypatch.setattr(readers.shutil, "copyfileobj", copy_while_another_rank_unpacks)
-    out = readers._ungzip_to_cache(archive)
+    monkeypatch.setattr(archive_reader.shutil, "copyfileobj", copy_while_another_rank_unpacks)
+    out = archive_reader._ungzip_to_cache(archive)
     assert calls == [out]
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left behind
-    monkeypatch.setattr(readers.shutil, "copyfileobj", real_copy)
+    monkeypatch.setattr(archive_reader.shutil, "copyfileobj", real_copy)
     spec = read_data(str(archive))
     _check_small_cifar(spec, cifar_members)
 

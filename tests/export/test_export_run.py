@@ -43,6 +43,7 @@ def test_int8_export_passes_gate_and_reports_accuracy(cnn_run: Path, onnx_bundle
     assert q["accuracy_before"] == p["accuracy_before"] and 0.0 < q["accuracy_after"] <= 1.0
     assert q["accuracy_drop_points"] == pytest.approx((q["accuracy_before"] - q["accuracy_after"]) * 100, abs=1e-3)
     assert manifest["quantization"]["calibration_images"] == 300
+    assert manifest["quantization"]["calibration_data"].startswith("training images (")
     timed = {r["name"]: r["images_per_s"] for r in manifest["runtimes"]}
     assert manifest["preferred_runtime"] == max(timed, key=timed.get)  # the fastest that passed
     if available_cpus() > 1:  # serve's one-thread copies: timed on one thread at batch 1 too
@@ -405,6 +406,8 @@ def test_int8_export_with_other_data_when_the_runs_data_has_moved(cnn_run: Path,
                               calibration_images=8, min_agreement=0.0, max_drop=100.0)
     assert [r["name"] for r in manifest["runtimes"]][:2] == ["onnx-fp32", "onnx-int8"]
     assert f"calibrating int8 on {tmp_path / 'other'} instead of the run's own training images" in caplog.text
+    # and the bundle says so, not "training images"
+    assert manifest["quantization"]["calibration_data"].startswith(f"{tmp_path / 'other'} (the run's own training")
     # an unreadable --data names --data, and does not tell the user to pass it
     with pytest.raises(ImageRecError, match="--data: the images to check the export with and to calibrate int8 on") as e:
         export_run(run, "onnx", tmp_path / "b2", int8=True, data=str(tmp_path / "nothing-here"), parity_images=8)

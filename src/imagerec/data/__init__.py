@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from imagerec.data.archive import read_archive
 from imagerec.data.decode import DecodeError, display_name, open_image, source_name
 from imagerec.data.idx import is_cifar_dir, is_idx_dir
-from imagerec.data.readers import DataSpec, Item, read_archive, read_cifar, read_folder, read_idx_dir, read_manifest
+from imagerec.data.readers import DataSpec, Item, read_cifar, read_folder, read_idx_dir, read_manifest
 from imagerec.utils import ImageRecError
 
 __all__ = ["DataSpec", "DecodeError", "Item", "display_name", "open_image", "read_data", "source_name", "split_train_val"]

@@ -1,21 +1,16 @@
 """Readers list `(source, label)` items and class names; they never decode images.
 
-One reader per source kind: image folders, archives, CSV/JSONL manifests, IDX files, CIFAR
-batches. `read_data(DATA)` picks the reader from what DATA is (timm's `reader_factory`).
+One reader per source kind: image folders, archives (`archive.py`), CSV/JSONL manifests, IDX
+files, CIFAR batches. `read_data(DATA)` picks the reader from what DATA is (timm's `reader_factory`).
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
 import json
 import logging
 import os
-import posixpath
-import shutil
-import tarfile
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -26,14 +21,12 @@ from imagerec.data.decode import (
     READABLE,
     ArrayRef,
     Source,
-    TarMember,
-    ZipMember,
     is_image_path,
     is_refused_image_path,
     source_name,
 )
 from imagerec.data.idx import find_idx_pairs, read_cifar_dir, read_idx
-from imagerec.utils import ImageRecError, atomic_write
+from imagerec.utils import ImageRecError
 
 log = logging.getLogger("imagerec")
 
@@ -65,6 +58,9 @@ class DataSpec:
     multi_label: bool = False
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # an archive's every file and link member, in archive order: the data doctor reports the
+    # non-image ones as it does a folder's stray files
+    files: list[str] = field(default_factory=list)
 
     def fingerprint(self) -> str:
         """sha256 over every (split, source, label): changes when the data changes."""
@@ -182,7 +178,7 @@ def _layout(rel_paths: list[str], origin: str) -> tuple[dict[str, list[tuple[int
     return grouped, class_names, notes
 
 
-def _spec_from_layout(origin: str, sources: list[Source], rel_paths: list[str]) -> DataSpec:
+def spec_from_layout(origin: str, sources: list[Source], rel_paths: list[str]) -> DataSpec:
     grouped, class_names, notes = _layout(rel_paths, origin)
     index = {c: k for k, c in enumerate(class_names)}
     splits = {s: [Item(sources[i], index[c]) for i, c in members] for s, members in grouped.items()}
@@ -210,6 +206,11 @@ def broken_links_note(origin: str, links: list[tuple[str, str]], why: str = "who
             "point them at the image or remove them"]
 
 
+def is_broken_link(path: Path) -> bool:
+    """A symbolic link whose target does not exist."""
+    return path.is_symlink() and not path.exists()
+
+
 def read_folder(root: Path) -> DataSpec:
     rel, sources, refused, broken = [], [], [], []
     for r in walk_files(root):
@@ -217,11 +218,11 @@ def read_folder(root: Path) -> DataSpec:
         if is_image_path(r.name) and p.is_file():
             rel.append(r.as_posix())
             sources.append(str(p))
-        elif is_image_path(r.name) and p.is_symlink() and not p.exists():  # a broken symlink: no image, but said so
+        elif is_image_path(r.name) and is_broken_link(p):  # no image, but said so
             broken.append((r.as_posix(), os.readlink(p)))
         elif is_refused_image_path(r.name):
             refused.append(r.name)
-    spec = _spec_from_layout(str(root), sources, rel)
+    spec = spec_from_layout(str(root), sources, rel)
     spec.notes.extend(refused_images_note(str(root), refused))
     spec.notes.extend(broken_links_note(str(root), broken))
     # top-level folders holding images (class folders, or a wrapper folder around the layout)
@@ -234,144 +235,8 @@ def read_folder(root: Path) -> DataSpec:
     return spec
 
 
-def _cache_dir() -> Path:
-    import os
-
-    base = os.environ.get("IMAGEREC_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "imagerec"
-    )
-    return Path(base)
-
-
-def _ungzip_to_cache(path: Path) -> Path:
-    """A .tar.gz cannot be read at random offsets: unpack the tar stream once into the cache.
-
-    Several processes (torchrun ranks) may unpack the same archive at once: each writes its own
-    temp file and renames it into place atomically, so none sees another's half-written file
-    (the last rename wins; the copies are the same bytes).
-    """
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = _cache_dir() / "archives" / f"{path.name.split('.')[0]}-{key}.tar"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with gzip.open(path, "rb") as src, atomic_write(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    except (OSError, EOFError) as e:
-        raise ImageRecError(f"{path}: cannot decompress ({e}); is the archive complete?") from e
-    return out
-
-
-def read_archive(path: Path) -> DataSpec:
-    """Image folder layout inside .tar/.tar.gz/.tgz/.zip, read in place (never unpacked to the user's folders)."""
-    rel: list[str] = []
-    sources: list[Source] = []
-    names: list[str] = []  # every member, for the message when no image is found
-    broken: list[tuple[str, str]] = []  # image link members that point to no file of the archive
-    name = path.name.lower()
-    try:
-        copies: Counter[str] = Counter()  # an archive may hold several members of one name
-        if name.endswith(".zip"):
-            with zipfile.ZipFile(path) as zf:
-                for i, info in enumerate(zf.infolist()):
-                    names.append(info.filename)
-                    if not info.is_dir() and is_image_path(info.filename) and not _hidden(info.filename):
-                        rel.append(info.filename)
-                        sources.append(ZipMember(str(path), info.filename, i, copies[info.filename]))
-                        copies[info.filename] += 1
-        else:
-            tar_path = _ungzip_to_cache(path) if name.endswith((".tar.gz", ".tgz")) else path
-            with tarfile.open(tar_path, "r:") as tf:
-                members = list(tf)
-                end = tf.offset
-            _check_tar_end(path, tar_path, end)
-            files = {posixpath.normpath(m.name): m for m in members if m.isfile()}
-            for m in members:
-                names.append(m.name)
-                if not is_image_path(m.name) or _hidden(m.name) or not (m.isfile() or m.issym() or m.islnk()):
-                    continue
-                # a link member is read as the file it points to, as a symlink in a folder is
-                data = m if m.isfile() else _tar_link_target(m, files)
-                if data is None:
-                    broken.append((m.name, m.linkname))
-                    continue
-                rel.append(m.name)
-                sources.append(TarMember(str(tar_path), m.name, data.offset_data, data.size, copies[m.name]))
-                copies[m.name] += 1
-    except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
-        raise ImageRecError(f"{path}: cannot read archive ({e}); is it a complete .tar, .tar.gz or .zip?") from e
-    try:
-        spec = _spec_from_layout(str(path), sources, rel)
-    except ImageRecError as e:
-        raise ImageRecError(_why_no_images(path, names) or str(e)) from e
-    spec.notes.extend(refused_images_note(str(path), [n for n in names if not _hidden(n)]))
-    spec.notes.extend(broken_links_note(str(path), broken, "whose target is not a file in the archive"))
-    return spec
-
-
-def _tar_link_target(m: tarfile.TarInfo, files: dict[str, tarfile.TarInfo]) -> tarfile.TarInfo | None:
-    """The file member a symbolic or hard link member points to (following links to links), or None
-    when it points outside the archive or to nothing in it."""
-    for _ in range(8):  # a loop of links points to nothing
-        if m.islnk():  # a hard link names the member itself
-            target = posixpath.normpath(m.linkname)
-        elif not m.linkname.startswith("/"):  # a symbolic link is relative to its own folder
-            target = posixpath.normpath(posixpath.join(posixpath.dirname(m.name), m.linkname))
-        else:
-            return None
-        found = files.get(target)
-        if found is None or found.isfile():
-            return found
-        m = found
-    return None
-
-
-def list_archive_files(path: Path) -> list[str]:
-    """The names of every file (and link) member of a .tar/.tar.gz/.tgz/.zip, in archive order; for the
-    data doctor, which reports the non-image ones as it does a folder's stray files."""
-    if path.name.lower().endswith(".zip"):
-        with zipfile.ZipFile(path) as zf:
-            return [i.filename for i in zf.infolist() if not i.is_dir()]
-    tar_path = _ungzip_to_cache(path) if path.name.lower().endswith((".tar.gz", ".tgz")) else path
-    with tarfile.open(tar_path, "r:") as tf:
-        return [m.name for m in tf if not m.isdir()]
-
-
-def _check_tar_end(path: Path, tar_path: Path, end: int) -> None:
-    """`tarfile` stops silently at a header it cannot read past the first: make sure the archive
-    really ended there (an end-of-archive zero block, or the end of the file on a block boundary)."""
-    with open(tar_path, "rb") as f:
-        f.seek(end)
-        block = f.read(tarfile.BLOCKSIZE)
-    if block and block != bytes(tarfile.BLOCKSIZE):
-        what = f"ends inside a member header at byte {end}" if len(block) < tarfile.BLOCKSIZE else f"has an unreadable member header at byte {end}"
-        raise ImageRecError(
-            f"{path}: the archive {what}, so it is truncated or corrupt and the members after it cannot be "
-            "listed; re-download or copy it again"
-        )
-
-
-def _why_no_images(path: Path, names: list[str]) -> str | None:
-    """A specific reason why an archive has no images in class folders, when there is one."""
-    backslashed = [n for n in names if "\\" in n]
-    if backslashed and not any("/" in n for n in names if is_image_path(n)):
-        return (
-            f"{path}: the member names use '\\' as the folder separator (e.g. '{backslashed[0]}'); zip readers take it "
-            "as part of the file name, so no class folders are seen. Re-create the archive with '/' separators "
-            "(e.g. Python's shutil.make_archive or 7-Zip)"
-        )
-    inner = [n for n in names if n.lower().endswith((".zip", ".tar", ".tar.gz", ".tgz"))]
-    if inner and not any(is_image_path(n) for n in names):
-        return (
-            f"{path}: holds no images, only the archive(s) {', '.join(inner[:3])}; archives inside archives are "
-            "not read. Extract the inner archive and pass it as DATA"
-        )
-    return None
-
-
-def _hidden(name: str) -> bool:
+def hidden_path(name: str) -> bool:
+    """A hidden file or folder, or macOS's resource-fork folder, which the readers never list."""
     return any(part.startswith(".") or part == "__MACOSX" for part in PurePosixPath(name).parts)
 
 

@@ -76,7 +76,7 @@ import numpy as np
 
 from imagerec.data import read_data
 from imagerec.data.decode import DEFAULT_MAX_PIXELS, ArrayRef, Source, display_name
-from imagerec.data.readers import DataSpec, list_archive_files, single_class_message
+from imagerec.data.readers import DataSpec, single_class_message
 from imagerec.doctor.hashing import (
     earliest_near_match,
     hamming,
@@ -275,7 +275,7 @@ def check_data(
                 all_counts.setdefault(split, {}).setdefault(name, n)
         folders = scan.class_paths
     elif kind == "archive":  # the same stray files as in the folder it was packed from
-        problems += scan_archive(Path(root), list_archive_files(Path(root)))
+        problems += scan_archive(Path(root), spec.files)
 
     if kind == "arrays":
         results = _inspect_arrays(spec, entries)

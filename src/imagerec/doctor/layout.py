@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from imagerec.data.decode import is_image_path
-from imagerec.data.readers import SPLIT_ALIASES, walk_files, wrapper_prefix
+from imagerec.data.readers import SPLIT_ALIASES, hidden_path, is_broken_link, walk_files, wrapper_prefix
 from imagerec.doctor.problems import Problem
 
 _SPLITISH = re.compile(r"(^|[^a-z])(train|training|val|valid|validation|test|testing|dev|eval)([^a-z]|$)")
@@ -46,7 +46,7 @@ def scan_folder(root: Path, listed: set[str]) -> FolderScan:
     """Walk `root`; `listed` holds the absolute paths of the files the reader returned."""
     scan = FolderScan()
     # image names that are broken symlinks are no images: the reader's note names them (skipped_by_reader)
-    files = [p for p in walk_files(root) if not (is_image_path(p.name) and _broken_link(root.joinpath(*p.parts)))]
+    files = [p for p in walk_files(root) if not (is_image_path(p.name) and is_broken_link(root.joinpath(*p.parts)))]
     images = [p for p in files if is_image_path(p.name)]
     prefix = wrapper_prefix(images)
     k = len(prefix)
@@ -123,9 +123,9 @@ def scan_folder(root: Path, listed: set[str]) -> FolderScan:
 
 
 def scan_archive(path: Path, member_names: list[str]) -> list[Problem]:
-    """The non-image files among an archive's members (`list_archive_files`), as `scan_folder` reports
-    a folder's: a warning inside a folder that holds images (a class folder), info elsewhere."""
-    hidden = {n for n in member_names if any(part.startswith(".") or part == "__MACOSX" for part in PurePosixPath(n).parts)}
+    """The non-image files among an archive's file members (`DataSpec.files`), as `scan_folder`
+    reports a folder's: a warning inside a folder that holds images (a class folder), info elsewhere."""
+    hidden = {n for n in member_names if hidden_path(n)}
     image_dirs = {str(PurePosixPath(n).parent) for n in member_names if is_image_path(n) and n not in hidden}
     out: list[Problem] = []
     for name in member_names:
@@ -137,10 +137,6 @@ def scan_archive(path: Path, member_names: list[str]) -> list[Problem]:
         label = rel.parent.name if in_class else None
         out.append(Problem(f"{path}::{name}", "non_image", detail, None, label, severity="warning" if in_class else "info"))
     return out
-
-
-def _broken_link(path: Path) -> bool:
-    return path.is_symlink() and not path.exists()
 
 
 def _only_digits_differ(a: str, b: str) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagerec.data.readers import is_broken_link
 from imagerec.doctor.problems import CATEGORIES, CheckReport
 from imagerec.utils import ImageRecError, atomic_write, sha256_file
 
@@ -48,7 +49,7 @@ def _files_to_move(report: CheckReport, categories: list[str] | None) -> tuple[d
         f = Path(p.path)
         if f.is_dir():  # folders (empty_class, odd_split_name) and the dataset root stay
             continue
-        if f.is_symlink() and not f.exists():
+        if is_broken_link(f):
             skipped[p.path] = f"a broken symbolic link (its target {f.readlink()} does not exist): fix or remove the link"
             continue
         if not f.is_file():

@@ -78,6 +78,7 @@ def export_model(
     int8: bool = False,
     images: ImageSet | None = None,
     calibration: torch.Tensor | None = None,
+    calibration_origin: str = "training images",
     max_drop: float = 1.0,
     min_agreement: float = INT8_MIN_AGREEMENT,
     source: dict[str, Any] | None = None,
@@ -87,7 +88,7 @@ def export_model(
     """Export `model` with its preprocessing to a bundle folder `out`, gated on parity with PyTorch.
 
     `images` are the parity images (default: 32 synthetic ones); `calibration` the uint8 images
-    int8 is calibrated on (default: the parity images); int8 runtimes may lose at most `max_drop`
+    int8 is calibrated on (default: the parity images), which the manifest names as `calibration_origin`; int8 runtimes may lose at most `max_drop`
     points of accuracy and must agree with fp32 on at least `min_agreement` of the images. A runtime that fails its gate raises
     ImageRecError naming the differing images, and nothing is left at `out`. An existing `out` is
     replaced only with `overwrite`, and only when it is an imagerec bundle (`bundle.replace_refusal`).
@@ -132,7 +133,7 @@ def export_model(
         if int8:
             calib = calibration if calibration is not None else images.x
             quant = quantize_onnx(tmp / FILES["onnx"], tmp / FILES["int8"], calib)
-            quant["calibration_data"] = "training images" if calibration is not None else f"parity images ({images.origin})"
+            quant["calibration_data"] = calibration_origin if calibration is not None else f"parity images ({images.origin})"
             rt8 = OrtRuntime(tmp / FILES["int8"], "onnx-int8")
             res = compare(reference, run_batched(rt8, images.x), images, "int8", pre.multi_label, max_drop, min_agreement)
             entries.append({"name": "onnx-int8", "file": FILES["int8"], "engine": "onnxruntime", "precision": "int8",
@@ -259,7 +260,7 @@ def export_run(
         images = load_images(where, pre, ("val", "test") if data is None else ("val", "test", "train"), parity_images, **kw)
         # `data` may hold no train split (a test/ folder): then int8 is calibrated on the images it has
         calib_splits = ("train",) if trained_on is not None else ("train", "val", "test")
-        calib = load_images(trained_on or where, pre, calib_splits, calibration_images, **kw).x if int8 else None
+        calib_set = load_images(trained_on or where, pre, calib_splits, calibration_images, **kw) if int8 else None
     except ImageRecError as e:
         if data is None:
             raise ImageRecError(f"{e}. Parity images come from the run's data; pass data=... / --data to use other images") from e
@@ -271,7 +272,11 @@ def export_run(
               "data_fingerprint": (meta.get("data") or {}).get("fingerprint"),
               "weights_id": meta.get("weights_id"),  # which save: `benchmark` times only that one beside the bundle
               "max_pixels": kw["max_pixels"]}  # the run's pixel limit, which predict and serve apply to the bundle
-    return export_model(model, pre, fmt, out, int8=int8, images=images, calibration=calib, max_drop=max_drop,
+    calib_origin = (f"training images ({calib_set.origin})" if trained_on is not None
+                    else f"{calib_set.origin} (the run's own training images were not readable)"
+                    ) if calib_set is not None else ""
+    return export_model(model, pre, fmt, out, int8=int8, images=images, calibration=calib_set.x if calib_set else None,
+                        calibration_origin=calib_origin, max_drop=max_drop,
                         min_agreement=min_agreement, source=source, overwrite=overwrite)
 
 
