@@ -164,8 +164,8 @@ class TrainConfig:
             raise ImageRecError(f"translate must be between 0 and 64 pixels, got {self.translate}")
         if not 0 <= self.cutout <= 1024:
             raise ImageRecError(f"cutout is a square's side in pixels and must be between 0 (off) and 1024, got {self.cutout}")
-        if self.norm_lr_scale <= 0:
-            raise ImageRecError(f"norm_lr_scale must be positive, got {self.norm_lr_scale}")
+        if not 0 < self.norm_lr_scale < math.inf:  # NaN fails this too
+            raise ImageRecError(f"norm_lr_scale must be a finite number > 0, got {self.norm_lr_scale}")
         at_least_zero = {"seed": self.seed, "early_stopping": self.early_stopping, "grad_clip": self.grad_clip,
                          "mixup": self.mixup or 0.0, "cutmix": self.cutmix or 0.0,
                          "warmup_epochs": 0.0 if self.warmup_epochs is None else self.warmup_epochs,
@@ -175,6 +175,11 @@ class TrainConfig:
         for name, value in at_least_zero.items():
             if not (0 <= value < math.inf):  # NaN fails this too
                 raise ImageRecError(f"{name} must be a finite number >= 0, got {value}")
+        # what the seed mixer (8 signed bytes) and torch's thread count (a C int) can hold
+        for name, value, top, shown in (("seed", self.seed, 2**63 - 1, "2**63-1"),
+                                        ("num_threads", self.num_threads, 2**31 - 1, "2**31-1")):
+            if not 0 <= value <= top:
+                raise ImageRecError(f"{name} must be between 0 and {shown}, got {value}")
         if not 0.0 <= self.momentum < 1.0:
             raise ImageRecError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.workers < -1:

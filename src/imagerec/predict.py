@@ -34,7 +34,7 @@ from imagerec.data.decode import (
     open_image,
     prepare_pil_image,
 )
-from imagerec.data.readers import walk_files
+from imagerec.data.readers import is_broken_link, walk_files
 from imagerec.engine.checkpoint import load_model
 from imagerec.engine.pipeline import autocast
 from imagerec.transforms import base_transform, normalize_batch
@@ -75,15 +75,32 @@ def expand_paths(patterns: Iterable[str | Path]) -> list[str | Source]:
             spec = read_data(str(pat))
             out.extend(it.source for split in sorted(spec.splits) for it in spec.splits[split])
         elif p.is_dir():
-            out.extend(str(p / f) for f in walk_files(p)
-                       if (is_image_path(f.name) or is_video_path(f.name) or is_refused_image_path(f.name))
-                       and (p / f).is_file())
-        elif p.exists():
+            out.extend(_folder_inputs(p))
+        elif p.exists() or is_broken_link(p):  # a link to nothing gets its error row, as a missing file does
             out.append(str(p))
         else:
             matches = sorted(glob.glob(str(pat), recursive=True))
-            out.extend(m for m in matches if os.path.isfile(m)) if matches else out.append(str(pat))
+            for m in matches:  # a folder a glob matches is searched, as one given by name is
+                out.extend(_folder_inputs(Path(m)) if os.path.isdir(m) else [m])
+            if not matches:
+                out.append(str(pat))
     return out
+
+
+def _folder_inputs(folder: Path) -> list[str]:
+    """The files under `folder` that predict reads or reports (images, videos, image files of formats
+    it does not read, links to nothing), sorted by path."""
+    return [str(folder / f) for f in walk_files(folder)
+            if (is_image_path(f.name) or is_video_path(f.name) or is_refused_image_path(f.name))
+            and ((folder / f).is_file() or is_broken_link(folder / f))]
+
+
+def broken_link_error(path: str | Path) -> str | None:
+    """The error for a path that is a symbolic link to nothing (None for any other path)."""
+    p = Path(path)
+    if not is_broken_link(p):
+        return None
+    return f"{path}: broken symbolic link -> {os.readlink(p)} (its target does not exist): point it at the file or remove it"
 
 
 class Predictor:
@@ -207,7 +224,7 @@ class Predictor:
 
     def predict_iter(self, images: Sequence[ImageInput], top_k: int = 5, names: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
         """Predictions in input order; an unreadable image yields {"path", "error"} and the rest go on."""
-        names = list(names) if names is not None else [_name(im, i) for i, im in enumerate(images)]
+        names = list(names) if names is not None else [input_name(im, i) for i, im in enumerate(images)]
         for start in range(0, len(images), self.batch_size):
             chunk = list(images[start : start + self.batch_size])
             decoded = list(self._pool.map(self._safe_preprocess, chunk))
@@ -239,7 +256,8 @@ class Predictor:
         try:
             return self.preprocess(image)
         except DecodeError as e:
-            return str(e)
+            link = broken_link_error(image) if isinstance(image, str | Path) else None
+            return link or str(e)
 
 
 def _image_list(images: object) -> list[Any]:
@@ -271,7 +289,8 @@ def _array_image(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr, "L" if arr.ndim == 2 else {3: "RGB", 4: "RGBA"}[arr.shape[2]])
 
 
-def _name(image: ImageInput, i: int) -> str:
+def input_name(image: ImageInput, i: int) -> str:
+    """The name a prediction row is written under (and `--resume` looks for) for input `i`."""
     if isinstance(image, bytes | Image.Image | np.ndarray):
         return f"<image {i}>"
     return str(image) if isinstance(image, str | Path) else display_name(image)

@@ -15,6 +15,7 @@ import contextlib
 import csv
 import errno
 import io
+import itertools
 import json
 import os
 import sys
@@ -26,13 +27,17 @@ from typing import IO, Any
 from PIL import Image
 
 from imagerec.data.decode import Source
-from imagerec.predict import VIDEO_EXTENSIONS, Predictor, expand_paths, is_video_path, load
+from imagerec.predict import VIDEO_EXTENSIONS, Predictor, broken_link_error, expand_paths, input_name, is_video_path, load
 from imagerec.utils import ImageRecError, atomic_write, check_batch_size
 
 __all__ = ["CSV_FIELDS", "FORMATS", "VIDEO_EXTENSIONS", "is_video", "run_predict"]
 FORMATS = ("table", "json", "csv", "parquet")
 # `labels`: a multi-label model's predicted set (scores >= 0.5), a JSON list; empty for single-label models.
 CSV_FIELDS = ["path", "frame", "time_s", "label", "score", "topk", "labels", "error"]
+# Text files are UTF-8; a file name that is not (a Latin-1 name from an old archive: Python holds
+# its bytes as lone surrogates) is written back as its own bytes, as `ls` shows it, and read back
+# the same way by --resume. Parquet strings must be valid UTF-8: there such a name is escaped (`_text`).
+TEXT_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 
 def is_video(path: object) -> bool:
@@ -80,14 +85,14 @@ def predict_video(predictor: Predictor, path: str, every: int, top_k: int, chunk
                 yield from flush()
         yield from flush()
     except ImageRecError as e:
-        yield {"path": path, "error": str(e)}
+        yield {"path": path, "error": broken_link_error(path) or str(e)}
 
 
 Key = tuple[str, Any]
 
 
 def _decode(data: bytes) -> str:
-    return io.TextIOWrapper(io.BytesIO(data), newline="").read()  # the encoding open() writes with
+    return io.TextIOWrapper(io.BytesIO(data), newline="", **TEXT_ENCODING).read()  # as the file was written
 
 
 def _read_rows(output: Path, fmt: str) -> tuple[list[dict[str, Any]], int | None]:
@@ -205,7 +210,7 @@ def _resume_rows(output: Path, fmt: str) -> tuple[set[Key], list[dict[str, Any]]
 
 def _rewrite(output: Path, fmt: str, rows: list[dict[str, Any]]) -> None:
     """Replace `output` (JSON lines or CSV) atomically with `rows`."""
-    with atomic_write(output, newline="") as f:
+    with atomic_write(output, newline="", **TEXT_ENCODING) as f:
         if fmt == "json":
             f.writelines(json.dumps(r) + "\n" for r in rows)
         else:
@@ -288,13 +293,26 @@ def _check_parquet_output(path: Path) -> None:
     probe.unlink(missing_ok=True)
 
 
+def _text(value: Any) -> Any:
+    """A string as Parquet can hold it (valid UTF-8): a name that is not gets its bad bytes escaped,
+    a Latin-1 "café.jpg" as "caf\\xe9.jpg"; other values as they are."""
+    if not isinstance(value, str):
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
 def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols = {k: [r.get(k) for r in rows] for k in ("path", "frame", "time_s", "label", "score", "error")}
-    cols["topk"] = [r.get("topk", []) for r in rows]
-    cols["labels"] = [r.get("labels") for r in rows]  # a multi-label model's predicted set; null otherwise
+    cols = {k: [_text(r.get(k)) for r in rows] for k in ("path", "frame", "time_s", "label", "score", "error")}
+    cols["topk"] = [[{**t, "label": _text(t["label"])} for t in r.get("topk", [])] for r in rows]
+    labels = [r.get("labels") for r in rows]  # a multi-label model's predicted set; null otherwise
+    cols["labels"] = [None if ls is None else [_text(x) for x in ls] for ls in labels]
     with _naming(path, other_names=True), atomic_write(path, "wb") as f:
         pq.write_table(pa.table(cols), f)
 
@@ -325,6 +343,9 @@ def run_predict(
         raise ImageRecError("--format parquet needs --output FILE")
     if resume and not output:
         raise ImageRecError("--resume needs --output FILE (the file whose predictions are kept)")
+    if resume and fmt == "table":  # a table has no frame or error column, and a name may hold a tab
+        raise ImageRecError("--resume needs --format json, csv or parquet: a table file cannot be read back; "
+                            "use one of those for an output to resume")
     check_batch_size(batch_size)
     if max_pixels is not None and max_pixels < 1:
         raise ImageRecError(f"--max-pixels must be at least 1, got {max_pixels}")
@@ -340,24 +361,24 @@ def run_predict(
         with _naming(out_path):  # failed, repeated and unfinished rows out: each input ends with one row
             _rewrite(out_path, fmt, kept)
     append = bool(resume and out_path and out_path.exists() and fmt != "parquet")
-    stream = None if fmt == "parquet" else (open(out_path, "a" if append else "w", newline="") if out_path else sys.stdout)
+    stream = None if fmt == "parquet" else (open(out_path, "a" if append else "w", newline="", **TEXT_ENCODING)
+                                            if out_path else sys.stdout)
     writer = _Writer(fmt, stream, append, out_path)
     writer.rows.extend(kept)
     total = errors = 0
     try:
-        pending = [it for it in items if is_video(it) or (str(it), None) not in done]
+        # the key each row is written under (a stored image's name is its path and content address);
+        # a Parquet file holds a name that is not UTF-8 escaped, as it was written
+        key = _text if fmt == "parquet" else str
+        pending = [it for it in items if is_video(it) or (key(input_name(it, 0)), None) not in done]
         for k in range(0, len(pending), batch_size):
-            chunk = pending[k : k + batch_size]
-            images = [it for it in chunk if not is_video(it)]
-            for r in predictor.predict_iter(images, top_k=top_k):
-                total += 1
-                errors += "error" in r
-                if "error" in r:
-                    print(f"error: {r['error']}", file=sys.stderr)
-                writer.write(r)
-            for video in (it for it in chunk if is_video(it)):
-                for r in predict_video(predictor, str(video), every, top_k):
-                    if (r["path"], r.get("frame")) in done:
+            # rows in input order: each run of images in the chunk is one batch, each video in its place
+            for videos, group in itertools.groupby(pending[k : k + batch_size], key=is_video):
+                run = list(group)
+                rows = (itertools.chain.from_iterable(predict_video(predictor, str(v), every, top_k) for v in run)
+                        if videos else predictor.predict_iter(run, top_k=top_k))
+                for r in rows:
+                    if videos and (key(r["path"]), r.get("frame")) in done:
                         continue
                     total += 1
                     errors += "error" in r

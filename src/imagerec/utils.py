@@ -159,10 +159,36 @@ def write_error_text(e: BaseException) -> str:
     return f"{reason}; check that its folder exists and is writable"
 
 
+# Names other tools (timm, ultralytics, Lightning, Keras) give training settings, and imagerec's
+# own: a config file written for one of them gets the key it means, which spelling alone misses.
+SETTING_ALIASES = {
+    "learning_rate": "lr", "lr0": "lr", "base_lr": "lr", "wd": "weight_decay", "num_epochs": "epochs",
+    "max_epochs": "epochs", "n_epochs": "epochs", "batch": "batch_size", "img_size": "image_size",
+    "imgsz": "image_size", "arch": "model", "opt": "optimizer", "sched": "schedule", "lr_scheduler": "schedule",
+    "scheduler": "schedule", "smoothing": "label_smoothing", "clip_grad": "grad_clip",
+    "gradient_clip_val": "grad_clip", "patience": "early_stopping", "warmup": "warmup_epochs",
+    "num_workers": "workers", "random_seed": "seed", "amp": "precision", "val_split": "val_fraction",
+    "validation_split": "val_fraction",
+}
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """Return ' Did you mean X?' for the closest choice, or '' if none is close."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
+    """Return ' Did you mean X?' for the closest choice, or '' if none is close. Case is ignored
+    ('adamW' -> 'adamw', not 'adam'), and a setting's name in other tools (`SETTING_ALIASES`:
+    learning_rate -> lr) suggests imagerec's."""
+    by_lower: dict[str, str] = {}
+    for choice in choices:
+        by_lower.setdefault(str(choice).lower(), str(choice))
+    key = str(word).lower()
+    alias = SETTING_ALIASES.get(key)
+    if key in by_lower:
+        best = by_lower[key]
+    elif alias is not None and alias in by_lower:
+        best = by_lower[alias]
+    else:
+        close = difflib.get_close_matches(key, list(by_lower), n=1, cutoff=0.6)
+        best = by_lower[close[0]] if close else ""
+    return f" Did you mean '{best}'?" if best else ""
 
 
 def mix_seed(*parts: int) -> int:

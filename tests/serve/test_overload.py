@@ -51,24 +51,27 @@ def slow_server(run_dir):
 
 def test_full_queue_answers_503_with_retry_after_at_once(slow_server, digits):
     def one(i: int) -> tuple[int, float, dict, dict]:
-        t = time.perf_counter()
         r = httpx.post(
             slow_server.url + "/v1/predict",
             files={"file": ("x.png", digits[i], "image/png")},
             timeout=60,
         )
-        return r.status_code, time.perf_counter() - t, dict(r.headers), r.json()
+        return r.status_code, time.perf_counter(), dict(r.headers), r.json()  # when it was answered
 
     with ThreadPoolExecutor(12) as pool:
         results = list(pool.map(one, range(12)))
     codes = [r[0] for r in results]
     assert set(codes) <= {200, 503}
     assert codes.count(200) >= 3 and codes.count(503) >= 3, codes
-    for code, seconds, headers, body in results:
+    last_200 = max(done for code, done, _, _ in results if code == 200)
+    for code, done, headers, body in results:
         if code == 503:
             assert headers["retry-after"] == "2"
             assert body["error"]["type"] in ("queue_full", "overloaded")
-            assert seconds < 1.5, "a 503 must not wait for the queue"
+            # a 503 must not wait for the queue: the accepted ones take 3 x 0.4 s of model time one
+            # after another, and every refusal is answered before the last of them (no clock limit,
+            # which a busy machine would break)
+            assert done < last_200, "a 503 waited for the queue"
     # ...and afterwards the server serves normally.
     r = httpx.post(
         slow_server.url + "/v1/predict",

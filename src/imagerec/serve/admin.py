@@ -1,4 +1,4 @@
-"""The admin endpoints (load a model version, switch the default, reload), always behind an
+"""The admin endpoints (load or unload a model version, switch the default, reload), always behind an
 admin key, and `admin_actions`: what each does to one process (serve.workers repeats it in every
 worker). Plain `def` handlers: loading a checkpoint blocks, so they run in FastAPI's thread pool."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imagerec.serve.auth import ADMIN_SECURITY, ApiKeys, require_admin_key
 from imagerec.serve.errors import ApiError, error_responses
-from imagerec.serve.registry import ModelEntry, ModelRegistry, resolve_model_path
+from imagerec.serve.registry import ModelEntry, ModelRegistry
 from imagerec.serve.settings import ModelSource
 from imagerec.serve.workers import PartlyApplied
 from imagerec.utils import ImageRecError
@@ -55,6 +56,43 @@ def _model_load_failures(what: str) -> Iterator[None]:
         raise ApiError(422, "model_load_failed", f"{what}: {type(e).__name__}: {e}"[:500]) from e
 
 
+def resolve_model_path(raw: str, allowed: tuple[Path, ...]) -> Path:
+    """A path the admin endpoint may load: inside one of the server's allowed model dirs, existing."""
+    if not raw or "\x00" in raw or len(raw) > 4096:
+        raise ApiError(
+            400, "invalid_path", "'path' must be a non-empty path on the server"
+        )
+    if "://" in raw:
+        raise ApiError(
+            400,
+            "invalid_path",
+            "URLs are never fetched: give the path of a run directory or bundle inside the server's model dirs",
+        )
+    given = Path(raw)
+    # A relative path may name a folder in any of the dirs: each is tried, in order.
+    candidates = [given] if given.is_absolute() else [d / given for d in allowed]
+    inside = False
+    for c in candidates:
+        resolved = c.resolve()
+        if any(resolved == d or resolved.is_relative_to(d) for d in allowed):
+            if resolved.exists():
+                return resolved
+            inside = True
+    dirs = ", ".join(map(str, allowed))
+    if inside:
+        where = "does not exist" if given.is_absolute() else "is in none of the server's model dirs"
+        raise ApiError(
+            404,
+            "path_not_found",
+            f"'{raw}' {where} ({dirs}); give a run directory or bundle that exists in one of them",
+        )
+    raise ApiError(
+        403,
+        "path_not_allowed",
+        f"'{raw}' is outside the server's model dirs ({dirs})",
+    )
+
+
 def admin_actions(registry: ModelRegistry, keys: ApiKeys) -> Callable[[dict[str, Any]], tuple[Any, dict[str, Any]]]:
     """What each admin action does to one process's registry and keys (serve.workers.Admin runs it
     here and in every other worker). Returns (the client's answer, the action as others repeat it)."""
@@ -74,6 +112,9 @@ def admin_actions(registry: ModelRegistry, keys: ApiKeys) -> Callable[[dict[str,
             # The others load the same name, version and weights, even where this one assigned the version.
             repeat = {**action, "name": entry.name, "version": entry.version, "weights": entry.weights}
             return entry.card(default=entry is registry.default()), repeat
+        if op == "unload":
+            entry = registry.unload(action["name"], action["version"])
+            return {"unloaded": {"name": entry.name, "version": entry.version}}, action
         if op == "reload":
             return _reload(registry, keys, action), action
         raise ValueError(f"unknown admin action {op!r}")
@@ -143,6 +184,16 @@ def admin_load_model(request: Request, body: LoadModelRequest) -> dict[str, Any]
     path = resolve_model_path(body.path, request.app.state.settings.allowed_model_dirs)
     return _run_admin(request, {"op": "load", "path": str(path), "given": body.path, "name": body.name,
                                 "version": body.version, "make_default": body.make_default})
+
+
+@router.delete(
+    "/v1/admin/models/{name}/versions/{version}", tags=["admin"], dependencies=[Depends(require_admin_key)],
+    responses=error_responses(403, 404, 409, 422), openapi_extra={"security": ADMIN_SECURITY},
+)
+def admin_unload_model(request: Request, name: str, version: str) -> dict[str, Any]:
+    """Stop serving a version (never the default: 409): new requests for it get 404 at once, the
+    ones already running finish on it, then its model is freed. Its folder is not touched."""
+    return _run_admin(request, {"op": "unload", "name": name, "version": version})
 
 
 @router.post(

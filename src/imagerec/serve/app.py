@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,12 +19,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
+from starlette.responses import Response
+from starlette.types import ASGIApp
 
 from imagerec import __version__
 from imagerec.serve.admin import admin_actions
 from imagerec.serve.admin import router as admin_router
 from imagerec.serve.auth import ApiKeys, document_api_keys
-from imagerec.serve.errors import install_error_handlers
+from imagerec.serve.errors import error_response, install_error_handlers
 from imagerec.serve.http import MAX_HEAD_BYTES, http_protocol
 from imagerec.serve.limits import BodyLimitMiddleware
 from imagerec.serve.metrics import MetricsMiddleware, ServeMetrics, route_templates
@@ -54,6 +57,41 @@ def _add_docs(app: FastAPI) -> None:
             swagger_css_url=f"{root}/docs-static/swagger-ui.css",
             swagger_favicon_url=f"{root}/static/favicon.svg",
         )
+
+
+class JSONCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, but a refused preflight gets the server's JSON error shape (400
+    `cors_rejected`, saying what was refused and what is allowed) and is counted by `on_error`,
+    instead of a text/plain "Disallowed CORS origin"."""
+
+    def __init__(self, app: ASGIApp, on_error: Callable[[str], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.origins, self.on_error = tuple(kwargs.get("allow_origins", ())), on_error
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        answer = super().preflight_response(request_headers)
+        if answer.status_code < 400:
+            return answer
+        origin = request_headers["origin"]
+        method = request_headers["access-control-request-method"]
+        asked = [h.strip() for h in request_headers.get("access-control-request-headers", "").split(",") if h.strip()]
+        refused = []
+        if not self.is_allowed_origin(origin=origin):
+            refused.append(f"origin '{origin}' is not allowed (allowed: {', '.join(self.origins)}; "
+                           f"the server allows another with --cors-origin)")
+        if method not in self.allow_methods:
+            refused.append(f"method '{method}' is not allowed (allowed: {', '.join(sorted(self.allow_methods))})")
+        headers = [h for h in asked if h.lower() not in self.allow_headers]
+        if headers:
+            refused.append(f"header(s) {', '.join(headers)} not allowed (allowed: {', '.join(sorted(self.allow_headers))})")
+        if "access-control-request-private-network" in request_headers and not self.allow_private_network:
+            refused.append("private network access is not allowed")
+        if self.on_error is not None:
+            self.on_error("cors_rejected")
+        # The CORS headers Starlette set stay: with an allowed origin the browser can read the error.
+        return error_response(answer.status_code, "cors_rejected",
+                              f"CORS preflight refused: {'; '.join(refused) or answer.body.decode()}",
+                              {k: v for k, v in answer.headers.items() if k.startswith("access-control-") or k == "vary"})
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -135,7 +173,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     )
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            JSONCORSMiddleware,
+            on_error=lambda type: metrics.errors.labels(type).inc(),
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "HEAD", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],

@@ -69,7 +69,7 @@ _ERROR_DESCRIPTIONS = {
     403: "admin key missing or not valid (or the server has no keys)",
     404: "no such model, version or path",
     408: "the body did not arrive in time",
-    409: "that name@version is already loaded",
+    409: "that name@version is already loaded (load), or is the default (unload)",
     413: "body, file count (at most max_files, 16 by default) or pixel count over the limit",
     415: "not an image of a format the server reads (checked by magic bytes)",
     422: "invalid parameter, undecodable image, or a model that failed to load",

@@ -1,8 +1,10 @@
 """The loaded model versions, each with its own batcher, and the default one.
 
 Readers never lock: the entries dict is replaced, never mutated (copy-on-write), and the default
-is a single reference. A request reads the entry it will use once, at its start, so switching
-the default or reloading a version lets in-flight requests finish on the model they started with.
+is a single reference. A request picks the entry it will use once, at its start, and holds it
+(`ModelRegistry.holding`) until it is answered, so switching the default, reloading or unloading a
+version lets in-flight requests finish on the model they started with: a retired entry's batcher
+stops only once the last request holding it is done, however long its body took to arrive.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +46,14 @@ class ModelEntry:
     loaded_at: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
+    # What was loaded: the run dir or bundle as resolved at load time (a symlink's target), which
+    # recorded predictions are keyed by; the path as given where it is not a file system path.
+    source: str = ""
+    holders: Holders = field(default_factory=lambda: Holders())
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            self.source = resolved_source(self.path)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -80,6 +92,51 @@ class ModelEntry:
             "batching": self.batching,
             "loaded_at": self.loaded_at,
         }
+
+
+class Holders:
+    """The requests holding one model version, and what to do once it is retired and none is left.
+
+    Apart from ModelEntry so that the retirement keeps only the batcher alive, never the model."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._on_free: Callable[[], None] | None = None  # set by `retire`
+        self._retired = False
+
+    def hold(self) -> bool:
+        """One more request uses the version; False once it is retired (pick another)."""
+        with self._lock:
+            if self._retired:
+                return False
+            self._count += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._count -= 1
+            done = self._on_free if self._retired and self._count == 0 else None
+        if done is not None:
+            done()
+
+    def retire(self, on_free: Callable[[], None]) -> None:
+        """Take no more requests; call `on_free` once the ones holding it are done (now if none is)."""
+        with self._lock:
+            self._retired, self._on_free = True, on_free
+            free = self._count == 0
+        if free:
+            on_free()
+
+
+def resolved_source(path: str) -> str:
+    """A model path as it is recorded: resolved when it exists (a run dir or bundle), else as given
+    (a custom loader's name)."""
+    try:
+        p = Path(path).expanduser()
+        return str(p.resolve()) if p.exists() else path
+    except (OSError, RuntimeError, ValueError):
+        return path
 
 
 def public_data_name(data: str) -> str:
@@ -180,6 +237,22 @@ class ModelRegistry:
                 f"no model '{name}' version '{version}' (loaded: {have}); see GET /v1/models",
             )
         return entry
+
+    @contextmanager
+    def holding(self, pick: Callable[[], ModelEntry]) -> Iterator[ModelEntry]:
+        """The entry `pick` returns (e.g. `self.default`), held for the `with` block: a reload or
+        unload retires it, but its batcher runs until every request holding it is done.
+
+        An entry retired between `pick` and the hold is picked again: a retirement always follows
+        the swap, so `pick` then finds its successor (or 404 for an unloaded version)."""
+        while True:
+            entry = pick()
+            if entry.holders.hold():
+                break
+        try:
+            yield entry
+        finally:
+            entry.holders.release()
 
     def entries(self) -> list[ModelEntry]:
         return list(self._entries.values())
@@ -361,24 +434,30 @@ class ModelRegistry:
         All or nothing: every new version is loaded before any is swapped in. When one fails, the
         ones already loaded are dropped, every old version goes on serving, and a 422 names the
         version that failed."""
-        targets = (
-            [self.get(name, version)]
-            if name is not None and version is not None
-            else self.entries()
-        )
         fresh: list[ModelEntry] = []
-        with self._lock:
+        with self._lock:  # the targets too: a version unloaded meanwhile must not come back
+            targets = (
+                [self.get(name, version)]
+                if name is not None and version is not None
+                else self.entries()
+            )
             for old in targets:
                 try:
                     fresh.append(self._create_entry(old.name, old.version, old.path))
                 except Exception as e:
                     _discard(fresh)  # in a function: no local of this frame keeps a model alive
                     freeze_heap()  # the discarded copies can be collected now
+                    way_out = (  # else every later reload-all fails the same way
+                        f"; to reload the others, unload it (DELETE /v1/admin/models/{old.name}/versions/"
+                        f"{old.version}) or reload them one at a time (POST /v1/admin/reload with "
+                        '{"name": ..., "version": ...})'
+                        if len(targets) > 1 else ""
+                    )
                     raise ApiError(
                         422,
                         "model_load_failed",
                         f"reload failed: {old.name}@{old.version} cannot be loaded ({type(e).__name__}: {e}"[:400]
-                        + "); no model was reloaded: every version goes on serving as before",
+                        + "); no model was reloaded: every version goes on serving as before" + way_out,
                     ) from e
             self._entries = {**self._entries, **{new.key: new for new in fresh}}
             by_key = {new.key: new for new in fresh}
@@ -391,19 +470,38 @@ class ModelRegistry:
             log.info("reloaded model %s@%s from %s", new.name, new.version, new.path)
         return fresh
 
+    def unload(self, name: str, version: str) -> ModelEntry:
+        """Stop serving a version (not the default): new requests get 404 at once, the ones that
+        picked it before finish on it, then its batcher stops and the model is freed."""
+        with self._lock:
+            entry = self.get(name, version)
+            if entry is self._default:
+                raise ApiError(
+                    409,
+                    "model_is_default",
+                    f"{name}@{version} is the default model and cannot be unloaded; make another version "
+                    "the default first (POST /v1/admin/default), then unload this one",
+                )
+            self._entries = {k: e for k, e in self._entries.items() if k != entry.key}
+            self._retire(entry)
+        log.info("unloaded model %s@%s (%s)", name, version, entry.path)
+        return entry
+
     def _retire(self, entry: ModelEntry) -> None:
-        # Requests that picked this entry before the swap may still be decoding: let them queue for
-        # as long as a request may live, then drain what is queued and stop the thread.
-        batcher = entry.batcher  # not the entry: the timer must not keep the model alive
+        """Stop a version that is no longer in the registry once no request holds it: requests that
+        picked it before the swap may still be reading their body (up to body_timeout_s) and then
+        decoding; what they queued is drained before the thread stops."""
+        batcher = entry.batcher  # not the entry: the retirement must not keep the model alive
 
         def stop() -> None:
             batcher.stop(release=True)
             with self._lock:
                 freeze_heap()  # the retired model's objects can be collected now
 
-        timer = threading.Timer(self.settings.timeout_s + 1.0, stop)
-        timer.daemon = True
-        timer.start()
+        def stop_in_background() -> None:  # called by the last request's thread: the event loop
+            threading.Thread(target=stop, name=f"retire-{batcher.name}", daemon=True).start()
+
+        entry.holders.retire(stop_in_background)
 
     def stop_all(self) -> None:
         for e in self._entries.values():
@@ -415,34 +513,3 @@ def _discard(entries: list[ModelEntry]) -> None:
     for entry in entries:
         entry.batcher.stop(drain=False, timeout=5.0, release=True)
     entries.clear()
-
-
-def resolve_model_path(raw: str, allowed: tuple[Path, ...]) -> Path:
-    """A path the admin endpoint may load: inside one of the server's allowed model dirs, existing."""
-    if not raw or "\x00" in raw or len(raw) > 4096:
-        raise ApiError(
-            400, "invalid_path", "'path' must be a non-empty path on the server"
-        )
-    if "://" in raw:
-        raise ApiError(
-            400,
-            "invalid_path",
-            "URLs are never fetched: give the path of a run directory or bundle inside the server's model dirs",
-        )
-    given = Path(raw)
-    candidates = [given] if given.is_absolute() else [d / given for d in allowed]
-    for c in candidates:
-        resolved = c.resolve()
-        if any(resolved == d or resolved.is_relative_to(d) for d in allowed):
-            if resolved.exists():
-                return resolved
-            raise ApiError(
-                404,
-                "path_not_found",
-                f"'{raw}' does not exist in the server's model dirs",
-            )
-    raise ApiError(
-        403,
-        "path_not_allowed",
-        f"'{raw}' is outside the server's model dirs ({', '.join(map(str, allowed))})",
-    )

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -152,7 +154,7 @@ async def predict(
     top_k: int = Query(5, ge=1, description="labels to return per image"),
 ) -> JSONResponse:
     """Classify one or more images with the default model."""
-    return await _predict(request, request.app.state.registry.default(), top_k)
+    return await _predict(request, request.app.state.registry.default, top_k)
 
 
 @router.post(
@@ -166,17 +168,26 @@ async def predict_version(
     request: Request, name: str, version: str, top_k: int = Query(5, ge=1)
 ) -> JSONResponse:
     """Classify with one given model version."""
-    return await _predict(request, request.app.state.registry.get(name, version), top_k)
+    registry = request.app.state.registry
+    return await _predict(request, functools.partial(registry.get, name, version), top_k)
 
 
-async def _predict(request: Request, entry: ModelEntry, top_k: int) -> JSONResponse:
+async def _predict(request: Request, pick: Callable[[], ModelEntry], top_k: int) -> JSONResponse:
+    """Predict with the model version `pick` returns, held until the answer (registry.holding): a
+    reload or unload meanwhile lets this request finish on it, however long its body takes."""
     state, settings = request.app.state, request.app.state.settings
-    if top_k > settings.max_top_k:
-        raise ApiError(
-            422,
-            "invalid_parameter",
-            f"top_k={top_k} is over the limit of {settings.max_top_k}",
-        )
+    with state.registry.holding(pick) as entry:
+        if top_k > settings.max_top_k:
+            raise ApiError(
+                422,
+                "invalid_parameter",
+                f"top_k={top_k} is over the limit of {settings.max_top_k}",
+            )
+        return await _predict_held(request, entry, top_k)
+
+
+async def _predict_held(request: Request, entry: ModelEntry, top_k: int) -> JSONResponse:
+    state, settings = request.app.state, request.app.state.settings
     retry = {"Retry-After": str(settings.retry_after_s)}
     # Announced from the start of the body until the images are queued (serve.batching); closed
     # by _predict_steps once they are, or here on any way out.
@@ -327,7 +338,7 @@ async def _predict_steps(
                     "created_at": created,
                     "model": entry.name,
                     "version": entry.version,
-                    "model_path": entry.path,
+                    "model_path": entry.source,  # resolved: what the store keys runs by
                     "sha256": p["sha256"],
                     "name": p["name"],
                     "label": p["label"],

@@ -8,16 +8,17 @@ models and runs its own batcher, and when N divides the cores each worker is pin
 of them, so a request is parsed, decoded and inferred on one core without migrating.
 
 What must look like one server:
-- Admin actions (load a version, switch the default, reload) arrive at one worker. `Admin` applies
+- Admin actions (load or unload a version, switch the default, reload) arrive at one worker. `Admin` applies
   the action there, appends it to an `AdminLog` (JSON lines in the supervisor's state folder, under
   an exclusive file lock), and waits until every other live worker has applied it: each worker
   follows the log in a thread and records how far it got. A worker started later (or restarted after
   a crash) notes how long the log is before it reads its API key file and checkpoints (`AdminLog.begin`,
   which also makes it a peer that actions wait for), and after loading its startup models replays the
-  log: every load and default switch, and the reloads logged after that note (the earlier ones are in
-  the files it read). A worker that cannot replay an action the others applied (a loaded version's
-  folder was removed since) does not become ready, and so stops the server: it would not serve what
-  the others serve.
+  log: every load, unload and default switch, and the reloads logged after that note (the earlier ones
+  are in the files it read); what concerns a version unloaded later in the log is skipped (its folder
+  may be gone: that is often why it was unloaded). A worker that cannot replay an action the others
+  applied (a loaded version's folder was removed since) does not become ready, and so stops the
+  server: it would not serve what the others serve.
 - Metrics: every worker writes prometheus_client's multiprocess files in the state folder and
   `/metrics` from any worker sums them (ServeMetrics.render); the queue-depth and in-flight gauges
   count live workers only (the supervisor drops a dead worker's gauges).
@@ -172,6 +173,28 @@ def describe(action: dict[str, Any]) -> str:
     return f"#{action.get('seq')} {action['op']} {what}"
 
 
+def superseded(actions: list[dict[str, Any]]) -> set[int]:
+    """The sequence numbers of logged actions that a worker starting now skips: every action on a
+    name@version before its last unload (a load from a folder that may be gone since, a default
+    switch, a reload of it), and that unload too unless the version was one of the startup models
+    (its first load or unload in the log is an unload: a load of a loaded version is never logged)."""
+    first: dict[tuple[Any, Any], str] = {}
+    last_unload: dict[tuple[Any, Any], int] = {}
+    for action in actions:
+        key = (action.get("name"), action.get("version"))
+        if action["op"] in ("load", "unload"):
+            first.setdefault(key, action["op"])
+        if action["op"] == "unload":
+            last_unload[key] = action["seq"]
+    skip = set()
+    for action in actions:
+        key = (action.get("name"), action.get("version"))
+        last = last_unload.get(key)
+        if last is not None and (action["seq"] < last or (action["seq"] == last and first[key] == "load")):
+            skip.add(action["seq"])
+    return skip
+
+
 class ReplayError(ImageRecError):
     """A worker cannot repeat an admin action that the others applied, so it must not serve."""
 
@@ -191,8 +214,8 @@ class Admin:
     """Runs admin actions on this worker's registry, and on every other worker's through the log.
 
     An action is a dict: {"op": "load", "path", "name", "version", "make_default"}, {"op":
-    "default", "name", "version"} or {"op": "reload", "name", "version", "keys"}. With no log (one
-    process) `run` just applies it."""
+    "default", "name", "version"}, {"op": "unload", "name", "version"} or {"op": "reload", "name",
+    "version", "keys"}. With no log (one process) `run` just applies it."""
 
     def __init__(self, apply: Callable[[dict[str, Any]], tuple[Any, dict[str, Any]]], log: AdminLog | None,
                  peer_timeout_s: float = 120.0) -> None:
@@ -230,14 +253,17 @@ class Admin:
         """Apply the actions other workers appended since the last call.
 
         At startup (after `AdminLog.begin` and loading the startup models) reloads logged before
-        `begin` are skipped: the key file and checkpoints were read after them. Any other action that
+        `begin` are skipped: the key file and checkpoints were read after them; so are the actions on a
+        version that a later action unloads (`superseded`). Any other action that
         fails at startup raises ReplayError (unless it failed in the worker that logged it too, a
         "partial" reload): this worker would serve something else than the others."""
         assert self.log is not None
         with self._lock:
             actions = self.log.read()[self.log.applied:]
+            skipped = superseded(actions) if startup else set()
             for action in actions:
-                if not (startup and action["op"] == "reload" and action["seq"] <= self.log.files_read_at):
+                in_files = startup and action["op"] == "reload" and action["seq"] <= self.log.files_read_at
+                if not in_files and action["seq"] not in skipped:
                     try:
                         self._apply(action)
                     except Exception as e:  # noqa: BLE001 - reported to the worker that asked, and logged

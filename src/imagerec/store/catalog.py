@@ -237,7 +237,9 @@ def record_predictions(
     """Store prediction rows for model `model_id` (a run id, run dir or model name); return how many.
 
     Each row needs "topk" (any JSON, e.g. [{"label": "cat", "prob": 0.9}, ...]) and either the
-    image's "sha256" or a "path" to hash.
+    image's "sha256" or a "path" to hash; "created_at" (a datetime or ISO 8601 text; UTC when it
+    has no offset) is when the prediction was made, else now. `run_id` None: the run recorded with
+    `model_id` as its run_dir (as `imagerec serve --db` passes it), if the store has one.
 
     Example:
         >>> record_predictions(store, "runs/exp1", [{"path": "cat.jpg", "topk": [{"label": "cat", "prob": 0.93}]}])
@@ -249,13 +251,33 @@ def record_predictions(
         if "topk" not in row or not ("sha256" in row or "path" in row):
             raise ImageRecError(f"prediction row {n} needs 'topk' and 'sha256' or 'path'; got keys {sorted(row)}")
         sha = row.get("sha256") or sha256_file(row["path"])
+        created = _utc(row["created_at"], n) if row.get("created_at") is not None else now
         values.append(
-            {"image_sha256": sha, "run_id": run_id, "model_id": str(model_id), "topk": row["topk"], "created_at": now}
+            {"image_sha256": sha, "run_id": run_id, "model_id": str(model_id), "topk": row["topk"], "created_at": created}
         )
     if values:
         with store.write() as conn:
+            if run_id is None:
+                found = conn.execute(sa.select(runs.c.id).where(runs.c.run_dir == str(model_id))).scalar()
+                for v in values:
+                    v["run_id"] = found
             conn.execute(sa.insert(predictions), values)
     return len(values)
+
+
+def _utc(value: Any, n: int) -> datetime:
+    """A prediction row's created_at as an aware UTC datetime (SQLite keeps no offset: UTC it is)."""
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            parsed = None
+    if not isinstance(parsed, datetime):
+        raise ImageRecError(
+            f"prediction row {n}: created_at must be a datetime or ISO 8601 text like 2025-01-31T12:00:00+00:00; got {value!r}"
+        )
+    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
 
 
 def list_predictions(store: Store, sha256: str | None = None, model_id: str | None = None) -> list[dict[str, Any]]:
