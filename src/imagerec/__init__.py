@@ -23,14 +23,14 @@ def train(*args: Any, **kwargs: Any) -> Any:
     return _train(*args, **kwargs)
 
 
-def evaluate(run_dir: str, data: str | None = None, split: str = "test", **kwargs: Any) -> dict[str, Any]:
+def evaluate(run_dir: str, data: str | None = None, split: str | None = None, **kwargs: Any) -> dict[str, Any]:
     """Evaluate a run; see `imagerec.engine.evaluate.evaluate_run`."""
     from imagerec.engine.evaluate import evaluate_run
 
     return evaluate_run(run_dir, data, split, **kwargs)
 
 
-def evaluate_robustness(source: str, data: str | None = None, split: str = "test", **kwargs: Any) -> dict[str, Any]:
+def evaluate_robustness(source: str, data: str | None = None, split: str | None = None, **kwargs: Any) -> dict[str, Any]:
     """Accuracy under common corruptions and FGSM/PGD attacks; see `imagerec.robustness.evaluate_robustness`."""
     from imagerec.robustness import evaluate_robustness as _evaluate_robustness
 

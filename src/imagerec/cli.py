@@ -30,10 +30,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         in_file = {k: getattr(from_file, k) for k in from_file.explicit} if from_file is not None else {}
         result = train(resume=args.resume, **{**in_file, **data, **overrides})
     else:
-        if not args.data:
-            raise ImageRecError("imagerec train needs DATA (a folder, archive, manifest or dataset name), or --resume DIR")
         cfg = load_config_file(args.config) if args.config else TrainConfig()
-        cfg = apply_overrides(cfg, {"data": args.data, **overrides}, "the command line")
+        # a --config file's `data:` (every run's config.yaml has one) is used when DATA is not given
+        data = args.data or (cfg.data if "data" in cfg.explicit else None)
+        if not data:
+            raise ImageRecError("imagerec train needs DATA (a folder, archive, manifest or dataset name), "
+                                "a --config file with a data: key, or --resume DIR")
+        cfg = apply_overrides(cfg, {"data": data, **overrides}, "the command line")
         result = train(cfg)
     if not result.main_process:  # torchrun rank > 0: rank 0 records and reports the run
         return 130 if result.interrupted else 0
@@ -79,13 +82,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(m))
         return 0
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True)  # run, data and class names are printed as written, never as markup
     console.print(metrics_table(m, f"{args.run} on {m['data']} [{m['split']}]"))
     console.print(summary_line(m), highlight=False)
     if m["skipped_files"]:
         console.print(f"skipped {len(m['skipped_files'])} unreadable file(s)")
     written = Path(args.run) / f"eval-{m['split']}.json"
-    console.print(f"written: {written}", highlight=False)
+    console.print(f"written: {written}", markup=False, highlight=False)
     return 0
 
 
@@ -131,7 +134,24 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from imagerec.store import runs_command
 
+    if args.compare:
+        _check_run_ids(args.compare, args.db)
     return runs_command(args.db, args.format, args.compare)
+
+
+def _check_run_ids(ids: list[int], db: str | None) -> None:
+    """Refuse run ids that the store's `runs.id` column cannot hold (INTEGER: 32-bit on PostgreSQL,
+    64-bit on SQLite) as the store refuses missing ones: no run can have them, and the database
+    would fail on them with a traceback instead."""
+    from imagerec.store import open_store
+    from imagerec.store.engine import resolve_url
+
+    bits = 32 if resolve_url(db).get_backend_name() in ("postgresql", "postgres") else 64
+    out = [i for i in dict.fromkeys(ids) if not -(2 ** (bits - 1)) <= i < 2 ** (bits - 1)]
+    if out:
+        with open_store(db) as store:  # a store that cannot be opened is reported as such first
+            raise ImageRecError(f"no run with id {', '.join(map(str, out))} in the store {store.display_url}; "
+                                f"list them with: imagerec runs")
 
 
 def cmd_export_dataset(args: argparse.Namespace) -> int:

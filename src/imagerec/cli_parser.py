@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained run on a data split")
     p.add_argument("run", help="run directory")
     p.add_argument("data", nargs="?", help="data to evaluate on (default: the data the run was trained on; "
-                   "DATA without a test split is evaluated whole)")
-    p.add_argument("--split", default="test", help="train | val | test | all (default test)")
+                   "DATA without a test split, e.g. a plain <class>/<image> folder, is evaluated whole)")
+    p.add_argument("--split", help="train | val | test | all (default: test, or all of a DATA without test images; "
+                   "--split test of a DATA with train/ but no test images is refused)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
@@ -155,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("robustness", help="accuracy under common corruptions (CIFAR-10-C style) and FGSM/PGD attacks")
     p.add_argument("run", help="run directory (corruptions and attacks) or exported bundle folder (corruptions only)")
-    p.add_argument("data", nargs="?", help="data to evaluate on (default: the data the run was trained on)")
-    p.add_argument("--split", default="test", help="train | val | test | all (default test)")
+    p.add_argument("data", nargs="?", help="data to evaluate on (default: the data the run was trained on; "
+                   "DATA without a test split, e.g. a plain <class>/<image> folder, is evaluated whole)")
+    p.add_argument("--split", help="train | val | test | all (default: test, or all of a DATA without test images; "
+                   "--split test of a DATA with train/ but no test images is refused)")
     p.add_argument("--limit", type=int, metavar="N",
                    help="a stratified, seeded subset of N images (0 = all; default 300: under a minute for a small CNN on 2 cores)")
     p.add_argument("--corruptions", default="all", help="all | none | comma list, e.g. gaussian_noise,fog,jpeg_compression")

@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.table import Table
+from rich.text import Text
 
 from imagerec.metrics import ECE_BINS
 from imagerec.utils import atomic_write
@@ -104,14 +105,15 @@ def _is_multilabel(metrics: dict[str, Any]) -> bool:
 
 def metrics_table(metrics: dict[str, Any], title: str) -> Table:
     """A rich table with one row per class, then macro and weighted (or micro) averages; the
-    calibration error (ECE) in its caption.
+    calibration error (ECE) in its caption. The title and class names are plain text, shown as
+    written (`[...]` in them is never read as Rich markup).
 
     Example:
         >>> rich.print(metrics_table(classification_metrics(logits, y, names), "val"))
     """
     multilabel = _is_multilabel(metrics)
     ece = metrics.get("ece")
-    table = Table(title=title, caption=None if ece is None else f"expected calibration error (ECE, {ECE_BINS} bins) {ece:.4f}")
+    table = Table(title=Text(title, style="table.title"), caption=None if ece is None else f"expected calibration error (ECE, {ECE_BINS} bins) {ece:.4f}")
     table.add_column("class", style="bold")
     for name in ("precision", "recall", "F1"):
         table.add_column(name, justify="right")
@@ -121,7 +123,7 @@ def metrics_table(metrics: dict[str, Any], title: str) -> Table:
 
     def row(name: str, p: float | None, r: float | None, f1: float | None,
             ap: float | None, support: int, end_section: bool = False) -> None:
-        cells = [name] + [("" if v is None else f"{v:.3f}") for v in (p, r, f1)]
+        cells: list[str | Text] = [Text(name)] + [("" if v is None else f"{v:.3f}") for v in (p, r, f1)]
         if multilabel:
             cells.append("" if ap is None else f"{ap:.3f}")
         cells.append(str(support))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from imagerec.config import write_json
 from imagerec.corruptions import SEVERITIES, check_severities, corrupt, resolve_corruptions
@@ -30,7 +31,7 @@ from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.data.readers import SPLIT_ALIASES
 from imagerec.engine.attacks import ATTACKS, PGD_STEP_FRACTION, PGD_STEPS, run_attack
 from imagerec.engine.checkpoint import find_run_checkpoint, read_checkpoint_meta
-from imagerec.engine.evaluate import create_eval_loader, read_run_split
+from imagerec.engine.evaluate import create_eval_loader, read_run_split, unreadable_split_message
 from imagerec.predict import Predictor, load
 from imagerec.utils import ImageRecError, did_you_mean, mix_seed
 
@@ -100,7 +101,27 @@ def _check_eps(eps: Sequence[float]) -> list[float]:
     return sorted(set(float(e) for e in eps))
 
 
+def _alone(names: Sequence[str], words: Sequence[str], flag: str) -> list[str]:
+    """`names` lowered; a word such as 'all' or 'none' is refused beside names (it means all or nothing)."""
+    lowered = [n.strip().lower() for n in names]
+    for word in words:
+        if word in lowered and len(lowered) > 1:
+            raise ImageRecError(f"'{word}' cannot be combined with names ({', '.join(names)}): use {flag} {word}, "
+                                f"or a list of names")
+    return lowered
+
+
+def _resolve_corruptions(corruptions: Sequence[str] | None) -> list[str]:
+    """Corruption names to run: None or ['all'] = all, [] or ['none'] = none, else the names, checked."""
+    if corruptions is None:
+        return resolve_corruptions(None)
+    lowered = _alone(list(corruptions), ("all", "none"), "--corruptions")
+    return [] if lowered in ([], ["none"]) else resolve_corruptions(["all"] if lowered == ["all"] else list(corruptions))
+
+
 def _resolve_attacks(attacks: Sequence[str]) -> list[str]:
+    if _alone(list(attacks), ("none",), "--attacks") == ["none"]:
+        return []
     out = []
     for raw in attacks:
         a = raw.strip().lower()
@@ -118,7 +139,7 @@ def _correct(predictor: Predictor, x: torch.Tensor, y: torch.Tensor) -> int:
 def evaluate_robustness(
     source: str | Path,
     data: str | None = None,
-    split: str = "test",
+    split: str | None = None,
     limit: int = DEFAULT_LIMIT,
     corruptions: Sequence[str] | None = None,
     severities: Sequence[int] = SEVERITIES,
@@ -130,16 +151,17 @@ def evaluate_robustness(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Accuracy of a run (or exported bundle) on `split` of `data`: clean, under each corruption at
-    each severity, and under FGSM/PGD at each eps (runs only). `limit` images (a stratified, seeded
-    subset; 0 = all); `corruptions` None = all; `eps` None = `default_eps` for the input. Writes
+    each severity, and under FGSM/PGD at each eps (runs only). `split` None: test, or all of a `data`
+    without test images (`read_run_split`). `limit` images (a stratified, seeded subset; 0 = all);
+    `corruptions` None = all, [] = none; `eps` None = `default_eps` for the input. Writes
     RUN/robustness-<split>.json (for a bundle: BUNDLE.robustness-<split>.json beside it) unless write=False.
 
     Example:
         >>> r = evaluate_robustness("runs/mnist", limit=500)
         >>> r["clean_accuracy"], r["mean_corruption_accuracy"], r["attacks"]["pgd"][-1]
     """
-    split = SPLIT_ALIASES.get(split.strip().lower(), split)  # 'VAL', 'validation': as folder names allow
-    names = resolve_corruptions(corruptions) if corruptions is None or list(corruptions) else []
+    split = None if split is None else SPLIT_ALIASES.get(split.strip().lower(), split)  # 'VAL', 'validation'
+    names = _resolve_corruptions(corruptions)
     sevs = check_severities(severities)
     atks = _resolve_attacks(attacks)
     if limit < 0:
@@ -155,7 +177,8 @@ def evaluate_robustness(
                      f"FGSM/PGD need the run directory it was exported from (a PyTorch checkpoint)")
         atks, eps_list = [], []
     cfg = _training_config(predictor)
-    spec, items, split = read_run_split(cfg, data, split, list(pre.class_names), source, _data_fingerprint(predictor))
+    spec, items, split = read_run_split(cfg, data, split, list(pre.class_names), source, _data_fingerprint(predictor),
+                                        multi_label=False)
     picked = stratified_subset([int(it.target) for it in items], limit, seed)  # type: ignore[arg-type]  # single-label
     loader = create_eval_loader(spec, [items[i] for i in picked], pre, CHUNK, max_pixels=cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
 
@@ -185,7 +208,7 @@ def evaluate_robustness(
         if progress is not None:
             progress(n, loader.num_items)
     if n == 0:
-        raise ImageRecError(f"none of the {len(picked)} '{split}' images of {spec.origin} could be read")
+        raise ImageRecError(unreadable_split_message(len(picked), split, spec.origin))
 
     clean_acc = clean / n
     per = {c: {"accuracy": {str(s): hits[c][s] / n for s in sevs}, "mean": float(np.mean([hits[c][s] / n for s in sevs]))}
@@ -238,11 +261,15 @@ def parse_severities(text: str) -> list[int]:
     try:
         if ".." in text:
             lo, hi = (int(v) for v in text.split("..", 1))
+            if lo > hi:
+                raise ImageRecError(f"--severities '{text}' is an empty range: write it low to high, {hi}..{lo}")
             values = list(range(lo, hi + 1))
         else:
             values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError as e:
         raise ImageRecError(f"--severities '{text}' is not understood: write 1..5, 3 or 1,3,5") from e
+    if not values:
+        raise ImageRecError(f"--severities '{text}' names no severity: write 1..5, 3 or 1,3,5")
     return check_severities(values)
 
 
@@ -258,25 +285,35 @@ def parse_eps(text: str) -> list[float]:
     return _check_eps(out)
 
 
-def _names(text: str) -> list[str]:
-    return [] if text.strip().lower() == "none" else [v for v in (p.strip() for p in text.split(",")) if v]
+def _names(text: str, flag: str, usage: str) -> list[str]:
+    """A comma list of names as given ('none' stays a name). An empty one is refused: it is what an unset
+    shell variable gives (`--corruptions "$C"`), not a choice of none."""
+    names = [v for v in (p.strip() for p in text.split(",")) if v]
+    if not names:
+        raise ImageRecError(f"{flag} '{text}' names nothing: use {usage}")
+    return names
+
+
+def _title(text: str) -> Text:
+    """A table title as plain text (never Rich markup), in the style Rich gives titles."""
+    return Text(text, style="table.title")
 
 
 def robustness_tables(r: dict[str, Any]) -> list[Table]:
     """Rich tables of a result: corruption x severity accuracy, and attack x eps accuracy."""
     tables = []
     if r["corruptions"]:
-        t = Table(title=f"corruption accuracy on {r['num_images']} {r['split']} images (clean {r['clean_accuracy']:.2%})")
+        t = Table(title=_title(f"corruption accuracy on {r['num_images']} {r['split']} images (clean {r['clean_accuracy']:.2%})"))
         t.add_column("corruption")
         for s in r["severities"]:
             t.add_column(f"sev {s}", justify="right")
         t.add_column("mean", justify="right")
         for name, v in r["corruptions"].items():
-            t.add_row(name, *(f"{a:.2%}" for a in v["accuracy"].values()), f"{v['mean']:.2%}")
+            t.add_row(Text(name), *(f"{a:.2%}" for a in v["accuracy"].values()), f"{v['mean']:.2%}")
         tables.append(t)
     if r["attacks"]:
         eps = [e["eps"] for e in next(iter(r["attacks"].values()))]
-        t = Table(title=f"accuracy under attack (L-inf, fp32; clean {r['clean_accuracy']:.2%})")
+        t = Table(title=_title(f"accuracy under attack (L-inf, fp32; clean {r['clean_accuracy']:.2%})"))
         t.add_column("attack")
         for e in eps:
             t.add_column(f"eps {e:.3g}" + (f" ({e * 255:.3g}/255)" if e * 255 < 16 else ""), justify="right")
@@ -287,15 +324,17 @@ def robustness_tables(r: dict[str, Any]) -> list[Table]:
     return tables
 
 
-def robustness_command(source: str, data: str | None = None, split: str = "test", limit: int | None = None,
+def robustness_command(source: str, data: str | None = None, split: str | None = None, limit: int | None = None,
                        corruptions: str = "all", severities: str = "1..5", attacks: str = "fgsm,pgd",
                        eps: str | None = None, fmt: str = "table", seed: int = 0, device: str = "auto") -> int:
-    """`imagerec robustness`: parse the flags, run `evaluate_robustness`, print a table or one JSON object."""
-    names = _names(corruptions)
+    """`imagerec robustness`: parse the flags, run `evaluate_robustness`, print a table or one JSON object.
+    Names and paths are printed as written (never as Rich markup)."""
     limit = DEFAULT_LIMIT if limit is None else limit
-    kwargs: dict[str, Any] = {"corruptions": None if [n.lower() for n in names] == ["all"] else names,
-                              "severities": parse_severities(severities), "attacks": _names(attacks),
-                              "eps": parse_eps(eps) if eps else None}
+    kwargs: dict[str, Any] = {
+        "corruptions": _names(corruptions, "--corruptions", "all, none or a comma list, e.g. fog,contrast"),
+        "severities": parse_severities(severities),
+        "attacks": _names(attacks, "--attacks", "fgsm,pgd, fgsm, pgd or none"),
+        "eps": parse_eps(eps) if eps else None}
     err = Console(stderr=True, soft_wrap=True)
     if fmt == "json" or not err.is_terminal:
         r = evaluate_robustness(source, data, split, limit, seed=seed, device=device, **kwargs)
@@ -309,14 +348,20 @@ def robustness_command(source: str, data: str | None = None, split: str = "test"
     console = Console(soft_wrap=True)
     for t in robustness_tables(r):
         console.print(t)
-    line = f"clean accuracy {r['clean_accuracy']:.2%} on {r['num_images']} {r['split']} images of {r['data']} (seed {seed})"
-    if r["mean_corruption_accuracy"] is not None:
-        line += (f"; mean corruption accuracy {r['mean_corruption_accuracy']:.2%} "
-                 f"(relative drop {r['relative_drop']:.1%})")
-    console.print(line, highlight=False)
+    console.print(summary_text(r), markup=False, highlight=False)
     for note in r["notes"]:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {note}", markup=False, highlight=False)
     if r["skipped_files"]:
         console.print(f"skipped {len(r['skipped_files'])} unreadable file(s)")
-    console.print(f"written: {robustness_path(source, r['split'])}", highlight=False)
+    console.print(f"written: {robustness_path(source, r['split'])}", markup=False, highlight=False)
     return 0
+
+
+def summary_text(r: dict[str, Any]) -> str:
+    """The result's headline in one line: clean accuracy, mean corruption accuracy and its relative
+    drop (n/a when the clean accuracy is 0: there is nothing to drop from)."""
+    line = f"clean accuracy {r['clean_accuracy']:.2%} on {r['num_images']} {r['split']} images of {r['data']} (seed {r['seed']})"
+    if r["mean_corruption_accuracy"] is not None:
+        drop = "n/a: clean accuracy is 0" if r["relative_drop"] is None else f"{r['relative_drop']:.1%}"
+        line += f"; mean corruption accuracy {r['mean_corruption_accuracy']:.2%} (relative drop {drop})"
+    return line

@@ -12,7 +12,7 @@ import torch
 
 from imagerec.config import PreprocessConfig, json_text
 from imagerec.data import DataSpec, read_data, split_train_val
-from imagerec.data.decode import DEFAULT_MAX_PIXELS
+from imagerec.data.decode import DEFAULT_MAX_PIXELS, source_name
 from imagerec.data.loader import ImageLoader, arrays_pass_through, targets_tensor
 from imagerec.data.readers import SPLIT_ALIASES, Item
 from imagerec.engine.checkpoint import load_model
@@ -48,11 +48,22 @@ def write_eval_outputs(run_dir: Path, split: str, metrics: dict[str, Any]) -> No
     atomic_write_files(eval_outputs(run_dir, split, metrics))
 
 
-def remap_items(spec: DataSpec, split: str, model_classes: list[str]) -> list[Item]:
-    """The split's items with labels renumbered to the model's classes, matched by name."""
+def remap_items(spec: DataSpec, split: str, model_classes: list[str], multi_label: bool = True,
+                model: str | Path = "the model") -> list[Item]:
+    """The split's items with labels renumbered to the model's classes, matched by name. For a
+    single-label model (`multi_label` False) every image must have one label: multi-label DATA whose
+    images each have one is evaluated, one with several labels (or none) is refused, naming `model`."""
     index = {c: k for k, c in enumerate(model_classes)}
     unknown = [c for c in spec.class_names if c not in index]
     items = spec.splits[split]
+    if not multi_label:
+        if bad := next((it for it in items if isinstance(it.target, tuple) and len(set(it.target)) != 1), None):
+            assert isinstance(bad.target, tuple)
+            example = (f"images with several labels, e.g. '{';'.join(spec.class_names[k] for k in bad.target)}'"
+                       if bad.target else f"images with no label, e.g. {source_name(bad.source)}")
+            raise ImageRecError(f"{spec.origin} is multi-label ({example}), but {model} is a single-label model: "
+                                f"give one label per image")
+        items = [Item(it.source, it.target[0]) if isinstance(it.target, tuple) else it for it in items]
     used = {spec.class_names[t] for it in items for t in (it.target if isinstance(it.target, tuple) else (it.target,))}
     unknown = sorted(set(unknown) & used)
     if unknown:
@@ -93,21 +104,61 @@ def read_run_data(train_config: dict[str, Any], data: str | None, source: str | 
     return spec
 
 
-def read_run_split(train_config: dict[str, Any], data: str | None, split: str, class_names: list[str],
-                   source: str | Path, fingerprint: str | None = None) -> tuple[DataSpec, list[Item], str]:
+def split_folders(data: str) -> dict[str, str]:
+    """The split folders (train/, val/, test/, ... empty or not) at the top of DATA, when DATA is a
+    local folder (or a folder wrapping one folder): {split: folder name}. Empty for anything else."""
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        return {}
+    for _ in range(2):  # DATA, or the one folder it wraps (`cifar10-jpg/` in `data/cifar10-jpg/train/...`)
+        dirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        found = {SPLIT_ALIASES[d.name.lower()]: d.name for d in dirs if d.name.lower() in SPLIT_ALIASES}
+        if found or len(dirs) != 1:
+            return found
+        root = dirs[0]
+    return {}
+
+
+def read_run_split(train_config: dict[str, Any], data: str | None, split: str | None, class_names: list[str],
+                   source: str | Path, fingerprint: str | None = None,
+                   multi_label: bool = True) -> tuple[DataSpec, list[Item], str]:
     """`split` of `data` (default: the data the run at `source` was trained on, checked against
-    `fingerprint`), with the run's own val carve-out and labels renumbered to the model's classes,
-    and the split's name. Split `all` is every image of the data; DATA given explicitly without
-    a test split is evaluated whole when `test` (the default) is asked for."""
+    `fingerprint`), with the run's own val carve-out and labels renumbered to the model's classes
+    (`remap_items`: a single-label model, `multi_label` False, needs one label per image), and the
+    split's name. Split `all` is every image of the data. `split` None is `test`, except for DATA
+    given explicitly without test images: that is evaluated whole (a plain `<class>/<image>` folder
+    of held-out images), with a warning when DATA has split folders (train/ but no test images).
+    `test` asked for explicitly of such DATA is refused: its train images are never evaluated in
+    its place."""
     spec = read_run_data(train_config, data, source, fingerprint)
-    if split == "test" and data is not None and "test" not in spec.splits:
+    if split in (None, "test") and data is not None and "test" not in spec.splits:
+        folders = split_folders(data)
+        if folders:
+            why = (f"its {folders['test']}/ folder holds no images" if "test" in folders
+                   else f"it has {', '.join(f + '/' for f in sorted(folders.values()))} but no test/ folder")
+            if split == "test":
+                raise ImageRecError(
+                    f"{spec.origin} has no 'test' split ({why}); it has: {', '.join(sorted(spec.splits))}. "
+                    f"Use --split {' or --split '.join(sorted(spec.splits))}, or --split all (every image of it)")
+            log.warning("%s has no test images (%s): evaluating all %d images of its %s split(s) instead, as split "
+                        "'all'; choose one with --split", spec.origin, why,
+                        sum(len(v) for v in spec.splits.values()), ", ".join(sorted(spec.splits)))
         split = "all"
+    split = split or "test"
     if split == "all":
         spec = replace(spec, splits={"all": [it for s in sorted(spec.splits) for it in spec.splits[s]]})
     if split not in spec.splits:
         raise ImageRecError(f"{spec.origin} has no '{split}' split; it has: {', '.join(sorted(spec.splits))} "
                             f"(or use split 'all': every image of it)")
-    return spec, remap_items(spec, split, class_names), split
+    if not spec.splits[split]:
+        raise ImageRecError(f"the '{split}' split of {spec.origin} holds no images; it has: "
+                            f"{', '.join(f'{k} {len(v)}' for k, v in sorted(spec.splits.items()))}: choose another split")
+    return spec, remap_items(spec, split, class_names, multi_label, source), split
+
+
+def unreadable_split_message(n: int, split: str, origin: str) -> str:
+    """Why an evaluation has no numbers: every image of the split was skipped as unreadable."""
+    return f"none of the {n} '{split}' images of {origin} could be read (all were skipped: see the warnings above)"
 
 
 def create_eval_loader(spec: DataSpec, items: list[Item], pre: PreprocessConfig, batch_size: int = 256, workers: int = -1,
@@ -122,7 +173,7 @@ def create_eval_loader(spec: DataSpec, items: list[Item], pre: PreprocessConfig,
 def evaluate_run(
     run_dir: str | Path,
     data: str | None = None,
-    split: str = "test",
+    split: str | None = None,
     batch_size: int = 256,
     device: str = "auto",
     precision: str | None = None,
@@ -130,20 +181,21 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run's best checkpoint on `split` of `data` (default: the data it was trained on),
     in the run's own precision unless `precision` says otherwise, so `eval-<split>.json` has the
-    numbers training's final evaluation gave.
+    numbers training's final evaluation gave. `split` None: test, or all of a `data` without test
+    images (`read_run_split`).
 
     Example:
         >>> m = evaluate_run("runs/mnist", split="test")
         >>> m["accuracy"], m["macro_f1"]
     """
-    split = SPLIT_ALIASES.get(split.strip().lower(), split)  # 'VAL', 'validation': as folder names allow
+    split = None if split is None else SPLIT_ALIASES.get(split.strip().lower(), split)  # 'VAL', 'validation'
     check_batch_size(batch_size)
     setup_compute()
     model, meta = load_model(run_dir)
     pre = PreprocessConfig.from_dict(meta["preprocess"])
     cfg = meta["train_config"]
     fingerprint = (meta.get("data") or {}).get("fingerprint")
-    spec, items, split = read_run_split(cfg, data, split, list(pre.class_names), run_dir, fingerprint)
+    spec, items, split = read_run_split(cfg, data, split, list(pre.class_names), run_dir, fingerprint, pre.multi_label)
     for note in spec.notes:  # as train says them: e.g. image files of formats imagerec does not read
         log.warning(note)
     dev = resolve_device(device)
@@ -151,6 +203,8 @@ def evaluate_run(
     model.to(dev).to(memory_format=torch.channels_last)
     loader = create_eval_loader(spec, items, pre, batch_size, max_pixels=cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
     logits, targets, _ = predict_logits(model, loader, BatchPipeline(pre, dev, True), amp)
+    if len(logits) == 0:
+        raise ImageRecError(unreadable_split_message(len(items), split, spec.origin))
     if pre.multi_label:
         metrics = multilabel_metrics(logits, targets, list(pre.class_names))
     else:
