@@ -43,9 +43,9 @@ def check_command(
             print(json.dumps({"restored": res.restored, "skipped": [{"path": p, "reason": r} for p, r in res.skipped]}))
         else:
             console = Console()
-            console.print(f"restored {len(res.restored)} file(s) from {undo}")
-            for p, r in res.skipped:
-                console.print(f"[yellow]not restored[/] {p}: {r}")
+            console.print(f"restored {len(res.restored)} file(s) from {undo}", markup=False, soft_wrap=True)
+            for p, r in res.skipped:  # paths and reasons as written: `[...]` in a file name is not markup
+                console.print(f"[yellow]not restored[/] {escape(p)}: {escape(r)}", soft_wrap=True)
         return 0 if res.ok else 1
     if data is None:
         raise ImageRecError("give DATA to check (a folder, archive, manifest or dataset name)")
@@ -71,9 +71,9 @@ def check_command(
         console = Console()
         console.print(render_table(report))
         if html_path:
-            console.print(f"HTML report: {html_path}")
+            console.print(f"HTML report: {html_path}", markup=False, soft_wrap=True)
         if manifest:
-            console.print(f"quarantined files listed in {manifest} (undo with --undo {manifest})")
+            console.print(f"quarantined files listed in {manifest} (undo with --undo {manifest})", markup=False, soft_wrap=True)
         for left in skipped:
             console.print(f"[yellow]not quarantined[/] {escape(left['path'])}: {escape(left['reason'])}", soft_wrap=True)
     return 1 if report.n_errors else 0

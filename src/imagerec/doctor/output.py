@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from imagerec.doctor.problems import SEVERITY, SEVERITY_ORDER, CheckReport
 
@@ -29,7 +30,7 @@ def render_table(report: CheckReport, examples: int = 3) -> Table:
     s = report.summary
     images = ", ".join(f"{k} {v}" for k, v in s["images"].items())
     title = f"imagerec check: {report.root} ({report.source}; {images}; {s['num_classes']} classes)"
-    table = Table(title=title, caption=_caption(report))
+    table = Table(title=Text(title, style="table.title"), caption=_caption(report))  # the root as written, not markup
     table.add_column("category")
     table.add_column("count", justify="right")
     table.add_column("severity")

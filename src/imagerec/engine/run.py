@@ -462,13 +462,14 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         finished = trainer.state.epoch >= cfg.epochs or bool(trainer.state.stopped)
         if finished:
             why = f"stopped early ({trainer.state.stopped})" if trainer.state.stopped else "already finished"
-            console.print(f"{run_dir} {why} after {trainer.state.epoch} epoch(s); raise --epochs to train further")
+            console.print(f"{run_dir} {why} after {trainer.state.epoch} epoch(s); raise --epochs to train further",
+                          markup=False, highlight=False)
             # Nothing to train: the run's record stays as it is, unless its final evaluation is missing or
             # older than its checkpoints (the run stopped during it): then that evaluation runs again.
             done = distributed.broadcast_object(recorded_metrics(run_dir, trainer.state.epoch) if main else None)
             if done is not None:
                 return RunResult(run_dir, done if main else {}, model_name, main_process=main)
-            console.print("its final evaluation is missing or older than its checkpoints: evaluating it again")
+            console.print("its final evaluation is missing or older than its checkpoints: evaluating it again", highlight=False)
     if main and not finished:
         head = f"# torchrun: {world} processes x batch_size {cfg.batch_size} = global batch {global_batch}\n" if world > 1 else ""
         with atomic_write(run_dir / "config.yaml") as f:
@@ -483,7 +484,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         f"{device.type} {str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'}"
         f"{', data in RAM' if train_loader.cache is not None else ''}"
         f"{f', {world} processes x batch {cfg.batch_size} = global batch {global_batch}' if world > 1 else ''}",
-        highlight=False,
+        markup=False, highlight=False,  # the data's name or path as written: `[...]` in it is not markup
     )
     try:
         state = trainer.state if finished else trainer.fit()  # finished: evaluate only (if not recorded)
@@ -493,9 +494,10 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         elif saved := _last_saved(run_dir):
             where = f"stopped at once, mid-step: {run_dir}/last is the checkpoint from before, {saved}"
         else:
-            console.print(f"interrupted before the first checkpoint: nothing to resume in {run_dir}")
+            console.print(f"interrupted before the first checkpoint: nothing to resume in {run_dir}", markup=False, highlight=False)
             return RunResult(run_dir, {}, model_name, interrupted=True, main_process=main)
-        console.print(f"interrupted: {where}; continue with: {_launcher(world)} train --resume {run_dir}")
+        console.print(f"interrupted: {where}; continue with: {_launcher(world)} train --resume {run_dir}",
+                      markup=False, highlight=False)
         return RunResult(run_dir, {}, model_name, interrupted=True, main_process=main)
     except RuntimeError as e:
         if world == 1 or not _peer_lost(e):
@@ -511,7 +513,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         ) from e
     train_seconds = state.train_seconds  # all segments of a resumed run (saved in the checkpoints)
     if trainer.stop_reason:
-        console.print(trainer.stop_reason)
+        console.print(trainer.stop_reason, markup=False, highlight=False)
 
     # Final evaluation with the best weights on every held-out split (rank 0 reads them; the
     # others get them from it, so no rank needs to see rank 0's disk).
@@ -545,7 +547,8 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         metrics["checkpoints"] = checkpoint_ids(run_dir)
         atomic_write_files({**outputs, run_dir / "metrics.json": json_text(metrics).encode()})
     if metrics["skipped_files"]:
-        console.print(f"skipped {len(metrics['skipped_files'])} unreadable file(s); listed in {run_dir / 'metrics.json'}")
+        console.print(f"skipped {len(metrics['skipped_files'])} unreadable file(s); listed in {run_dir / 'metrics.json'}",
+                      markup=False, highlight=False)
     return RunResult(run_dir, metrics, model_name, main_process=main)
 
 

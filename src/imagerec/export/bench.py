@@ -148,13 +148,14 @@ def benchmark_command(source: str, fmt: str = "table", batch_sizes: tuple[int, .
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"inference speed: {source}")
+    table = Table(title=Text(f"inference speed: {source}", style="table.title"))  # the path as written, not markup
     for col in ("runtime", "batch", "p50 ms", "p95 ms", "p99 ms", "images/s", "parity", "predict"):
         table.add_column(col, justify="left" if col == "runtime" else "right")
     for r in results:
         parity = {True: "passed", False: "FAILED", None: "-"}[r["passed_parity"]]
-        table.add_row(r["runtime"], str(r["batch_size"]), f"{r['p50_ms']:.2f}", f"{r['p95_ms']:.2f}", f"{r['p99_ms']:.2f}",
+        table.add_row(Text(r["runtime"]), str(r["batch_size"]), f"{r['p50_ms']:.2f}", f"{r['p95_ms']:.2f}", f"{r['p99_ms']:.2f}",
                       f"{r['images_per_s']:.0f}", parity, "<-" if r["predict_uses"] else "")
     Console().print(table)
     return 0

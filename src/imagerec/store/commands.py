@@ -1,13 +1,16 @@
 """The library side of the store's CLI subcommands: each opens the store, calls one function, prints.
 
 Each returns the process exit code; errors a user can fix are raised as ImageRecError (the CLI
-prints them as one line).
+prints them as one line). Names, paths, classes and URLs are printed as written: `[...]` in them
+is never read as Rich markup (a run `cnn[lr=0.1]` is not listed as `cnn`).
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from rich.text import Text
 
 from imagerec.store.catalog import compare_runs, list_datasets, list_runs
 from imagerec.store.db import open_store
@@ -27,6 +30,11 @@ def _console() -> Any:
     if not console.is_terminal:  # piped output: do not squeeze tables into 80 columns
         console = Console(soft_wrap=True, width=160)
     return console
+
+
+def _plain(value: Any) -> Text:
+    """A table cell or title as plain text: store values come from users and data, never markup."""
+    return Text(str(value))
 
 
 def _check_format(fmt: str) -> None:
@@ -51,7 +59,7 @@ def ingest_command(
     with open_store(db) as store:
         report = ingest(store, source, dataset, split=split, progress=True, update=update, data_dir=data_dir)
         console = _console()
-        console.print(report.summary(), highlight=False)
+        console.print(report.summary(), highlight=False, markup=False)
         for note in report.notes:
             console.print(f"  left out: {note}", highlight=False, markup=False)
         for _name, reason in report.skipped[:MAX_SKIPPED_SHOWN]:  # reason names the file
@@ -62,7 +70,8 @@ def ingest_command(
             console.print(line, highlight=False, markup=False)
         if report.readable:
             also = f" --db {db}" if db else ""  # a --db store is not the default one
-            console.print(f"store: {store.display_url}; train on it with: imagerec train store:{dataset}{also}", highlight=False)
+            console.print(f"store: {store.display_url}; train on it with: imagerec train store:{dataset}{also}",
+                          highlight=False, markup=False)
         else:
             console.print(f"nothing stored: dataset '{dataset}' was not created or changed", highlight=False, markup=False)
     return 1 if report.seen and not report.readable else 0
@@ -79,20 +88,20 @@ def datasets_command(db: str | None = None, fmt: str = "table") -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title=f"datasets in {where}")
+    table = Table(title=Text(f"datasets in {where}", style="table.title"))
     for col in ("name", "images", "train", "val", "test", "classes", "multi", "size", "created", "images per label"):
         table.add_column(col, justify="right" if col in ("images", "train", "val", "test", "classes", "size") else "left",
                          no_wrap=col == "name")
     for d in rows:
         table.add_row(
-            d["name"],
+            _plain(d["name"]),
             str(d["images"]),
             *(str(d["splits"].get(s, "")) for s in ("train", "val", "test")),
             str(len(d["class_names"])),
             "yes" if d["multi_label"] else "no",
             _size(d["bytes"]),
             (d["created_at"] or "")[:10],
-            _label_counts(d["labels"]),
+            _plain(_label_counts(d["labels"])),
         )
     console = _console()
     console.print(table)
@@ -121,20 +130,21 @@ def runs_command(db: str | None = None, fmt: str = "table", compare: list[int] |
         table = Table(title="runs compared")
         table.add_column("metric")
         for run in result["runs"]:
-            table.add_column(f"{run['id']}: {run['name']}", justify="right")
+            table.add_column(_plain(f"{run['id']}: {run['name']}"), justify="right")
         for metric, values in result["metrics"].items():
             if all(isinstance(v, (int, float, str, type(None))) for v in values.values()):
-                table.add_row(metric, *(_cell(values[r["id"]]) for r in result["runs"]))
+                table.add_row(_plain(metric), *(_plain(_cell(values[r["id"]])) for r in result["runs"]))
     else:
         table = Table(title="runs")
         for col in ("id", "name", "status", "started", "model", "data", "epochs") + SUMMARY_METRICS:
             table.add_column(col, no_wrap=col in ("id", "status", "started"), justify="right" if "." in col else "left")
         for run in result:
             flat = _flat(run["metrics"])
+            model = (run["metrics"] or {}).get("model") or (run.get("config") or {}).get("model", "")
             table.add_row(
-                str(run["id"]), run["name"], run["status"], (run["started_at"] or "")[:16].replace("T", " "),
-                str((run["metrics"] or {}).get("model") or (run.get("config") or {}).get("model", "")), run["data_origin"] or "", _cell(flat.get("epochs_run")),
-                *(_cell(flat.get(k)) for k in SUMMARY_METRICS),
+                str(run["id"]), _plain(run["name"]), _plain(run["status"]), (run["started_at"] or "")[:16].replace("T", " "),
+                _plain(model), _plain(run["data_origin"] or ""), _plain(_cell(flat.get("epochs_run"))),
+                *(_plain(_cell(flat.get(k))) for k in SUMMARY_METRICS),
             )
     _console().print(table)
     return 0
@@ -158,5 +168,5 @@ def export_dataset_command(name: str, out: str, db: str | None = None) -> int:
     """`imagerec export-dataset NAME OUT [--db URL]`: write the images back to a folder."""
     with open_store(db) as store:
         n = export_dataset(store, name, out)
-    _console().print(f"exported {n} images of '{name}' to {out}", highlight=False)
+    _console().print(f"exported {n} images of '{name}' to {out}", highlight=False, markup=False)
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -15,8 +16,10 @@ from sqlalchemy.engine import URL, Engine
 
 from imagerec.utils import ImageRecError
 
+# Every command that opens a store takes --db; IMAGEREC_DB is its default. Hints name both, the flag first.
+DB_FLAG = "--db (or IMAGEREC_DB)"
 URL_HELP = (
-    "give --db (or set IMAGEREC_DB) as a SQLite file path, sqlite:////abs/path/store.db, "
+    f"give {DB_FLAG} as a SQLite file path, sqlite:////abs/path/store.db, "
     "or postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
 )
 SQLITE_BUSY_TIMEOUT_MS = 60_000  # writers queue behind each other's batch transactions
@@ -119,7 +122,8 @@ def create_store_engine(url: URL) -> Engine:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ImageRecError(
-                f"cannot create the folder for the store {path} ({e}): set IMAGEREC_HOME or --db to a writable place"
+                f"cannot create the folder for the store {path} ({e}): give {DB_FLAG} a store in a writable place, "
+                "or set IMAGEREC_HOME to a writable folder"
             ) from e
         engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _sqlite_events(engine)
@@ -141,13 +145,20 @@ def _detail(e: BaseException) -> str:
     return str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def _createdb(url: URL) -> str:
+    """The `createdb` command that makes the database of the PostgreSQL `url` on its own server."""
+    args = [f"-h {shlex.quote(url.host)}" if url.host else "", f"-p {url.port}" if url.port else "",
+            f"-U {shlex.quote(url.username)}" if url.username else "", shlex.quote(url.database or "")]
+    return " ".join(["createdb", *filter(None, args)])
+
+
 def connect_error(url: URL, e: BaseException) -> ImageRecError:
     """A user-facing error for a store that cannot be opened."""
     detail = _detail(e)
     if url.get_backend_name() == "sqlite":
-        hint = "check that the file is a SQLite database and its folder is writable, or choose another with --db"
+        hint = f"check that the file is a SQLite database and its folder is writable, or choose another with {DB_FLAG}"
     elif "does not exist" in detail and "database" in detail:
-        hint = f"create it first (createdb {url.database}) or point IMAGEREC_DB at an existing database"
+        hint = f"create it first ({_createdb(url)}), or give {DB_FLAG} an existing database"
     else:
         hint = "check that the server is running and reachable, and the user, password and database are right; " + URL_HELP
     return ImageRecError(f"cannot open the image store {mask_url(url)}: {detail}. {hint}")
@@ -160,14 +171,14 @@ def store_error(url: URL, e: BaseException) -> ImageRecError:
     if url.get_backend_name() != "sqlite":
         hint = "check that the server is running and reachable, and that the database has space left"
     elif "malformed" in low or "not a database" in low or "corrupt" in low:
-        hint = "the file is damaged: restore it from a backup, or ingest the data again into a new store (--db NEW.db)"
+        hint = f"the file is damaged: restore it from a backup, or ingest the data again into a new store given with {DB_FLAG}"
     elif "readonly" in low or "read-only" in low or "permission" in low:
         hint = ("make the file and its folder writable (SQLite also writes FILE-wal and FILE-shm beside it), "
-                "or choose another store with --db")
+                f"or choose another store with {DB_FLAG}")
     elif "disk i/o" in low or "full" in low or "space" in low:
-        hint = "the disk may be full (or a file size limit reached): free space where the store is, or choose another with --db"
+        hint = f"the disk may be full (or a file size limit reached): free space where the store is, or choose another with {DB_FLAG}"
     elif "locked" in low or "busy" in low:
         hint = "another process held the store's write lock too long: try again when it has finished"
     else:
-        hint = "check the store file and its folder, or choose another store with --db"
+        hint = f"check the store file and its folder, or choose another store with {DB_FLAG}"
     return ImageRecError(f"the image store {mask_url(url)} failed: {detail}. {hint}")
