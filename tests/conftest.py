@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import pytest
 import imagerec
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+PG_ADMIN_URL = os.environ.get("IMAGEREC_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +89,38 @@ def _write_other_digits(folder: Path) -> None:
 def write_other_digits() -> Callable[[Path], None]:
     """Writes two one-image classes of plain grey squares into a folder: data no run trained on."""
     return _write_other_digits
+
+
+@contextlib.contextmanager
+def _postgres_scratch(create: str, drop: str) -> Iterator[str]:
+    """Runs `create` (e.g. CREATE SCHEMA s) on the PostgreSQL server at PG_ADMIN_URL, yields that URL,
+    and runs `drop` afterwards. Skips with IMAGEREC_SKIP_POSTGRES=1; an unreachable server FAILS the test."""
+    import sqlalchemy as sa
+
+    if os.environ.get("IMAGEREC_SKIP_POSTGRES") == "1":
+        pytest.skip("IMAGEREC_SKIP_POSTGRES=1")
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(create)
+    except sa.exc.OperationalError as e:
+        admin.dispose()
+        pytest.fail(
+            f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({e.orig}). Start it with "
+            "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, "
+            "or set IMAGEREC_SKIP_POSTGRES=1 to skip the PostgreSQL tests"
+        )
+    try:
+        yield PG_ADMIN_URL
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(drop)
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_scratch() -> Callable[[str, str], contextlib.AbstractContextManager[str]]:
+    """postgres_scratch(create, drop): a context that creates a database or schema on the test
+    PostgreSQL server (yielding the admin URL) and drops it afterwards; the store fixtures and the
+    CLI tests share it."""
+    return _postgres_scratch

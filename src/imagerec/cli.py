@@ -134,24 +134,8 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from imagerec.store import runs_command
 
-    if args.compare:
-        _check_run_ids(args.compare, args.db)
+    # run ids no store can hold are refused by compare_runs, like missing ones
     return runs_command(args.db, args.format, args.compare)
-
-
-def _check_run_ids(ids: list[int], db: str | None) -> None:
-    """Refuse run ids that the store's `runs.id` column cannot hold (INTEGER: 32-bit on PostgreSQL,
-    64-bit on SQLite) as the store refuses missing ones: no run can have them, and the database
-    would fail on them with a traceback instead."""
-    from imagerec.store import open_store
-    from imagerec.store.engine import resolve_url
-
-    bits = 32 if resolve_url(db).get_backend_name() in ("postgresql", "postgres") else 64
-    out = [i for i in dict.fromkeys(ids) if not -(2 ** (bits - 1)) <= i < 2 ** (bits - 1)]
-    if out:
-        with open_store(db) as store:  # a store that cannot be opened is reported as such first
-            raise ImageRecError(f"no run with id {', '.join(map(str, out))} in the store {store.display_url}; "
-                                f"list them with: imagerec runs")
 
 
 def cmd_export_dataset(args: argparse.Namespace) -> int:

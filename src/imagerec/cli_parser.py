@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="data to evaluate on (default: the data the run was trained on; "
                    "DATA without a test split, e.g. a plain <class>/<image> folder, is evaluated whole)")
     p.add_argument("--split", help="train | val | test | all (default: test, or all of a DATA without test images; "
-                   "--split test of a DATA with train/ but no test images is refused)")
+                   "--split test of a DATA that names its splits (split folders, a manifest split column, a store dataset, IDX/CIFAR files) but has no test images is refused)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="data to evaluate on (default: the data the run was trained on; "
                    "DATA without a test split, e.g. a plain <class>/<image> folder, is evaluated whole)")
     p.add_argument("--split", help="train | val | test | all (default: test, or all of a DATA without test images; "
-                   "--split test of a DATA with train/ but no test images is refused)")
+                   "--split test of a DATA that names its splits (split folders, a manifest split column, a store dataset, IDX/CIFAR files) but has no test images is refused)")
     p.add_argument("--limit", type=int, metavar="N",
                    help="a stratified, seeded subset of N images (0 = all; default 300: under a minute for a small CNN on 2 cores)")
     p.add_argument("--corruptions", default="all", help="all | none | comma list, e.g. gaussian_noise,fog,jpeg_compression")

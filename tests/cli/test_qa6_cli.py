@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -23,8 +23,6 @@ from PIL import Image
 from imagerec.cli import main
 from imagerec.data import read_data
 from imagerec.predict import load
-
-PG_ADMIN_URL = os.environ.get("IMAGEREC_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def one_error_line(code: int, out: str, err: str) -> str:
@@ -122,25 +120,12 @@ def test_compare_id_past_sqlite_integers_is_a_missing_run(tmp_path: Path, capsys
 
 
 @pytest.fixture
-def pg_store() -> Iterator[str]:
+def pg_store(postgres_scratch: Callable[[str, str], AbstractContextManager[str]]) -> Iterator[str]:
     """A store URL in a fresh schema of the PostgreSQL `test` database (dropped afterwards)."""
-    if os.environ.get("IMAGEREC_SKIP_POSTGRES") == "1":
-        pytest.skip("IMAGEREC_SKIP_POSTGRES=1")
     schema = f"s_{secrets.token_hex(6)}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    except sa.exc.OperationalError as e:
-        admin.dispose()
-        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({e.orig}); set IMAGEREC_SKIP_POSTGRES=1 to skip")
-    url = sa.make_url(PG_ADMIN_URL)
-    try:
+    with postgres_scratch(f"CREATE SCHEMA {schema}", f"DROP SCHEMA IF EXISTS {schema} CASCADE") as admin_url:
+        url = sa.make_url(admin_url)
         yield f"postgresql://{url.username}@{url.host}:{url.port}/{url.database}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        admin.dispose()
 
 
 def test_compare_id_past_postgresql_integers_is_a_missing_run(pg_store: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,6 @@ import json
 import logging
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from conftest import auth, metric_value, start_thread_server
-from test_workers import kill_one_worker, readiness, start_workers
+from test_workers import kill_one_worker, readiness, start_workers_serving_a_removed_version, stop_workers
 
 from imagerec.serve import ServeSettings
 from imagerec.serve.metrics import ServeMetrics
@@ -296,15 +295,8 @@ def test_a_worker_starting_later_skips_what_concerns_an_unloaded_version(tmp_pat
 def test_unload_reaches_every_worker_and_a_restarted_worker_skips_it(run_dir, key_file, tmp_path):
     """With --workers 2: the unload is applied by both, and a worker restarted after the unloaded
     version's folder was removed still starts (it stopped the server before)."""
-    extra = run_dir.parent / f"mnist-trial-{tmp_path.name}"
-    shutil.copytree(run_dir, extra)
-    proc, url, log = start_workers(tmp_path / "serve.log", [f"mnist@1={run_dir}"], "--api-key-file", str(key_file))
+    proc, url, log, _ = start_workers_serving_a_removed_version(run_dir, key_file, tmp_path)
     try:
-        readiness(url, 2)
-        r = httpx.post(url + "/v1/admin/models", headers=auth(), timeout=120,
-                       json={"path": str(extra), "name": "mnist", "version": "2"})
-        assert r.status_code == 201 and r.json()["workers"]["applied"] == 2, r.text
-        shutil.rmtree(extra)
         r = httpx.delete(url + "/v1/admin/models/mnist/versions/2", headers=auth(), timeout=120)
         assert r.status_code == 200 and r.json()["workers"]["applied"] == 2, r.text
         kill_one_worker(proc)
@@ -316,12 +308,7 @@ def test_unload_reaches_every_worker_and_a_restarted_worker_skips_it(run_dir, ke
                 assert c.get("/v1/models/mnist/versions/2").status_code == 404
                 assert c.get("/v1/models/mnist/versions/1").status_code == 200
     finally:
-        shutil.rmtree(extra, ignore_errors=True)
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_workers(proc)
 
 
 # --- bug 7: a refused CORS preflight ---------------------------------------------------------------------

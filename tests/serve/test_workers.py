@@ -268,6 +268,41 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
     assert "before it was ready; stopping the server" in log.read_text()
 
 
+def start_workers_serving_a_removed_version(run_dir: Path, key_file: Path, tmp_path: Path,
+                                           **load: Any) -> tuple[subprocess.Popen, str, Path, Path]:
+    """Two workers serving `run_dir` as mnist@1, and a copy of it loaded through the admin API as
+    mnist@2 (`load`: more fields of the request, e.g. make_default=True) by both, whose folder is then
+    removed: both still serve it from memory, but a restarted worker cannot load it again.
+    (proc, url, log, the removed folder); the caller stops proc."""
+    import shutil
+    import uuid
+
+    extra = run_dir.parent / f"mnist-gone-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(run_dir, extra)
+    proc, url, log = start_workers(tmp_path / "serve.log", [f"mnist@1={run_dir}"], "--api-key-file", str(key_file))
+    try:
+        readiness(url, 2)
+        r = httpx.post(url + "/v1/admin/models", headers=auth(), timeout=120,
+                       json={"path": str(extra), "name": "mnist", "version": "2", **load})
+        assert r.status_code == 201 and r.json()["workers"]["applied"] == 2, r.text
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
+    finally:
+        shutil.rmtree(extra, ignore_errors=True)
+    return proc, url, log, extra
+
+
+def stop_workers(proc: subprocess.Popen) -> None:
+    """SIGTERM the supervisor and wait for it (it waits for its workers); killed after 60 s."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def kill_one_worker(proc: subprocess.Popen) -> int:
     victim = worker_pids(proc.pid)[0]
     os.kill(victim, signal.SIGKILL)
@@ -343,11 +378,7 @@ def test_a_reload_logged_while_a_worker_restarts_reaches_it(run_dir: Path, digit
                     seen[(worker, name)] = r.status_code
         assert seen == {(0, "old"): 401, (0, "new"): 200, (1, "old"): 401, (1, "new"): 200}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_workers(proc)
 
 
 def test_a_worker_that_cannot_replay_the_admin_log_stops_the_server(run_dir: Path, key_file: Path,
@@ -355,18 +386,8 @@ def test_a_worker_that_cannot_replay_the_admin_log_stops_the_server(run_dir: Pat
     """A version loaded through the admin API whose folder is then removed: a restarted worker cannot
     load it, and must not serve without it (the other would answer with it): the server stops,
     naming the action and the path."""
-    import shutil
-    import uuid
-
-    extra = run_dir.parent / f"mnist-gone-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(run_dir, extra)
-    proc, url, log = start_workers(tmp_path / "serve.log", [f"mnist@1={run_dir}"], "--api-key-file", str(key_file))
+    proc, _, log, extra = start_workers_serving_a_removed_version(run_dir, key_file, tmp_path, make_default=True)
     try:
-        readiness(url, 2)
-        r = httpx.post(url + "/v1/admin/models", headers=auth(), timeout=120,
-                       json={"path": str(extra), "name": "mnist", "version": "2", "make_default": True})
-        assert r.status_code == 201 and r.json()["workers"]["applied"] == 2, r.text
-        shutil.rmtree(extra)  # still served from memory by both workers
         kill_one_worker(proc)
         try:
             code = proc.wait(120)
@@ -374,7 +395,6 @@ def test_a_worker_that_cannot_replay_the_admin_log_stops_the_server(run_dir: Pat
             code = None
         assert code == 1, log.read_text()[-3000:]  # not serving a different default on one worker
     finally:
-        shutil.rmtree(extra, ignore_errors=True)
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)

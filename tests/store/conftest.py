@@ -12,7 +12,8 @@ import os
 import secrets
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -29,28 +30,11 @@ CIFAR_PER_CLASS = 15  # JPEGs copied per (split, class) out of the real CIFAR-10
 
 
 @pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
+def pg_database(postgres_scratch: Callable[[str, str], AbstractContextManager[str]]) -> Iterator[str]:
     """Name of a fresh PostgreSQL database for this session."""
-    if os.environ.get("IMAGEREC_SKIP_POSTGRES") == "1":
-        pytest.skip("IMAGEREC_SKIP_POSTGRES=1")
     name = f"imagerec_test_{secrets.token_hex(6)}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sa.exc.OperationalError as e:
-        admin.dispose()
-        pytest.fail(
-            f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({e.orig}). Start it with "
-            "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, "
-            "or set IMAGEREC_SKIP_POSTGRES=1 to skip the PostgreSQL half of the store tests"
-        )
-    try:
+    with postgres_scratch(f'CREATE DATABASE "{name}"', f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'):
         yield name
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def new_store_url(backend: str, request: pytest.FixtureRequest, tmp: Path) -> str:

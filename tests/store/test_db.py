@@ -20,9 +20,9 @@ def test_migrations_run_on_empty_db_then_are_a_noop(store_url: str) -> None:
     try:
         assert current_revision(engine) is None
         assert sa.inspect(engine).get_table_names() == []
-        assert migrate(engine) == ["0001"]
+        assert migrate(engine) == ["0001", "0002"]
         assert set(sa.inspect(engine).get_table_names()) == TABLES
-        assert current_revision(engine) == head_revision() == "0001"
+        assert current_revision(engine) == head_revision() == "0002"
         uniques = {tuple(u["column_names"]) for u in sa.inspect(engine).get_unique_constraints("images")}
         assert ("dataset_id", "sha256") in uniques
 
@@ -33,7 +33,7 @@ def test_migrations_run_on_empty_db_then_are_a_noop(store_url: str) -> None:
     finally:
         engine.dispose()
     with open_store(store_url) as store:  # and open_store on a migrated store works as-is
-        assert current_revision(store.engine) == "0001"
+        assert current_revision(store.engine) == "0002"
 
 
 def test_sqlite_store_uses_wal_and_foreign_keys(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -90,4 +91,4 @@ def split_train_val(spec: DataSpec, val_fraction: float, seed: int) -> DataSpec:
     splits = dict(spec.splits)
     splits["train"] = [it for i, it in enumerate(train) if i not in val_idx]
     splits["val"] = [it for i, it in enumerate(train) if i in val_idx]
-    return DataSpec(spec.origin, spec.class_names, splits, spec.multi_label, spec.arrays, spec.notes)
+    return replace(spec, splits=splits)  # every other field (files, split_by, ...) as read

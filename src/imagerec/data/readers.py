@@ -61,6 +61,11 @@ class DataSpec:
     # an archive's every file and link member, in archive order: the data doctor reports the
     # non-image ones as it does a folder's stray files
     files: list[str] = field(default_factory=list)
+    # what names each image's split: "folders" (<split>/<class>/<image>), "manifest" (a split column
+    # or key), "files" (IDX/CIFAR file names); "" when the data names none and all of it is listed as
+    # train (a plain <class>/<image> folder, a manifest without splits). Eval refuses `test` of data
+    # that names splits but no test images, rather than evaluate its train images in their place.
+    split_by: str = ""
 
     def fingerprint(self) -> str:
         """sha256 over every (split, source, label): changes when the data changes."""
@@ -135,10 +140,11 @@ def walk_files(root: Path) -> list[PurePosixPath]:
     return sorted(out)
 
 
-def _layout(rel_paths: list[str], origin: str) -> tuple[dict[str, list[tuple[int, str]]], list[str], list[str]]:
+def _layout(rel_paths: list[str], origin: str) -> tuple[dict[str, list[tuple[int, str]]], list[str], list[str], bool]:
     """Group relative image paths into splits and classes.
 
-    Returns ({split: [(path_index, class_name)]}, class names, notes). Layouts:
+    Returns ({split: [(path_index, class_name)]}, class names, notes, whether split folders name the
+    splits). Layouts:
     `<class>/<file>` or `<split>/<class>/<file>`, optionally under one wrapping folder.
     """
     notes: list[str] = []
@@ -175,14 +181,15 @@ def _layout(rel_paths: list[str], origin: str) -> tuple[dict[str, list[tuple[int
         if extra:
             notes.append(f"{origin}: {split} has classes missing from {source_split} (dropped): {', '.join(extra)}")
             grouped[split] = [(i, c) for i, c in members if c in class_names]
-    return grouped, class_names, notes
+    return grouped, class_names, notes, split_mode
 
 
 def spec_from_layout(origin: str, sources: list[Source], rel_paths: list[str]) -> DataSpec:
-    grouped, class_names, notes = _layout(rel_paths, origin)
+    """The DataSpec of an image folder layout (a folder's or an archive's relative image paths)."""
+    grouped, class_names, notes, split_mode = _layout(rel_paths, origin)
     index = {c: k for k, c in enumerate(class_names)}
     splits = {s: [Item(sources[i], index[c]) for i, c in members] for s, members in grouped.items()}
-    return DataSpec(origin, class_names, splits, notes=notes)
+    return DataSpec(origin, class_names, splits, notes=notes, split_by="folders" if split_mode else "")
 
 
 def refused_images_note(origin: str, names: list[str]) -> list[str]:
@@ -273,7 +280,8 @@ def _pick(row: dict, names: tuple[str, ...]) -> object:
 
 def read_manifest(path: Path) -> DataSpec:
     """CSV (`path,label[,split]`) or JSONL manifest. Several labels in a row (a list, or separated by
-    ';' or '|') make the dataset multi-label. Paths are relative to the manifest's folder."""
+    ';' or '|') make the dataset multi-label; a label repeated in one row counts once (`3;3` is 3).
+    Paths are relative to the manifest's folder."""
     rows = _manifest_rows(path)
     if not rows:
         raise ImageRecError(f"{path}: the manifest has no rows")
@@ -281,6 +289,7 @@ def read_manifest(path: Path) -> DataSpec:
     notes: list[str] = []
     missing = repeated = 0
     first_row: dict[str, int] = {}  # file -> the first row that lists it
+    named_split = False  # some row gives a split: the manifest names its splits
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise ImageRecError(f"{path}, row {n}: expected an object with 'path' and 'label'")
@@ -304,6 +313,10 @@ def read_manifest(path: Path) -> DataSpec:
             raise ImageRecError(
                 f"{path}, row {n}: the label is empty ({key!r}: {row[key]!r}); give every row a label, or remove the row"
             )
+        # a class named twice in one row ('3;3', ["cat", "cat"]) is one label: kept twice it made the
+        # whole dataset multi-label, with the row counted twice for that class
+        labels = list(dict.fromkeys(labels))
+        named_split = named_split or row.get("split") not in (None, "")  # a row whose file is missing says so too
         p = Path(str(rel))
         full = p if p.is_absolute() else path.parent / p
         if not full.is_file():
@@ -344,7 +357,8 @@ def read_manifest(path: Path) -> DataSpec:
     for full, split, labels in parsed:
         target: Target = tuple(sorted(index[x] for x in labels)) if multi else index[labels[0]]
         splits.setdefault(split, []).append(Item(full, target))
-    return DataSpec(str(path), class_names, splits, multi_label=multi, notes=notes)
+    return DataSpec(str(path), class_names, splits, multi_label=multi, notes=notes,
+                    split_by="manifest" if named_split else "")
 
 
 def train_classes(origin: str, labels: dict[str, set[str]], notes: list[str]) -> set[str]:
@@ -390,10 +404,10 @@ def read_idx_dir(root: Path) -> DataSpec:
         split: [Item(ArrayRef(split, i), index[v]) for i, v in enumerate(labels[split].tolist()) if v in index]
         for split in pairs
     }
-    return DataSpec(str(root), [str(v) for v in values], splits, arrays=images, notes=notes)
+    return DataSpec(str(root), [str(v) for v in values], splits, arrays=images, notes=notes, split_by="files")
 
 
 def read_cifar(root: Path) -> DataSpec:
     arrays, labels, class_names = read_cifar_dir(root)
     splits = {split: [Item(ArrayRef(split, i), int(v)) for i, v in enumerate(labels[split])] for split in arrays}
-    return DataSpec(str(root), class_names, splits, arrays=arrays)
+    return DataSpec(str(root), class_names, splits, arrays=arrays, split_by="files")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ from imagerec.config import PreprocessConfig, json_text
 from imagerec.data import DataSpec, read_data, split_train_val
 from imagerec.data.decode import DEFAULT_MAX_PIXELS, source_name
 from imagerec.data.loader import ImageLoader, arrays_pass_through, targets_tensor
-from imagerec.data.readers import SPLIT_ALIASES, Item
+from imagerec.data.readers import SPLIT_ALIASES, Item, wrapper_prefix
 from imagerec.engine.checkpoint import load_model
 from imagerec.engine.pipeline import BatchPipeline, predict_logits
 from imagerec.metrics import classification_metrics, multilabel_metrics
@@ -119,6 +119,31 @@ def split_folders(data: str) -> dict[str, str]:
     return {}
 
 
+def archive_split_folders(files: list[str]) -> dict[str, str]:
+    """The split folders holding files in an archive (`DataSpec.files`, every file member), below any
+    wrapping folder: {split: folder name as written}."""
+    paths = [PurePosixPath(f) for f in files]
+    k = len(prefix := wrapper_prefix(paths))
+    names = {p.parts[k] for p in paths if len(p.parts) > k + 1 and p.parts[:k] == prefix}
+    return {SPLIT_ALIASES[n.lower()]: n for n in sorted(names) if n.lower() in SPLIT_ALIASES}
+
+
+def no_test_reason(data: str, spec: DataSpec) -> str | None:
+    """Why `data`, read as `spec` without test images, has none, when it names its splits (split
+    folders in a folder or archive, a manifest's split column, IDX/CIFAR file names, the split every
+    stored image has): then `test` is not all of it. None when it names no splits (a plain
+    `<class>/<image>` folder or archive, a manifest without splits): all of it is held-out images."""
+    folders = split_folders(data) or (archive_split_folders(spec.files) if spec.split_by == "folders" else {})
+    if folders:
+        return (f"its {folders['test']}/ folder holds no images" if "test" in folders
+                else f"it has {', '.join(f + '/' for f in sorted(folders.values()))} but no test/ folder")
+    if data.startswith("store:"):
+        return "no image is stored in its test split"
+    return {"folders": "it has split folders but no test/ folder",
+            "manifest": "no row of its manifest has split test",
+            "files": "it has no test files"}.get(spec.split_by)
+
+
 def read_run_split(train_config: dict[str, Any], data: str | None, split: str | None, class_names: list[str],
                    source: str | Path, fingerprint: str | None = None,
                    multi_label: bool = True) -> tuple[DataSpec, list[Item], str]:
@@ -129,13 +154,12 @@ def read_run_split(train_config: dict[str, Any], data: str | None, split: str | 
     given explicitly without test images: that is evaluated whole (a plain `<class>/<image>` folder
     of held-out images), with a warning when DATA has split folders (train/ but no test images).
     `test` asked for explicitly of such DATA is refused: its train images are never evaluated in
-    its place."""
+    its place. Any DATA that names its splits counts (`no_test_reason`): folders, archives,
+    manifests with a split column, IDX/CIFAR files and store datasets."""
     spec = read_run_data(train_config, data, source, fingerprint)
     if split in (None, "test") and data is not None and "test" not in spec.splits:
-        folders = split_folders(data)
-        if folders:
-            why = (f"its {folders['test']}/ folder holds no images" if "test" in folders
-                   else f"it has {', '.join(f + '/' for f in sorted(folders.values()))} but no test/ folder")
+        why = no_test_reason(data, spec)
+        if why:
             if split == "test":
                 raise ImageRecError(
                     f"{spec.origin} has no 'test' split ({why}); it has: {', '.join(sorted(spec.splits))}. "

@@ -6,6 +6,9 @@ the served run directory or bundle, resolved, as `model_id` (and the run's id wh
 that run). The store is imported lazily and opened at startup; one that cannot be opened then (a
 database not created yet, or not up yet after a reboot) is tried again, with a back-off, while
 predictions go on: every row not recorded meanwhile is counted and logged like any other.
+Each row is recorded with the served version ("name@version") and the request_id of its answer.
+A write that a PostgreSQL lock holds up fails after STORE_WRITE_TIMEOUT_S, writing nothing, and
+its rows are kept and written again after the same back-off: once each, never waited on for good.
 """
 
 from __future__ import annotations
@@ -32,10 +35,28 @@ RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0
 # At shutdown the rows still waiting get this long to be written: a store that stalls (a table lock
 # held by a backup) must not keep the process alive until a supervisor kills it.
 CLOSE_TIMEOUT_S = 5.0
+# The longest one write to a PostgreSQL --db store may wait for a lock (twice that to run: see
+# Store.write): past it the write fails, writing nothing, and its rows are tried again after the
+# back-off above instead of the writer waiting behind someone's LOCK TABLE for as long as it is
+# held. Under CLOSE_TIMEOUT_S, so a write held up by a lock at shutdown fails before the server
+# gives up on it.
+STORE_WRITE_TIMEOUT_S = 3.0
+# What PostgreSQL says when it cancels a statement for a lock_timeout or statement_timeout: the
+# transaction was rolled back, so nothing was written and the rows can be written again.
+TIMED_OUT_SQLSTATES = frozenset({"55P03", "57014"})  # lock_not_available, query_canceled
 
 
 class StoreNotOpen(Exception):
     """The --db store is not open (yet): rows cannot be recorded now."""
+
+
+class StoreBusy(Exception):
+    """The --db store did not take a write in time (a lock held on it): `rows` were not written,
+    none of them, and are to be tried again in `retry_in` s."""
+
+    def __init__(self, reason: str, rows: list[dict[str, Any]], retry_in: float) -> None:
+        super().__init__(reason)
+        self.rows, self.retry_in = rows, retry_in
 
 
 class StoreHook:
@@ -84,15 +105,34 @@ class StoreHook:
         return True
 
     def __call__(self, rows: list[dict[str, Any]]) -> None:
+        """Write `rows`, one transaction per served model. A write that times out on a lock
+        raises StoreBusy with the rows of that model and of the models after it (those before
+        it are written: trying them again would record them twice)."""
         if self.store is None and (time.monotonic() < self._retry_at or not self.open()):
             raise StoreNotOpen(self.problem)
         by_model: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             by_model.setdefault(row["model_path"], []).append(row)
-        for model_id, group in by_model.items():
+        groups = list(by_model.items())
+        for k, (model_id, group) in enumerate(groups):
             # model_id: the resolved run dir or bundle (ModelEntry.source); record_predictions fills
             # run_id where the store has a run with that run_dir, and stores each row's created_at
-            self._record(self.store, model_id, group)
+            try:
+                self._record(self.store, model_id, [_store_row(r) for r in group], timeout_s=STORE_WRITE_TIMEOUT_S)
+            except ImageRecError as e:
+                if getattr(e.__cause__, "sqlstate", None) not in TIMED_OUT_SQLSTATES:
+                    raise
+                retry_in, self._backoff = self._backoff, min(2 * self._backoff, RETRY_MAX_S)
+                raise StoreBusy(_reason(e), [r for _, g in groups[k:] for r in g], retry_in) from e
+        self._backoff = RETRY_FIRST_S
+
+
+def _store_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A served prediction as the store records it: with the served version as "name@version"
+    (what the answer's X-Model-Version said) beside the answer's request_id."""
+    if row.get("model") is not None and row.get("version") is not None:
+        return {**row, "served_as": f"{row['model']}@{row['version']}"}
+    return row
 
 
 def _display(db: str) -> str:
@@ -130,6 +170,8 @@ class Recorder:
         self._closing = False
         self._writing = 0  # rows taken by the writer and not written yet
         self._abandoned = False  # close() gave up waiting for the writer and counted what it held
+        self._retry_at = 0.0  # the store was busy: rows waiting are written again no sooner than this
+        self._busy_since: float | None = None  # when the store's current busy spell began (for the log)
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="record", daemon=True) if self.hook else None
         if self._thread is not None:
@@ -164,27 +206,61 @@ class Recorder:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._rows and not self._closing:
-                    self._cond.wait()
+                # rows wait while the store is busy (a back-off), except at shutdown: then they get
+                # one more try each STORE_WRITE_TIMEOUT_S until close() gives up on them
+                while not self._closing and (not self._rows or time.monotonic() < self._retry_at):
+                    self._cond.wait(max(0.0, self._retry_at - time.monotonic()) if self._rows else None)
                 if not self._rows:
                     return  # closing, and everything is written
                 rows, self._rows = self._rows, []
                 self._writing = len(rows)
             for i in range(0, len(rows), WRITE_CHUNK):
                 chunk = rows[i : i + WRITE_CHUNK]
-                error = self._write(chunk)
+                try:
+                    error = self._write(chunk)
+                except StoreBusy as busy:
+                    if not self._requeue(busy, rows[i + WRITE_CHUNK :]):
+                        return
+                    break
                 with self._cond:
                     if self._abandoned:
                         return  # close() has counted these rows already
                     self._writing -= len(chunk)
                 if error is not None:
                     self._drop(len(chunk), error)
+            else:
+                if self._busy_since is not None:
+                    log.warning("the store takes predictions again (it was busy for %.0f s)",
+                                time.monotonic() - self._busy_since)
+                self._busy_since = None
+
+    def _requeue(self, busy: StoreBusy, rest: list[dict[str, Any]]) -> bool:
+        """Put the rows the busy store did not take, and those after them, back in front of the rows
+        waiting, to be written after the back-off; False when close() has counted them already."""
+        with self._cond:
+            if self._abandoned:
+                return False
+            self._rows[:0] = busy.rows + rest
+            self._writing = 0
+            self._retry_at = time.monotonic() + busy.retry_in
+            first = self._busy_since is None
+        if first:
+            self._busy_since = time.monotonic()
+            log.warning("the store did not take %d prediction(s) in time (%s): they are kept and tried again "
+                        "in %g s, then with a back-off up to %g s", len(busy.rows) + len(rest), busy, busy.retry_in,
+                        RETRY_MAX_S)
+        else:
+            log.debug("the store is still busy (%s): trying again in %g s", busy, busy.retry_in)
+        return True
 
     def _write(self, rows: list[dict[str, Any]]) -> str | None:
-        """Hand rows to the hook; why they were not recorded, or None."""
+        """Hand rows to the hook; why they were not recorded, or None. StoreBusy passes through:
+        those rows are to be written again, not dropped."""
         try:
             assert self.hook is not None
             self.hook(rows)
+        except StoreBusy:
+            raise
         except StoreNotOpen as e:
             return str(e)
         except Exception as e:  # noqa: BLE001 - recording must never break serving

@@ -216,6 +216,7 @@ def compare_runs(store: Store, ids: Iterable[int]) -> dict[str, Any]:
     ids = list(dict.fromkeys(int(i) for i in ids))
     if not ids:
         raise ImageRecError("compare_runs needs at least one run id (see: imagerec runs)")
+    _check_run_ids(store, ids)
     with store.read() as conn:
         found = {r.id: r for r in conn.execute(sa.select(runs).where(runs.c.id.in_(ids)))}
     missing = [i for i in ids if i not in found]
@@ -231,15 +232,39 @@ def compare_runs(store: Store, ids: Iterable[int]) -> dict[str, Any]:
     }
 
 
+def _check_run_ids(store: Store, ids: list[int]) -> None:
+    """Refuse run ids that the store's `runs.id` column cannot hold (INTEGER: 32-bit on PostgreSQL,
+    64-bit on SQLite) as missing ones are refused: no run can have them, and the database would
+    fail on them (integer out of range) instead of saying so."""
+    bits = 32 if store.dialect == "postgresql" else 64
+    out = [i for i in ids if not -(2 ** (bits - 1)) <= i < 2 ** (bits - 1)]
+    if out:
+        raise ImageRecError(
+            f"no run with id {', '.join(map(str, out))} in the store {store.display_url}; list them with: imagerec runs"
+        )
+
+
+REQUEST_ID_MAX = 32  # predictions.request_id is String(32): `imagerec serve` answers with uuid4().hex
+
+
 def record_predictions(
-    store: Store, model_id: str, rows: Iterable[Mapping[str, Any]], run_id: int | None = None
+    store: Store,
+    model_id: str,
+    rows: Iterable[Mapping[str, Any]],
+    run_id: int | None = None,
+    *,
+    timeout_s: float | None = None,
 ) -> int:
     """Store prediction rows for model `model_id` (a run id, run dir or model name); return how many.
 
     Each row needs "topk" (any JSON, e.g. [{"label": "cat", "prob": 0.9}, ...]) and either the
     image's "sha256" or a "path" to hash; "created_at" (a datetime or ISO 8601 text; UTC when it
-    has no offset) is when the prediction was made, else now. `run_id` None: the run recorded with
-    `model_id` as its run_dir (as `imagerec serve --db` passes it), if the store has one.
+    has no offset) is when the prediction was made, else now. Optional: "served_as", the served
+    model as "name@version", and "request_id", the id (at most 32 characters) of the HTTP answer
+    that gave the prediction, as `imagerec serve --db` records them. `run_id` None: the run
+    recorded with `model_id` as its run_dir (as `imagerec serve --db` passes it), if the store
+    has one. `timeout_s` (PostgreSQL only): fail, writing nothing, rather than wait longer than
+    this for a lock (see `Store.write`); the rows are written all or none either way.
 
     Example:
         >>> record_predictions(store, "runs/exp1", [{"path": "cat.jpg", "topk": [{"label": "cat", "prob": 0.93}]}])
@@ -253,16 +278,43 @@ def record_predictions(
         sha = row.get("sha256") or sha256_file(row["path"])
         created = _utc(row["created_at"], n) if row.get("created_at") is not None else now
         values.append(
-            {"image_sha256": sha, "run_id": run_id, "model_id": str(model_id), "topk": row["topk"], "created_at": created}
+            {"image_sha256": sha, "run_id": run_id, "model_id": str(model_id), "topk": row["topk"], "created_at": created,
+             "served_as": _served_as(row.get("served_as"), n), "request_id": _request_id(row.get("request_id"), n)}
         )
     if values:
-        with store.write() as conn:
+        with store.write(timeout_s) as conn:
             if run_id is None:
                 found = conn.execute(sa.select(runs.c.id).where(runs.c.run_dir == str(model_id))).scalar()
                 for v in values:
                     v["run_id"] = found
             conn.execute(sa.insert(predictions), values)
     return len(values)
+
+
+def _served_as(value: Any, n: int) -> str | None:
+    """A prediction row's served_as: None, or non-empty text ("name@version")."""
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise ImageRecError(f"prediction row {n}: served_as must be text like 'mnist@2' (name@version); got {_short(value)}")
+
+
+def _request_id(value: Any, n: int) -> str | None:
+    """A prediction row's request_id: None, or text of 1 to REQUEST_ID_MAX characters (the column's
+    size: PostgreSQL would refuse a longer one for the whole batch, SQLite would keep it whole)."""
+    if value is None or (isinstance(value, str) and 0 < len(value) <= REQUEST_ID_MAX):
+        return value
+    raise ImageRecError(
+        f"prediction row {n}: request_id must be text of 1 to {REQUEST_ID_MAX} characters (like the request_id "
+        f"imagerec serve answers with); got {_short(value)}"
+    )
+
+
+def _short(value: Any) -> str:
+    """repr(value), cut to a length an error line can hold."""
+    text = repr(value)
+    if len(text) <= 60:
+        return text
+    return f"{text[:50]}... ({len(value)} characters)" if isinstance(value, str) else f"{text[:57]}..."
 
 
 def _utc(value: Any, n: int) -> datetime:
@@ -280,13 +332,18 @@ def _utc(value: Any, n: int) -> datetime:
     return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
 
 
-def list_predictions(store: Store, sha256: str | None = None, model_id: str | None = None) -> list[dict[str, Any]]:
-    """Recorded predictions, oldest first, optionally only for one image and/or model."""
+def list_predictions(
+    store: Store, sha256: str | None = None, model_id: str | None = None, request_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Recorded predictions, oldest first, optionally only for one image, model and/or HTTP request
+    (the request_id `imagerec serve` answered with)."""
     query = sa.select(predictions).order_by(predictions.c.id)
     if sha256 is not None:
         query = query.where(predictions.c.image_sha256 == sha256)
     if model_id is not None:
         query = query.where(predictions.c.model_id == str(model_id))
+    if request_id is not None:
+        query = query.where(predictions.c.request_id == request_id)
     with store.read() as conn:
         return [
             {
@@ -296,6 +353,8 @@ def list_predictions(store: Store, sha256: str | None = None, model_id: str | No
                 "model_id": r.model_id,
                 "topk": r.topk,
                 "created_at": _iso(r.created_at),
+                "served_as": r.served_as,
+                "request_id": r.request_id,
             }
             for r in conn.execute(query)
         ]

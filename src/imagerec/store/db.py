@@ -49,9 +49,20 @@ class Store:
             yield conn
 
     @contextmanager
-    def write(self) -> Iterator[sa.Connection]:
-        """A connection in a write transaction (SQLite: BEGIN IMMEDIATE); commits on success."""
+    def write(self, timeout_s: float | None = None) -> Iterator[sa.Connection]:
+        """A connection in a write transaction (SQLite: BEGIN IMMEDIATE); commits on success.
+
+        `timeout_s` (PostgreSQL only): the longest a statement of this transaction may wait for a
+        lock (SET LOCAL lock_timeout, so only this transaction), and twice that the longest it may
+        run (statement_timeout: a server that stalls), for writers that must fail and try again
+        later rather than wait behind someone's LOCK TABLE for as long as it is held. Past it the
+        statement fails and the transaction is rolled back: nothing of it is written.
+        """
         with self.engine.connect().execution_options(imagerec_write=True) as conn, conn.begin():
+            if timeout_s is not None and self.dialect == "postgresql":
+                ms = max(1, round(timeout_s * 1000))
+                conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {2 * ms}")
             yield conn
 
     def close(self) -> None:
@@ -82,15 +93,16 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def migrate(engine: Engine) -> list[str]:
-    """Upgrade the schema to head; return the revisions applied (empty when already current).
+def migrate(engine: Engine, revision: str | None = None) -> list[str]:
+    """Upgrade the schema to head (or to `revision`, for tests of upgrades from an older store);
+    return the revisions applied (empty when already current).
 
     All revisions run in one transaction that first takes a lock (PostgreSQL: an advisory lock;
     SQLite: BEGIN IMMEDIATE), so processes opening a new store at once migrate it exactly once.
     """
-    head = head_revision()
+    target = revision or head_revision()
     before = current_revision(engine)
-    if before == head:
+    if before == target:
         return []
     script = ScriptDirectory.from_config(_alembic_config())
     cfg = _alembic_config()
@@ -99,16 +111,16 @@ def migrate(engine: Engine) -> list[str]:
             if engine.dialect.name == "postgresql":
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
             before = MigrationContext.configure(conn).get_current_revision()  # again, under the lock
-            if before == head:
+            if before == target:
                 return []
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, target)
     except CommandError as e:
         raise ImageRecError(
             f"the store {mask_url(engine.url)} has schema revision {before}, which this imagerec does not know "
-            f"(newest known: {head}); upgrade imagerec ({e})"
+            f"(newest known: {head_revision()}); upgrade imagerec ({e})"
         ) from e
-    applied = [rev.revision for rev in script.iterate_revisions(head, before)]
+    applied = [rev.revision for rev in script.iterate_revisions(target, before)]
     return list(reversed(applied))
 
 

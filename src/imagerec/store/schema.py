@@ -77,4 +77,8 @@ predictions = sa.Table(
     sa.Column("model_id", sa.Text, nullable=False),
     sa.Column("topk", JSONType, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # revision 0002: what `imagerec serve --db` answered with ("name@version", and the answer's
+    # request_id); NULL in rows recorded before it or without them
+    sa.Column("served_as", sa.Text, nullable=True),
+    sa.Column("request_id", sa.String(32), nullable=True, index=True),
 )
