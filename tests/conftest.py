@@ -91,6 +91,30 @@ def write_other_digits() -> Callable[[Path], None]:
     return _write_other_digits
 
 
+def _write_digits(folder: Path, per_class: int, classes: tuple[str, ...] = ("3", "5")) -> list[tuple[Path, str]]:
+    from PIL import Image
+
+    from imagerec.data import read_data
+
+    spec = read_data("mnist-mini")
+    out = []
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        found = [it for it in spec.splits["test"] if spec.class_names[it.target] == c][:per_class]
+        for k, it in enumerate(found):
+            path = folder / c / f"{k}.png"
+            Image.fromarray(spec.arrays["test"][it.source.index]).save(path)
+            out.append((path, c))
+    return out
+
+
+@pytest.fixture
+def write_digits() -> Callable[..., list[tuple[Path, str]]]:
+    """`write_digits(folder, per_class, classes=("3", "5"))` writes `per_class` distinct real
+    mnist-mini test digits of each class as folder/<class>/<n>.png; returns (path, class) pairs."""
+    return _write_digits
+
+
 @contextlib.contextmanager
 def _postgres_scratch(create: str, drop: str) -> Iterator[str]:
     """Runs `create` (e.g. CREATE SCHEMA s) on the PostgreSQL server at PG_ADMIN_URL, yields that URL,

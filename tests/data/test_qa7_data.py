@@ -12,10 +12,10 @@ import json
 import logging
 import shutil
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 import imagerec
 from imagerec.data import read_data
@@ -26,30 +26,18 @@ from imagerec.engine.run import class_counts
 from imagerec.store import ingest, open_store
 from imagerec.utils import ImageRecError
 
+WriteDigits = Callable[..., list[tuple[Path, str]]]  # the write_digits fixture (tests/conftest.py)
+
 TRAIN_CONFIG = {"val_fraction": 0.1, "seed": 0}  # as a run's checkpoint records them
 
-
-def write_digits(folder: Path, per_class: int, classes: tuple[str, ...] = ("3", "5")) -> list[tuple[str, str]]:
-    """`per_class` distinct real mnist-mini test digits of each class as folder/<class>/<n>.png;
-    (path relative to folder's parent, class) pairs."""
-    spec = read_data("mnist-mini")
-    out = []
-    for c in classes:
-        (folder / c).mkdir(parents=True, exist_ok=True)
-        found = [it for it in spec.splits["test"] if spec.class_names[it.target] == c][:per_class]
-        for k, it in enumerate(found):
-            path = folder / c / f"{k}.png"
-            Image.fromarray(spec.arrays["test"][it.source.index]).save(path)
-            out.append((path.relative_to(folder.parent).as_posix(), c))
-    return out
 
 
 # --- bug 1: a class repeated in one manifest row --------------------------------------------------
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-def test_a_label_repeated_in_a_row_of_single_label_data_is_that_one_label(tmp_path: Path, fmt: str) -> None:
-    rows = write_digits(tmp_path / "d", 3)
+def test_a_label_repeated_in_a_row_of_single_label_data_is_that_one_label(tmp_path: Path, fmt: str, write_digits: WriteDigits) -> None:
+    rows = [(p.relative_to(tmp_path).as_posix(), c) for p, c in write_digits(tmp_path / "d", 3)]
     labels = [f"{c};{c}" if k == 0 else c for k, (_, c) in enumerate(rows)]  # the first row: '3;3'
     manifest = tmp_path / f"m.{fmt}"
     if fmt == "csv":
@@ -64,8 +52,8 @@ def test_a_label_repeated_in_a_row_of_single_label_data_is_that_one_label(tmp_pa
     assert class_counts(spec.splits["train"], 2).tolist() == [3, 3]
 
 
-def test_a_single_label_run_on_a_repeated_label_trains_single_label(tmp_path: Path) -> None:
-    rows = write_digits(tmp_path / "d", 4)
+def test_a_single_label_run_on_a_repeated_label_trains_single_label(tmp_path: Path, write_digits: WriteDigits) -> None:
+    rows = [(p.relative_to(tmp_path).as_posix(), c) for p, c in write_digits(tmp_path / "d", 4)]
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label\n" + "".join(f"{p},{c};{c}\n" if k % 4 == 0 else f"{p},{c}\n"
                                                  for k, (p, c) in enumerate(rows)))
@@ -76,8 +64,8 @@ def test_a_single_label_run_on_a_repeated_label_trains_single_label(tmp_path: Pa
     assert list(meta["preprocess"]["class_names"]) == ["3", "5"]
 
 
-def test_a_label_repeated_in_a_row_of_multi_label_data_counts_once(tmp_path: Path) -> None:
-    rows = write_digits(tmp_path / "d", 2)
+def test_a_label_repeated_in_a_row_of_multi_label_data_counts_once(tmp_path: Path, write_digits: WriteDigits) -> None:
+    rows = [(p.relative_to(tmp_path).as_posix(), c) for p, c in write_digits(tmp_path / "d", 2)]
     manifest = tmp_path / "m.csv"
     labels = ["cat;cat", "cat;dog;cat", "dog | dog", "cat"]
     manifest.write_text("path,label\n" + "".join(f"{p},{lab}\n" for (p, _), lab in zip(rows, labels, strict=True)))
@@ -129,7 +117,7 @@ def _store(held: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 ])
 def test_test_split_of_data_that_names_splits_but_no_test_images(tmp_path: Path, kind: str, why: str,
                                                                  monkeypatch: pytest.MonkeyPatch,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+                                                                 caplog: pytest.LogCaptureFixture, write_digits: WriteDigits) -> None:
     held = tmp_path / "held"
     write_digits(held / "train", 3)
     data = (_store(held, monkeypatch) if kind == "store" else
@@ -148,7 +136,7 @@ def test_test_split_of_data_that_names_splits_but_no_test_images(tmp_path: Path,
 
 @pytest.mark.parametrize("kind", ["tar.gz", "csv", "jsonl"])
 def test_data_that_names_no_splits_is_evaluated_whole_without_a_warning(tmp_path: Path, kind: str,
-                                                                       caplog: pytest.LogCaptureFixture) -> None:
+                                                                       caplog: pytest.LogCaptureFixture, write_digits: WriteDigits) -> None:
     """A plain <class>/<image> archive, or a manifest without a split column: held-out images, all of them."""
     held = tmp_path / "held"
     write_digits(held, 2)
@@ -160,7 +148,7 @@ def test_data_that_names_no_splits_is_evaluated_whole_without_a_warning(tmp_path
     assert not [r for r in caplog.records if "has no test images" in r.getMessage()]
 
 
-def test_test_split_of_an_archive_with_test_images_is_the_test_images(tmp_path: Path) -> None:
+def test_test_split_of_an_archive_with_test_images_is_the_test_images(tmp_path: Path, write_digits: WriteDigits) -> None:
     held = tmp_path / "held"
     write_digits(held / "train", 3)
     write_digits(held / "test", 2)

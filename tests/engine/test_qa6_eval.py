@@ -14,28 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from imagerec.data import read_data
 from imagerec.engine.evaluate import evaluate_run
 from imagerec.robustness import evaluate_robustness
 from imagerec.utils import ImageRecError
 
+WriteDigits = Callable[..., list[tuple[Path, str]]]  # the write_digits fixture (tests/conftest.py)
+
 FEW = {"corruptions": [], "attacks": [], "write": False}  # robustness: clean accuracy only
 
-
-def write_digits(folder: Path, per_class: int, classes: tuple[str, ...] = ("3", "5")) -> list[tuple[Path, str]]:
-    """`per_class` real mnist-mini test digits of each of `classes` as folder/<class>/<n>.png; (path, class) pairs."""
-    spec = read_data("mnist-mini")
-    out = []
-    for c in classes:
-        (folder / c).mkdir(parents=True, exist_ok=True)
-        found = [it for it in spec.splits["test"] if spec.class_names[it.target] == c][:per_class]
-        for k, it in enumerate(found):
-            path = folder / c / f"{k}.png"
-            Image.fromarray(spec.arrays["test"][it.source.index]).save(path)
-            out.append((path, c))
-    return out
 
 
 @pytest.fixture
@@ -47,7 +34,7 @@ def run(cnn_run: Path, copy_run: Callable[..., Path], tmp_path: Path) -> Path:
 # --- bug 1: no image of the split can be read -----------------------------------------------------
 
 
-def test_eval_of_data_none_of_whose_images_can_be_read_is_one_clear_error(run: Path, tmp_path: Path) -> None:
+def test_eval_of_data_none_of_whose_images_can_be_read_is_one_clear_error(run: Path, tmp_path: Path, write_digits: WriteDigits) -> None:
     good = write_digits(tmp_path / "src", 1)
     bad = tmp_path / "allbad"
     (bad / "3").mkdir(parents=True)
@@ -69,7 +56,7 @@ def write_manifest(path: Path, rows: list[tuple[Path, str]]) -> Path:
     return path
 
 
-def test_single_label_run_refuses_images_with_several_labels(run: Path, tmp_path: Path) -> None:
+def test_single_label_run_refuses_images_with_several_labels(run: Path, tmp_path: Path, write_digits: WriteDigits) -> None:
     digits = write_digits(tmp_path / "d", 2)
     other = {"3": "5", "5": "3"}
     for rows in ([(digits[0][0], "3;5")] + digits[1:], [(p, f"{c};{other[c]}") for p, c in digits]):  # one row, all
@@ -82,7 +69,7 @@ def test_single_label_run_refuses_images_with_several_labels(run: Path, tmp_path
             assert f"{run} is a single-label model: give one label per image" in message, message
 
 
-def test_single_label_run_evaluates_multi_label_data_with_one_label_per_image(run: Path, tmp_path: Path) -> None:
+def test_single_label_run_evaluates_multi_label_data_with_one_label_per_image(run: Path, tmp_path: Path, write_digits: WriteDigits) -> None:
     """A ';' makes a manifest multi-label; where every image still has one label, the run scores it
     exactly as the same manifest written single-label."""
     digits = write_digits(tmp_path / "d", 3)
@@ -100,7 +87,7 @@ def test_single_label_run_evaluates_multi_label_data_with_one_label_per_image(ru
 
 @pytest.mark.parametrize("test_folder", [True, False], ids=["empty-test-folder", "no-test-folder"])
 def test_test_split_of_data_with_train_but_no_test_images(run: Path, tmp_path: Path, test_folder: bool,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+                                                          caplog: pytest.LogCaptureFixture, write_digits: WriteDigits) -> None:
     held = tmp_path / "held"
     write_digits(held / "train", 3)
     if test_folder:
@@ -122,7 +109,7 @@ def test_test_split_of_data_with_train_but_no_test_images(run: Path, tmp_path: P
 
 
 def test_test_split_of_a_plain_class_folder_is_all_of_it(run: Path, tmp_path: Path,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
+                                                         caplog: pytest.LogCaptureFixture, write_digits: WriteDigits) -> None:
     """README: DATA without a test split (a plain <class>/<image> folder of held-out images) is evaluated whole."""
     write_digits(tmp_path / "plain", 2)
     with caplog.at_level(logging.WARNING, logger="imagerec"):
