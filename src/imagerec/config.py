@@ -301,15 +301,51 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], origin: str) ->
     return dataclasses.replace(cfg, **updates, explicit=sorted({*cfg.explicit, *updates}))
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one mapping of a config file."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is refused: PyYAML keeps the last
+    one without a word, so a copy-pasted `epochs: 2` below `epochs: 1` silently won. `batch-size`
+    and `batch_size` are one key here, as they are to `apply_overrides`."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[object, tuple[object, int]] = {}  # key, '-' as '_' -> (key as written, line)
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden, by design
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        norm = key.replace("-", "_") if isinstance(key, str) else key
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.get(norm)
+        except TypeError:  # an unhashable key: construct_mapping says so
+            continue
+        if first is None:
+            seen[norm] = (key, line)
+            continue
+        where = f"twice on line {line}" if first[1] == line else f"on lines {first[1]} and {line}"
+        what = f"key '{key}' is given" if first[0] == key else f"keys '{first[0]}' and '{key}' (one setting) are given"
+        raise _DuplicateKeyError(f"{what} {where}; keep one of them")
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
 def load_config_file(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
-    """Read a YAML (or JSON) file of TrainConfig keys on top of `base`."""
+    """Read a YAML (or JSON) file of TrainConfig keys on top of `base`; a key given twice is refused."""
     p = Path(path)
     if not p.is_file():
         raise ImageRecError(f"config file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError as e:
         raise ImageRecError(f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at {e.start}); save it as UTF-8") from e
+    except _DuplicateKeyError as e:
+        raise ImageRecError(f"config file {p}: {e}") from e
     except yaml.YAMLError as e:
         raise ImageRecError(f"config file {p} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):

@@ -57,6 +57,7 @@ def read_archive(path: Path) -> DataSpec:
     names: list[str] = []  # every member, for the message when no image is found
     files: list[str] = []  # every file and link member, for the data doctor
     broken: list[tuple[str, str]] = []  # image link members that point to no file of the archive
+    dotdot: list[str] = []  # image members with '..' in their names, which are not read
     name = path.name.lower()
     try:
         copies: Counter[str] = Counter()  # an archive may hold several members of one name
@@ -66,7 +67,9 @@ def read_archive(path: Path) -> DataSpec:
                     names.append(info.filename)
                     if not info.is_dir():
                         files.append(info.filename)
-                    if not info.is_dir() and is_image_path(info.filename) and not hidden_path(info.filename):
+                    if not info.is_dir() and is_image_path(info.filename) and _has_dotdot(info.filename):
+                        dotdot.append(info.filename)
+                    elif not info.is_dir() and is_image_path(info.filename) and not hidden_path(info.filename):
                         rel.append(info.filename)
                         sources.append(ZipMember(str(path), info.filename, i, copies[info.filename]))
                         copies[info.filename] += 1
@@ -81,6 +84,9 @@ def read_archive(path: Path) -> DataSpec:
                 names.append(m.name)
                 if not m.isdir():
                     files.append(m.name)
+                if not m.isdir() and is_image_path(m.name) and _has_dotdot(m.name):
+                    dotdot.append(m.name)
+                    continue
                 if not is_image_path(m.name) or hidden_path(m.name) or not (m.isfile() or m.issym() or m.islnk()):
                     continue
                 # a link member is read as the file it points to, as a symlink in a folder is
@@ -96,7 +102,8 @@ def read_archive(path: Path) -> DataSpec:
     try:
         spec = spec_from_layout(str(path), sources, rel)
     except ImageRecError as e:
-        raise ImageRecError(_why_no_images(path, names) or str(e)) from e
+        raise ImageRecError(_why_no_images(path, names, dotdot) or str(e)) from e
+    spec.notes.extend(_dotdot_note(str(path), dotdot))
     spec.notes.extend(refused_images_note(str(path), [n for n in names if not hidden_path(n)]))
     spec.notes.extend(broken_links_note(str(path), broken, "whose target is not a file in the archive"))
     spec.files = files
@@ -134,8 +141,29 @@ def _check_tar_end(path: Path, tar_path: Path, end: int) -> None:
         )
 
 
-def _why_no_images(path: Path, names: list[str]) -> str | None:
+def _has_dotdot(name: str) -> bool:
+    """A member name with a '..' part (`../x/cat/1.png`): it points outside the archive's folder."""
+    return ".." in name.replace("\\", "/").split("/")
+
+
+def _dotdot_note(origin: str, dotdot: list[str]) -> list[str]:
+    """A note naming the image members left out for the '..' in their names: never without a word
+    (they were taken for hidden files and dropped silently)."""
+    if not dotdot:
+        return []
+    shown = ", ".join(dotdot[:5]) + (", ..." if len(dotdot) > 5 else "")
+    return [f"{origin}: left out {len(dotdot)} image member(s) whose names contain '..' (they point outside "
+            f"the archive's folder, so they are not read): {shown}"]
+
+
+def _why_no_images(path: Path, names: list[str], dotdot: list[str]) -> str | None:
     """A specific reason why an archive has no images in class folders, when there is one."""
+    if dotdot:
+        return (
+            f"{path}: no images in class folders; the archive's {len(dotdot)} image member(s) with '..' in their "
+            f"names are not read (e.g. '{dotdot[0]}'), since they point outside the archive's folder. Re-create "
+            "the archive from inside its top folder, so that names read <class>/<image>"
+        )
     backslashed = [n for n in names if "\\" in n]
     if backslashed and not any("/" in n for n in names if is_image_path(n)):
         return (

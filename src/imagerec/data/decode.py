@@ -213,11 +213,13 @@ def decode_errors(name: str, action: str = "decode image") -> Iterator[None]:
 
 
 def check_pixels(name: str, size: tuple[int, int], max_pixels: int) -> None:
+    """Refuse an image over `max_pixels`, from its header size, before any pixel is decoded."""
     w, h = size
     if w * h > max_pixels:
         raise DecodeError(
             f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-            "(possible decompression bomb); raise max_pixels if the image is genuine"
+            "(possible decompression bomb); if the image is genuine, raise the limit with --max-pixels N "
+            "(max_pixels= in Python)"
         )
 
 
@@ -226,20 +228,21 @@ _PIL_LIMIT = threading.Lock()
 
 def pil_open(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, formats: tuple[str, ...] | None = None) -> Image.Image:
     """`Image.open` on bytes (with only the Pillow plugins `formats`, when given), with PIL's own
-    pixel limit lifted to `max_pixels` when that is higher.
+    pixel limit lifted: `max_pixels` is the one limit, which callers check on the header's size.
 
     PIL refuses on open any image over twice its `Image.MAX_IMAGE_PIXELS`, whatever the caller's
-    limit; when the user raised `max_pixels` past that, the user's limit must be the one that
-    applies. PIL's limit is a module global, so it is lifted under a lock, for the open only (the
-    header read, where PIL checks it). Callers check `max_pixels` themselves (`check_pixels`), with
-    a one-line error, so PIL's DecompressionBombWarning (which names PIL's own source file and line)
-    is silenced here too; `catch_warnings` changes process-wide state, hence the lock for every open.
+    limit: with a raised `max_pixels` it refused images the user allowed, and at the default it
+    refused them with its own text, which does not name `--max-pixels`. PIL's limit is a module
+    global, so it is lifted under a lock, for the open only (the header read, where PIL checks it;
+    nothing is decoded yet). Callers check `max_pixels` themselves (`check_pixels`), with a one-line
+    error, so PIL's DecompressionBombWarning (which names PIL's own source file and line) is
+    silenced here too; `catch_warnings` changes process-wide state, hence the lock for every open.
+    `max_pixels` stays in the signature for callers that pass it.
     """
     with _PIL_LIMIT, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         old = Image.MAX_IMAGE_PIXELS
-        if max_pixels > DEFAULT_MAX_PIXELS:
-            Image.MAX_IMAGE_PIXELS = max_pixels
+        Image.MAX_IMAGE_PIXELS = None  # the caller's check_pixels, right after, is the limit
         try:
             return Image.open(io.BytesIO(data), formats=formats)
         finally:

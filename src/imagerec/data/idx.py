@@ -7,8 +7,10 @@ dicts, lists, strings, numbers and numpy arrays, so a hostile file cannot run co
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +33,15 @@ def read_idx(path: str | Path) -> np.ndarray:
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     offset = 4 + 4 * ndim
-    expected = int(np.prod(dims)) * dtype.itemsize
+    # Python ints: np.prod wraps around in int64, so a header of 65536 x 65536 x 65536 x 65536
+    # came to 0 bytes and passed this check
+    expected = math.prod(dims) * dtype.itemsize
     if len(raw) - offset != expected:
         raise ImageRecError(f"{p}: IDX header says {dims} but the file holds {len(raw) - offset} bytes of data, not {expected}")
-    arr = np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
+    try:
+        arr = np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
+    except ValueError as e:  # a 0 among dims too large to index (0 x 2**32 x 2**32 x 2**32)
+        raise ImageRecError(f"{p}: IDX header says {dims}, which no array can hold ({e}); the file is damaged") from e
     if arr.ndim == 3 and arr.dtype != np.uint8:
         raise ImageRecError(f"{p}: IDX images must be uint8, got {arr.dtype}")
     return arr.astype(arr.dtype.newbyteorder("=")) if arr.dtype.byteorder == ">" else arr
@@ -106,8 +113,44 @@ def load_cifar_batch(path: Path) -> dict:
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
-def _names(meta: dict, key: str) -> list[str]:
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[key]]
+def _names(meta_file: Path, meta: dict, key: str) -> list[str]:
+    """The class names in a CIFAR meta file: a list of distinct strings under `key`.
+
+    Duplicates are refused here, when the data is read: a run keys its per-class metrics by
+    name, so two classes of one name trained to the end and then failed at the final evaluation.
+    """
+    raw = meta.get(key)
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(n, (bytes, str)) for n in raw):
+        found = f"keys {sorted(map(str, meta))}" if raw is None else f"a {type(raw).__name__}"
+        raise ImageRecError(
+            f"{meta_file}: CIFAR meta must hold '{key}', a list of class names; found {found}. "
+            "The file is damaged or not this dataset's: re-download it, or remove it to name classes by number"
+        )
+    names = [n.decode(errors="replace") if isinstance(n, bytes) else n for n in raw]
+    repeated = sorted(n for n, c in Counter(names).items() if c > 1)
+    if repeated:
+        raise ImageRecError(
+            f"{meta_file}: '{key}' names a class more than once ({', '.join(repr(n) for n in repeated[:5])}); "
+            "class names must be distinct: fix or re-download the file"
+        )
+    return names
+
+
+def _batch_data(path: Path, batch: dict) -> np.ndarray:
+    """A batch's images as (N, 3072) uint8 rows, checked before anything is joined or cast."""
+    try:
+        data = np.asarray(batch["data"])
+    except (TypeError, ValueError) as e:  # ragged lists
+        raise ImageRecError(f"{path}: CIFAR data must be N x 3072 uint8 rows ({e}); the batch is damaged, re-download it") from e
+    if data.ndim != 2 or data.shape[1] != 3072 or (data.size and data.dtype.kind not in "iu"):
+        what = f"{data.dtype} values of shape {data.shape}" if data.dtype.kind in "iuf" else f"a {type(batch['data']).__name__} object"
+        raise ImageRecError(f"{path}: CIFAR data must be N x 3072 uint8 rows (values 0-255), got {what}; the batch is damaged, re-download it")
+    if data.dtype != np.uint8 and data.size and (data.min() < 0 or data.max() > 255):
+        raise ImageRecError(
+            f"{path}: CIFAR data must be uint8 values 0-255, found values from {int(data.min())} to {int(data.max())}; "
+            "the batch is damaged, re-download it"
+        )
+    return data.astype(np.uint8, copy=False)
 
 
 def is_cifar_dir(root: Path) -> bool:
@@ -132,17 +175,16 @@ def read_cifar_dir(root: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
         for p, b in zip(paths, batches, strict=True):
             if "data" not in b or label_key not in b:
                 raise ImageRecError(f"{p}: a CIFAR batch needs 'data' and '{label_key}' entries")
-        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise ImageRecError(f"{paths[0]}: CIFAR data must be N x 3072 uint8 rows, got {data.shape}")
-        batch_labels = [_batch_labels(p, b, label_key) for p, b in zip(paths, batches, strict=True)]
+        data_rows = [_batch_data(p, b) for p, b in zip(paths, batches, strict=True)]
+        data = np.concatenate(data_rows)
+        batch_labels = [_batch_labels(p, b, label_key, len(d)) for p, b, d in zip(paths, batches, data_rows, strict=True)]
         arrays[split] = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # (N, H, W, C)
         labels[split] = np.concatenate(batch_labels)
         owners += [(p, lab) for p, lab in zip(paths, batch_labels, strict=True)]
     if "train" not in arrays:
         raise ImageRecError(f"{root}: no CIFAR training batches found")
     if meta_file.exists():
-        class_names = _names(load_cifar_batch(meta_file), names_key)
+        class_names = _names(meta_file, load_cifar_batch(meta_file), names_key)
     else:
         class_names = [str(i) for i in range(max(int(v.max(initial=0)) for v in labels.values()) + 1)]
     for p, lab in owners:
@@ -156,7 +198,7 @@ def read_cifar_dir(root: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
     return arrays, labels, class_names
 
 
-def _batch_labels(path: Path, batch: dict, label_key: str) -> np.ndarray:
+def _batch_labels(path: Path, batch: dict, label_key: str, rows: int) -> np.ndarray:
     """The batch's labels as int64, checked to be one integer per data row."""
     try:
         lab = np.asarray(batch[label_key])
@@ -164,7 +206,6 @@ def _batch_labels(path: Path, batch: dict, label_key: str) -> np.ndarray:
         raise ImageRecError(f"{path}: '{label_key}' must be a list of integers ({e})") from e
     if lab.ndim != 1 or (len(lab) and lab.dtype.kind not in "iu"):
         raise ImageRecError(f"{path}: '{label_key}' must be a flat list of integers, got {lab.dtype} of shape {lab.shape}")
-    rows = len(np.asarray(batch["data"]))
     if rows != len(lab):
         raise ImageRecError(f"{path}: {rows} images but {len(lab)} labels; the batch is damaged, re-download it")
     return lab.astype(np.int64)

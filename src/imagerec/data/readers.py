@@ -278,6 +278,18 @@ def _pick(row: dict, names: tuple[str, ...]) -> object:
     return None
 
 
+def _check_extra_fields(path: Path, n: int, row: dict, extra: list[str]) -> None:
+    """Refuse a CSV row with more fields than its header has columns, unless the extra ones are
+    empty (Excel's trailing commas): `x.png,golden retriever, large` lost ' large' without a word."""
+    filled = [v for v in extra if v.strip()]
+    if filled:
+        raise ImageRecError(
+            f"{path}, row {n}: {len(row) + len(extra)} fields but the header names {len(row)} columns "
+            f"({', '.join(map(str, row))}); the extra field(s) {', '.join(map(repr, filled))} are not read. "
+            'Quote a value that holds a comma ("golden retriever, large"), or name the column in the header'
+        )
+
+
 def read_manifest(path: Path) -> DataSpec:
     """CSV (`path,label[,split]`) or JSONL manifest. Several labels in a row (a list, or separated by
     ';' or '|') make the dataset multi-label; a label repeated in one row counts once (`3;3` is 3).
@@ -293,6 +305,7 @@ def read_manifest(path: Path) -> DataSpec:
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise ImageRecError(f"{path}, row {n}: expected an object with 'path' and 'label'")
+        extra = row.pop(None, None) or []  # csv fields beyond the header's columns
         rel = _pick(row, _PATH_KEYS)
         lab = _pick(row, _LABEL_KEYS)
         if rel is None or lab is None:
@@ -303,7 +316,9 @@ def read_manifest(path: Path) -> DataSpec:
                     f"{path}, row {n}: the {what} is empty ({', '.join(f'{k!r}: {row[k]!r}' for k in present)}); "
                     f"give every row a {what}, or remove the row"
                 )
-            raise ImageRecError(f"{path}, row {n}: needs a 'path' and a 'label' column/key; found {sorted(row)}")
+            unnamed = f" (and {len(extra)} unnamed extra field(s))" if extra else ""
+            raise ImageRecError(f"{path}, row {n}: needs a 'path' and a 'label' column/key; found {sorted(row)}{unnamed}")
+        _check_extra_fields(path, n, row, extra)
         labels = [str(x) for x in lab] if isinstance(lab, list) else [s.strip() for s in str(lab).replace("|", ";").split(";") if s.strip()]
         if not labels and not isinstance(lab, list):
             # ' ' or ';' holds no label once split and stripped: refused like '', since the empty label
