@@ -45,15 +45,19 @@ def is_video(path: object) -> bool:
 
 
 def video_frames(path: str, every: int) -> Iterator[tuple[int, float, Image.Image]]:
-    """(frame index, time in seconds, RGB frame) for every `every`-th frame of a video."""
+    """(frame index, time in seconds, RGB frame) for every `every`-th frame of a video.
+
+    A video whose first frame cannot be read (a valid container with no frames, a first frame that
+    does not decode) raises ImageRecError: it would otherwise give no row at all, as if it had
+    never been given."""
     import cv2
 
     cap = cv2.VideoCapture(path)
     if not cap.isOpened():
         raise ImageRecError(f"{path}: cannot open video (unsupported codec or not a video file)")
     fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+    index = 0
     try:
-        index = 0
         while True:
             if not cap.grab():
                 break
@@ -66,6 +70,8 @@ def video_frames(path: str, every: int) -> Iterator[tuple[int, float, Image.Imag
             index += 1
     finally:
         cap.release()
+    if index == 0:  # frame 0 is always retrieved: nothing was yielded
+        raise ImageRecError(f"{path}: video has no frames (an empty video, or its first frame does not decode)")
 
 
 def predict_video(predictor: Predictor, path: str, every: int, top_k: int, chunk: int = 32) -> Iterator[dict[str, Any]]:

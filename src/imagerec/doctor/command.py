@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.doctor.check import check_data
-from imagerec.doctor.html import write_html
+from imagerec.doctor.html import check_html_path, write_html
 from imagerec.doctor.output import render_table, report_to_json
 from imagerec.doctor.quarantine import quarantine, undo_quarantine
 from imagerec.utils import ImageRecError
@@ -55,6 +55,8 @@ def check_command(
         raise ImageRecError(f"unknown fix '{fix}': the only fix is 'quarantine'")
     if fix is not None and not fix_dest:
         raise ImageRecError("--fix quarantine needs a destination folder, e.g. --fix quarantine ./quarantined")
+    if html:  # before the check, which may take long; write_html checks again against the folder it found
+        check_html_path(html, data)
     report = check_data(data, max_pixels=max_pixels, data_dir=data_dir)
     # the page first: its thumbnails are read from the problem files, which the quarantine moves away
     html_path = write_html(report, html) if html else None

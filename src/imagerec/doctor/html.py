@@ -22,7 +22,7 @@ from imagerec.data.decode import (
     read_bytes,
 )
 from imagerec.doctor.problems import SEVERITY_ORDER, CheckReport, Problem
-from imagerec.utils import atomic_write
+from imagerec.utils import ImageRecError, atomic_write, write_error_text
 
 THUMB_PX = 96
 _NO_DECODE = {"zero_byte", "truncated", "corrupt", "not_an_image", "decompression_bomb"}
@@ -77,8 +77,48 @@ def _card(p: Problem, uri: str | None, show_thumb: bool) -> str:
     )
 
 
+def _looks_like_html(path: Path) -> bool:
+    """Whether the file at `path` starts as an HTML page does (an earlier report, say)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    except OSError:
+        return False
+    return head.startswith((b"<!doctype html", b"<html"))
+
+
+def check_html_path(path: str | Path, data_root: str | Path | None = None) -> Path:
+    """`path` as an HTML report may be written there, or an ImageRecError saying why not.
+
+    Refused: a folder; a path inside the data folder `data_root` (the page would replace or join the
+    files being checked, as a quarantine folder there would); an existing file that is not an HTML
+    page (an image, the data itself): the report replaces the file at `path`, and it must never be
+    a user's file.
+
+    Example:
+        >>> check_html_path("pets-report.html", "data/pets")
+    """
+    out = Path(path)
+    where = out.absolute()
+    # the folder it goes in, links resolved, and its own name (a link there is replaced, not followed)
+    real = where.parent.resolve() / where.name
+    if data_root is not None and Path(data_root).is_dir():
+        root = Path(data_root).resolve()
+        if real == root or root in real.parents:
+            raise ImageRecError(f"--html {out} is inside the data folder {root}: write the report outside it, "
+                                f"e.g. {root.parent / (root.name + '-report.html')}")
+    if out.is_dir():
+        raise ImageRecError(f"--html {out} is a folder: give a file name for the report, e.g. {out / 'report.html'}")
+    if out.exists() and not _looks_like_html(out):
+        raise ImageRecError(f"--html {out} exists and is not an HTML page: it would be replaced by the report; "
+                            "give a new file name (or an earlier report to replace)")
+    return out
+
+
 def write_html(report: CheckReport, path: str | Path, max_thumbnails: int = 200, max_per_category: int = 60) -> Path:
     """Write the report as one self-contained HTML file, grouped by category; returns its path.
+
+    Refuses (ImageRecError) a path where the page would replace a user's file (`check_html_path`).
 
     Example:
         >>> write_html(check_data("data/pets"), "pets-report.html")
@@ -120,8 +160,11 @@ def write_html(report: CheckReport, path: str | Path, max_thumbnails: int = 200,
         if len(probs) > max_per_category:
             parts.append(f'<p class="more">... and {len(probs) - max_per_category} more (see the JSON report)</p>')
     parts.append("</body></html>")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as f:
-        f.write("".join(parts))
+    out = check_html_path(path, report.root if report.source == "folder" else None)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out) as f:
+            f.write("".join(parts))
+    except OSError as e:  # named as given: not the hidden temp file beside it
+        raise ImageRecError(f"cannot write the HTML report {out}: {write_error_text(e)}") from e
     return out

@@ -155,6 +155,24 @@ def _quarantined_path(manifest: Path, state: dict[str, Any], entry: dict[str, An
     return beside if beside.exists() or beside.is_symlink() else dst
 
 
+def _manifest_problem(moves: Any) -> str | None:
+    """What is wrong with a manifest's `moves` (each entry an object whose src, dst and sha256 are
+    strings, state too when given), naming the first bad entry (1 is the first); None when nothing."""
+    if not isinstance(moves, list):
+        return f"'moves' must be a list of entries, not {type(moves).__name__}"
+    for n, entry in enumerate(moves, 1):
+        if not isinstance(entry, dict):
+            return f"entry {n} is not an object: {str(entry)[:80]}"
+        for key in ("src", "dst", "sha256"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                kind = "sha256 digest" if key == "sha256" else "path"
+                what = "missing" if key not in entry else f"not a {kind}: {repr(entry[key])[:80]}"
+                return f"entry {n}: '{key}' is {what}"
+        if not isinstance(entry.get("state", ""), str):
+            return f"entry {n}: 'state' is not a string: {repr(entry['state'])[:80]}"
+    return None
+
+
 def undo_quarantine(manifest_path: str | Path) -> UndoResult:
     """Move quarantined files back to where they came from.
 
@@ -169,6 +187,9 @@ def undo_quarantine(manifest_path: str | Path) -> UndoResult:
         moves = state["moves"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ImageRecError(f"{manifest}: not a readable quarantine manifest ({e})") from e
+    bad = _manifest_problem(moves)
+    if bad:  # before any move: a manifest that is only partly readable restores nothing
+        raise ImageRecError(f"{manifest}: not a readable quarantine manifest ({bad})")
     result = UndoResult()
     for entry in moves:
         src, dst = Path(entry["src"]), _quarantined_path(manifest, state, entry)

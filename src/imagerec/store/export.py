@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from imagerec.store.db import Store
 from imagerec.store.reader import dataset_row
 from imagerec.store.schema import blobs, images
-from imagerec.utils import ImageRecError, atomic_write, staging_dir
+from imagerec.utils import ImageRecError, atomic_write, staging_dir, write_error_text
 
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -66,17 +66,28 @@ def _file_name(original_path: str, sha256: str, fmt: str) -> str:
     return sha256[:16] + EXTENSIONS.get(fmt.upper(), ".img")
 
 
-def _check_out_dir(out: Path) -> None:
-    """`out` must be new or an existing empty folder; an error naming the path that is in the way otherwise."""
+def _check_out_dir(out: Path) -> Path:
+    """`out` must be new or an existing empty folder; an error naming the path that is in the way
+    otherwise. Returns the folder to replace: `out`, or for a symbolic link to an empty folder, that
+    folder (the export goes through the link, which is kept)."""
+    if out.is_symlink():
+        target = os.readlink(out)
+        if not out.exists():
+            raise ImageRecError(f"{out} is a symbolic link to {target}, which does not exist: export into a new or "
+                                "empty folder (or create that folder first)")
+        if not out.is_dir() or any(out.iterdir()):
+            raise ImageRecError(f"{out} exists and is not an empty folder: export into a new or empty folder")
+        return out.resolve()
     if out.exists():
         if not out.is_dir() or any(out.iterdir()):
             raise ImageRecError(f"{out} exists and is not an empty folder: export into a new or empty folder")
-        return
+        return out
     for parent in out.parents:  # the nearest existing one must be a folder
         if parent.exists():
             if not parent.is_dir():
                 raise ImageRecError(f"cannot create {out}: {parent} is a file, not a folder; export into a new or empty folder")
             break
+    return out
 
 
 def _staging_dir(out: Path) -> Path:
@@ -91,7 +102,8 @@ def export_dataset(store: Store, name: str, out_dir: str | Path) -> int:
     """Write dataset `name` to `out_dir/<split>/<label>/<file>`; return the number of images.
 
     Files keep their original basename (or a sha256 prefix for array images) and their exact
-    stored bytes, each checked against its sha256. `out_dir` must be new or empty; nothing is ever
+    stored bytes, each checked against its sha256. `out_dir` must be new or empty (a symbolic link
+    to an empty folder: the images go into that folder, and the link stays); nothing is ever
     overwritten (a name clash gets the sha256 prefix appended). The images are written into a
     hidden folder `.OUT.partial-PID` beside `out_dir`, renamed to `out_dir` only once every image
     is there: an interrupted export (kill, full disk) never leaves a folder that looks complete,
@@ -118,15 +130,16 @@ def export_dataset(store: Store, name: str, out_dir: str | Path) -> int:
                 " and ".join(repr(label) for label in group), name,
                 ", ".join(f"{label!r} -> {folders[label]}/" for label in group),
             )
-        _check_out_dir(out)
-        tmp = _staging_dir(out.absolute())  # absolute: OUT may be '.', an empty working folder
+        dest = _check_out_dir(out)
+        # absolute: OUT may be '.', an empty working folder; beside `dest`: the rename stays on one filesystem
+        tmp = _staging_dir(dest.absolute())
         try:
             count = _write_images(store, conn, ds, folders, tmp)
-            os.replace(tmp, out)  # an empty folder at `out` is replaced too; a non-empty one makes this fail
+            os.replace(tmp, dest)  # an empty folder at `dest` is replaced too; a non-empty one makes this fail
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
-            raise ImageRecError(f"cannot export to {out}: {where}{e.strerror or e}; nothing was exported (free space "
-                                f"there, or export into another new or empty folder)") from e
+            raise ImageRecError(f"cannot export to {out}: {where}{write_error_text(e)}, or export into another new or "
+                                "empty folder; nothing was exported") from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return count
