@@ -143,7 +143,8 @@ class Predictor:
             self.amp_dtype = resolve_precision(precision, self.device)
             self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
         check_batch_size(batch_size)
-        self.pre, self.batch_size, self.max_pixels = pre, batch_size, max_pixels
+        check_max_pixels(max_pixels)
+        self.pre, self.batch_size, self.max_pixels = pre, batch_size, int(max_pixels)
         self.meta = meta or {}
         self.transform = base_transform(pre)
         self.class_names = list(pre.class_names)
@@ -296,6 +297,14 @@ def input_name(image: ImageInput, i: int) -> str:
     return str(image) if isinstance(image, str | Path) else display_name(image)
 
 
+def check_max_pixels(max_pixels: object) -> None:
+    """Refuse a pixel limit that is not a whole number >= 1 when it is given, not at the first
+    image: a string failed deep in the decoder (TypeError), and 0 refused every image one by one."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int | np.integer) or max_pixels < 1:
+        raise ImageRecError(f"max_pixels must be a whole number of at least 1, got {max_pixels!r}: "
+                            f"e.g. max_pixels=40_000_000 (--max-pixels)")
+
+
 def check_model_path(source: str | Path) -> None:
     """A clear error for a model path that does not exist (before anything tries to load it)."""
     path = Path(source)
@@ -309,6 +318,8 @@ def check_model_path(source: str | Path) -> None:
 
 def load(source: str | Path, **kwargs: Any) -> Predictor:
     """A Predictor for a run directory (its best checkpoint) or an exported bundle folder (has imagerec.json)."""
+    if kwargs.get("max_pixels") is not None:  # None: the run's or bundle's own limit
+        check_max_pixels(kwargs["max_pixels"])
     check_model_path(source)
     if (Path(source) / "imagerec.json").is_file():
         return Predictor.from_bundle(source, **kwargs)

@@ -172,7 +172,7 @@ def test_a_run_stopped_before_its_plan_plans_on_resume_with_the_time_left(tmp_pa
 def test_plan_deadline_plans_new_and_unplanned_resumed_runs_only():
     """A new run plans from its start; a resumed run that had planned keeps its plan (None); one
     stopped before it planned plans with the time it has left, never a deadline in the past."""
-    from imagerec.engine.run import plan_deadline
+    from imagerec.engine.resume import plan_deadline
 
     assert plan_deadline(0.0, 100.0, None) is None
     assert plan_deadline(2.0, 100.0, None) == 220.0

@@ -113,12 +113,17 @@ class CachedDataset(Dataset):
         return i, self.augment(self.cache[i]), None
 
 
-def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+Collated = tuple[torch.Tensor, torch.Tensor | None, list[str], list[int]]
+
+
+def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> Collated:
+    """(indices, images, errors, indices of the images that failed)."""
     good = [(i, t) for i, t, _ in samples if t is not None]
     errors = [e for _, t, e in samples if t is None and e]
+    failed = [i for i, t, _ in samples if t is None]
     if not good:
-        return torch.empty(0, dtype=torch.long), None, errors
-    return torch.tensor([i for i, _ in good]), torch.stack([t for _, t in good]), errors
+        return torch.empty(0, dtype=torch.long), None, errors, failed
+    return torch.tensor([i for i, _ in good]), torch.stack([t for _, t in good]), errors, failed
 
 
 def targets_tensor(items: list[Item], num_classes: int, multi_label: bool) -> torch.Tensor:
@@ -216,6 +221,7 @@ class ImageLoader:
         self.cached = cache == "ram" or (cache == "auto" and nbytes * cache_share < budget)
         self.cache: torch.Tensor | None = None
         self.valid = np.arange(len(items))
+        self._checked = False  # a streaming evaluation loader: `valid` holds only readable items (a full pass)
         if self.cached:
             self._build_cache(arrays, channels, size, fast_arrays)
 
@@ -243,7 +249,7 @@ class ImageLoader:
         batches = [keys[k : k + 256] for k in range(0, len(keys), 256)]
         workers = self.workers if len(self.items) > 2000 else 0
         dl = DataLoader(self.decode, batch_sampler=batches, num_workers=workers, collate_fn=_collate)
-        for idx, x, errors in dl:
+        for idx, x, errors, _ in dl:
             _raise_source_failures(errors)
             if x is not None:
                 cache[idx] = x
@@ -276,7 +282,29 @@ class ImageLoader:
 
     @property
     def num_items(self) -> int:
+        """The images batches are drawn from: those that decode when cached; when streaming, those
+        listed (less, for an evaluation loader, the ones a full pass found unreadable): a streaming
+        loader learns which are unreadable only as it meets them (`counts_exact`)."""
         return len(self.valid)
+
+    @property
+    def counts_exact(self) -> bool:
+        """Whether `num_items` counts only images that decode (every item was decoded once)."""
+        return self.cache is not None or self._checked
+
+    def has_readable(self) -> bool:
+        """Whether any image decodes. A streaming loader decodes items in turn until one does: one
+        decode for a split with readable images. When none does, `num_items` becomes 0."""
+        if self.cache is not None or self._checked or not len(self.valid):
+            return bool(len(self.valid))
+        for i in self.valid:
+            _, t, e = self.decode[(int(i), 0)]
+            if t is not None:
+                return True
+            _raise_source_failures([e] if e else [])
+            self._note_errors([e] if e else [])
+        self.valid, self._checked = self.valid[:0], True
+        return False
 
     @property
     def global_batch_size(self) -> int:
@@ -330,9 +358,11 @@ class ImageLoader:
             multiprocessing_context="fork" if workers and os.name == "posix" else None,
             worker_init_fn=_ignore_sigint if workers else None,
         )
-        for idx, x, errors in dl:
+        failed: list[int] = []
+        for idx, x, errors, bad in dl:
             _raise_source_failures(errors)
             skipped = self._note_errors(errors)
+            failed += bad
             if x is None:
                 if self.shuffle and self.world_size > 1:
                     # Skipping the step here would leave the other ranks waiting for this one.
@@ -342,6 +372,10 @@ class ImageLoader:
                     )
                 continue
             yield Batch(x, self.targets[idx], self._full_positions(idx), skipped)
+        if not self.shuffle and start_step == 0:
+            # An evaluation pass met every item: count only the readable ones from now on. (A training
+            # loader keeps its list: an epoch's batches must not depend on what earlier epochs met.)
+            self.valid, self._checked = np.setdiff1d(self.valid, failed), True
 
     def _full_positions(self, idx: torch.Tensor) -> torch.Tensor:
         return idx if self.positions is None else torch.from_numpy(self.positions)[idx]

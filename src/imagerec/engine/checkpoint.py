@@ -123,9 +123,9 @@ def _pair_meta(stem: Path, meta: dict[str, Any] | None) -> dict[str, Any] | None
     pending = _tmp(stem, ".json")
     try:
         newer = json.loads(pending.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         newer = {}
-    if newer.get("weights_id") != wid:
+    if not isinstance(newer, dict) or newer.get("weights_id") != wid:
         if meta is None:
             return None
         raise ImageRecError(
@@ -144,14 +144,21 @@ def read_checkpoint_meta(path_stem: str | Path) -> dict[str, Any]:
             raise ImageRecError(f"{stem.parent} holds a run that stopped before its first checkpoint: nothing to resume; "
                                 "train it again with the same --out (--save-every-steps N saves during an epoch)")
         raise ImageRecError(f"no checkpoint at {stem}: {jpath.name} is missing (is this an imagerec run directory?)")
+    damaged = "the file is damaged; use the run's other checkpoint (best/last) or train again"
     try:
         meta = json.loads(jpath.read_text())
     except json.JSONDecodeError as e:
-        raise ImageRecError(f"{jpath}: checkpoint metadata is not valid JSON ({e.msg}); the file is damaged") from e
-    if meta.get("format") != FORMAT:
+        raise ImageRecError(f"{jpath}: checkpoint metadata is not valid JSON ({e.msg}); {damaged}") from e
+    except UnicodeDecodeError as e:  # bytes that are not UTF-8: json never saw text
+        raise ImageRecError(f"{jpath}: checkpoint metadata is not UTF-8 text (byte {e.start}); {damaged}") from e
+    except OSError as e:
+        raise ImageRecError(f"{jpath}: cannot read the checkpoint metadata ({e.strerror or e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ImageRecError(f"{jpath}: not an imagerec checkpoint")
     meta = _pair_meta(stem, meta)
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    if not isinstance(meta.get("format_version", 0), int):
+        raise ImageRecError(f"{jpath}: checkpoint format_version {meta['format_version']!r} is not a number; {damaged}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ImageRecError(
             f"{jpath}: checkpoint format {meta['format_version']} is newer than this imagerec supports "
             f"({FORMAT_VERSION}); upgrade imagerec"
@@ -182,13 +189,45 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     optimizer.load_state_dict(_optimizer_join(tensors, meta["optimizer_state"]))
 
 
+def has_checkpoint(path_stem: str | Path) -> bool:
+    """Whether `<stem>` is a saved checkpoint (its JSON, or a save killed between its two renames
+    that `read_checkpoint_meta` finishes); temp files of a save killed earlier are none."""
+    stem = Path(path_stem)
+    return stem.with_suffix(".json").is_file() or _pair_meta(stem, None) is not None
+
+
+def best_is_in_last(run_dir: str | Path) -> bool:
+    """True when the run's best weights are in `last` only: the run was killed after saving `last` at
+    the end of its best epoch, before saving `best` (the trainer saves `last` first, so a finished
+    epoch is never lost). `--resume` saves them as `best` again; until then readers use `last`."""
+    d = Path(run_dir)
+    if not has_checkpoint(d / "last"):
+        return False
+    try:
+        state = read_checkpoint_meta(d / "last").get("state")
+        if not isinstance(state, dict) or state.get("epoch_step") != 0 or not isinstance(state.get("epoch"), int):
+            return False
+        if state["epoch"] < 1 or state.get("best_epoch") != state["epoch"]:
+            return False  # `last` trained past the best epoch: its weights are not the best ones
+        if not has_checkpoint(d / "best"):
+            return True
+        best = read_checkpoint_meta(d / "best").get("state")
+    except ImageRecError:
+        return False  # a damaged checkpoint: reading it names the damage
+    epoch = best.get("epoch") if isinstance(best, dict) else None
+    return isinstance(epoch, int) and epoch < state["epoch"]
+
+
 def find_run_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
-    """The stem of DIR/best (or DIR/last when there is no best)."""
+    """The stem of DIR/best (or DIR/last when there is no best, or when `last` holds a newer best
+    epoch than `best`: see `best_is_in_last`)."""
     d = Path(run_dir)
     if not d.exists():
         raise ImageRecError(f"run directory not found: {d}")
     if d.is_file() and d.suffix in (".json", ".safetensors"):
         return d.with_suffix("")
+    if which == "best" and d.is_dir() and best_is_in_last(d):
+        return d / "last"
     for name in (which, "last", "best"):
         if (d / f"{name}.json").is_file():
             return d / name
@@ -202,8 +241,13 @@ def load_model(source: str | Path, which: str = "best") -> tuple[torch.nn.Module
     stem = find_run_checkpoint(source, which)
     meta = read_checkpoint_meta(stem)
     weights, _ = load_checkpoint_tensors(stem)
-    pre = meta["preprocess"]
-    model = create_model(meta["model"], num_classes=len(pre["class_names"]), **meta.get("model_kwargs", {}))
+    try:
+        pre = meta["preprocess"]
+        name, num_classes, kwargs = meta["model"], len(pre["class_names"]), dict(meta.get("model_kwargs", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ImageRecError(f"{stem}.json: checkpoint metadata lacks a readable model, preprocess or class_names "
+                            f"({type(e).__name__}: {e}); the file is damaged") from e
+    model = create_model(name, num_classes=num_classes, **kwargs)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -10,7 +10,6 @@ Under torchrun every process runs `train()`; rank 0 alone writes the run directo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import io
 import json
@@ -42,10 +41,11 @@ from imagerec.engine.data_prep import (
     source_preprocess,
     warn_untrained_classes,
 )
-from imagerec.engine.evaluate import eval_outputs
+from imagerec.engine.evaluate import eval_outputs, unreadable_split_message
 from imagerec.engine.optim import create_optimizer, resolve_lr_wd
 from imagerec.engine.pipeline import BatchPipeline
 from imagerec.engine.recipes import apply_recipe
+from imagerec.engine.resume import adapt_resume_to_world, check_resume_classes, check_resume_overrides, plan_deadline
 from imagerec.engine.run_dir import checkpoint_ids, claim_run_dir, lock_for_resume, precheck_out, recorded_metrics
 from imagerec.engine.task import ClassificationTask
 from imagerec.engine.trainer import StepStop, Trainer
@@ -157,6 +157,30 @@ def _mean_std(loader: ImageLoader, channels: int) -> tuple[tuple[float, ...], tu
     return tuple(round(float(v), 4) for v in x.mean(dim=1)), tuple(round(float(v), 4) for v in std)
 
 
+def _any_readable(loader: ImageLoader) -> bool:
+    """Whether any image of an evaluation loader decodes, on any process (each holds a shard)."""
+    return bool(distributed.all_reduce_sum([float(loader.has_readable())])[0])
+
+
+def _exact(*loaders: ImageLoader | None) -> bool:
+    return all(loader is None or loader.counts_exact for loader in loaders)
+
+
+def _count(loader: ImageLoader | None, n: int) -> str:
+    """n images, marked "listed" when the loader streams and has not yet met every image."""
+    return f"{n}" if _exact(loader) else f"{n} listed"
+
+
+def _train_images(loader: ImageLoader, skipped: list[str]) -> int:
+    """The training images that decode. A RAM cache knows; a streaming loader keeps every listed
+    image in its epochs (so that they do not depend on what earlier epochs met), and the unreadable
+    ones are those it skipped over the whole run (one message per file, resumed segments included)."""
+    if loader.counts_exact:
+        return loader.num_items
+    unreadable = set().union(*distributed.all_gather_object(set(skipped) | set(loader.skipped.values())))
+    return max(0, loader.num_items - len(unreadable))
+
+
 def _make_loader(spec: DataSpec, items: list, pre: PreprocessConfig, cfg: TrainConfig, train: bool,
                  class_sampling: torch.Tensor | None = None) -> ImageLoader:
     sample_weights = None
@@ -187,12 +211,6 @@ def _make_loader(spec: DataSpec, items: list, pre: PreprocessConfig, cfg: TrainC
     )
 
 
-# What may differ when a run is resumed: how long it trains, and where and how fast it runs. The
-# rest (model, optimizer, batch size, data, augmentation, ...) shapes the saved state: a run
-# resumed with another of them would crash on loading, or silently train something else (a new
-# batch size rereads part of the epoch).
-RESUME_CHANGEABLE = ("epochs", "time_limit", "early_stopping", "device", "precision", "workers", "cache",
-                     "num_threads", "save_every_steps", "max_pixels", "channels_last", "deterministic")
 
 
 def _launcher(world: int) -> str:
@@ -225,44 +243,6 @@ def _peer_lost(e: RuntimeError) -> bool:
         s in text for s in ("Connection reset by peer", "Connection closed by peer", "gloo", "NCCL", "Broken pipe"))
 
 
-def plan_deadline(time_limit: float, started: float, resume_state: dict[str, Any] | None) -> float | None:
-    """When a `--time-limit` run must stop (a `time.perf_counter` instant), for the trainer to plan its
-    epochs by; None when there is nothing to plan: no limit, or a resumed run that planned already
-    (it keeps its plan). A run stopped before its first steps were timed planned nothing, so it
-    plans now, with the time it has left."""
-    if not time_limit:
-        return None
-    if resume_state is None:
-        return started + 60 * time_limit
-    if resume_state.get("planned") is False:
-        return started + max(0.0, 60 * time_limit - float(resume_state.get("train_seconds", 0.0)))
-    return None
-
-
-def _same_data(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
-
-
-def _check_resume_overrides(saved: TrainConfig, cfg: TrainConfig, resume: str) -> None:
-    """Refuse a resume that would change a setting the saved state depends on, naming it."""
-    changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (it was {getattr(saved, k)!r})"
-               for k in dataclasses.asdict(cfg) if k not in (*RESUME_CHANGEABLE, "out", "data", "explicit")
-               and getattr(cfg, k) != getattr(saved, k)]
-    if not _same_data(cfg.data, saved.data):
-        changed.insert(0, f"DATA {cfg.data} (it was {saved.data})")
-    if cfg.out != saved.out and Path(cfg.out).resolve() != Path(resume).resolve():
-        changed.insert(0, f"--out {cfg.out} (--resume {resume} writes into that run)")
-    if changed:
-        raise ImageRecError(
-            f"--resume {resume} cannot change {'; '.join(changed)}: the saved weights, optimizer and position in "
-            f"the epoch depend on it. Resume without it, or start a new run with another --out. What can change: "
-            f"{', '.join('--' + k.replace('_', '-') for k in RESUME_CHANGEABLE)}"
-        )
-
-
 def train(
     cfg: TrainConfig | None = None,
     *,
@@ -292,8 +272,13 @@ def train(
             saved = replace(saved, warmup_epochs=None)
         saved = replace(saved, **legacy_mixing(saved, resume_meta))  # from before an explicit --mixup 0 meant off
         cfg = apply_overrides(saved, overrides, "--resume overrides")
-        _check_resume_overrides(saved, cfg, resume)
+        check_resume_overrides(saved, cfg, resume)
         cfg = replace(cfg, out=str(resume), data=saved.data)  # DATA as saved: the same data, checked above
+        cap = resume_meta.get("epochs_cap")
+        if cap is not None and "epochs" not in overrides and resume_meta["state"].get("planned") is False:
+            # A --time-limit run stopped before it planned: it plans now, under the --epochs it was given
+            # (train_config holds the plan, explicit is not saved: without this the cap would be lost).
+            cfg = replace(cfg, epochs=int(cap), explicit=sorted({*cfg.explicit, "epochs"}))
         if "time_limit" in overrides:
             log.warning("--time-limit plans a new run; --resume trains to the %d epoch(s) it planned "
                         "(raise --epochs to train further)", cfg.epochs)
@@ -330,6 +315,8 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     spec = read_data(cfg.data)
     if "train" not in spec.splits or not spec.splits["train"]:
         raise ImageRecError(f"{cfg.data}: no training images found")
+    if resume_meta is not None:
+        check_resume_classes(list(spec.class_names), list(resume_meta["preprocess"]["class_names"]), spec.origin, str(resume))
     if len(spec.class_names) < 2 and not spec.multi_label:
         for note in spec.notes:  # e.g. the images the layout ignored: often the reason
             log.warning(note)
@@ -386,6 +373,14 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         raise ImageRecError(f"{train_loader.num_items} training image(s) cannot be shared by {world} processes: "
                             "use more data or fewer processes (--nproc_per_node)")
     val_loader = _make_loader(spec, spec.splits["val"], pre, cfg, train=False) if spec.splits.get("val") else None
+    if val_loader is not None and not _any_readable(val_loader):
+        unreadable = unreadable_split_message(len(spec.splits["val"]), "val", spec.origin)
+        if cfg.early_stopping:
+            raise ImageRecError(f"--early-stopping {cfg.early_stopping} watches the validation images, but {unreadable}: "
+                                "replace them (imagerec check DATA --fix quarantine DIR moves them out), "
+                                "or leave out --early-stopping")
+        # The trainer validates only when val images decode (its val_items): none is scored.
+        log.warning("%s: training without validation, so the best checkpoint is the last epoch's", unreadable)
     if resume_meta is None:
         if source_pre is not None:
             mean, std = norm_for_channels(source_pre, pre.channels, str(cfg.pretrained))
@@ -431,6 +426,8 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         "preprocess": pre.to_dict(),
         "train_config": cfg.to_dict(),
         "batch_mixing": {"mixup": cfg.mixup, "cutmix": cfg.cutmix},  # the alphas that ran (0 = off)
+        # An explicit --epochs caps a --time-limit plan; the plan overwrites train_config's epochs.
+        "epochs_cap": cfg.epochs if "epochs" in cfg.explicit else (resume_meta or {}).get("epochs_cap"),
         "versions": library_versions(),
         "distributed": {"world_size": world, "global_batch_size": global_batch},
         "data": {"origin": spec.origin, "fingerprint": spec.fingerprint(), "counts": spec.counts(),
@@ -456,7 +453,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         restore_optimizer(optimizer, state_tensors, resume_meta)
         extra = {k.removeprefix("extra."): v for k, v in state_tensors.items() if k.startswith("extra.")}
         trainer.load_state(resume_meta["state"], extra)
-        _adapt_resume_to_world(trainer, resume_meta, len(train_loader))
+        adapt_resume_to_world(trainer, resume_meta, len(train_loader))
         if trainer.state.stopped and cfg.epochs > int(resume_meta["train_config"]["epochs"]):
             trainer.state.stopped = ""  # --epochs raised: train on past the early stop
         finished = trainer.state.epoch >= cfg.epochs or bool(trainer.state.stopped)
@@ -479,7 +476,8 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         log.warning(advice)
     console.print(
         f"training {model_name} ({meta['num_params']:,} params) on {spec.origin}: "
-        f"{train_loader.num_items} train / {trainer.val_items} val images, "
+        f"{_count(train_loader, train_loader.num_items)} train / {_count(val_loader, trainer.val_items)} val images"
+        f"{'' if _exact(train_loader, val_loader) else ' (listed: a streamed image that cannot be read is skipped when met)'}, "
         f"{pre.num_classes} classes, {pre.channels}x{pre.input_size}x{pre.input_size}, "
         f"{device.type} {str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'}"
         f"{', data in RAM' if train_loader.cache is not None else ''}"
@@ -528,7 +526,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         "epochs_run": state.epoch,
         "train_seconds": round(train_seconds, 2),
         "data_seconds": round(data_seconds, 2),
-        "train_images": train_loader.num_items,
+        "train_images": _train_images(train_loader, state.skipped),
         "world_size": world,
         "global_batch_size": global_batch,
     }
@@ -537,6 +535,12 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         if spec.splits.get(split):
             loader = val_loader if split == "val" else _make_loader(spec, spec.splits[split], pre, cfg, train=False)
             assert loader is not None
+            if not _any_readable(loader):  # nothing to score: said, and recorded, instead of a crash
+                why = unreadable_split_message(len(spec.splits[split]), split, spec.origin)
+                metrics.setdefault("not_evaluated", {})[split] = why
+                skipped |= set(loader.skipped.values())
+                console.print(f"{split}: not evaluated: {why}", markup=False, highlight=False)
+                continue
             m = trainer.evaluate(loader)
             skipped |= set(loader.skipped.values())
             if main:
@@ -550,17 +554,3 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         console.print(f"skipped {len(metrics['skipped_files'])} unreadable file(s); listed in {run_dir / 'metrics.json'}",
                       markup=False, highlight=False)
     return RunResult(run_dir, metrics, model_name, main_process=main)
-
-
-def _adapt_resume_to_world(trainer: Trainer, meta: dict[str, Any], steps_per_epoch: int) -> None:
-    """Resuming with another number of processes: a step is one global batch (batch_size x processes),
-    so the epoch's batches differ. Count the schedule in the new steps and restart a partial epoch."""
-    before = meta.get("distributed", {}).get("world_size", 1)
-    if before == distributed.world_size():
-        return  # the same global batches: exact, even mid-epoch
-    s = trainer.state
-    if s.epoch_step:
-        log.warning("%s stopped in epoch %d with %d process(es); with %d the epoch's batches differ, so it restarts "
-                    "from its beginning", trainer.run_dir, s.epoch + 1, before, distributed.world_size())
-    s.epoch_step, s.loss_sum, s.correct, s.seen = 0, 0.0, 0.0, 0
-    s.global_step = s.epoch * steps_per_epoch

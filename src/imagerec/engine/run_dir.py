@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imagerec.config import TrainConfig
-from imagerec.engine.checkpoint import read_checkpoint_meta
+from imagerec.engine.checkpoint import has_checkpoint, read_checkpoint_meta
 from imagerec.utils import ImageRecError
 
 try:
@@ -120,20 +120,51 @@ def _next_free(out: str) -> Path:
     return Path(f"{out}{k}")
 
 
+# What a run killed before its first `last` checkpoint can leave beside its config.yaml: the temp
+# files of an interrupted save (or weights whose metadata it never wrote), and (saved by imagerec
+# before `last` came first) a lone `best`, which has no optimizer state to resume from.
+_INTERRUPTED = {f"{name}{ext}" for name in ("best", "last") for ext in
+                (".json.tmp", ".safetensors.tmp", ".safetensors")} | {"best.json"}
+
+
+def _interrupted_files(p: Path) -> list[str] | None:
+    """The files of a run that stopped before its first `last` checkpoint, besides its config.yaml
+    (--resume says "nothing to resume" there); None when `p` holds anything else."""
+    held = _contents(p)
+    if "config.yaml" not in held or has_checkpoint(p / "last") or not set(held) <= _INTERRUPTED | {"config.yaml"}:
+        return None
+    return [n for n in held if n != "config.yaml"]
+
+
 def _check_reusable(p: Path) -> None:
-    """Refuse an explicit --out that holds a run or other files; one that holds only a config.yaml
-    is a run that stopped before its first checkpoint, trained into again."""
+    """Refuse an explicit --out that holds a run or other files; one that holds only what a run that
+    stopped before its first checkpoint wrote (`_interrupted_files`) is trained into again."""
     held = _contents(p)
     if not held:
         return
-    if (p / "last.json").is_file():
+    if has_checkpoint(p / "last"):
         raise ImageRecError(f"{p} already holds a run; continue it with --resume {p}, or choose another --out")
-    if held == ["config.yaml"]:
-        log.warning("%s holds only the config.yaml of a run that stopped before its first checkpoint; "
-                    "training into it again", p)
+    if _interrupted_files(p) is not None:
         return
     raise ImageRecError(f"--out {p} is a folder that is not empty and holds no run ({', '.join(held[:3])}"
                         f"{', ...' if len(held) > 3 else ''}); choose a new or empty folder")
+
+
+def _clear_interrupted(p: Path) -> None:
+    """Training again into the folder of a run that stopped before its first checkpoint: remove
+    what it left (a lone `best` would otherwise stand beside the new run's files), saying so."""
+    stale = _interrupted_files(p)
+    if stale is None:
+        return
+    if not stale:
+        log.warning("%s holds only the config.yaml of a run that stopped before its first checkpoint; "
+                    "training into it again", p)
+        return
+    for name in stale:
+        (p / name).unlink(missing_ok=True)
+    log.warning("%s holds only the config.yaml and %s of a run that stopped before its first checkpoint "
+                "(nothing to resume: no `last`); removed them, training into it again from the start",
+                p, ", ".join(stale))
 
 
 def precheck_out(out: str) -> None:
@@ -172,6 +203,7 @@ def claim_run_dir(out: str, held: contextlib.ExitStack) -> Path:
                 continue
             if not auto:
                 _check_reusable(p)
+                _clear_interrupted(p)
         except BaseException:
             lock.release()
             raise

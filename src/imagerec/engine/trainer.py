@@ -20,6 +20,7 @@ metric, and early stopping decides the same everywhere.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -33,13 +34,15 @@ from imagerec.config import TrainConfig, format_minutes
 from imagerec.data.loader import DataSourceError, ImageLoader
 from imagerec.engine import distributed
 from imagerec.engine.callbacks import Callback, StopTraining
-from imagerec.engine.checkpoint import save_checkpoint
+from imagerec.engine.checkpoint import best_is_in_last, save_checkpoint
 from imagerec.engine.lookahead import Lookahead
 from imagerec.engine.optim import create_schedule, set_lr
 from imagerec.engine.pipeline import BatchPipeline, autocast, predict_logits
 from imagerec.engine.task import ClassificationTask
 from imagerec.metrics import classification_metrics, multilabel_metrics
 from imagerec.utils import ImageRecError, mix_seed
+
+log = logging.getLogger("imagerec")
 
 
 @dataclass
@@ -310,12 +313,16 @@ class Trainer:
             s.best_metric is None
             or (metric_value > s.best_metric if higher_is_better(cfg.metric) else metric_value < s.best_metric)
         )
-        if improved or metric_value is None:
+        improved = improved or metric_value is None
+        if improved:
             s.best_metric, s.best_epoch, s.epochs_since_best = metric_value, s.epoch, 0
-            self.save("best")
         else:
             s.epochs_since_best += 1
+        # `last` first: a kill between the two saves leaves this epoch resumable, its weights the
+        # best ones (`best_is_in_last`), which `load_state` saves as `best` again on --resume.
         self.save("last")
+        if improved:
+            self.save("best")
         return row
 
     def _diverged(self, what: str) -> str:
@@ -341,6 +348,12 @@ class Trainer:
         self._emit("on_checkpoint", name)
 
     def load_state(self, state: dict[str, Any], extra: dict[str, torch.Tensor]) -> None:
+        """Resume from `last`'s state (its weights are loaded into the model already)."""
         self.state = TrainState(**state)
         if self.lookahead is not None:
             self.lookahead.load_state_dict(extra)
+        if distributed.is_main() and best_is_in_last(self.run_dir):
+            # Killed between the two saves at the end of its best epoch: the model holds those weights.
+            log.warning("%s/best was not saved after epoch %d (the run was stopped between its two "
+                        "checkpoints); saving it now from %s/last", self.run_dir, self.state.epoch, self.run_dir)
+            self.save("best")

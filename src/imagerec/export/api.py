@@ -64,9 +64,31 @@ def _versions() -> dict[str, str]:
     return v
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def check_min_agreement(min_agreement: float) -> None:
-    if not 0.0 <= min_agreement <= 1.0:  # also refuses NaN
-        raise ImageRecError(f"--min-agreement (min_agreement) {min_agreement:g}: a fraction of images, from 0 to 1 (e.g. 0.97)")
+    if not _is_number(min_agreement) or not 0.0 <= min_agreement <= 1.0:  # also refuses NaN
+        shown = f"{min_agreement:g}" if _is_number(min_agreement) else repr(min_agreement)
+        raise ImageRecError(f"--min-agreement (min_agreement) {shown}: a fraction of images, from 0 to 1 (e.g. 0.97)")
+
+
+def check_max_drop(max_drop: float) -> None:
+    """Refuse a NaN or negative accuracy drop up front: the gate compared against it only after the
+    whole export, then refused the int8 runtime as if the model were at fault ("allowed: nan")."""
+    if not _is_number(max_drop) or not max_drop >= 0.0:  # `not >=` also refuses NaN
+        raise ImageRecError(f"--max-drop (max_drop) must be a number of points >= 0, got {max_drop!r}: the accuracy "
+                            f"an int8 runtime may lose, e.g. 1.0")
+
+
+def check_image_count(value: int, name: str, flag: str | None = None) -> None:
+    """Refuse an image count below 1 or not a whole number: 0 and negatives used to mean every
+    image (600 parity images instead of 256, int8 calibrated on all 5,400 training images), and a
+    string failed as a TypeError deep in the image selection."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        label = f"{flag} ({name})" if flag else name
+        raise ImageRecError(f"{label} must be a whole number of at least 1, got {value!r}")
 
 
 def export_model(
@@ -103,6 +125,7 @@ def export_model(
     if int8 and fmt != "onnx":
         raise ImageRecError("int8 export uses ONNX Runtime quantization: use format onnx with int8")
     check_min_agreement(min_agreement)
+    check_max_drop(max_drop)
     out = Path(out)
     recover_interrupted_replace(out)
     check_out(out, overwrite, (source or {}).get("run_dir"))  # before the slow part; finalize_bundle checks again
@@ -229,9 +252,12 @@ def export_run(
         >>> m = export_run("runs/mnist", "onnx", "exports/mnist", int8=True)
         >>> m["runtimes"][1]["parity"]["accuracy_after"]
     """
+    check_image_count(parity_images, "parity_images", "--parity-images")
+    check_image_count(calibration_images, "calibration_images")
+    check_max_drop(max_drop)
+    check_min_agreement(min_agreement)
     recover_interrupted_replace(Path(out))
     check_out(Path(out), overwrite, run_dir)  # before loading any images; export_model checks again
-    check_min_agreement(min_agreement)
     model, meta = load_model(run_dir)
     pre = PreprocessConfig.from_dict(meta["preprocess"])
     cfg = meta.get("train_config", {})

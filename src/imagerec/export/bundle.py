@@ -15,21 +15,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagerec.config import PreprocessConfig, write_json
+import torch
+
+from imagerec.config import INTERPOLATIONS, PreprocessConfig, write_json
 from imagerec.export.runtime import OpenVinoRuntime, OrtRuntime, Runtime, TorchScriptRuntime, openvino_available
+from imagerec.transforms import parse_op
 from imagerec.utils import ImageRecError, int8_may_saturate, orphaned_siblings, sha256_file
 
 MANIFEST = "imagerec.json"
 FORMAT = "imagerec-bundle"
 FORMAT_VERSION = 1
 ENGINES = ("onnxruntime", "openvino", "torchscript")
+PRECISIONS = ("fp32", "bf16", "int8")
 MANIFEST_HASH = "manifest_sha256"
 _warned_unsealed: set[str] = set()  # bundles already warned about (once per bundle and process)
 _warned_saturation: set[str] = set()
@@ -152,15 +158,21 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not mpath.is_file():
         raise ImageRecError(f"{path} is not an imagerec bundle: {MANIFEST} is missing (create one with 'imagerec export')")
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as e:
         raise ImageRecError(f"{mpath} is not valid JSON ({e.msg}); the bundle is damaged: export it again") from e
+    except UnicodeDecodeError as e:  # export writes UTF-8 JSON: other bytes are damage, not an encoding choice
+        raise ImageRecError(f"{mpath} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                            f"the bundle is damaged: export it again") from e
+    except OSError as e:
+        raise ImageRecError(f"cannot read {mpath} ({e.strerror or e}): fix its permissions, or export the bundle "
+                            f"again") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ImageRecError(f"{mpath}: not an imagerec bundle manifest")
-    version = manifest.get("format_version", 0)
-    if isinstance(version, bool) or not isinstance(version, int):  # read before the hash check: any JSON value
-        raise ImageRecError(f"{mpath}: format_version {version!r} is not a whole number; the bundle is damaged: "
-                            f"export it again")
+    version = manifest.get("format_version")
+    if not _is_int(version, 1):  # read before the hash check: any JSON value; every bundle ever written says 1+
+        what = "is not a whole number" if not _is_int(version, -2**63) else "is below 1, the first bundle format"
+        raise ImageRecError(f"{mpath}: format_version {version!r} {what}; the bundle is damaged: export it again")
     if version > FORMAT_VERSION:
         raise ImageRecError(f"{mpath}: bundle format {manifest['format_version']} is newer than this imagerec supports "
                             f"({FORMAT_VERSION}); upgrade imagerec")
@@ -224,42 +236,179 @@ def _short(names: Any) -> str:
     return "[" + ", ".join(map(str, names[:4])) + (f", ... {len(names)} in all" if len(names) > 4 else "") + "]"
 
 
-def manifest_problems(manifest: dict[str, Any]) -> list[str]:
-    """Where the manifest's own fields disagree: class names, class count vs the model's output
-    (where recorded), input shape vs preprocessing, runtimes vs the hashed files."""
-    problems = []
-    files = manifest.get("files") or {}
-    # an unsealed manifest (no manifest_sha256) is read as it is: its `files` may be any JSON value
-    files_ok = isinstance(files, dict) and all(isinstance(rec, dict) for rec in files.values())
-    if not files_ok:
-        problems.append("files is not a table of file names to their sha256 and size")
-    pre = manifest.get("preprocess")
-    names = pre.get("class_names") if isinstance(pre, dict) else None
+def _is_int(value: Any, least: int) -> bool:
+    """A JSON whole number (not a bool) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _table_problem(manifest: dict[str, Any], key: str, optional: bool = True) -> str | None:
+    """Why `manifest[key]` is not a JSON object (None or absent allowed when `optional`)."""
+    value = manifest.get(key)
+    if isinstance(value, dict) or (optional and value is None):
+        return None
+    return f"{key} is {'missing or ' if not optional else ''}not a table (got {type(value).__name__})"
+
+
+def _class_name_problems(names: Any) -> list[str]:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        problems.append("preprocess.class_names is missing or not a list of names")
+        return ["preprocess.class_names is missing or not a list of names"]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    return [f"preprocess.class_names repeats {_short(dup)}: two classes would print the same label"] if dup else []
+
+
+def _preprocess_problems(pre: dict[str, Any]) -> list[str]:
+    """The preprocessing fields predict reads, type by type (PreprocessConfig.from_dict checks none
+    of the types, and a wrong one surfaced as a TypeError deep in the transforms)."""
+    problems = _class_name_problems(pre.get("class_names"))
+    size, resize, channels = pre.get("input_size"), pre.get("resize_size"), pre.get("channels")
+    if not _is_int(size, 1):
+        problems.append(f"preprocess.input_size {size!r} is not a whole number of pixels of at least 1")
+    if not _is_int(resize, 1) or (_is_int(size, 1) and resize < size):
+        problems.append(f"preprocess.resize_size {resize!r} is not a whole number of at least input_size ({size!r})")
+    if channels not in (1, 3) or isinstance(channels, bool):
+        problems.append(f"preprocess.channels {channels!r} is not 1 or 3")
+    for key in ("mean", "std"):
+        v = pre.get(key)
+        if not isinstance(v, list) or not all(_is_number(x) for x in v) or (channels in (1, 3) and len(v) != channels) \
+                or (key == "std" and not all(x > 0 for x in v)):
+            problems.append(f"preprocess.{key} {v!r} is not a list of {channels!r} finite numbers"
+                            f"{' above 0' if key == 'std' else ''}")
+    if pre.get("interpolation", "bilinear") not in INTERPOLATIONS:
+        problems.append(f"preprocess.interpolation {pre.get('interpolation')!r} is not one of {', '.join(INTERPOLATIONS)}")
+    ops = pre.get("ops", [])
+    if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
+        problems.append(f"preprocess.ops {ops!r} is not a list of op names (e.g. [\"median:3\"])")
     else:
+        for op in ops:
+            try:
+                parse_op(op)
+            except ImageRecError as e:
+                problems.append(f"preprocess.ops: {e}")
+    if not isinstance(pre.get("multi_label", False), bool):
+        problems.append(f"preprocess.multi_label {pre.get('multi_label')!r} is not true or false")
+    return problems
+
+
+def _file_problems(files: Any) -> list[str]:
+    if not isinstance(files, dict) or not all(isinstance(rec, dict) for rec in files.values()):
+        return ["files is not a table of file names to their sha256 and size"]
+    problems = []
+    for rel, rec in files.items():
+        digest, size = rec.get("sha256"), rec.get("bytes", 0)
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            problems.append(f"files['{rel}'].sha256 {str(digest)[:20]!r} is not a sha256 (64 hex digits)")
+        if not _is_int(size, 0):
+            problems.append(f"files['{rel}'].bytes {size!r} is not a file size")
+    return problems
+
+
+def _runtime_problems(runtimes: list[dict[str, Any]], files: Any) -> list[str]:
+    """Every runtime field that loading, predict and benchmark read."""
+    problems = []
+    names = [r.get("name") for r in runtimes]
+    for i, r in enumerate(runtimes):
+        name = r.get("name")
+        label = f"runtime '{name}'" if isinstance(name, str) and name else f"runtime {i + 1}"
+        if not isinstance(name, str) or not name:
+            problems.append(f"{label} has no name")
+        elif names.count(name) > 1:
+            problems.append(f"{label} is listed {names.count(name)} times")
+        if r.get("engine") not in ENGINES:
+            problems.append(f"{label} has engine {r.get('engine')!r}, not one of {', '.join(ENGINES)}")
+        if not isinstance(r.get("file"), str):
+            problems.append(f"{label} names no model file")
+        elif isinstance(files, dict) and r["file"] not in files:
+            problems.append(f"{label} uses {r['file']}, which is not among its hashed files")
+        if r.get("precision") not in PRECISIONS:
+            problems.append(f"{label} has precision {r.get('precision')!r}, not one of {', '.join(PRECISIONS)}")
+        if r.get("engine") == "openvino" and r.get("hint", "f32") not in ("f32", "bf16"):
+            problems.append(f"{label} has OpenVINO hint {r.get('hint')!r}, not f32 or bf16")
+        parity = r.get("parity")
+        if not isinstance(parity, dict) or not isinstance(parity.get("passed"), bool):
+            problems.append(f"{label} has no parity result (parity.passed true or false)")
+        for key in ("images_per_s", "images_per_s_1thread"):
+            if key in r and not (_is_number(r[key]) and r[key] >= 0):
+                problems.append(f"{label} has {key} {r[key]!r}, not a number of images per second")
+    return problems
+
+
+def _source_problems(source: dict[str, Any]) -> list[str]:
+    problems = []
+    if "max_pixels" in source and not _is_int(source["max_pixels"], 1):
+        problems.append(f"source.max_pixels {source['max_pixels']!r} is not a whole number of at least 1")
+    for key in ("run_dir", "checkpoint"):
+        if source.get(key) is not None and not isinstance(source[key], str):
+            problems.append(f"source.{key} {source[key]!r} is not a path")
+    return problems
+
+
+def manifest_problems(manifest: dict[str, Any]) -> list[str]:
+    """Where the manifest's fields have the wrong type or disagree with each other: every field that
+    loading, predict, benchmark and serve read (an unsealed manifest, without manifest_sha256, is
+    read as it is and may hold any JSON value), class names vs class count (where recorded), input
+    shape vs preprocessing, runtimes vs the hashed files. The class count against the model's
+    real output is checked when a runtime is created (`check_runtime_output`)."""
+    files = manifest.get("files") or {}
+    problems = _file_problems(files)
+    problems += [p for key in ("preprocess", "output", "input", "source", "quantization")
+                 if (p := _table_problem(manifest, key, optional=key != "preprocess"))]
+    pre = manifest.get("preprocess")
+    if isinstance(pre, dict):
+        problems += _preprocess_problems(pre)
+    names = pre.get("class_names") if isinstance(pre, dict) else None
+    if not _class_name_problems(names):
         top = manifest.get("class_names")
         if top is not None and top != names:
             problems.append(f"class_names {_short(top)} disagree with preprocess.class_names {_short(names)}")
-        classes = (manifest.get("output") or {}).get("classes")
+        output = manifest.get("output") if isinstance(manifest.get("output"), dict) else {}
+        classes = output.get("classes")
         if classes is not None and classes != len(names):
-            problems.append(f"the model outputs {classes} classes but preprocess.class_names has {len(names)}")
-        shape = (manifest.get("input") or {}).get("shape")
+            problems.append(f"the model outputs {classes!r} classes but preprocess.class_names has {len(names)}")
+        shape = (manifest.get("input") if isinstance(manifest.get("input"), dict) else {}).get("shape")
         want = [pre.get("channels"), pre.get("input_size"), pre.get("input_size")]
-        if isinstance(shape, list) and len(shape) == 4 and shape[1:] != want:
-            problems.append(f"input.shape {shape} does not match preprocess (channels, input_size) {want[:2]}")
+        if shape is not None and not (isinstance(shape, list) and len(shape) == 4 and shape[1:] == want):
+            problems.append(f"input.shape {shape!r} does not match preprocess (channels, input_size) {want[:2]}")
+    if isinstance(manifest.get("source"), dict):
+        problems += _source_problems(manifest["source"])
+    quant = manifest.get("quantization")
+    if isinstance(quant, dict) and not isinstance(quant.get("weights", ""), str):
+        problems.append(f"quantization.weights {quant.get('weights')!r} is not a description")
     runtimes = manifest.get("runtimes")
     if not isinstance(runtimes, list) or not runtimes or not all(isinstance(r, dict) for r in runtimes):
         problems.append("it lists no runtimes")
         return problems
+    problems += _runtime_problems(runtimes, files)
     rt_names = [r.get("name") for r in runtimes]
-    for r in runtimes:
-        if files_ok and r.get("file") not in files:
-            problems.append(f"runtime '{r.get('name')}' uses {r.get('file')}, which is not among its hashed files")
     for key in ("preferred_runtime", "preferred_runtime_1thread"):
         if manifest.get(key) is not None and manifest[key] not in rt_names:
             problems.append(f"{key} '{manifest[key]}' is not one of its runtimes ({', '.join(map(str, rt_names))})")
     return problems
+
+
+def check_runtime_output(runtime: Runtime, pre: PreprocessConfig, where: Path) -> None:
+    """Run one blank image through a runtime just created from a bundle: it must take the input
+    imagerec.json describes and give one score per class name. output.classes is only what the
+    export recorded, and a manifest can be edited (and re-sealed, or an older one unsealed): with
+    fewer class names than outputs predict crashed (IndexError) after printing its header, and a
+    wrong input size failed with OpenVINO's own traceback. A batch of one costs a few ms."""
+    x = torch.zeros((1, pre.channels, pre.input_size, pre.input_size), dtype=torch.uint8)
+    try:
+        out = runtime.run(x)
+    except Exception as e:  # ONNX Runtime, OpenVINO and TorchScript each raise their own types
+        why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise ImageRecError(f"bundle {where.parent}: {runtime.name} ({where.name}) does not take the input its "
+                            f"{MANIFEST} describes (uint8 1x{pre.channels}x{pre.input_size}x{pre.input_size}): {why}. "
+                            f"The manifest has been edited or damaged: export the bundle again") from e
+    if tuple(out.shape) != (1, pre.num_classes):
+        got = out.shape[-1] if out.ndim == 2 else tuple(out.shape)
+        raise ImageRecError(f"bundle {where.parent}: {runtime.name} ({where.name}) outputs {got} scores per image but "
+                            f"its {MANIFEST} names {pre.num_classes} classes (the README: the class count and the "
+                            f"model's output size must agree); it has been edited or damaged: export the bundle again")
 
 
 def verify_bundle(path: str | Path) -> dict[str, Any]:
@@ -321,7 +470,9 @@ class Bundle:
     def create_runtime(self, name: str | None = None, threads: int = 0) -> Runtime:
         """The runtime `name`, or the preferred one for `threads` (preferred_runtime_entry)."""
         entry = self.runtime_entry(name or preferred_runtime_entry(self.manifest, threads)["name"])
-        return create_runtime(self.path, entry, threads)
+        runtime = create_runtime(self.path, entry, threads)
+        check_runtime_output(runtime, self.pre, self.path / entry["file"])
+        return runtime
 
 
 def load_bundle(path: str | Path) -> Bundle:

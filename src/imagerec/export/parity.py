@@ -58,7 +58,7 @@ class ImageSet:
 
 def _evenly(n_total: int, n: int) -> list[int]:
     """`n` indices spread over the whole list, so a class-sorted listing still gives every class."""
-    if n <= 0 or n >= n_total:
+    if n >= n_total:
         return list(range(n_total))
     return sorted(set(np.linspace(0, n_total - 1, n).round().astype(int).tolist()))
 
@@ -67,6 +67,8 @@ def load_images(data: str | DataSpec, pre: PreprocessConfig, splits: tuple[str, 
                 seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSet:
     """Up to `n` images of the first of `splits` that `data` has, through the eval transform. A
     `DataSpec` is used as it is (already read and split, e.g. by `read_run_data`)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # 0 or -5 once silently meant every image
+        raise ImageRecError(f"the number of images to load must be a whole number of at least 1, got {n!r}")
     spec = data if isinstance(data, DataSpec) else split_train_val(read_data(data), val_fraction, seed)
     split = next((s for s in splits if spec.splits.get(s)), None)
     if split is None:
