@@ -42,6 +42,7 @@ from imagerec.utils import (
     ImageRecError,
     available_cpus,
     check_batch_size,
+    check_count,
     orphaned_siblings,
     resolve_device,
     resolve_precision,
@@ -300,9 +301,7 @@ def input_name(image: ImageInput, i: int) -> str:
 def check_max_pixels(max_pixels: object) -> None:
     """Refuse a pixel limit that is not a whole number >= 1 when it is given, not at the first
     image: a string failed deep in the decoder (TypeError), and 0 refused every image one by one."""
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int | np.integer) or max_pixels < 1:
-        raise ImageRecError(f"max_pixels must be a whole number of at least 1, got {max_pixels!r}: "
-                            f"e.g. max_pixels=40_000_000 (--max-pixels)")
+    check_count(max_pixels, "max_pixels", "e.g. max_pixels=40_000_000 (--max-pixels)")
 
 
 def check_model_path(source: str | Path) -> None:

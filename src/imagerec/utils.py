@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 
@@ -32,11 +33,17 @@ class ImageRecError(Exception):
     """
 
 
+def check_count(value: object, what: str, hint: str = "") -> None:
+    """Refuse `value` unless it is a whole number of at least 1 (not a bool): "WHAT must be a whole
+    number of at least 1, got VALUE[: HINT]". Counts and limits given as 0, a negative, a float or a
+    string otherwise fail deep inside, or silently mean something else ("all images")."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ImageRecError(f"{what} must be a whole number of at least 1, got {value!r}" + (f": {hint}" if hint else ""))
+
+
 def check_batch_size(batch_size: int) -> None:
     """Refuse a batch size below 1 (zero crashes a batched loop; a negative one predicts nothing)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ImageRecError(f"batch size must be a whole number of at least 1, got {batch_size!r}: "
-                            f"use e.g. --batch-size 64 / batch_size=64")
+    check_count(batch_size, "batch size", "use e.g. --batch-size 64 / batch_size=64")
 
 
 @contextlib.contextmanager

@@ -32,7 +32,15 @@ from imagerec.export.parity import (
 from imagerec.export.quantize import quantize_onnx
 from imagerec.export.runtime import OpenVinoRuntime, OrtRuntime, Runtime, TorchScriptRuntime, openvino_available
 from imagerec.export.torchscript import export_torchscript
-from imagerec.utils import ImageRecError, available_cpus, cpu_supports_bf16, library_versions, staging_dir, write_error_text
+from imagerec.utils import (
+    ImageRecError,
+    available_cpus,
+    check_count,
+    cpu_supports_bf16,
+    library_versions,
+    staging_dir,
+    write_error_text,
+)
 
 FORMATS = ("onnx", "torchscript")
 FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "int8": "model.int8.onnx"}
@@ -86,9 +94,7 @@ def check_image_count(value: int, name: str, flag: str | None = None) -> None:
     """Refuse an image count below 1 or not a whole number: 0 and negatives used to mean every
     image (600 parity images instead of 256, int8 calibrated on all 5,400 training images), and a
     string failed as a TypeError deep in the image selection."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        label = f"{flag} ({name})" if flag else name
-        raise ImageRecError(f"{label} must be a whole number of at least 1, got {value!r}")
+    check_count(value, f"{flag} ({name})" if flag else name)
 
 
 def export_model(

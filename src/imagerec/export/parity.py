@@ -34,7 +34,7 @@ from imagerec.data.decode import DEFAULT_MAX_PIXELS
 from imagerec.engine.evaluate import create_eval_loader, remap_items
 from imagerec.export.runtime import Runtime
 from imagerec.transforms import normalize_batch
-from imagerec.utils import ImageRecError
+from imagerec.utils import ImageRecError, check_count
 
 FP32_MIN_AGREEMENT = 0.995
 FP32_MAX_ABS_DIFF = 1e-3
@@ -67,8 +67,7 @@ def load_images(data: str | DataSpec, pre: PreprocessConfig, splits: tuple[str, 
                 seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSet:
     """Up to `n` images of the first of `splits` that `data` has, through the eval transform. A
     `DataSpec` is used as it is (already read and split, e.g. by `read_run_data`)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # 0 or -5 once silently meant every image
-        raise ImageRecError(f"the number of images to load must be a whole number of at least 1, got {n!r}")
+    check_count(n, "the number of images to load")  # 0 or -5 once silently meant every image
     spec = data if isinstance(data, DataSpec) else split_train_val(read_data(data), val_fraction, seed)
     split = next((s for s in splits if spec.splits.get(s)), None)
     if split is None:
