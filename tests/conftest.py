@@ -115,6 +115,32 @@ def write_digits() -> Callable[..., list[tuple[Path, str]]]:
     return _write_digits
 
 
+def _untrained_run(root: Path, classes: tuple[str, ...] = ("a", "b"), in_chans: int = 3, img_size: int = 16,
+                   resize: int | None = None, model: str = "mlp", **model_kwargs: Any) -> Path:
+    """An untrained run written straight to root/best (no training): for tests of what reads runs."""
+    import torch
+
+    from imagerec.config import PreprocessConfig, TrainConfig
+    from imagerec.engine.checkpoint import save_checkpoint
+
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    kwargs = {"in_chans": in_chans, "img_size": img_size, **model_kwargs}
+    net = imagerec.create_model(model, num_classes=len(classes), **kwargs)
+    mean, std = (0.5,) * in_chans, (0.25,) * in_chans
+    pre = PreprocessConfig(img_size, in_chans, mean, std, resize or img_size, tuple(classes))
+    save_checkpoint(root / "best", net, {"model": model, "model_kwargs": kwargs, "preprocess": pre.to_dict(),
+                                         "train_config": TrainConfig(data="somewhere").to_dict()})
+    return root
+
+
+@pytest.fixture(scope="session")
+def untrained_run() -> Callable[..., Path]:
+    """`untrained_run(root, classes=("a", "b"), in_chans=3, img_size=16, resize=None, model="mlp")`: an
+    untrained run saved as a checkpoint in `root`, in a moment (no training)."""
+    return _untrained_run
+
+
 @contextlib.contextmanager
 def _postgres_scratch(create: str, drop: str) -> Iterator[str]:
     """Runs `create` (e.g. CREATE SCHEMA s) on the PostgreSQL server at PG_ADMIN_URL, yields that URL,

@@ -122,7 +122,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from imagerec.store import ingest_command
 
-    return ingest_command(args.source, args.dataset, args.split, args.db, update=args.update, data_dir=args.data_dir)
+    return ingest_command(args.source, args.dataset, args.split, args.db, update=args.update, data_dir=args.data_dir,
+                          max_pixels=args.max_pixels)
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:

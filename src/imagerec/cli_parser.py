@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="ingest only this split (or put a split-less source under it)")
     p.add_argument("--update", action="store_true",
                    help="give images already stored with other labels/split the source's (default: keep and report them)")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help=f"skip images with more pixels than this as possible decompression bombs (default {DEFAULT_MAX_PIXELS:,}); "
+                        "training on them then needs the same --max-pixels")
     p.add_argument("--db", help="store URL: a SQLite path or postgresql://... (default $IMAGEREC_DB)")
     p.add_argument("--data-dir", metavar="DIR", help=DATA_DIR_HELP)
 

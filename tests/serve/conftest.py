@@ -201,3 +201,18 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in rest for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def served_row(i: int) -> dict:
+    """A row as `imagerec serve` hands it to the recorder (serve/routes.py)."""
+    return {"request_id": f"{i:032x}", "created_at": "2025-03-04T05:06:07+00:00", "model": "a", "version": "3",
+            "model_path": "/models/a", "sha256": f"{i:064x}", "name": f"{i}.png", "label": "7", "score": 0.9,
+            "topk": [{"label": "7", "prob": 0.9}]}
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)

@@ -702,7 +702,7 @@ def test_cli_fixed_wait_flag_reaches_the_settings(monkeypatch, run_dir):
 def test_model_card_names_local_data_by_its_last_part_only(run_dir, tmp_path, copy_run):
     """QA: `GET /v1/models` (no key needed) showed the server's absolute data path from the run's
     config, though the card holds no server paths."""
-    from imagerec.serve.registry import public_data_name
+    from imagerec.serve.entries import public_data_name
 
     run = copy_run(run_dir, tmp_path / "r", data="/srv/secret/photos")
     registry = ModelRegistry(ServeSettings(models=(str(run),), instances=1), ServeMetrics())

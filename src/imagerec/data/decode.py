@@ -212,14 +212,20 @@ def decode_errors(name: str, action: str = "decode image") -> Iterator[None]:
         raise DecodeError(f"{name}: cannot {action} ({type(e).__name__}: {e})") from e
 
 
-def check_pixels(name: str, size: tuple[int, int], max_pixels: int) -> None:
-    """Refuse an image over `max_pixels`, from its header size, before any pixel is decoded."""
+# What a user can do about an image over the pixel limit where the decode path applies it: train,
+# predict and check take --max-pixels; eval, robustness and export apply the run's own (its training
+# --max-pixels). A caller whose users have other means (ingest) passes its own `hint`.
+PIXELS_HINT = ("if the image is genuine, raise the limit with --max-pixels N (train, predict, check; max_pixels= "
+               "in Python); eval, robustness and export apply the limit the run was trained with")
+
+
+def check_pixels(name: str, size: tuple[int, int], max_pixels: int, hint: str = PIXELS_HINT) -> None:
+    """Refuse an image over `max_pixels`, from its header size, before any pixel is decoded; the
+    error ends with `hint`, what the user can do about it."""
     w, h = size
     if w * h > max_pixels:
         raise DecodeError(
-            f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-            "(possible decompression bomb); if the image is genuine, raise the limit with --max-pixels N "
-            "(max_pixels= in Python)"
+            f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (possible decompression bomb); {hint}"
         )
 
 

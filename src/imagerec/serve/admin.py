@@ -13,8 +13,9 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from imagerec.serve.auth import ADMIN_SECURITY, ApiKeys, require_admin_key
+from imagerec.serve.entries import ModelEntry
 from imagerec.serve.errors import ApiError, error_responses
-from imagerec.serve.registry import ModelEntry, ModelRegistry
+from imagerec.serve.registry import ModelRegistry
 from imagerec.serve.settings import ModelSource
 from imagerec.serve.workers import PartlyApplied
 from imagerec.utils import ImageRecError

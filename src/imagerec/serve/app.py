@@ -116,12 +116,21 @@ def create_app(settings: ServeSettings) -> FastAPI:
         )
         registry = ModelRegistry(settings, metrics)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            None, registry.load_startup
-        )  # blocking: off the loop
-        app.state.recorder = await loop.run_in_executor(
-            None, Recorder, settings, metrics
-        )  # may open/migrate the store
+        try:
+            await loop.run_in_executor(
+                None, registry.load_startup
+            )  # blocking: off the loop
+            app.state.recorder = await loop.run_in_executor(
+                None, Recorder, settings, metrics
+            )  # may open/migrate the store
+        except ImageRecError as e:  # a damaged checkpoint, a store that cannot open: one line (QuietStartup)
+            app.state.startup_error = e
+            if admin_log is not None:  # a worker: the supervisor ends the command with this line
+                admin_log.error = str(e)
+                admin_log.report()
+            registry.stop_all()  # the versions loaded before the one that failed
+            app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            raise
         app.state.registry = registry
         app.state.admin = Admin(admin_actions(registry, app.state.keys), admin_log,
                                 peer_timeout_s=max(120.0, settings.timeout_s))
@@ -184,10 +193,36 @@ def create_app(settings: ServeSettings) -> FastAPI:
     return app
 
 
+class QuietStartup:
+    """The app as uvicorn runs it. A startup that fails with an ImageRecError (a damaged checkpoint)
+    is not logged as the chained tracebacks Starlette hands uvicorn: `serve()` raises the error, so
+    the command ends with its one `error:` line and exit status as every other command does; a
+    worker process (--workers), whose output is its log, logs that line instead."""
+
+    def __init__(self, app: FastAPI, log_error: bool) -> None:
+        self.app, self.log_error = app, log_error
+
+    @property
+    def startup_error(self) -> ImageRecError | None:
+        return getattr(self.app.state, "startup_error", None)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def quiet_send(message: Any) -> None:
+            error = self.startup_error
+            if message["type"] == "lifespan.startup.failed" and error is not None:
+                message = {**message, "message": str(error) if self.log_error else ""}  # "": not logged
+            await send(message)
+
+        await self.app(scope, receive, quiet_send)
+
+
 def create_server(settings: ServeSettings) -> uvicorn.Server:
     """A uvicorn server for `settings` (call `.run()`, or run it in a thread for tests)."""
     config = uvicorn.Config(
-        create_app(settings),
+        QuietStartup(create_app(settings), log_error=settings.worker_dir is not None),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -266,4 +301,11 @@ def serve(
         if status:
             raise SystemExit(status)
         return
-    create_server(settings).run()
+    server = create_server(settings)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's exit when the startup failed
+        error = server.config.app.startup_error
+        if error is not None:
+            raise error from None
+        raise

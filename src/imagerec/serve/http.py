@@ -8,7 +8,8 @@ request line and headers: it buffers a header of any length. h11 has one
 that), the client gets a 431 JSON error and the connection is closed, before the parser buffers
 any of it, so memory per connection stays bounded whichever parser runs. A request the parser
 rejects (garbage, a bad method, a broken chunked body) gets the app's JSON error shape too, not
-uvicorn's plain-text "Invalid HTTP request received.".
+uvicorn's plain-text "Invalid HTTP request received.". Both are counted in the app's /metrics
+(`count_rejected`), as every response the app itself gives is.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 from typing import Any
 
 from imagerec.serve.errors import error_body
+from imagerec.serve.metrics import ServeMetrics, count_rejected
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -45,6 +47,24 @@ def _bad_request_response(msg: str) -> bytes:
         "POST /v1/predict with a multipart/form-data body")
 
 
+def app_metrics(app: Any) -> ServeMetrics | None:
+    """The ServeMetrics of the app uvicorn runs (app.state.metrics, see create_app), under the
+    wrappers uvicorn may put around it (each holds the next as `.app`); None for another app."""
+    for _ in range(8):
+        metrics = getattr(getattr(app, "state", None), "metrics", None)
+        if isinstance(metrics, ServeMetrics):
+            return metrics
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+def _method(head: bytes) -> str:
+    """The method of a request line (for the metrics label; count_rejected maps unknown ones to OTHER)."""
+    return head.split(b" ", 1)[0][:8].decode("ascii", "replace").upper()
+
+
 if HttpToolsProtocol is not None:
 
     class CappedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
@@ -55,8 +75,12 @@ if HttpToolsProtocol is not None:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._in_head, self._head_bytes, self._tail = True, 0, b""
+            self._metrics = app_metrics(self.app)
+            self._start = b""  # the first bytes of the request head now arriving (its method)
 
         def data_received(self, data: bytes) -> None:
+            if self._in_head and self._head_bytes == 0 and not self._tail:
+                self._start = data[:16]
             if self._in_head and self._head_over_limit(data):
                 self._reject_head()  # before the parser sees (and buffers) any of it
                 return
@@ -84,14 +108,24 @@ if HttpToolsProtocol is not None:
             self._in_head, self._head_bytes, self._tail = True, 0, b""  # the next request on this connection
 
         def send_400_response(self, msg: str) -> None:  # uvicorn's hook for requests its parser rejects
+            if self._idle():  # else the app has the request and counts its response itself
+                self._count(400, "bad_http_request")
             self.transport.write(_bad_request_response(msg))
             self.transport.close()
 
         def _reject_head(self) -> None:
-            idle = self.cycle is None or self.cycle.response_complete
-            if idle:  # never interleave bytes with a response still being sent: then just close
+            if self._idle():  # never interleave bytes with a response still being sent: then just close
+                self._count(431, "headers_too_large")
                 self.transport.write(_head_too_large_response(self.head_limit))
             self.transport.close()
+
+        def _idle(self) -> bool:
+            """No request of this connection is with the app (none yet, or its response is sent)."""
+            return self.cycle is None or self.cycle.response_complete
+
+        def _count(self, status: int, type: str) -> None:
+            if self._metrics is not None:
+                count_rejected(self._metrics, _method(self._start), status, type)
 
 
 def http_protocol() -> Any:

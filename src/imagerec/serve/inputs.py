@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import json
 import logging
 import re
@@ -22,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from imagerec.data.decode import PIL_FORMATS, DecodeError, not_readable_message
+from imagerec.data.decode import PIL_FORMATS, DecodeError, not_readable_message, pil_open
 from imagerec.serve.errors import ApiError
 from imagerec.serve.limits import sniff_image_type
 
@@ -262,7 +261,9 @@ def prepare_image(predictor: Any, up: Upload, max_pixels: int) -> Prepared:
 
     The pixel limit is the server's `max_pixels` or the model's own (its training `--max-pixels`,
     which eval and predict apply), whichever is lower."""
-    max_pixels = min(max_pixels, getattr(predictor, "max_pixels", max_pixels))
+    model_limit = getattr(predictor, "max_pixels", max_pixels)
+    limit_name = "the model's own, from its training --max-pixels" if model_limit < max_pixels else "serve --max-pixels"
+    max_pixels = min(max_pixels, model_limit)
     data = up.data
     if not data:
         raise ApiError(400, "empty_file", f"{up.label}: empty file (0 bytes)")
@@ -275,16 +276,10 @@ def prepare_image(predictor: Any, up: Upload, max_pixels: int) -> Prepared:
             "Content-Type",
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                (width, height), fmt = im.size, im.format
-    except Image.DecompressionBombError as e:
-        raise ApiError(
-            413,
-            "too_many_pixels",
-            f"{up.label}: {e} (possible decompression bomb); the limit is {max_pixels} pixels",
-        ) from e
+        # pil_open lifts PIL's own cap (~179 M pixels, which would refuse images --max-pixels allows,
+        # with PIL's text): max_pixels, checked below on the header's size, is the one limit
+        with pil_open(data, max_pixels) as im:
+            (width, height), fmt = im.size, im.format
     except UnidentifiedImageError as e:  # its message names a BytesIO object at some address
         raise ApiError(
             422,
@@ -306,7 +301,8 @@ def prepare_image(predictor: Any, up: Upload, max_pixels: int) -> Prepared:
         raise ApiError(
             413,
             "too_many_pixels",
-            f"{up.label}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} (possible decompression bomb)",
+            f"{up.label}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} ({limit_name}; "
+            "possible decompression bomb)",
         )
     if fmt not in _PIL_FORMATS[kind]:
         raise ApiError(

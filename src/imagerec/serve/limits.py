@@ -26,13 +26,25 @@ def sniff_image_type(data: bytes) -> str | None:
     return fmt.lower() if fmt else None
 
 
+def size_text(n: int) -> str:
+    """A byte count as bytes and, from 1 KiB, in the unit that fits: 10485 -> '10485 bytes (10.2 KiB)'
+    (a fixed MiB showed small limits as "0.0 MiB", which reads as no body at all)."""
+    if n < 1024:
+        return f"{n} bytes"
+    unit, scale = ("KiB", 1024) if n < 1024**2 else ("MiB", 1024**2) if n < 1024**3 else ("GiB", 1024**3)
+    return f"{n} bytes ({n / scale:.1f} {unit})"
+
+
 class BodyTooLarge(ApiError):
-    def __init__(self, limit: int, seen: int | None = None) -> None:
-        got = f" ({seen} bytes)" if seen is not None else ""
+    """413 for a body over `limit` bytes: `seen` its declared length, or, with `streaming`, the bytes
+    read when it passed the limit (a chunked body may have more to come)."""
+
+    def __init__(self, limit: int, seen: int | None = None, streaming: bool = False) -> None:
+        got = "" if seen is None else f" (at least {seen} bytes so far)" if streaming else f" ({seen} bytes)"
         super().__init__(
             413,
             "body_too_large",
-            f"request body{got} exceeds the limit of {limit} bytes ({limit / 2**20:.1f} MiB); send fewer or smaller images",
+            f"request body{got} exceeds the limit of {size_text(limit)}; send fewer or smaller images",
         )
 
 
@@ -80,7 +92,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise BodyTooLarge(self.limit)
+                    raise BodyTooLarge(self.limit, seen, streaming=True)
             return message
 
         async def tracking_send(message: Message) -> None:

@@ -119,6 +119,18 @@ class ServeMetrics:
         return generate_latest(merged)
 
 
+UNMATCHED = "<unmatched>"  # the route label of a request no route answered
+
+
+def count_rejected(metrics: ServeMetrics, method: str, status: int, type: str) -> None:
+    """Count a request that the HTTP layer answered itself, before the app saw it (400
+    bad_http_request, 431 headers_too_large: serve.http), as MetricsMiddleware and the error
+    handlers count the others: in imagerec_requests_total (route "<unmatched>") and
+    imagerec_errors_total by its error type."""
+    metrics.requests.labels(UNMATCHED, method if method in _METHODS else "OTHER", str(status)).inc()
+    metrics.errors.labels(type).inc()
+
+
 def route_label(scope: Scope, known: Sequence[tuple[re.Pattern[str], str]] = ()) -> str:
     """The matched route's template (never the raw path: fuzzed URLs must not explode the label set).
 
@@ -132,7 +144,7 @@ def route_label(scope: Scope, known: Sequence[tuple[re.Pattern[str], str]] = ())
     for regex, template in known:
         if regex.match(scope.get("path", "")):
             return template
-    return "<unmatched>"
+    return UNMATCHED
 
 
 def route_templates(routes: Iterable[Any]) -> list[tuple[re.Pattern[str], str]]:

@@ -7,13 +7,27 @@ that run). The store is imported lazily and opened at startup; one that cannot b
 database not created yet, or not up yet after a reboot) is tried again, with a back-off, while
 predictions go on: every row not recorded meanwhile is counted and logged like any other.
 Each row is recorded with the served version ("name@version") and the request_id of its answer.
-A write that a PostgreSQL lock holds up fails after STORE_WRITE_TIMEOUT_S, writing nothing, and
-its rows are kept and written again after the same back-off: once each, never waited on for good.
+A write that a lock holds up (PostgreSQL: a LOCK TABLE, say; SQLite: another process's write
+transaction) fails after STORE_WRITE_TIMEOUT_S, writing nothing, and its rows are kept and written
+again after the same back-off: once each, never waited on for good. Rows kept that way count towards
+MAX_PENDING_ROWS like new ones: past it the oldest are dropped, counted and logged.
+A SQLite store file deleted, moved away or replaced while serving (a cleanup job, log rotation, a
+mistaken rm) is noticed before the next write: the path no longer names the file that was opened (its
+st_dev/st_ino), and the open connections would go on writing into the old file, lost with it if it
+was deleted. It is logged as an error, once, naming the file; the old file gets what its WAL holds
+(a checkpoint) and is closed. The path is then opened again as at startup (open_store creates a
+store where none is, or opens the file put there), unless the old file's -wal or -shm are still there
+(a file moved away without them): a store opened beside them would share them with the old file's
+other users, so it is not, and until they are gone (or the server restarts) every row is counted and
+logged as unrecorded, tried again with the back-off above. /readyz is not affected, as for a store
+that is down: recording is optional and never stops serving.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -35,15 +49,19 @@ RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0
 # At shutdown the rows still waiting get this long to be written: a store that stalls (a table lock
 # held by a backup) must not keep the process alive until a supervisor kills it.
 CLOSE_TIMEOUT_S = 5.0
-# The longest one write to a PostgreSQL --db store may wait for a lock (twice that to run: see
+# The longest one write to a --db store may wait for a lock (PostgreSQL: twice that to run; see
 # Store.write): past it the write fails, writing nothing, and its rows are tried again after the
-# back-off above instead of the writer waiting behind someone's LOCK TABLE for as long as it is
-# held. Under CLOSE_TIMEOUT_S, so a write held up by a lock at shutdown fails before the server
-# gives up on it.
+# back-off above instead of the writer waiting behind someone's LOCK TABLE (PostgreSQL) or write
+# transaction (SQLite) for as long as it is held. Under CLOSE_TIMEOUT_S, so a write held up by a
+# lock at shutdown fails before the server gives up on it.
 STORE_WRITE_TIMEOUT_S = 3.0
 # What PostgreSQL says when it cancels a statement for a lock_timeout or statement_timeout: the
 # transaction was rolled back, so nothing was written and the rows can be written again.
 TIMED_OUT_SQLSTATES = frozenset({"55P03", "57014"})  # lock_not_available, query_canceled
+# What SQLite says when another connection held the write lock past the busy timeout (SQLITE_BUSY,
+# "database is locked"): BEGIN IMMEDIATE took no lock, or the transaction was rolled back, so
+# nothing was written either. (sqlite_errorcode is Python 3.11+; 3.10 has only the message.)
+SQLITE_BUSY = 5
 
 
 class StoreNotOpen(Exception):
@@ -70,6 +88,9 @@ class StoreHook:
         self._retry_at = 0.0
         self._backoff = RETRY_FIRST_S
         self.problem: str | None = None  # why the store is not open
+        self._path: str | None = None  # SQLite: the store file, and the file (st_dev, st_ino) opened there
+        self._file: tuple[int, int] | None = None
+        self._sidecars: dict[str, tuple[int, int] | None] = {}  # its -wal and -shm, as last seen
 
     def open(self) -> bool:
         """Open the store now (creating and migrating it if needed); False, and a warning on the
@@ -83,7 +104,21 @@ class StoreHook:
                         "imagerec_predictions_unrecorded_total", self.problem)
             return False
         try:
+            if (stale := self._stale_sidecars()):
+                raise StoreNotOpen(
+                    f"{' and '.join(stale)}, left by the store file that was moved away or deleted while serving, "
+                    "are still there: a new store beside them would share them with the old file; once no process "
+                    "uses the old file any more, remove them, or restart the server"
+                )
             self.store, self._record = open_store(self.db), record_predictions
+        except StoreNotOpen as e:
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(2 * self._backoff, RETRY_MAX_S)
+            if self.problem != str(e):
+                log.error("predictions are not recorded for now: %s; every prediction is counted in "
+                          "imagerec_predictions_unrecorded_total", e)
+            self.problem = str(e)
+            return False
         except Exception as e:  # noqa: BLE001 - the store is optional: a failure only delays recording
             first = self.problem is None
             self.problem = f"the store given by --db, {_display(self.db)}, cannot be opened ({_reason(e)})"
@@ -102,12 +137,58 @@ class StoreHook:
         if self.problem is not None:
             log.warning("the store given by --db, %s, is open now: predictions are recorded from now on", _display(self.db))
         self.problem, self._backoff = None, RETRY_FIRST_S
+        self._path = self.store.url.database if self.store.dialect == "sqlite" else None
+        self._file = _file_identity(self._path) if self._path else None
+        self._note_sidecars()
         return True
+
+    def _note_sidecars(self) -> None:
+        """Remember which -wal and -shm files belong to the store file now open (SQLite)."""
+        self._sidecars = {p: _file_identity(p) for p in (f"{self._path}-wal", f"{self._path}-shm")} if self._path else {}
+
+    def _stale_sidecars(self) -> list[str]:
+        """The old store file's -wal and -shm still at the path after that file went (see _check_file)."""
+        return [p for p, seen in self._sidecars.items() if seen is not None and _file_identity(p) == seen]
+
+    def _check_file(self) -> None:
+        """SQLite: close the store when its path no longer names the file that was opened (deleted,
+        moved away or replaced), so that the next open() opens the path again; the open connections
+        would go on writing into the old file (lost with it if it was deleted). Logged once, an error."""
+        if self._file is None or self._path is None:
+            return
+        now = _file_identity(self._path)
+        if now == self._file:
+            self._note_sidecars()  # a -wal made by the last write
+            return
+        what = "deleted or moved away" if now is None else "replaced by another file"
+        log.error(
+            "the store file given by --db, %s, was %s while serving: predictions recorded before are in the old file "
+            "(lost with it if it was deleted). The path is opened again, as at startup: where no file is, a new empty "
+            "store is created (it holds no runs, so its predictions have no run_id). To keep all rows in one store, "
+            "put the old file back and restart, or restart with another --db",
+            self._path, what,
+        )
+        old, self.store, self._file = self.store, None, None
+        try:  # what the old file's WAL holds goes into that file (a file moved without its -wal keeps it)
+            raw = old.engine.raw_connection()
+            try:
+                raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                raw.close()
+        except Exception:  # noqa: BLE001 - the old file is gone: a failure here loses nothing more
+            log.debug("checkpointing the old store file failed", exc_info=True)
+        try:
+            old.close()
+        except Exception:  # noqa: BLE001
+            log.debug("closing the old store failed", exc_info=True)
+        self._retry_at, self._backoff = 0.0, RETRY_FIRST_S
 
     def __call__(self, rows: list[dict[str, Any]]) -> None:
         """Write `rows`, one transaction per served model. A write that times out on a lock
         raises StoreBusy with the rows of that model and of the models after it (those before
         it are written: trying them again would record them twice)."""
+        if self.store is not None:
+            self._check_file()
         if self.store is None and (time.monotonic() < self._retry_at or not self.open()):
             raise StoreNotOpen(self.problem)
         by_model: dict[str, list[dict[str, Any]]] = {}
@@ -120,7 +201,7 @@ class StoreHook:
             try:
                 self._record(self.store, model_id, [_store_row(r) for r in group], timeout_s=STORE_WRITE_TIMEOUT_S)
             except ImageRecError as e:
-                if getattr(e.__cause__, "sqlstate", None) not in TIMED_OUT_SQLSTATES:
+                if not _timed_out(e):
                     raise
                 retry_in, self._backoff = self._backoff, min(2 * self._backoff, RETRY_MAX_S)
                 raise StoreBusy(_reason(e), [r for _, g in groups[k:] for r in g], retry_in) from e
@@ -135,6 +216,15 @@ def _store_row(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at `path`, None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _display(db: str) -> str:
     """The store URL as it may be logged (no password)."""
     try:
@@ -145,13 +235,36 @@ def _display(db: str) -> str:
         return "(the store URL)"
 
 
+def _driver_error(e: BaseException) -> BaseException | None:
+    """The database driver's own exception behind a store error, or None. The store raises its
+    ImageRecError from the driver's exception itself (imagerec.store.engine's handle_error hook,
+    which SQLAlchemy re-raises `from` the DBAPI exception); a SQLAlchemy DBAPIError there instead
+    holds it as `.orig`, the documented attribute, and is unwrapped the same way."""
+    cause = e.__cause__ if isinstance(e, ImageRecError) else None
+    return getattr(cause, "orig", None) or cause
+
+
+def _timed_out(e: ImageRecError) -> bool:
+    """Whether the store refused a write only because a lock was held past its timeout, writing
+    nothing: PostgreSQL's lock or statement timeout, or SQLite's "database is locked"."""
+    error = _driver_error(e)
+    if getattr(error, "sqlstate", None) in TIMED_OUT_SQLSTATES:  # psycopg.Error.sqlstate
+        return True
+    if not isinstance(error, sqlite3.OperationalError):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)  # extended codes keep the primary one in the low byte
+    return code & 0xFF == SQLITE_BUSY if isinstance(code, int) else str(error).startswith("database is locked")
+
+
 def _reason(e: BaseException) -> str:
     """What the database said (its first line), without the store's hints for other commands (they
     name $IMAGEREC_DB; the server's store comes from --db)."""
-    cause = e.__cause__ if isinstance(e, ImageRecError) else None
-    if cause is not None:
-        text = str(getattr(cause, "orig", None) or cause).strip()
-        return text.splitlines()[0] if text else type(cause).__name__
+    error = _driver_error(e)
+    if isinstance(e, ImageRecError) and (error is None or isinstance(error, ImageRecError)):
+        return str(e)  # the store's own message with its own advice (a migration held up by a lock)
+    if error is not None:
+        text = str(error).strip()
+        return text.splitlines()[0] if text else type(error).__name__
     return f"{type(e).__name__}: {e}"
 
 
@@ -236,14 +349,20 @@ class Recorder:
 
     def _requeue(self, busy: StoreBusy, rest: list[dict[str, Any]]) -> bool:
         """Put the rows the busy store did not take, and those after them, back in front of the rows
-        waiting, to be written after the back-off; False when close() has counted them already."""
+        waiting, to be written after the back-off; False when close() has counted them already.
+        Together they are held to MAX_PENDING_ROWS: past it the oldest (the front) are dropped."""
         with self._cond:
             if self._abandoned:
                 return False
             self._rows[:0] = busy.rows + rest
+            over = max(0, len(self._rows) - MAX_PENDING_ROWS)
+            del self._rows[:over]
             self._writing = 0
             self._retry_at = time.monotonic() + busy.retry_in
             first = self._busy_since is None
+        if over:
+            self._drop(over, f"the store is busy and {MAX_PENDING_ROWS} newer rows are waiting for it (the oldest are "
+                             "dropped)")
         if first:
             self._busy_since = time.monotonic()
             log.warning("the store did not take %d prediction(s) in time (%s): they are kept and tried again "

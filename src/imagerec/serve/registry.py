@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,148 +23,13 @@ import torch
 
 from imagerec.export.bundle import MANIFEST, load_bundle, preferred_runtime_entry, read_manifest
 from imagerec.serve.batching import BatchCost, Batcher, adaptive_wait_ms, measure_batch_cost
+from imagerec.serve.entries import ModelEntry, read_eval_metrics
 from imagerec.serve.errors import ApiError
 from imagerec.serve.metrics import ServeMetrics
 from imagerec.serve.settings import NAME_RE, VERSION_RE, ModelSource, ServeSettings
 from imagerec.utils import ImageRecError, available_cpus
 
 log = logging.getLogger("imagerec.serve")
-
-
-@dataclass
-class ModelEntry:
-    name: str
-    version: str
-    path: str
-    predictor: Any
-    batcher: Batcher
-    metrics: dict[str, Any] = field(default_factory=dict)
-    batching: dict[str, Any] = field(default_factory=dict)
-    loaded_at: str = field(
-        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
-    )
-    # What was loaded: the run dir or bundle as resolved at load time (a symlink's target), which
-    # recorded predictions are keyed by; the path as given where it is not a file system path.
-    source: str = ""
-    holders: Holders = field(default_factory=lambda: Holders())
-
-    def __post_init__(self) -> None:
-        if not self.source:
-            self.source = resolved_source(self.path)
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.name, self.version)
-
-    @property
-    def weights(self) -> str | None:
-        """What identifies the loaded weights: a run checkpoint's weights_id, a bundle's manifest_sha256
-        (None for a custom loader's model)."""
-        meta = getattr(self.predictor, "meta", None) or {}
-        return meta.get("weights_id") or meta.get("manifest_sha256")
-
-    def card(self, default: bool = False) -> dict[str, Any]:
-        """What a client needs to know about this model version (no server paths)."""
-        p = self.predictor
-        pre = p.pre.to_dict() if hasattr(p.pre, "to_dict") else dict(vars(p.pre))
-        pre.pop("class_names", None)
-        meta = getattr(p, "meta", {}) or {}
-        train = meta.get("train_config") or {}
-        return {
-            "name": self.name,
-            "version": self.version,
-            "default": default,
-            "architecture": meta.get("model"),
-            "classes": list(p.class_names),
-            "num_classes": len(p.class_names),
-            "multi_label": bool(pre.get("multi_label", False)),
-            "preprocessing": pre,
-            "metrics": self.metrics,
-            "train": {
-                **({"data": public_data_name(str(train["data"]))} if train.get("data") else {}),
-                **{k: train[k] for k in ("epochs", "image_size", "augment") if k in train},
-            },
-            "num_params": meta.get("num_params"),
-            "instances": len(self.batcher.instances),
-            "batching": self.batching,
-            "loaded_at": self.loaded_at,
-        }
-
-
-class Holders:
-    """The requests holding one model version, and what to do once it is retired and none is left.
-
-    Apart from ModelEntry so that the retirement keeps only the batcher alive, never the model."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count = 0
-        self._on_free: Callable[[], None] | None = None  # set by `retire`
-        self._retired = False
-
-    def hold(self) -> bool:
-        """One more request uses the version; False once it is retired (pick another)."""
-        with self._lock:
-            if self._retired:
-                return False
-            self._count += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self._count -= 1
-            done = self._on_free if self._retired and self._count == 0 else None
-        if done is not None:
-            done()
-
-    def retire(self, on_free: Callable[[], None]) -> None:
-        """Take no more requests; call `on_free` once the ones holding it are done (now if none is)."""
-        with self._lock:
-            self._retired, self._on_free = True, on_free
-            free = self._count == 0
-        if free:
-            on_free()
-
-
-def resolved_source(path: str) -> str:
-    """A model path as it is recorded: resolved when it exists (a run dir or bundle), else as given
-    (a custom loader's name)."""
-    try:
-        p = Path(path).expanduser()
-        return str(p.resolve()) if p.exists() else path
-    except (OSError, RuntimeError, ValueError):
-        return path
-
-
-def public_data_name(data: str) -> str:
-    """A run's DATA as a client may see it: a dataset name or store:NAME as given, a local path
-    (saved absolute by `train`) by its last part only: the card holds no server paths."""
-    if data.startswith("store:") or not any(sep in data for sep in ("/", "\\")):
-        return data
-    return re.split(r"[\\/]", data.rstrip("/\\"))[-1] or data
-
-
-def read_eval_metrics(source: str) -> dict[str, Any]:
-    """Scalar val/test metrics from a run's metrics.json ({} for a bundle without one)."""
-    path = Path(source) / "metrics.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        log.warning("cannot read %s; serving without evaluation metrics", path)
-        return {}
-    out: dict[str, Any] = {
-        k: data[k] for k in ("best_epoch", "epochs_run", "train_images") if k in data
-    }
-    for split in ("val", "test"):
-        if isinstance(data.get(split), dict):
-            out[split] = {
-                k: v
-                for k, v in data[split].items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
-            }
-    return out
 
 
 def default_instances(path: str, custom_loader: bool = False) -> int:
@@ -268,14 +130,26 @@ class ModelRegistry:
 
     # --- writes (blocking: call from a worker thread) ---------------------------------------------
     def load_startup(self) -> None:
-        for i, source in enumerate(self.settings.sources):
-            self.load(source, make_default=i == 0, freeze=False)
+        """The command line's model versions, the first as the default. A source the command line
+        gets wrong (a NAME@VERSION given twice, a bad version) is one ImageRecError naming it: the
+        HTTP answer's words ("POST /v1/admin/reload") mean nothing to a server that never started."""
+        for i, (spec, source) in enumerate(zip(self.settings.models, self.settings.sources, strict=True)):
+            try:
+                self.load(source, make_default=i == 0, freeze=False)
+            except ApiError as e:
+                if e.type == "version_exists":
+                    raise ImageRecError(
+                        f"model source '{spec}': {e.message.split(';')[0]} from an earlier source on the command "
+                        "line; give each source its own NAME@VERSION=PATH"
+                    ) from None
+                raise ImageRecError(f"model source '{spec}': {e.message}") from None
         freeze_heap()  # once for all of them: each full collection of a loaded server is ~0.3 s
 
     def _load_instances(self, path: str) -> list[Any]:
         """`settings.instances` predictors for one model version, each warmed up by one call."""
         n = self.settings.instances or default_instances(path, custom_loader=self.settings.loader is not None)
         loader = self.settings.loader
+        warmed_up = False  # whether each predictor has already run once
         if loader is None:
             from imagerec.predict import Predictor, load
 
@@ -284,6 +158,9 @@ class ModelRegistry:
             if (Path(path) / MANIFEST).is_file():
                 bundle = load_bundle(path)  # files hashed once, not once per copy
                 loader = functools.partial(Predictor.from_bundle, bundle, threads=threads)
+                # Bundle.create_runtime ran one blank image through each copy (check_runtime_output):
+                # the same call as the warm-up below, so a second one would only repeat it
+                warmed_up = True
             else:
                 loader = functools.partial(load, path, threads=threads)  # "model not found" checks
         else:
@@ -294,6 +171,8 @@ class ModelRegistry:
                 # the model's own limit (its training --max-pixels) holds here as in eval and predict;
                 # the server's --max-pixels caps it for uploads
                 predictor.max_pixels = min(predictor.max_pixels, self.settings.max_pixels)
+            if warmed_up:
+                continue
             pre = predictor.pre
             # One warm-up call so the first request does not pay for lazy initialisation.
             predictor.predict_batch(

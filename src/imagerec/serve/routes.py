@@ -17,9 +17,9 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 
 from imagerec.serve.auth import PREDICT_SECURITY, require_predict_key
 from imagerec.serve.batching import BatcherClosed, QueueFull
+from imagerec.serve.entries import ModelEntry
 from imagerec.serve.errors import ApiError, error_response, error_responses
 from imagerec.serve.inputs import Prepared, Upload, parse_and_prepare_first, prepare_image
-from imagerec.serve.registry import ModelEntry
 
 router = APIRouter()
 STATIC_DIR = Path(__file__).resolve().parent / "static"

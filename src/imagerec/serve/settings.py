@@ -37,12 +37,54 @@ class ModelSource:
 
     @classmethod
     def parse(cls, spec: str) -> ModelSource:
-        m = _SPEC.match(spec.strip())
+        """PATH, NAME=PATH or NAME@VERSION=PATH. A whole spec that is an existing path (a folder named
+        like "exp=1") is that path; one that reads both ways (the folder "a=run1", and "run1" exists
+        too) is refused, naming both readings."""
+        text = spec.strip()
+        m = _SPEC.match(text)
         if not m:
             raise ImageRecError(
                 f"bad model source '{spec}': use PATH, NAME=PATH or NAME@VERSION=PATH"
             )
+        if m["name"] is not None and _exists(text):
+            if _exists(m["path"]):
+                raise ImageRecError(
+                    f"model source '{text}' can be read two ways: as the folder {text}, or as {_reading(m)}; "
+                    f"to serve the folder write {_dotted(text)} (or NAME={text}), to serve {m['path']} write "
+                    f"{text[: m.start('path')]}{_dotted(m['path'])}"
+                )
+            return cls(text)
         return cls(m["path"], m["name"], m["version"])
+
+    def check_exists(self, spec: str) -> None:
+        """Refuse a NAME=PATH source whose PATH does not exist, saying how `spec` was read: the user
+        may have meant a folder whose name holds '=' (run dirs and bundles only; a custom loader's
+        names are its own)."""
+        m = _SPEC.match(spec.strip())
+        if self.name is not None and m is not None and not _exists(self.path):
+            raise ImageRecError(
+                f"model not found: {self.path} ('{spec.strip()}' was read as {_reading(m)}, and there is no "
+                f"{self.path}; nor is there a folder named {spec.strip()}). Give a run directory written by "
+                "'imagerec train' or a bundle folder written by 'imagerec export'"
+            )
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _dotted(path: str) -> str:
+    """A relative path written so that it cannot be read as NAME=PATH: ./path."""
+    return path if Path(path).is_absolute() or path.startswith("./") else f"./{path}"
+
+
+def _reading(m: re.Match[str]) -> str:
+    """How a NAME[@VERSION]=PATH match was read, in words."""
+    version = f", version '{m['version']}'" if m["version"] else ""
+    return f"{'NAME@VERSION' if m['version'] else 'NAME'}=PATH (name '{m['name']}'{version}, path '{m['path']}')"
 
 
 @dataclass(frozen=True)
@@ -122,6 +164,9 @@ class ServeSettings:
         object.__setattr__(
             self, "sources", tuple(ModelSource.parse(m) for m in self.models)
         )
+        if self.loader is None:  # run dirs and bundles: a NAME=PATH whose PATH is missing says how it was read
+            for spec, source in zip(self.models, self.sources, strict=True):
+                source.check_exists(spec)
         for name in _NUMBERS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -161,10 +206,8 @@ class ServeSettings:
             raise ImageRecError(
                 f"queue_size ({self.queue_size}) must be >= max_files ({self.max_files}), or a full request could never be queued"
             )
-        if self.api_key_file is not None and not Path(self.api_key_file).is_file():
-            raise ImageRecError(
-                f"API key file not found: {self.api_key_file} (one key per line)"
-            )
+        if self.api_key_file is not None:
+            check_key_file(self.api_key_file)
 
     @property
     def max_body_bytes(self) -> int:
@@ -176,6 +219,19 @@ class ServeSettings:
             str(Path(s.path).resolve().parent) for s in self.sources
         )
         return tuple(dict.fromkeys(Path(d).resolve() for d in dirs))
+
+
+def check_key_file(path: str) -> None:
+    """Refuse an API key file that is missing, or not a file: say which (a folder is not "not found")."""
+    p = Path(path)
+    if p.is_file():
+        return
+    if p.is_dir():
+        raise ImageRecError(f"API key file {path} is a directory, not a file: give the file inside it that holds "
+                            "the keys (one key per line)")
+    if p.exists():
+        raise ImageRecError(f"API key file {path} is not a regular file: give a text file with one key per line")
+    raise ImageRecError(f"API key file not found: {path} (one key per line)")
 
 
 def create_settings(models: Sequence[str] | str, **kwargs: Any) -> ServeSettings:

@@ -387,6 +387,8 @@ def run_workers(settings: Any) -> int:
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/OpenVINO threads
     shares = cpu_shares(n)
     stopping = threading.Event()
+    startup_error: str | None = None  # why a worker could not start, as it reported it
+    ever_ready: dict[int, bool] = {}  # whether each worker slot has served: after that a failure is a restart's
 
     def start(k: int) -> Any:
         worker_settings = replace(settings, workers=1, worker_index=k, worker_count=n, worker_dir=str(state))
@@ -411,14 +413,18 @@ def run_workers(settings: Any) -> int:
             wait_for_exit([p.sentinel for p in procs.values()], timeout=0.2)
             for k, proc in list(procs.items()):
                 was_ready[k] = was_ready[k] or ready(k, proc)
+                ever_ready[k] = ever_ready.get(k, False) or was_ready[k]
                 if proc.is_alive() or stopping.is_set():
                     continue
                 multiprocess.mark_process_dead(proc.pid, str(metrics_dir))
                 refused = read_status(state / status_name(k, proc.pid)).get("error")
                 (state / status_name(k, proc.pid)).unlink(missing_ok=True)
                 if not was_ready[k]:
-                    log.error("worker %d exited with status %s before it was ready; stopping the server%s", k,
-                              proc.exitcode, f": {refused}" if refused else "")
+                    if refused and not any(ever_ready.values()):
+                        startup_error = refused  # the server never started (a damaged checkpoint): one error line
+                    else:
+                        log.error("worker %d exited with status %s before it was ready; stopping the server%s", k,
+                                  proc.exitcode, f": {refused}" if refused else "")
                     status = 1
                     stopping.set()
                     break
@@ -441,6 +447,8 @@ def run_workers(settings: Any) -> int:
             signal.signal(s, handler)
         os.environ.pop(MULTIPROC_ENV, None)
         shutil.rmtree(state, ignore_errors=True)
+    if startup_error is not None:
+        raise ImageRecError(startup_error)
     return status
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -213,7 +215,7 @@ def compare_runs(store: Store, ids: Iterable[int]) -> dict[str, Any]:
         >>> compare_runs(store, [1, 2])["metrics"]["test.accuracy"]
         {1: 0.97, 2: 0.98}
     """
-    ids = list(dict.fromkeys(int(i) for i in ids))
+    ids = list(dict.fromkeys(_run_id(i) for i in ids))
     if not ids:
         raise ImageRecError("compare_runs needs at least one run id (see: imagerec runs)")
     _check_run_ids(store, ids)
@@ -230,6 +232,19 @@ def compare_runs(store: Store, ids: Iterable[int]) -> dict[str, Any]:
         "runs": [{k: v for k, v in _run_dict(found[i]).items() if k not in ("config", "metrics", "versions")} for i in ids],
         "metrics": {m: {i: flat[i].get(m) for i in ids} for m in names},
     }
+
+
+def _run_id(value: Any) -> int:
+    """A run id given as a whole number or its text ("12"); anything else (1.5, "abc", True) is one
+    error naming it, not a bare ValueError nor a silently truncated id."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    if not isinstance(value, bool | str):
+        try:
+            return operator.index(value)  # int, numpy integers; not floats
+        except TypeError:
+            pass
+    raise ImageRecError(f"run id {value!r} is not a whole number; list the runs and their ids with: imagerec runs")
 
 
 def _check_run_ids(store: Store, ids: list[int]) -> None:
@@ -263,32 +278,57 @@ def record_predictions(
     model as "name@version", and "request_id", the id (at most 32 characters) of the HTTP answer
     that gave the prediction, as `imagerec serve --db` records them. `run_id` None: the run
     recorded with `model_id` as its run_dir (as `imagerec serve --db` passes it), if the store
-    has one. `timeout_s` (PostgreSQL only): fail, writing nothing, rather than wait longer than
-    this for a lock (see `Store.write`); the rows are written all or none either way.
+    has one. `timeout_s`: fail, writing nothing, rather than wait longer than this for a lock
+    (PostgreSQL: a lock timeout; SQLite: "database is locked"; see `Store.write`); the rows are
+    written all or none either way.
 
     Example:
         >>> record_predictions(store, "runs/exp1", [{"path": "cat.jpg", "topk": [{"label": "cat", "prob": 0.93}]}])
         1
     """
     now = datetime.now(timezone.utc)
+    model_id = model_key(model_id)
     values = []
     for n, row in enumerate(rows, 1):
         if "topk" not in row or not ("sha256" in row or "path" in row):
             raise ImageRecError(f"prediction row {n} needs 'topk' and 'sha256' or 'path'; got keys {sorted(row)}")
-        sha = row.get("sha256") or sha256_file(row["path"])
+        sha = _sha256(row["sha256"], f"prediction row {n}") if row.get("sha256") else sha256_file(row["path"])
         created = _utc(row["created_at"], n) if row.get("created_at") is not None else now
         values.append(
-            {"image_sha256": sha, "run_id": run_id, "model_id": str(model_id), "topk": row["topk"], "created_at": created,
+            {"image_sha256": sha, "run_id": run_id, "model_id": model_id, "topk": row["topk"], "created_at": created,
              "served_as": _served_as(row.get("served_as"), n), "request_id": _request_id(row.get("request_id"), n)}
         )
     if values:
         with store.write(timeout_s) as conn:
             if run_id is None:
-                found = conn.execute(sa.select(runs.c.id).where(runs.c.run_dir == str(model_id))).scalar()
+                found = conn.execute(sa.select(runs.c.id).where(runs.c.run_dir == model_id)).scalar()
                 for v in values:
                     v["run_id"] = found
             conn.execute(sa.insert(predictions), values)
     return len(values)
+
+
+def model_key(model_id: str | Path) -> str:
+    """`model_id` as predictions are keyed by it: a run dir or bundle that exists, resolved (absolute,
+    no trailing slash: as `record_run` keys runs by their run_dir and `imagerec serve --db` records the
+    served folder), so "runs/exp1", "./runs/exp1/" and its absolute path are one key; anything else
+    (a model name, a folder gone since) as given."""
+    text = str(model_id)
+    try:
+        p = Path(text).expanduser()
+        return str(p.resolve()) if text and p.exists() else text
+    except (OSError, RuntimeError, ValueError):
+        return text
+
+
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _sha256(value: Any, what: str) -> str:
+    """A SHA-256 as the store keeps it: 64 lower-case hex digits (upper-case ones are the same hash)."""
+    if isinstance(value, str) and _SHA256.fullmatch(value.strip()):
+        return value.strip().lower()
+    raise ImageRecError(f"{what}: sha256 must be 64 hex digits (as sha256sum prints them); got {_short(value)}")
 
 
 def _served_as(value: Any, n: int) -> str | None:
@@ -335,13 +375,14 @@ def _utc(value: Any, n: int) -> datetime:
 def list_predictions(
     store: Store, sha256: str | None = None, model_id: str | None = None, request_id: str | None = None
 ) -> list[dict[str, Any]]:
-    """Recorded predictions, oldest first, optionally only for one image, model and/or HTTP request
-    (the request_id `imagerec serve` answered with)."""
+    """Recorded predictions, oldest first, optionally only for one image (its sha256, either case),
+    model (a run dir as given to record_predictions or served: relative, absolute, with or without a
+    trailing slash) and/or HTTP request (the request_id `imagerec serve` answered with)."""
     query = sa.select(predictions).order_by(predictions.c.id)
     if sha256 is not None:
-        query = query.where(predictions.c.image_sha256 == sha256)
-    if model_id is not None:
-        query = query.where(predictions.c.model_id == str(model_id))
+        query = query.where(predictions.c.image_sha256 == _sha256(sha256, "list_predictions"))
+    if model_id is not None:  # keyed as record_predictions keys them: a run dir by its resolved path
+        query = query.where(predictions.c.model_id == model_key(model_id))
     if request_id is not None:
         query = query.where(predictions.c.request_id == request_id)
     with store.read() as conn:

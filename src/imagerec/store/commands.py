@@ -52,12 +52,13 @@ def _size(n: int) -> str:
 
 def ingest_command(
     source: str, dataset: str, split: str | None = None, db: str | None = None, update: bool = False,
-    data_dir: str | None = None,
+    data_dir: str | None = None, max_pixels: int | None = None,
 ) -> int:
     """`imagerec ingest SOURCE --dataset NAME [--split S] [--update] [--db URL] [--data-dir DIR]`: 0, or 1
-    when no image was readable."""
+    when no image was readable. `max_pixels`: the pixel limit (None: the default, as `ingest`)."""
     with open_store(db) as store:
-        report = ingest(store, source, dataset, split=split, progress=True, update=update, data_dir=data_dir)
+        report = ingest(store, source, dataset, split=split, progress=True, update=update, data_dir=data_dir,
+                        max_pixels=max_pixels)
         console = _console()
         console.print(report.summary(), highlight=False, markup=False)
         for note in report.notes:

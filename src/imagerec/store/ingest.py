@@ -37,7 +37,7 @@ from PIL import Image
 
 from imagerec.store.db import Store
 from imagerec.store.schema import blobs, datasets, images
-from imagerec.utils import ImageRecError
+from imagerec.utils import ImageRecError, check_count
 
 if TYPE_CHECKING:
     from imagerec.data import DataSpec, Item
@@ -205,15 +205,25 @@ def array_png(arr: Any) -> bytes:
     return buf.getvalue()
 
 
-def probe_image(data: bytes, name: str) -> tuple[int, int, str, str]:
-    """(width, height, mode, format) of encoded image bytes, after checking that they fully decode."""
-    from imagerec.data.decode import DEFAULT_MAX_PIXELS, DecodeError, check_pixels, decode_errors
+# What to do about an image over ingest's pixel limit: `imagerec ingest` has no flag for it (the
+# decode path's own hint names --max-pixels, which ingest does not take).
+INGEST_PIXELS_HINT = ("if the image is genuine, raise the limit with imagerec ingest --max-pixels N "
+                      "(max_pixels= in Python); training on it then needs --max-pixels N too")
+
+
+def probe_image(data: bytes, name: str, max_pixels: int | None = None) -> tuple[int, int, str, str]:
+    """(width, height, mode, format) of encoded image bytes, after checking that they fully decode
+    and have at most `max_pixels` pixels (None: the decode path's default limit)."""
+    from imagerec.data.decode import DEFAULT_MAX_PIXELS, DecodeError, check_pixels, decode_errors, pil_open
 
     if not data:
         raise DecodeError(f"{name}: empty file (0 bytes)")
-    with decode_errors(name), Image.open(io.BytesIO(data)) as img:
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    # pil_open: the one limit is `limit`, checked here with imagerec's message (PIL's own would refuse
+    # images over twice its default with its text, and warn with its source file and line below that)
+    with decode_errors(name), pil_open(data, limit) as img:
         w, h = img.size
-        check_pixels(name, (w, h), DEFAULT_MAX_PIXELS)
+        check_pixels(name, (w, h), limit, INGEST_PIXELS_HINT)
         info = (w, h, img.mode, img.format or "unknown")
         if img.format == "JPEG":  # decode at 1/8 scale: still reads (and checks) the whole stream
             img.draft(None, (max(1, w // 8), max(1, h // 8)))
@@ -229,7 +239,7 @@ def item_name(spec: DataSpec, item: Item) -> str:
     return f"{spec.origin}#{name}" if isinstance(item.source, ArrayRef) else name
 
 
-def _prepare(spec: DataSpec, split: str, item: Item, name: str) -> dict[str, Any]:
+def _prepare(spec: DataSpec, split: str, item: Item, name: str, max_pixels: int | None = None) -> dict[str, Any]:
     """Read, hash and check one item; raises DecodeError for anything unreadable."""
     from imagerec.data.decode import ArrayRef, DecodeError, decode_errors, read_bytes
 
@@ -241,7 +251,7 @@ def _prepare(spec: DataSpec, split: str, item: Item, name: str) -> dict[str, Any
     else:
         with decode_errors(name, "read"):
             data = read_bytes(item.source)
-    width, height, mode, fmt = probe_image(data, name)
+    width, height, mode, fmt = probe_image(data, name, max_pixels)
     return {
         "sha256": hashlib.sha256(data).hexdigest(),
         "data": data,
@@ -265,7 +275,7 @@ def _same_place(labels_a: list[str] | tuple[str, ...], split_a: str, labels_b: l
 
 
 def _batches(
-    spec: DataSpec, pairs: list[tuple[str, Item]], batch_size: int, report: IngestReport
+    spec: DataSpec, pairs: list[tuple[str, Item]], batch_size: int, report: IngestReport, max_pixels: int | None = None
 ) -> Iterator[list[dict[str, Any]]]:
     """Batches of readable images, each the first copy of its bytes in this run; later copies are
     counted (and compared with the first) here, however many batches apart they are."""
@@ -278,7 +288,7 @@ def _batches(
         report.seen += 1
         name = item_name(spec, item)
         try:
-            row = _prepare(spec, split, item, name)
+            row = _prepare(spec, split, item, name, max_pixels)
         except DecodeError as e:
             report.skipped.append((name, str(e)))
             continue
@@ -381,6 +391,7 @@ def ingest(
     progress: bool = True,
     update: bool = False,
     data_dir: str | None = None,
+    max_pixels: int | None = None,
 ) -> IngestReport:
     """Copy the images of `source` (any DATA that `read_data` accepts) into `dataset` in the store.
 
@@ -390,7 +401,8 @@ def ingest(
     under it). Images already stored with other labels or another split are kept as stored and
     reported, unless `update` is true: then they get the source's labels, split and path. Files the
     reader leaves out (a class only val/test have, a manifest row whose file is missing) are not
-    `seen`; its notes about them are in `notes`. Safe to
+    `seen`; its notes about them are in `notes`. Images over `max_pixels` pixels (None: the default
+    limit train applies, `DEFAULT_MAX_PIXELS`) are skipped as possible decompression bombs. Safe to
     interrupt at any point and to run again, or concurrently; a dataset is created by the first
     batch that stores an image in it.
 
@@ -404,6 +416,8 @@ def ingest(
 
     if batch_size < 1:
         raise ImageRecError(f"batch_size must be at least 1, got {batch_size}")
+    if max_pixels is not None:
+        check_count(max_pixels, "max_pixels")
     check_dataset_name(dataset)
     start = time.perf_counter()
     spec = read_data(source, data_dir=data_dir)
@@ -414,7 +428,7 @@ def ingest(
     bar = _progress_bar() if progress else None
     with bar or nullcontext():
         task = bar.add_task(f"ingest {dataset}", total=len(pairs)) if bar is not None else None
-        for batch in _batches(spec, pairs, batch_size, report):
+        for batch in _batches(spec, pairs, batch_size, report, max_pixels):
             result = write_batch(store, target, batch, update=update)
             report.added += len(result.inserted)
             (report.relabelled if update else report.stored_conflicts).extend(result.differing)
