@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -131,6 +134,11 @@ class TrainConfig:
     explicit: list[str] = field(default_factory=list, metadata={"internal": True})
 
     def validate(self) -> None:
+        """Check every setting; fields of the wrong type are coerced as config files and train()
+        arguments are (`_coerce`: ops="median" -> ["median"], a pathlib.Path -> str) or refused."""
+        for f in fields(self):
+            if not f.metadata.get("internal"):
+                setattr(self, f.name, _coerce(f.name, getattr(self, f.name), f.default, str(f.type), "TrainConfig"))
         checks = [
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("recipe", self.recipe, RECIPES),
@@ -162,8 +170,13 @@ class TrainConfig:
             raise ImageRecError(f"image_size must be between 8 and 1024, got {self.image_size}")
         if self.translate is not None and not 0 <= self.translate <= 64:
             raise ImageRecError(f"translate must be between 0 and 64 pixels, got {self.translate}")
-        if not 0 <= self.cutout <= 1024:
-            raise ImageRecError(f"cutout is a square's side in pixels and must be between 0 (off) and 1024, got {self.cutout}")
+        # a square of the input's size or more blanks the whole image; the input size is checked
+        # against once known (transforms.check_cutout)
+        top = (self.image_size or 1024) - 1
+        if not 0 <= self.cutout <= top:
+            where = f"--image-size {self.image_size}" if self.image_size else "the largest --image-size, 1024"
+            raise ImageRecError(f"cutout is a square's side in pixels and must be between 0 (off) and {top} "
+                                f"(less than {where}), got {self.cutout}")
         if not 0 < self.norm_lr_scale < math.inf:  # NaN fails this too
             raise ImageRecError(f"norm_lr_scale must be a finite number > 0, got {self.norm_lr_scale}")
         at_least_zero = {"seed": self.seed, "early_stopping": self.early_stopping, "grad_clip": self.grad_clip,
@@ -244,23 +257,44 @@ def format_minutes(minutes: float) -> str:
     return f"{minutes * 60:.3g} s" if minutes < 1 else f"{minutes:g} min"
 
 
-def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:
-    """Check a YAML value against the field's type; YAML already parsed numbers and booleans."""
+# TrainConfig fields that name a file or folder: an os.PathLike (pathlib.Path) is taken as its path
+PATH_FIELDS = ("data", "out", "pretrained")
+
+
+def _setting_label(name: str, origin: str) -> str:
+    """How a setting is named to the user, after where its value came from: "--epochs (epochs)" on the
+    command line, "train() argument 'epochs'", "TrainConfig field 'epochs'", or a config file's key."""
+    if origin == "the command line":
+        return f"--{name.replace('_', '-')} ({name})"
+    if origin == "train() arguments":
+        return f"train() argument '{name}'"
+    if origin == "--resume overrides":
+        return f"--resume override '{name}'"
+    if origin == "TrainConfig":
+        return f"TrainConfig field '{name}'"
+    return f"{origin}: config key '{name}'"
+
+
+def _coerce(name: str, value: Any, default: Any, annotation: str, origin: str = "a config file") -> Any:
+    """Check a value against the field's type (annotation as a string); YAML already parsed numbers
+    and booleans. Python callers may pass any os.PathLike for a path, any number type (numpy scalars
+    included, bool excepted) for a number and any sequence but a string for a list."""
+    label = _setting_label(name, origin)
     if name == "time_limit" and value is not None:
         return parse_minutes(value)
     if value is None:
         if "None" in annotation:
             return None
-        raise ImageRecError(f"config key '{name}' cannot be empty")
+        raise ImageRecError(f"{label} cannot be empty")
     if "list" in annotation:
         if isinstance(value, str):
             return [value]
-        if not isinstance(value, list):
-            raise ImageRecError(f"config key '{name}' must be a list, got {value!r}")
+        if isinstance(value, (bytes, Mapping)) or not isinstance(value, Sequence):
+            raise ImageRecError(f"{label} must be a list of strings (or one string), got {value!r}")
         return [str(v) for v in value]
     if "bool" in annotation:
         if not isinstance(value, bool):
-            raise ImageRecError(f"config key '{name}' must be true or false, got {value!r}")
+            raise ImageRecError(f"{label} must be true or false, got {value!r}")
         return value
     if "float" in annotation:
         if isinstance(value, str):
@@ -269,15 +303,18 @@ def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ImageRecError(f"config key '{name}' must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ImageRecError(f"{label} must be a number, got {value!r} ({type(value).__name__})")
         return float(value)
     if "int" in annotation:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ImageRecError(f"config key '{name}' must be an integer, got {value!r}")
-        return value
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ImageRecError(f"{label} must be an integer, got {value!r} ({type(value).__name__})")
+        return int(value)
+    if name in PATH_FIELDS and isinstance(value, os.PathLike):
+        value = os.fspath(value)
     if not isinstance(value, str):
-        raise ImageRecError(f"config key '{name}' must be a string, got {value!r}")
+        what = "a path (a string or pathlib.Path)" if name in PATH_FIELDS else "a string"
+        raise ImageRecError(f"{label} must be {what}, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -297,7 +334,7 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], origin: str) ->
         if norm not in by_name:
             raise ImageRecError(f"unknown config key '{key}' in {origin}.{did_you_mean(norm, by_name)}")
         f = by_name[norm]
-        updates[norm] = _coerce(norm, value, f.default, str(f.type))
+        updates[norm] = _coerce(norm, value, f.default, str(f.type), origin)
     return dataclasses.replace(cfg, **updates, explicit=sorted({*cfg.explicit, *updates}))
 
 

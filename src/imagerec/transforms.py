@@ -162,16 +162,18 @@ def _resize_crop_of_long_image(img: Image.Image, resize: int, size: int, interp:
     return img.resize((size, size), TF.pil_modes_mapping[interp], box=box)
 
 
-def base_transform(cfg: PreprocessConfig, size: int | None = None, resize: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
+def base_transform(cfg: PreprocessConfig, size: int | None = None, resize: int | None = None,
+                   with_ops: bool = True) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image (already in cfg.channels) -> uint8 tensor (C, size, size).
 
     Eval/predict use the defaults (resize to cfg.resize_size, crop cfg.input_size); training on
-    large images uses a bigger square base that random-resized-crop then samples from.
+    large images uses a bigger square base that random-resized-crop then samples from, and runs
+    the ops after that crop (`with_ops=False` here; `train_transforms`).
     """
     size = size or cfg.input_size
     resize = resize or (cfg.resize_size if size == cfg.input_size else size)
     interp = _INTERP[cfg.interpolation]
-    ops = tuple(cfg.ops)
+    ops = tuple(cfg.ops) if with_ops else ()
     for spec in ops:
         parse_op(spec)  # fail early on a bad op
 
@@ -204,25 +206,55 @@ def is_small(cfg: PreprocessConfig) -> bool:
     return cfg.input_size <= 64
 
 
+def random_crops(cfg: PreprocessConfig, preset: str) -> bool:
+    """Whether training takes a random resized crop (images > 64 px, any preset but none)."""
+    return not is_small(cfg) and preset != "none"
+
+
 def train_base_size(cfg: PreprocessConfig, preset: str) -> int:
     """The square size training images are stored at before augmentation."""
-    if is_small(cfg) or preset == "none":
-        return cfg.input_size
-    return cfg.resize_size
+    return cfg.resize_size if random_crops(cfg, preset) else cfg.input_size
+
+
+class _ApplyOps:
+    """The preprocessing ops on a uint8 tensor (C, H, W), through PIL as in `base_transform`."""
+
+    def __init__(self, ops: tuple[str, ...]) -> None:
+        for spec in ops:
+            parse_op(spec)  # fail early on a bad op
+        self.ops = ops
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return F.pil_to_tensor(apply_ops(F.to_pil_image(t), self.ops))
 
 
 def item_augment(cfg: PreprocessConfig, preset: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Per-image v2 augmentation on a uint8 tensor (C, base, base) -> (C, input, input), or None."""
+    """Per-image v2 augmentation on a uint8 tensor (C, base, base) -> (C, input, input), or None.
+
+    With a random resized crop, the base holds the images without their ops, which run right after
+    the crop, on the input_size image as in eval (resize, crop, ops): run on the base, the crop
+    would resample the ops' output (canny's 1-px edges blurred to grey) at a random scale. Use it
+    with `train_transforms`' base, which leaves the ops out exactly then."""
     interp = _INTERP[cfg.interpolation]
     ops: list[Callable] = []
-    if not is_small(cfg) and preset != "none":
+    if random_crops(cfg, preset):
         scale = {"light": (0.35, 1.0), "standard": (0.08, 1.0), "strong": (0.08, 1.0)}[preset]
         ops.append(v2.RandomResizedCrop(cfg.input_size, scale=scale, interpolation=interp, antialias=True))
+        if cfg.ops:
+            ops.append(_ApplyOps(tuple(cfg.ops)))
         if preset in ("standard", "strong") and cfg.channels == 3:
             ops.append(v2.ColorJitter(0.3, 0.3, 0.3))
     if preset == "strong":
         ops.append(v2.TrivialAugmentWide(interpolation=interp))
     return v2.Compose(ops) if ops else None
+
+
+def train_transforms(cfg: PreprocessConfig, preset: str) -> tuple[int, Callable[[Image.Image], torch.Tensor],
+                                                                   Callable[[torch.Tensor], torch.Tensor] | None]:
+    """(base size, base transform, per-item augmentation) of a training loader. The base is what a
+    RAM cache holds; the ops run in the base, or after the random crop when there is one."""
+    size = train_base_size(cfg, preset)
+    return size, base_transform(cfg, size=size, with_ops=not random_crops(cfg, preset)), item_augment(cfg, preset)
 
 
 class MultiHotMix:
@@ -255,6 +287,14 @@ class MultiHotMix:
         return x, y * lam + y_other * (1.0 - lam)
 
 
+def check_cutout(cutout: int, input_size: int) -> None:
+    """Refuse a cutout square as large as the model input: it would blank every training image."""
+    if cutout >= input_size:
+        raise ImageRecError(f"--cutout {cutout} is not smaller than the model's {input_size}x{input_size} px input "
+                            f"(the run's image size): it would blank every training image. Give a --cutout below "
+                            f"{input_size} (airbench uses 12 for 32 px, e.g. {max(1, input_size * 3 // 8)} here) or 0 for none")
+
+
 class BatchAugment:
     """Random translate (pad + crop), horizontal flip and cutout on a uint8 batch, per sample, vectorised
     (airbench's batch_crop/batch_flip_lr/batch_cutout); random erasing and mixup/cutmix after normalisation.
@@ -263,7 +303,8 @@ class BatchAugment:
     def __init__(self, cfg: PreprocessConfig, preset: str, hflip: bool | None, mixup: float | None = None,
                  cutmix: float | None = None, translate: int | None = None, cutout: int = 0) -> None:
         small = is_small(cfg)
-        self.cutout = min(cutout, cfg.input_size)
+        check_cutout(cutout, cfg.input_size)
+        self.cutout = cutout
         # airbench fills the square with 0 after normalisation, i.e. with the mean colour.
         self.fill = torch.tensor([round(m * 255) for m in cfg.mean], dtype=torch.uint8)
         self.pad = max(1, cfg.input_size // 8) if small and preset != "none" else 0

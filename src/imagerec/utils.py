@@ -10,6 +10,7 @@ import functools
 import glob
 import hashlib
 import logging
+import math
 import os
 import platform
 import re
@@ -41,6 +42,11 @@ def check_count(value: object, what: str, hint: str = "") -> None:
         raise ImageRecError(f"{what} must be a whole number of at least 1, got {value!r}" + (f": {hint}" if hint else ""))
 
 
+def is_finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is finite: NaN and inf are no setting's or manifest field's value."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_batch_size(batch_size: int) -> None:
     """Refuse a batch size below 1 (zero crashes a batched loop; a negative one predicts nothing)."""
     check_count(batch_size, "batch size", "use e.g. --batch-size 64 / batch_size=64")
@@ -65,15 +71,24 @@ def atomic_write(path: str | Path, mode: str = "w", *, durable: bool = False, **
     # a fresh name per writer (two processes may write one file) opened exclusively ("x"), so it
     # gets the usual permissions (umask), unlike mkstemp's 0600
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    created = False
     try:
         with open(tmp, mode.replace("w", "x"), **open_kwargs) as f:
+            created = True
             yield f
             f.flush()
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        # Only a temp file that exists is removed, and a failed removal does not hide the error: on a
+        # read-only file system unlink fails (EROFS) even for a name that is not there.
+        if created:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is not None and str(e.filename) == str(tmp):
+            # The temp name is internal: the error names the file the caller asked for.
+            e.filename, e.filename2 = str(path), None
         raise
 
 

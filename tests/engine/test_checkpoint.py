@@ -40,7 +40,8 @@ def _save_killed_between_renames(monkeypatch: pytest.MonkeyPatch, stem: Path, mo
     monkeypatch.setattr(ckpt.os, "replace", real_replace)
 
 
-def test_a_save_killed_between_its_two_files_is_finished_on_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_save_killed_between_its_two_files_is_read_on_load_and_finished_by_the_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stem = tmp_path / "last"
     ckpt.save_checkpoint(stem, _model(1.0), {"epoch": 1})
     _save_killed_between_renames(monkeypatch, stem, _model(2.0), {"epoch": 2})
@@ -48,18 +49,22 @@ def test_a_save_killed_between_its_two_files_is_finished_on_load(tmp_path: Path,
     with pytest.warns(UserWarning, match="interrupted"):
         meta = ckpt.read_checkpoint_meta(stem)
     assert meta["epoch"] == 2
-    assert not (tmp_path / "last.json.tmp").exists()
+    assert (tmp_path / "last.json.tmp").exists()  # a reader never renames (session 21: read-only run dirs)
     weights, _ = ckpt.load_checkpoint_tensors(stem)
     assert torch.equal(weights["weight"], torch.full((2, 3), 2.0))
+    assert ckpt.finish_interrupted_save(stem)  # the writer (train --resume) does
+    assert not (tmp_path / "last.json.tmp").exists()
+    assert json.loads(stem.with_suffix(".json").read_text())["epoch"] == 2
 
 
-def test_loading_the_weights_alone_also_finishes_the_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loading_the_weights_alone_accepts_the_unfinished_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stem = tmp_path / "best"
     ckpt.save_checkpoint(stem, _model(1.0), {"epoch": 1})
     _save_killed_between_renames(monkeypatch, stem, _model(2.0), {"epoch": 2})
     with pytest.warns(UserWarning, match="interrupted"):
-        ckpt.load_checkpoint_tensors(stem)
-    assert json.loads(stem.with_suffix(".json").read_text())["epoch"] == 2
+        weights, _ = ckpt.load_checkpoint_tensors(stem)
+    assert torch.equal(weights["weight"], torch.full((2, 3), 2.0))
+    assert json.loads(stem.with_suffix(".json").read_text())["epoch"] == 1  # left to the writer
 
 
 def test_a_first_save_killed_between_its_two_files_is_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ class names, library versions, data fingerprint, training position and optimizer
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 import warnings
@@ -23,6 +24,17 @@ from imagerec.utils import ImageRecError, new_file_mode, write_error_text
 
 FORMAT = "imagerec-checkpoint"
 FORMAT_VERSION = 1
+log = logging.getLogger("imagerec")
+_warned_pending: set[tuple[str, str]] = set()  # (stem, weights_id) already warned about, once per process
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that still loads but was left unfinished. Said on the "imagerec" logger (one clean
+    line); the warning itself is ignored unless asked for (pytest.warns, warnings.catch_warnings), so a
+    terminal gets neither the message twice nor Python's "file:line: UserWarning:" and source line."""
+
+
+warnings.filterwarnings("ignore", category=CheckpointWarning)
 
 
 def _optimizer_split(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -68,9 +80,12 @@ def save_checkpoint(
 
     Both files carry the same random `weights_id`, so a pair from different saves is detected.
     Both temp files are complete before either rename: a kill between the two renames leaves
-    `<stem>.json.tmp`, which the next load finishes (`_pair_meta`). A save that fails (a full disk)
-    removes its temp files and raises ImageRecError naming the file; the pair saved before stays."""
+    `<stem>.json.tmp`, which readers use where it is (`read_checkpoint_meta`) and the writer
+    finishes (`finish_interrupted_save`, also called here first, before a new save replaces that
+    temp file). A save that fails (a full disk) removes its temp files and raises ImageRecError
+    naming the file; the pair saved before stays."""
     stem = Path(path_stem)
+    finish_interrupted_save(stem)
     tensors = {f"model.{k}": v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
     weights_id = uuid.uuid4().hex
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "weights_id": weights_id}
@@ -113,49 +128,98 @@ def _weights_id(spath: Path) -> str | None:
         return None  # unreadable weights: load_checkpoint_tensors names the damage
 
 
-def _pair_meta(stem: Path, meta: dict[str, Any] | None) -> dict[str, Any] | None:
-    """`meta` (None: no `<stem>.json`), or the metadata of a save that was killed between its two
-    renames, finished here."""
+def _json_dict(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`; None when it is missing, unreadable or not an object."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _interrupted_save(stem: Path, meta: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None] | None:
+    """None when `meta` (None: no `<stem>.json`) belongs to the weights `<stem>.safetensors` (or there
+    are no readable weights, or a checkpoint from before weights_id); else (the weights' id, the
+    metadata of the save that was killed between its two renames, `<stem>.json.tmp`, when it belongs
+    to them, or None)."""
     spath = stem.with_suffix(".safetensors")
     wid = _weights_id(spath) if spath.is_file() else None
     if wid is None or (meta is not None and meta.get("weights_id") in (None, wid)):
-        return meta  # a pair, or a checkpoint from before weights_id
-    pending = _tmp(stem, ".json")
-    try:
-        newer = json.loads(pending.read_text())
-    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
-        newer = {}
-    if not isinstance(newer, dict) or newer.get("weights_id") != wid:
+        return None
+    pending = _json_dict(_tmp(stem, ".json"))
+    return wid, (pending if pending is not None and pending.get("weights_id") == wid else None)
+
+
+def _pair_meta(stem: Path, meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`meta` (None: no `<stem>.json`), or the metadata of a save that was killed between its two
+    renames, read from `<stem>.json.tmp` and left there: a reader never renames (its folder may be
+    read-only, and a rename during a live run's save would make the trainer's own second rename
+    fail); only the writer does (`finish_interrupted_save`)."""
+    found = _interrupted_save(stem, meta)
+    if found is None:
+        return meta
+    wid, pending = found
+    if pending is None:
+        again = _json_dict(stem.with_suffix(".json"))  # the writer may have just made its second rename
+        if again is not None and again.get("weights_id") == wid:
+            return again
         if meta is None:
             return None
         raise ImageRecError(
-            f"{spath} and {stem.with_suffix('.json').name} come from different saves (one was interrupted "
-            "and cannot be completed); use the run's other checkpoint (best/last) or train again")
-    os.replace(pending, stem.with_suffix(".json"))
-    warnings.warn(f"{stem}: finished a checkpoint save that was interrupted between its two files", stacklevel=3)
-    return newer
+            f"{stem.with_suffix('.safetensors')} and {stem.with_suffix('.json').name} come from different saves (one "
+            "was interrupted and cannot be completed); use the run's other checkpoint (best/last) or train again")
+    if (str(stem), wid) not in _warned_pending:
+        _warned_pending.add((str(stem), wid))
+        message = (f"{stem}: its last save was interrupted between its two files; using the metadata in "
+                   f"{_tmp(stem, '.json').name} (train --resume finishes that save)")
+        log.warning(message)
+        warnings.warn(message, CheckpointWarning, stacklevel=4)
+    return pending
+
+
+def finish_interrupted_save(path_stem: str | Path) -> bool:
+    """Finish a save of `<stem>` that was killed between its two renames (rename `<stem>.json.tmp`
+    over `<stem>.json`); True when there was one. For the writer of the run only (train, --resume,
+    under the run's lock): readers use that metadata where it is and never rename."""
+    stem = Path(path_stem)
+    jpath = stem.with_suffix(".json")
+    found = _interrupted_save(stem, _json_dict(jpath))
+    if found is None or found[1] is None:
+        return False  # a pair, or the temp files of a save killed before its first rename
+    try:
+        os.replace(_tmp(stem, ".json"), jpath)
+    except OSError as e:
+        raise ImageRecError(f"cannot write {jpath} (to finish a checkpoint save that was interrupted): "
+                            f"{write_error_text(e)}; the run folder must be writable to train into it") from e
+    log.warning("%s: finished a checkpoint save that was interrupted between its two files", stem)
+    return True
 
 
 def read_checkpoint_meta(path_stem: str | Path) -> dict[str, Any]:
     stem = Path(path_stem)
     jpath = stem.with_suffix(".json")
-    if not jpath.is_file() and _pair_meta(stem, None) is None:
-        if (stem.parent / "config.yaml").is_file():
-            raise ImageRecError(f"{stem.parent} holds a run that stopped before its first checkpoint: nothing to resume; "
-                                "train it again with the same --out (--save-every-steps N saves during an epoch)")
-        raise ImageRecError(f"no checkpoint at {stem}: {jpath.name} is missing (is this an imagerec run directory?)")
     damaged = "the file is damaged; use the run's other checkpoint (best/last) or train again"
-    try:
-        meta = json.loads(jpath.read_text())
-    except json.JSONDecodeError as e:
-        raise ImageRecError(f"{jpath}: checkpoint metadata is not valid JSON ({e.msg}); {damaged}") from e
-    except UnicodeDecodeError as e:  # bytes that are not UTF-8: json never saw text
-        raise ImageRecError(f"{jpath}: checkpoint metadata is not UTF-8 text (byte {e.start}); {damaged}") from e
-    except OSError as e:
-        raise ImageRecError(f"{jpath}: cannot read the checkpoint metadata ({e.strerror or e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ImageRecError(f"{jpath}: not an imagerec checkpoint")
-    meta = _pair_meta(stem, meta)
+    if not jpath.is_file():
+        meta = _pair_meta(stem, None)  # a first save killed between its two renames
+        if meta is None:
+            if (stem.parent / "config.yaml").is_file():
+                raise ImageRecError(f"{stem.parent} holds a run that stopped before its first checkpoint: nothing to "
+                                    "resume; train it again with the same --out (--save-every-steps N saves during an epoch)")
+            raise ImageRecError(f"no checkpoint at {stem}: {jpath.name} is missing (is this an imagerec run directory?)")
+    else:
+        try:
+            meta = json.loads(jpath.read_text())
+        except json.JSONDecodeError as e:
+            raise ImageRecError(f"{jpath}: checkpoint metadata is not valid JSON ({e.msg}); {damaged}") from e
+        except UnicodeDecodeError as e:  # bytes that are not UTF-8: json never saw text
+            raise ImageRecError(f"{jpath}: checkpoint metadata is not UTF-8 text (byte {e.start}); {damaged}") from e
+        except OSError as e:
+            raise ImageRecError(f"{jpath}: cannot read the checkpoint metadata ({e.strerror or e})") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ImageRecError(f"{jpath}: not an imagerec checkpoint")
+        meta = _pair_meta(stem, meta)
+    if meta.get("format") != FORMAT:
+        raise ImageRecError(f"{_tmp(stem, '.json')}: not an imagerec checkpoint")
     if not isinstance(meta.get("format_version", 0), int):
         raise ImageRecError(f"{jpath}: checkpoint format_version {meta['format_version']!r} is not a number; {damaged}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
@@ -177,8 +241,8 @@ def load_checkpoint_tensors(path_stem: str | Path) -> tuple[dict[str, torch.Tens
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except (SafetensorError, OSError, ValueError) as e:
         raise ImageRecError(f"{spath}: cannot read checkpoint weights ({e}); the file is damaged or incomplete") from e
-    if wid is not None and spath.with_suffix(".json").is_file():
-        read_checkpoint_meta(spath.with_suffix(""))  # finishes an interrupted save, or names a mismatched pair
+    if wid is not None and has_checkpoint(spath.with_suffix("")):
+        read_checkpoint_meta(spath.with_suffix(""))  # names a mismatched pair
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     return model, {k: v for k, v in tensors.items() if not k.startswith("model.")}
 
@@ -190,8 +254,9 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
 
 
 def has_checkpoint(path_stem: str | Path) -> bool:
-    """Whether `<stem>` is a saved checkpoint (its JSON, or a save killed between its two renames
-    that `read_checkpoint_meta` finishes); temp files of a save killed earlier are none."""
+    """Whether `<stem>` is a saved checkpoint (its JSON, or a save killed between its two renames,
+    whose metadata `read_checkpoint_meta` reads from its temp file); temp files of a save killed
+    earlier are none."""
     stem = Path(path_stem)
     return stem.with_suffix(".json").is_file() or _pair_meta(stem, None) is not None
 
@@ -229,7 +294,7 @@ def find_run_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
     if which == "best" and d.is_dir() and best_is_in_last(d):
         return d / "last"
     for name in (which, "last", "best"):
-        if (d / f"{name}.json").is_file():
+        if has_checkpoint(d / name):
             return d / name
     raise ImageRecError(f"{d}: no checkpoint found (expected best.json/best.safetensors from 'imagerec train')")
 
@@ -237,6 +302,7 @@ def find_run_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
 def load_model(source: str | Path, which: str = "best") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model of a run directory (or checkpoint stem) with its weights, in eval mode."""
     from imagerec.models import create_model
+    from imagerec.models.timm_models import trained_models_allowed
 
     stem = find_run_checkpoint(source, which)
     meta = read_checkpoint_meta(stem)
@@ -247,7 +313,8 @@ def load_model(source: str | Path, which: str = "best") -> tuple[torch.nn.Module
     except (KeyError, TypeError, ValueError) as e:
         raise ImageRecError(f"{stem}.json: checkpoint metadata lacks a readable model, preprocess or class_names "
                             f"({type(e).__name__}: {e}); the file is damaged") from e
-    model = create_model(name, num_classes=num_classes, **kwargs)
+    with trained_models_allowed():  # as it was trained, even at a size later refused for new runs
+        model = create_model(name, num_classes=num_classes, **kwargs)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -93,3 +93,38 @@ def adapt_resume_to_world(trainer: Trainer, meta: dict[str, Any], steps_per_epoc
                     "from its beginning", trainer.run_dir, s.epoch + 1, before, distributed.world_size())
     s.epoch_step, s.loss_sum, s.correct, s.seen = 0, 0.0, 0.0, 0
     s.global_step = s.epoch * steps_per_epoch
+
+
+def resume_epochs_cap(cfg: TrainConfig, meta: dict[str, Any], overrides: dict[str, Any], resume: str) -> TrainConfig:
+    """A `--time-limit` run stopped before it planned plans on resume under the `--epochs` it was
+    given: `epochs_cap` in the checkpoint (train_config holds the plan, and which settings were
+    explicit is not saved). A checkpoint from before `epochs_cap` was saved cannot say whether its
+    --epochs was given: it plans with no cap, as it would have then, and says how to keep one."""
+    if "epochs" in overrides or meta["state"].get("planned") is not False:
+        return cfg  # an --epochs given now caps the plan; a run that planned keeps its plan
+    if "epochs_cap" not in meta:
+        log.warning("--resume %s: this checkpoint was saved before imagerec recorded the --epochs cap of a --time-limit "
+                    "run, so the epochs are planned from the time left, with no cap; if the run was given --epochs N, "
+                    "resume with --epochs N to keep it", resume)
+    elif meta["epochs_cap"] is not None:
+        cfg = dataclasses.replace(cfg, epochs=int(meta["epochs_cap"]), explicit=sorted({*cfg.explicit, "epochs"}))
+    return cfg
+
+
+def _changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'name N -> M' for each key whose count differs (0 where one side lacks it)."""
+    return [f"{k} {before.get(k, 0)} -> {now.get(k, 0)}" for k in sorted({*before, *now}, key=str)
+            if before.get(k, 0) != now.get(k, 0)]
+
+
+def data_change_message(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """What changed in a resumed run's data (`meta["data"]` of its checkpoint and of now), whose
+    classes are the same (`check_resume_classes`): the images per split and per training class."""
+    splits = _changes(saved.get("counts") or {}, now.get("counts") or {})
+    classes = _changes(saved.get("train_class_counts") or {}, now.get("train_class_counts") or {})
+    what = "; ".join(filter(None, [
+        f"images per split: {', '.join(splits)}" if splits else "",
+        f"training images per class: {', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}" if classes else "",
+    ])) or "the same number of images per split and class, but other files or labels (replaced, renamed or relabelled)"
+    return (f"the data {now.get('origin')} changed since this run started ({what}); its classes are the same, so the run "
+            "resumes, training on the data as it is now")

@@ -10,8 +10,8 @@ Under torchrun every process runs `train()`; rank 0 alone writes the run directo
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
-import io
 import json
 import logging
 import re
@@ -23,15 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 from rich.console import Console
 
 from imagerec.config import PreprocessConfig, TrainConfig, apply_overrides, json_text, legacy_mixing
-from imagerec.data import DataSpec, read_data, split_train_val
-from imagerec.data.decode import DECODE_ERRORS, ArrayRef, read_bytes
-from imagerec.data.loader import ImageLoader, arrays_pass_through, default_workers, targets_tensor
+from imagerec.data import read_data, split_train_val
 from imagerec.data.readers import single_class_message
 from imagerec.engine import distributed
+from imagerec.engine.balance import class_counts, class_weights, imbalance_ratio, resolve_balance
 from imagerec.engine.callbacks import Callback, EarlyStopping, HistoryCSV, ProgressBar
 from imagerec.engine.checkpoint import load_checkpoint_tensors, read_checkpoint_meta, restore_optimizer
 from imagerec.engine.data_prep import (
@@ -42,15 +40,32 @@ from imagerec.engine.data_prep import (
     warn_untrained_classes,
 )
 from imagerec.engine.evaluate import eval_outputs, unreadable_split_message
+from imagerec.engine.loaders import (
+    any_readable,
+    count_text,
+    counts_exact,
+    create_run_loader,
+    infer_geometry,
+    measure_mean_std,
+    train_image_count,
+    uint8_sample,
+)
 from imagerec.engine.optim import create_optimizer, resolve_lr_wd
 from imagerec.engine.pipeline import BatchPipeline
 from imagerec.engine.recipes import apply_recipe
-from imagerec.engine.resume import adapt_resume_to_world, check_resume_classes, check_resume_overrides, plan_deadline
+from imagerec.engine.resume import (
+    adapt_resume_to_world,
+    check_resume_classes,
+    check_resume_overrides,
+    data_change_message,
+    plan_deadline,
+    resume_epochs_cap,
+)
 from imagerec.engine.run_dir import checkpoint_ids, claim_run_dir, lock_for_resume, precheck_out, recorded_metrics
 from imagerec.engine.task import ClassificationTask
 from imagerec.engine.trainer import StepStop, Trainer
 from imagerec.models import count_parameters, create_model, load_pretrained
-from imagerec.transforms import BatchAugment, base_transform, item_augment, normalize_batch, train_base_size
+from imagerec.transforms import BatchAugment, normalize_batch
 from imagerec.utils import (
     CpuLoadProbe,
     ImageRecError,
@@ -60,11 +75,11 @@ from imagerec.utils import (
     mix_seed,
     resolve_precision,
     setup_compute,
+    write_error_text,
 )
 
 log = logging.getLogger("imagerec")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 @dataclass
@@ -76,139 +91,6 @@ class RunResult:
     main_process: bool = True  # False on torchrun ranks other than 0, which write nothing
 
 
-def infer_geometry(spec: DataSpec, items_per_probe: int = 32) -> tuple[int, int]:
-    """(channels, native size) from the data: 1 channel only when every probed image is grayscale."""
-    train = spec.splits.get("train") or next(iter(spec.splits.values()))
-    first = train[0].source
-    if isinstance(first, ArrayRef):
-        arr = spec.arrays[first.key]
-        return (1 if arr.ndim == 3 else 3), int(min(arr.shape[1:3]))
-    step = max(1, len(train) // items_per_probe)
-    modes, sides = [], []
-    for it in train[::step][:items_per_probe]:
-        try:
-            with Image.open(io.BytesIO(read_bytes(it.source))) as im:  # header only, no full decode
-                modes.append(im.mode)
-                sides.append(min(im.size))
-        except DECODE_ERRORS:
-            continue  # a bad file is reported (and skipped) by the loader
-    if not sides:
-        raise ImageRecError(f"{spec.origin}: none of the probed training images could be opened; run 'imagerec check' on it")
-    channels = 1 if all(m in _GRAY_MODES for m in modes) else 3
-    return channels, int(np.median(sides))
-
-
-def class_counts(items: list, num_classes: int) -> np.ndarray:
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for it in items:
-        for t in (it.target if isinstance(it.target, tuple) else (it.target,)):
-            counts[t] += 1
-    return counts
-
-
-def imbalance_ratio(counts: np.ndarray) -> float:
-    present = counts[counts > 0]
-    return float(present.max() / present.min()) if len(present) else 1.0
-
-
-def resolve_balance(cfg: TrainConfig, counts: np.ndarray, multi_label: bool) -> tuple[str, str]:
-    """(balance, metric) with 'auto' resolved: class weights and macro-F1 when the largest class
-    has more than 3x the images of the smallest."""
-    imbalanced = imbalance_ratio(counts) > 3.0
-    balance = cfg.balance if cfg.balance != "auto" else ("weights" if imbalanced else "none")
-    metric = cfg.metric
-    if metric == "auto":
-        metric = "map" if multi_label else ("macro_f1" if imbalanced else "accuracy")
-    wrong = {"map": False, "balanced_accuracy": True}.get(metric)  # the kind of data each is not computed for
-    if wrong is not None and wrong == multi_label:
-        kind, fits = (("multi-label", "accuracy, loss, macro_f1 or map") if multi_label
-                      else ("single-label", "accuracy, loss, macro_f1 or balanced_accuracy"))
-        raise ImageRecError(f"--metric {metric} is not computed for {kind} data, so it could never pick a best "
-                            f"checkpoint or stop early; use {fits} (or auto)")
-    return balance, metric
-
-
-def class_weights(counts: np.ndarray, n_items: int, multi_label: bool, cap: float = 10.0) -> torch.Tensor:
-    """Single-label: n / (K * n_c) (sklearn's 'balanced'); multi-label: BCE pos_weight = neg / pos.
-    Loss weights are capped at 10 so a class with a handful of images cannot dominate the loss; the
-    sampler's are not (cap=inf): capped, a class under n / (10 K) images was drawn less than 1/K."""
-    c = np.maximum(counts, 1).astype(np.float64)
-    w = (n_items - c) / c if multi_label else n_items / (len(c) * c)
-    return torch.tensor(np.minimum(w, cap), dtype=torch.float32)
-
-
-def _uint8_sample(loader: ImageLoader, channels: int, n: int) -> torch.Tensor:
-    """About n uint8 training images (B, C, H, W): every k-th image of the RAM cache, or the first
-    four streamed batches (at most n)."""
-    if loader.cache is not None:
-        return loader.cache[torch.from_numpy(loader.valid[:: max(1, loader.num_items // n)])]
-    batches = []
-    for k, b in enumerate(loader.epoch(0)):
-        batches.append(b.x)
-        if k >= 3:
-            break
-    return torch.cat(batches)[:n] if batches else torch.zeros(1, channels, 1, 1, dtype=torch.uint8)
-
-
-def _mean_std(loader: ImageLoader, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean/std of the (uint8) training images, from up to 10k of them."""
-    x = _uint8_sample(loader, channels, 10000).float().div_(255).transpose(0, 1).reshape(channels, -1)  # (C, N*H*W)
-    std = x.std(dim=1).clamp_min(1e-3)
-    return tuple(round(float(v), 4) for v in x.mean(dim=1)), tuple(round(float(v), 4) for v in std)
-
-
-def _any_readable(loader: ImageLoader) -> bool:
-    """Whether any image of an evaluation loader decodes, on any process (each holds a shard)."""
-    return bool(distributed.all_reduce_sum([float(loader.has_readable())])[0])
-
-
-def _exact(*loaders: ImageLoader | None) -> bool:
-    return all(loader is None or loader.counts_exact for loader in loaders)
-
-
-def _count(loader: ImageLoader | None, n: int) -> str:
-    """n images, marked "listed" when the loader streams and has not yet met every image."""
-    return f"{n}" if _exact(loader) else f"{n} listed"
-
-
-def _train_images(loader: ImageLoader, skipped: list[str]) -> int:
-    """The training images that decode. A RAM cache knows; a streaming loader keeps every listed
-    image in its epochs (so that they do not depend on what earlier epochs met), and the unreadable
-    ones are those it skipped over the whole run (one message per file, resumed segments included)."""
-    if loader.counts_exact:
-        return loader.num_items
-    unreadable = set().union(*distributed.all_gather_object(set(skipped) | set(loader.skipped.values())))
-    return max(0, loader.num_items - len(unreadable))
-
-
-def _make_loader(spec: DataSpec, items: list, pre: PreprocessConfig, cfg: TrainConfig, train: bool,
-                 class_sampling: torch.Tensor | None = None) -> ImageLoader:
-    sample_weights = None
-    if class_sampling is not None:  # per-class weights -> per-item sampling weights
-        sample_weights = torch.tensor([float(class_sampling[it.target]) for it in items])
-    size = train_base_size(pre, cfg.augment) if train else pre.input_size
-    procs = distributed.local_world_size()
-    return ImageLoader(
-        items,
-        spec.arrays,
-        pre.channels,
-        size,
-        base_transform(pre, size=size),
-        cfg.batch_size if train else max(cfg.batch_size, 256),
-        targets_tensor(items, pre.num_classes, pre.multi_label),
-        shuffle=train,
-        seed=cfg.seed,
-        augment=item_augment(pre, cfg.augment) if train else None,
-        workers=cfg.workers if cfg.workers >= 0 else default_workers(procs),
-        cache=cfg.cache,
-        max_pixels=cfg.max_pixels,
-        fast_arrays=arrays_pass_through(pre, size),
-        draft=pre.resize_size,
-        sample_weights=sample_weights,
-        rank=distributed.rank(),
-        world_size=distributed.world_size(),
-        cache_share=procs,
-    )
 
 
 
@@ -225,6 +107,40 @@ def _last_saved(run_dir: Path) -> str | None:
         return f"epoch {saved['epoch'] + 1}, step {saved['epoch_step']}"
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _needs_data_init(model: torch.nn.Module, not_loaded: set[str] | None) -> bool:
+    """Whether `model.init_from_data` should set its data-derived weights: not when --pretrained
+    supplied them all (airbench's frozen whitening stem: recomputed from other data, its filters
+    would no longer be the ones the pretrained layers after it were trained on)."""
+    keys = getattr(model, "data_init_keys", ())
+    return not_loaded is None or not keys or any(k in not_loaded for k in keys)
+
+
+def _no_val_message(cfg: TrainConfig, origin: str, resume: str | None) -> str:
+    """Why --early-stopping cannot run without val images, naming only settings the user gave."""
+    head = (f"--early-stopping {cfg.early_stopping} watches the validation {cfg.metric if cfg.metric != 'auto' else 'metric'}, "
+            f"but there are no validation images: {origin} has no val split")
+    if resume is not None:  # the split is the run's own: a resume cannot change it
+        recipe = cfg.recipe != "default"
+        why = (f"--recipe {cfg.recipe} holds none out when the data has a test split" if recipe
+               else f"it was started with --val-fraction {cfg.val_fraction:g}")
+        return (f"{head} and run {resume} trains on all its training images ({why}). Resume without --early-stopping, "
+                f"or start a new run with --early-stopping {cfg.early_stopping}{'' if recipe else ' --val-fraction 0.1'}")
+    return (f"{head} and --val-fraction is {cfg.val_fraction:g}. Hold some out with --val-fraction 0.1 "
+            "(or give the data a val split), or leave out --early-stopping")
+
+
+def _write_config(run_dir: Path, text: str, resuming: bool) -> None:
+    """Write run_dir/config.yaml; a run folder that cannot be written is said in one line, with what to do."""
+    try:
+        with atomic_write(run_dir / "config.yaml") as f:
+            f.write(text)
+    except OSError as e:
+        if resuming and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise ImageRecError(f"cannot write {run_dir / 'config.yaml'}: {e.strerror}; the run folder must be writable "
+                                f"to resume it (copy {run_dir} to a writable place and resume the copy)") from e
+        raise ImageRecError(f"cannot write {run_dir / 'config.yaml'}: {write_error_text(e)}") from e
 
 
 def _first_sentence(e: BaseException) -> str:
@@ -274,11 +190,7 @@ def train(
         cfg = apply_overrides(saved, overrides, "--resume overrides")
         check_resume_overrides(saved, cfg, resume)
         cfg = replace(cfg, out=str(resume), data=saved.data)  # DATA as saved: the same data, checked above
-        cap = resume_meta.get("epochs_cap")
-        if cap is not None and "epochs" not in overrides and resume_meta["state"].get("planned") is False:
-            # A --time-limit run stopped before it planned: it plans now, under the --epochs it was given
-            # (train_config holds the plan, explicit is not saved: without this the cap would be lost).
-            cfg = replace(cfg, epochs=int(cap), explicit=sorted({*cfg.explicit, "epochs"}))
+        cfg = resume_epochs_cap(cfg, resume_meta, overrides, str(resume))
         if "time_limit" in overrides:
             log.warning("--time-limit plans a new run; --resume trains to the %d epoch(s) it planned "
                         "(raise --epochs to train further)", cfg.epochs)
@@ -330,10 +242,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     for note in spec.notes:
         log.warning(note)
     if cfg.early_stopping and not spec.splits.get("val"):
-        raise ImageRecError(
-            f"--early-stopping {cfg.early_stopping} watches the validation {cfg.metric if cfg.metric != 'auto' else 'metric'}, but there are no validation "
-            f"images: {spec.origin} has no val split and --val-fraction is {cfg.val_fraction:g}. Hold some out with "
-            "--val-fraction 0.1 (or give the data a val split), or leave out --early-stopping")
+        raise ImageRecError(_no_val_message(cfg, spec.origin, resume))
 
     source_pre = source_preprocess(cfg.pretrained) if cfg.pretrained and resume_meta is None else None
     if source_pre is not None:
@@ -364,7 +273,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
                     imbalance_ratio(counts), balance, metric)
     t_data = time.perf_counter()
     sampling = balance == "sampler" and not pre.multi_label
-    train_loader = _make_loader(spec, train_items, pre, cfg, train=True,
+    train_loader = create_run_loader(spec, train_items, pre, cfg, train=True,
                                 class_sampling=class_weights(counts, len(train_items), False, np.inf) if sampling else None)
     if train_loader.num_items == 0:
         raise ImageRecError(f"none of the {len(train_items)} training images of {spec.origin} could be read (the warnings above "
@@ -372,8 +281,8 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     if train_loader.num_items < world:
         raise ImageRecError(f"{train_loader.num_items} training image(s) cannot be shared by {world} processes: "
                             "use more data or fewer processes (--nproc_per_node)")
-    val_loader = _make_loader(spec, spec.splits["val"], pre, cfg, train=False) if spec.splits.get("val") else None
-    if val_loader is not None and not _any_readable(val_loader):
+    val_loader = create_run_loader(spec, spec.splits["val"], pre, cfg, train=False) if spec.splits.get("val") else None
+    if val_loader is not None and not any_readable(val_loader):
         unreadable = unreadable_split_message(len(spec.splits["val"]), "val", spec.origin)
         if cfg.early_stopping:
             raise ImageRecError(f"--early-stopping {cfg.early_stopping} watches the validation images, but {unreadable}: "
@@ -387,7 +296,7 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         elif cfg.pretrained:
             mean, std = (IMAGENET_MEAN, IMAGENET_STD) if pre.channels == 3 else ((0.449,), (0.226,))
         else:
-            mean, std = _mean_std(train_loader, pre.channels)
+            mean, std = measure_mean_std(train_loader, pre.channels)
         # Rank 0's: a streaming loader samples only this rank's share of the images.
         pre = distributed.broadcast_object(replace(pre, mean=mean, std=std))
     data_seconds = time.perf_counter() - t_data
@@ -395,14 +304,19 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     model_name = cfg.model if cfg.model != "auto" else ("cnn" if pre.input_size <= 64 else "resnet18")
     lr, weight_decay = resolve_lr_wd(cfg)
     cfg = replace(cfg, model=model_name, lr=lr, weight_decay=weight_decay, **cfg.mixing())  # config.yaml records what trains
-    model_kwargs = {"in_chans": pre.channels, "img_size": pre.input_size}
+    model_kwargs: dict[str, Any] = {"in_chans": pre.channels, "img_size": pre.input_size}
     torch.manual_seed(mix_seed(cfg.seed, -1))  # weight init is part of the run's seed too
     model = create_model(model_name, num_classes=pre.num_classes, **model_kwargs)
+    augment = BatchAugment(pre, cfg.augment, cfg.hflip, cfg.mixup, cfg.cutmix, cfg.translate, cfg.cutout)
+    if hasattr(model, "match_training_flips"):  # e.g. airbench's eval TTA: mirror views only if training flipped
+        model_kwargs["tta"] = model.match_training_flips(augment.flip)  # saved: eval/predict/export/serve use it
+    not_loaded: set[str] | None = None  # state keys --pretrained did not supply (None: no --pretrained)
     if cfg.pretrained and resume_meta is None:
         report = load_pretrained(model, cfg.pretrained)
+        not_loaded = set(report["missing"])
         log.info("pretrained weights from %s: %d tensors loaded", cfg.pretrained, report["loaded"])
-    if resume_meta is None and hasattr(model, "init_from_data"):
-        sample = _uint8_sample(train_loader, pre.channels, 5000)
+    if resume_meta is None and hasattr(model, "init_from_data") and _needs_data_init(model, not_loaded):
+        sample = uint8_sample(train_loader, pre.channels, 5000)
         model.init_from_data(normalize_batch(sample, pre.mean, pre.std))  # e.g. airbench's whitening stem
     if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters, so same checkpoint keys
@@ -412,7 +326,6 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
     optimizer = create_optimizer(model, cfg, device)
     loss_weights = weights.to(device) if weights is not None and (balance == "weights" or pre.multi_label) else None
     task = ClassificationTask(pre.multi_label, 0.0 if pre.multi_label else cfg.label_smoothing, loss_weights)
-    augment = BatchAugment(pre, cfg.augment, cfg.hflip, cfg.mixup, cfg.cutmix, cfg.translate, cfg.cutout)
     pipeline = BatchPipeline(pre, device, cfg.channels_last, augment)
 
     # one directory, named (and, for a new run, created and locked) by rank 0
@@ -434,8 +347,8 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
                  "train_class_counts": dict(zip(spec.class_names, counts.tolist(), strict=True)),
                  "imbalance_ratio": round(imbalance_ratio(counts), 3)},
     }
-    if resume_meta is not None and resume_meta["data"]["fingerprint"] != meta["data"]["fingerprint"]:
-        log.warning("the data changed since this run started (fingerprint differs); resuming anyway")
+    if main and resume_meta is not None and resume_meta["data"]["fingerprint"] != meta["data"]["fingerprint"]:
+        log.warning(data_change_message(resume_meta["data"], meta["data"]))  # once, not once per process
     record_train_subset(meta["data"], resume_meta["data"] if resume_meta else None, train_items, cfg.limit_train)
 
     cbs: list[Callback] = [ProgressBar(console), HistoryCSV(run_dir / "history.csv")] if main else []
@@ -469,15 +382,14 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
             console.print("its final evaluation is missing or older than its checkpoints: evaluating it again", highlight=False)
     if main and not finished:
         head = f"# torchrun: {world} processes x batch_size {cfg.batch_size} = global batch {global_batch}\n" if world > 1 else ""
-        with atomic_write(run_dir / "config.yaml") as f:
-            f.write(head + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _write_config(run_dir, head + yaml.safe_dump(cfg.to_dict(), sort_keys=False), resume is not None)
 
     if load is not None and (advice := load.advice(threads)):
         log.warning(advice)
     console.print(
         f"training {model_name} ({meta['num_params']:,} params) on {spec.origin}: "
-        f"{_count(train_loader, train_loader.num_items)} train / {_count(val_loader, trainer.val_items)} val images"
-        f"{'' if _exact(train_loader, val_loader) else ' (listed: a streamed image that cannot be read is skipped when met)'}, "
+        f"{count_text(train_loader, train_loader.num_items)} train / {count_text(val_loader, trainer.val_items)} val images"
+        f"{'' if counts_exact(train_loader, val_loader) else ' (listed: a streamed image that cannot be read is skipped when met)'}, "
         f"{pre.num_classes} classes, {pre.channels}x{pre.input_size}x{pre.input_size}, "
         f"{device.type} {str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'}"
         f"{', data in RAM' if train_loader.cache is not None else ''}"
@@ -526,16 +438,16 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         "epochs_run": state.epoch,
         "train_seconds": round(train_seconds, 2),
         "data_seconds": round(data_seconds, 2),
-        "train_images": _train_images(train_loader, state.skipped),
+        "train_images": train_image_count(train_loader, state.skipped),
         "world_size": world,
         "global_batch_size": global_batch,
     }
     outputs: dict[Path, bytes] = {}
     for split in ("val", "test"):
         if spec.splits.get(split):
-            loader = val_loader if split == "val" else _make_loader(spec, spec.splits[split], pre, cfg, train=False)
+            loader = val_loader if split == "val" else create_run_loader(spec, spec.splits[split], pre, cfg, train=False)
             assert loader is not None
-            if not _any_readable(loader):  # nothing to score: said, and recorded, instead of a crash
+            if not any_readable(loader):  # nothing to score: said, and recorded, instead of a crash
                 why = unreadable_split_message(len(spec.splits[split]), split, spec.origin)
                 metrics.setdefault("not_evaluated", {})[split] = why
                 skipped |= set(loader.skipped.values())

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imagerec.config import TrainConfig
-from imagerec.engine.checkpoint import has_checkpoint, read_checkpoint_meta
+from imagerec.engine.checkpoint import finish_interrupted_save, has_checkpoint, read_checkpoint_meta
 from imagerec.utils import ImageRecError
 
 try:
@@ -167,15 +167,27 @@ def _clear_interrupted(p: Path) -> None:
                 p, ", ".join(stale))
 
 
+def _refuse_non_folder(p: Path) -> None:
+    """Refuse an --out that is a file, or is (or lies under) a symbolic link to nothing."""
+    for q in (p, *p.parents):
+        if q.is_symlink() and not q.exists():
+            where = f"--out {p}" if q == p else f"{q}, a folder of --out {p},"
+            raise ImageRecError(f"{where} is a symbolic link to {os.readlink(q)}, which does not exist: create that "
+                                "folder or give another --out")
+    if p.exists() and not p.is_dir():
+        raise ImageRecError(f"--out {p} is a file; give a folder for the run (it is created if missing)")
+
+
 def precheck_out(out: str) -> None:
     """The refusals `claim_run_dir` would give an explicit --out (a file, a run being trained into,
     a folder holding a run or other files), made before the data is read, which can take minutes.
     `claim_run_dir` still decides, under the lock."""
     p = Path(out)
-    if out == TrainConfig.out or not (p.exists() or p.is_symlink()):
+    if out == TrainConfig.out:
         return
-    if not p.is_dir():
-        raise ImageRecError(f"--out {p} is a file; give a folder for the run (it is created if missing)")
+    _refuse_non_folder(p)
+    if not p.exists():
+        return
     lock = RunDirLock(p)
     if lock.held_elsewhere():
         raise lock.busy_error()
@@ -189,8 +201,7 @@ def claim_run_dir(out: str, held: contextlib.ExitStack) -> Path:
     auto = out == TrainConfig.out
     while True:
         p = _next_free(out) if auto else Path(out)
-        if p.is_file():
-            raise ImageRecError(f"--out {p} is a file; give a folder for the run (it is created if missing)")
+        _refuse_non_folder(p)
         p.mkdir(parents=True, exist_ok=True)
         lock = RunDirLock(p)
         if not lock.acquire():
@@ -213,11 +224,14 @@ def claim_run_dir(out: str, held: contextlib.ExitStack) -> Path:
 
 def lock_for_resume(run_dir: Path, saved: dict[str, Any], held: contextlib.ExitStack) -> None:
     """Lock `run_dir` for `--resume` until `held` closes; `saved` is its last checkpoint's metadata
-    as read before the lock (refused if another process has saved since)."""
+    as read before the lock (refused if another process has saved since). Under the lock, the
+    writer finishes a checkpoint save that was killed between its two renames (readers leave it)."""
     lock = RunDirLock(run_dir)
     if not lock.acquire():
         raise lock.busy_error()
     held.callback(lock.release)
+    for name in ("last", "best"):
+        finish_interrupted_save(run_dir / name)
     if read_checkpoint_meta(run_dir / "last").get("weights_id") != saved.get("weights_id"):
         raise ImageRecError(f"{run_dir} was saved by another process while this command started; run it again")
 
@@ -225,7 +239,7 @@ def lock_for_resume(run_dir: Path, saved: dict[str, Any], held: contextlib.ExitS
 def checkpoint_ids(run_dir: Path) -> dict[str, str | None]:
     """The `weights_id` of the run's best and last checkpoints: metrics.json records the ones it evaluated."""
     return {name: read_checkpoint_meta(run_dir / name).get("weights_id")
-            for name in ("best", "last") if (run_dir / f"{name}.json").is_file()}
+            for name in ("best", "last") if has_checkpoint(run_dir / name)}
 
 
 def recorded_metrics(run_dir: Path, epoch: int) -> dict[str, Any] | None:

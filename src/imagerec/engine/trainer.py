@@ -40,6 +40,7 @@ from imagerec.engine.optim import create_schedule, set_lr
 from imagerec.engine.pipeline import BatchPipeline, autocast, predict_logits
 from imagerec.engine.task import ClassificationTask
 from imagerec.metrics import classification_metrics, multilabel_metrics
+from imagerec.models.pretrained import set_frozen_norms_eval
 from imagerec.utils import ImageRecError, mix_seed
 
 log = logging.getLogger("imagerec")
@@ -127,6 +128,8 @@ class Trainer:
     def train_one_epoch(self) -> None:
         s, cfg = self.state, self.cfg
         self.train_model.train()
+        if cfg.freeze_backbone:
+            set_frozen_norms_eval(self.model)  # the frozen backbone's BatchNorm statistics stay pretrained
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         for batch in self.train_loader.epoch(s.epoch, s.epoch_step):

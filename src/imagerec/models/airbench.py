@@ -13,7 +13,9 @@ The tricks that make it train in few epochs, from airbench's file and paper:
   one-pixel translations. Because the head is linear, averaging the pooled features gives the
   same logits, so `forward == forward_head(forward_features)` still holds, and the same TTA runs
   in eval, predict, export and serve. Mirror views are left out for images that must not be
-  flipped (digits, text): `tta="translate"`.
+  flipped (digits, text): `tta="translate"`. A run sets the TTA from its own training flips
+  (`match_training_flips`: mirror views only if it trained on mirrored images) and records it in
+  the checkpoint's model_kwargs; a checkpoint without one keeps the old default (mirrors on colour).
 
 Widths: airbench94 uses (64, 256, 256), about 0.24 GFLOP per 32x32 image forward. On a CPU
 without bf16 that is ~180 img/s of training on 2 cores; `--recipe fast` defaults to the width
@@ -86,6 +88,8 @@ class ScaledLinear(nn.Linear):
 
 
 class AirbenchNet(Classifier):
+    data_init_keys = ("whiten.weight",)  # the state `init_from_data` sets (kept when --pretrained supplies it)
+
     def __init__(
         self,
         num_classes: int,
@@ -121,6 +125,13 @@ class AirbenchNet(Classifier):
         scaled = eigvec / torch.sqrt(eigval.clamp_min(0) + eps).view(-1, 1, 1, 1)
         self.whiten.weight.copy_(torch.cat([scaled, -scaled]).to(self.whiten.weight))
 
+    def match_training_flips(self, hflip: bool) -> str:
+        """Set the eval TTA to the training augmentation and return it (for the checkpoint's model_kwargs):
+        mirror views only when the model trained on mirrored images. Averaging in the mirror of an image
+        whose class depends on its orientation (arrows, text) votes for the wrong class."""
+        self.tta = tta_for_training(hflip, self.tta)
+        return self.tta
+
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.act(self.whiten(x)))  # (B, w3, h, w), h = w = 3 for 32px input
         return F.adaptive_max_pool2d(x, 1).flatten(1)  # (B, w3)
@@ -148,6 +159,16 @@ class AirbenchNet(Classifier):
         self.head = ScaledLinear(self.num_features, num_classes, self.head_scale) if num_classes > 0 else nn.Identity()
 
 
+def tta_for_training(hflip: bool, tta: str = "flip-translate") -> str:
+    """`tta` with mirror views added or left out as training did (`hflip`); "none" stays "none"."""
+    if tta == "none":
+        return tta
+    translate = "translate" in tta
+    if hflip:
+        return "flip-translate" if translate else "flip"
+    return "translate" if translate else "none"
+
+
 def default_widths(in_chans: int, img_size: int) -> tuple[tuple[int, int, int], int]:
     """(widths, stem stride): digit-sized grayscale images need far less than colour objects (measured, README)."""
     if in_chans == 1 and img_size <= 32:
@@ -173,6 +194,8 @@ def airbench(num_classes: int, in_chans: int = 3, img_size: int = 224, **kwargs:
             f"airbench needs {'grayscale' if in_chans == 1 else 'colour'} images of at least {smallest} px (its 2x2 stem"
             f"{' of stride 2' if kwargs['stem_stride'] == 2 else ''} and three 2x poolings leave nothing of {img_size} px): "
             f"use --image-size {smallest} or another --model, e.g. cnn")
+    # The run records its TTA in model_kwargs (`match_training_flips`); checkpoints from before that
+    # record none and keep the TTA they were evaluated with: mirror views on colour images only.
     tta = kwargs.pop("tta", "flip-translate" if in_chans == 3 else "translate")
     return AirbenchNet(num_classes, in_chans, widths, tta, **kwargs)
 

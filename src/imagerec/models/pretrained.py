@@ -5,6 +5,7 @@ Weights are only ever read with safetensors: a checkpoint cannot run code when i
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from imagerec.utils import ImageRecError
@@ -19,6 +21,9 @@ from imagerec.utils import ImageRecError
 HF_PREFIX = "hf-hub:"
 MODEL_PREFIX = "model."
 RUN_WEIGHT_FILES = ("best.safetensors", "last.safetensors")
+POS_EMBED_NAME = "pos_embed"  # timm's absolute position embedding, (1, prefix + H*W, C)
+
+log = logging.getLogger("imagerec")
 
 
 def classifier_parameter_names(model: nn.Module) -> set[str]:
@@ -109,12 +114,36 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor | None
     return out.to(weight.dtype)
 
 
+def _resample_pos_embed(model: nn.Module, tensor: torch.Tensor, want: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+    """A ViT position embedding (1, prefix + h*w, C) trained on another patch grid, resampled to the
+    model's grid as timm does when it loads weights at another image size, with a note saying so;
+    None if it is not one."""
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None or tensor.ndim != 3 or want.ndim != 3 or tensor.shape[0] != 1 or want.shape[0] != 1:
+        return None
+    if tensor.shape[2] != want.shape[2]:
+        return None
+    prefix = want.shape[1] - grid[0] * grid[1]  # class/register tokens with their own embedding
+    old = tensor.shape[1] - prefix
+    side = math.isqrt(max(old, 0))
+    if prefix < 0 or old <= 0 or side * side != old:
+        return None
+    new = resample_abs_pos_embed(tensor, new_size=list(grid), old_size=[side, side], num_prefix_tokens=prefix)
+    return new, f"{side}x{side} -> {grid[0]}x{grid[1]} patches"
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(str(d) for d in t.shape) or "scalar"
+
+
 def load_pretrained(model: nn.Module, source: str) -> dict[str, Any]:
     """Load backbone weights from `source` into `model`, leaving its classifier as built.
 
     `source` is a .safetensors file, an imagerec run directory (best.safetensors, else
-    last.safetensors) or `hf-hub:ORG/NAME`. Classifier tensors and tensors whose shape does
-    not match are skipped; an input conv that differs only in input channels is adapted.
+    last.safetensors) or `hf-hub:ORG/NAME`. Classifier tensors are skipped. An input conv that
+    differs only in input channels is adapted, and a ViT position embedding trained at another
+    image size is resampled to this model's patch grid; other tensors whose shape does not match
+    are skipped with a warning (they keep their random init). Weights holding NaN/inf are refused.
 
     Example:
         >>> model = create_model("resnet18", num_classes=5)
@@ -128,6 +157,8 @@ def load_pretrained(model: nn.Module, source: str) -> dict[str, Any]:
 
     matched: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
+    mismatched: list[str] = []  # "name (file AxB, model CxD)" of backbone tensors left at their init
+    resampled: list[str] = []
     for name, tensor in tensors.items():
         want = target.get(name)
         if want is None or name in head_keys:
@@ -138,8 +169,14 @@ def load_pretrained(model: nn.Module, source: str) -> dict[str, Any]:
         ):
             adapted = adapt_input_conv(tensor, want.shape[1])
             tensor = adapted if adapted is not None else tensor
+        if tensor.shape != want.shape and name == POS_EMBED_NAME:
+            done = _resample_pos_embed(model, tensor, want)
+            if done is not None:
+                tensor, note = done
+                resampled.append(f"{name} ({note})")
         if tensor.shape != want.shape:
             skipped.append(name)
+            mismatched.append(f"{name} (file {_shape(tensor)}, model {_shape(want)})")
             continue
         matched[name] = tensor
 
@@ -151,9 +188,39 @@ def load_pretrained(model: nn.Module, source: str) -> dict[str, Any]:
             f"{'; only BatchNorm step counters did' if matched else ''}): check that the weights were saved "
             f"from the same architecture"
         )
+    # A checkpoint saved after training diverged: loaded, the loss is NaN from the first step and the
+    # trainer's "lower --lr" advice would send the user the wrong way.
+    bad = next((n for n in target if n in matched and matched[n].is_floating_point()
+                and not bool(torch.isfinite(matched[n]).all())), None)  # the first in the model's order
+    if bad is not None:
+        raise ImageRecError(
+            f"'{path}': tensor {bad} holds NaN/inf values (saved after training diverged?): start from an "
+            f"earlier checkpoint of that run, or from other weights"
+        )
     model.load_state_dict(matched, strict=False)
+    if resampled:
+        log.info("pretrained weights from '%s': position embedding resampled to this --image-size's patch grid "
+                 "(bicubic, as timm does): %s", path, ", ".join(resampled))
+    if mismatched:
+        shown = ", ".join(mismatched[:8]) + (f" and {len(mismatched) - 8} more" if len(mismatched) > 8 else "")
+        log.warning("pretrained weights from '%s': %d backbone tensor(s) skipped because their shape differs, so they "
+                    "start from random init: %s. Pretrain the same --model at the same --image-size to load them all",
+                    path, len(mismatched), shown)
     missing = sorted(k for k in target if k not in matched)
-    return {"loaded": len(matched), "skipped": sorted(skipped), "missing": missing}
+    return {"loaded": len(matched), "skipped": sorted(skipped), "missing": missing, "resampled": resampled,
+            "mismatched": mismatched}
+
+
+def set_frozen_norms_eval(model: nn.Module) -> int:
+    """Put the backbone's normalisation layers with running statistics (BatchNorm) in eval mode; the
+    number of layers set. With a frozen backbone the trainer calls this after every `model.train()`:
+    in train mode they would normalise with each batch's statistics and overwrite the pretrained
+    running mean/var, so the "frozen" backbone would change (timm's `freeze` does the same)."""
+    head = {id(m) for m in model.get_classifier().modules()}
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and id(m) not in head]
+    for m in norms:
+        m.eval()
+    return len(norms)
 
 
 def _no_decay_names(model: nn.Module) -> set[str]:
@@ -171,7 +238,8 @@ def create_param_groups(
 ) -> list[dict[str, Any]]:
     """Optimizer param groups: backbone/head x decay/no-decay; biases and 1-D params get no decay.
 
-    With `freeze_backbone`, backbone parameters get `requires_grad=False` and are left out.
+    With `freeze_backbone`, backbone parameters get `requires_grad=False` and are left out (the
+    trainer keeps the backbone's BatchNorm layers in eval mode: `set_frozen_norms_eval`).
 
     Example:
         >>> groups = create_param_groups(model, lr=1e-3, weight_decay=0.05, backbone_lr_scale=0.1)
