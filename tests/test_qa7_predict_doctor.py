@@ -13,15 +13,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import imagerec
 from imagerec.cli import main
-from imagerec.config import PreprocessConfig, TrainConfig
 from imagerec.doctor import check_data, undo_quarantine, write_html
-from imagerec.engine.checkpoint import save_checkpoint
-from imagerec.models import create_model
 from imagerec.predict_run import run_predict
 from imagerec.store import export_dataset, ingest, open_store
 from imagerec.utils import ImageRecError
@@ -30,16 +26,9 @@ cv2 = pytest.importorskip("cv2")
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, untrained_run) -> Path:
     """An untrained 3-channel `mlp` run over 16 px images."""
-    root = tmp_path_factory.mktemp("qa7-run")
-    torch.manual_seed(0)
-    model = create_model("mlp", num_classes=2, in_chans=3, img_size=16)
-    pre = PreprocessConfig(16, 3, (0.5,) * 3, (0.25,) * 3, 18, ("cat", "dog"))
-    save_checkpoint(root / "best", model, {"model": "mlp", "model_kwargs": {"in_chans": 3, "img_size": 16},
-                                           "preprocess": pre.to_dict(),
-                                           "train_config": TrainConfig(data="somewhere").to_dict()})
-    return root
+    return untrained_run(tmp_path_factory.mktemp("qa7-run"), ("cat", "dog"), resize=18)
 
 
 def _image_folder(root: Path) -> Path:

@@ -7,6 +7,8 @@ final newline: kill -9, a full disk) is not a finished prediction, and is droppe
 appended to; it is rewritten whole (atomically) at the end, including the resumed rows. In every
 format `--resume` keeps one row per input: rows that failed are dropped and predicted again (a
 JSON lines or CSV file holding any is first rewritten, atomically, without them).
+`--output` never replaces a user's file: one of the inputs, or an existing file that is not a
+prediction file of that format, is refused before anything is predicted (`_check_output`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import io
 import itertools
 import json
 import os
+import re
+import stat
 import sys
 import uuid
 from collections.abc import Iterator
@@ -299,6 +303,65 @@ def _check_parquet_output(path: Path) -> None:
     probe.unlink(missing_ok=True)
 
 
+def _looks_like_predictions(path: Path, fmt: str) -> bool:
+    """Whether the regular file at `path` is empty or starts as a `fmt` prediction file from predict
+    does: nothing else may be replaced by the predictions (a user's notes, an image, the data)."""
+    try:
+        if path.stat().st_size == 0:
+            return True  # nothing to lose
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return "path" in pq.read_schema(path).names
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        return False
+    first, newline, _ = head.partition(b"\n")
+    try:
+        line = first.decode("utf-8")
+    except UnicodeDecodeError:
+        return False  # a binary file (an image); a name that is not UTF-8 is never on the first line alone
+    if fmt == "json":
+        if not newline:  # one row, cut short (kill -9)
+            return line.startswith('{"path": ')
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(row, dict) and isinstance(row.get("path"), str)
+    if fmt == "csv":
+        header = next(csv.reader([line.rstrip("\r")]), [])
+        return "path" in header and set(header) <= set(CSV_FIELDS)
+    return re.search(r"\t\d{1,3}\.\d%(\t|$)", line) is not None  # a table row: path, label, score, ...
+
+
+def _check_output(out: Path, fmt: str, items: list[str | Source], resume: bool) -> None:
+    """Refuse, before anything is predicted, an --output that would replace a file that is not
+    predictions: one of the inputs (by its device and inode, so also through a link), or, without
+    --resume (which reads the file and refuses one it cannot), an existing file that is not a `fmt`
+    prediction file. A folder, a device or a pipe are left to open() (or the Parquet probe)."""
+    try:
+        st = out.stat()
+    except OSError:
+        return  # missing: created; unreadable: open() names it
+    if not stat.S_ISREG(st.st_mode):
+        return
+    for it in items:
+        if isinstance(it, str):
+            try:
+                s = os.stat(it)
+            except OSError:
+                continue
+            if (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino):
+                raise ImageRecError(f"--output {out} is one of the inputs ({it}): it would be replaced by the "
+                                    "predictions; give another file name for --output")
+    if not resume and not _looks_like_predictions(out, fmt):
+        kind = "prediction table" if fmt == "table" else f"{fmt} prediction file"
+        raise ImageRecError(f"--output {out} exists and is not a {kind}: it would be replaced by the predictions; "
+                            f"give a new file name (or an earlier {kind} to replace)")
+
+
 def _text(value: Any) -> Any:
     """A string as Parquet can hold it (valid UTF-8): a name that is not gets its bad bytes escaped,
     a Latin-1 "café.jpg" as "caf\\xe9.jpg"; other values as they are."""
@@ -359,6 +422,8 @@ def run_predict(
     if not items:
         raise ImageRecError(f"no images found in: {' '.join(inputs)} (nor videos: {', '.join(VIDEO_EXTENSIONS)})")
     out_path = Path(output) if output else None
+    if out_path is not None:
+        _check_output(out_path, fmt, items, resume)
     done, kept, stale = _resume_rows(out_path, fmt) if resume and out_path else (set(), [], False)
     if fmt == "parquet" and out_path is not None:
         _check_parquet_output(out_path)

@@ -217,7 +217,8 @@ def test_every_image_over_the_limit_gets_imagerecs_message_naming_max_pixels(tmp
         open_image(str(path))
     assert str(info.value) == (
         f"{path}: {side}x{side} = {side * side} pixels exceeds the limit of 89478485 (possible decompression bomb); "
-        "if the image is genuine, raise the limit with --max-pixels N (max_pixels= in Python)"
+        "if the image is genuine, raise the limit with --max-pixels N (train, predict, check; max_pixels= in Python); "
+        "eval, robustness and export apply the limit the run was trained with"
     )
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # PIL's global is put back
 

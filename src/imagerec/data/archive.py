@@ -2,15 +2,18 @@
 
 Nothing is unpacked into the user's folders. A gzipped tar is decompressed once into the cache
 (`$IMAGEREC_CACHE`, else `~/.cache/imagerec`), since a gzip stream cannot be read at random
-offsets; members are then read at their offsets in the plain tar.
+offsets; members are then read at their offsets in the plain tar. The cache keeps one copy per
+archive path: a replaced archive is unpacked again and its older copy removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
 import posixpath
+import re
 import shutil
 import tarfile
 import zipfile
@@ -29,16 +32,39 @@ def _cache_dir() -> Path:
     return Path(base)
 
 
+def _fingerprint(path: Path) -> str:
+    """What the cached copy of the .tar.gz at `path` is keyed on: the file (its inode, size and
+    mtime) and a cheap look at its content, the first 64 KiB and the gzip trailer (CRC32 and size of
+    the whole uncompressed stream). An archive replaced by another of the same size with its mtime
+    kept (`cp -p`, `rsync -t`, unpacking a release tarball) gets a new key: in place its trailer
+    differs, and a copy renamed over it has another inode."""
+    st = path.stat()
+    h = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}|{st.st_dev}|{st.st_ino}|".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 16))
+        if st.st_size >= 8:
+            f.seek(-8, os.SEEK_END)
+            h.update(f.read(8))
+    return h.hexdigest()[:16]
+
+
 def _ungzip_to_cache(path: Path) -> Path:
     """A .tar.gz cannot be read at random offsets: unpack the tar stream once into the cache.
 
+    The copy is named `<stem>-<source>-<key>.tar`: `source` stands for the archive's path and `key`
+    for its content (`_fingerprint`). Writing a new copy for a path removes its older ones (the
+    archive was replaced), so the cache holds one copy per archive path, not one per version.
+
     Several processes (torchrun ranks) may unpack the same archive at once: each writes its own
-    temp file and renames it into place atomically, so none sees another's half-written file
-    (the last rename wins; the copies are the same bytes).
+    hidden temp file and renames it into place atomically, so none sees another's half-written file
+    (the last rename wins; the copies are the same bytes). Temp files are never removed here.
     """
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = _cache_dir() / "archives" / f"{path.name.split('.')[0]}-{key}.tar"
+    source = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    prefix = f"{path.name.split('.')[0]}-{source}-"
+    try:
+        out = _cache_dir() / "archives" / f"{prefix}{_fingerprint(path)}.tar"
+    except OSError as e:
+        raise ImageRecError(f"{path}: cannot read archive ({e}); is it a complete .tar.gz?") from e
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +73,19 @@ def _ungzip_to_cache(path: Path) -> Path:
             shutil.copyfileobj(src, dst, 1 << 20)
     except (OSError, EOFError) as e:
         raise ImageRecError(f"{path}: cannot decompress ({e}); is the archive complete?") from e
+    _remove_older_copies(out, prefix)
     return out
+
+
+def _remove_older_copies(out: Path, prefix: str) -> None:
+    """Remove the cached copies of earlier versions of the archive `out` was unpacked from: names
+    `prefix` + a 16-digit key + `.tar`, exactly (not another archive's copies, whose stem or source
+    differ, nor a hidden temp file another process is writing)."""
+    older = re.compile(re.escape(prefix) + r"[0-9a-f]{16}\.tar")
+    for p in out.parent.iterdir():
+        if p.name != out.name and older.fullmatch(p.name):
+            with contextlib.suppress(OSError):  # removed by another process first, or not ours to remove
+                p.unlink()
 
 
 def read_archive(path: Path) -> DataSpec:

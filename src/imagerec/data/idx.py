@@ -11,6 +11,7 @@ import math
 import pickle
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,56 @@ def is_idx_dir(root: Path) -> bool:
     return any("idx3" in p.name for p in root.iterdir())
 
 
+class _NdarrayName:
+    """Stands for `numpy.ndarray` in a CIFAR pickle. Real batches only pass it to `_reconstruct`;
+    called itself (REDUCE), ndarray would reserve any shape the file names (terabytes) before
+    anything is checked, so it cannot be called."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: object, **kwargs: object) -> None:
+        raise pickle.UnpicklingError("refusing to call numpy.ndarray: arrays are only built from the file's bytes")
+
+
+_NDARRAY = _NdarrayName()
+
+
+class _FileArray(np.ndarray):
+    """The array `_reconstruct` gives a CIFAR pickle, which BUILD then fills. Only from bytes in the
+    file, whose size numpy checks against the shape before anything is reserved: object arrays
+    (a list state) get their whole shape reserved first, whatever the list holds."""
+
+    def __setstate__(self, state: object) -> None:
+        raw = state[-1] if isinstance(state, tuple) and len(state) in (4, 5) else None
+        if not isinstance(raw, bytes):
+            raise pickle.UnpicklingError("refusing a numpy array that is not filled from bytes (an object array)")
+        super().__setstate__(state)  # ValueError when the bytes do not match the shape and dtype
+
+
+def _reconstruct_from_file(real: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    """numpy's `_reconstruct(ndarray, (0,), b'b')`, the empty array every pickled array starts as;
+    any other shape would be reserved from a number in the file."""
+
+    def reconstruct(subtype: object, shape: object, dtype: object) -> np.ndarray:
+        if subtype is not _NDARRAY or not isinstance(shape, tuple) or shape != (0,):
+            raise pickle.UnpicklingError(f"refusing numpy _reconstruct of shape {str(shape)[:40]}: "
+                                         "pickled arrays start empty, as (0,)")
+        return real(_FileArray, shape, dtype)
+
+    return reconstruct
+
+
+def _latin1_encode(text: object, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """`_codecs.encode(str, 'latin1')`: how Python 3 pickles bytes in protocols 0-2; no other codec."""
+    if not isinstance(text, str) or encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with {str(encoding)[:20]!r}: only latin1 makes bytes")
+    return text.encode("latin1", errors)
+
+
 class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, strings, numbers and numpy arrays of the file's own bytes: what CIFAR
+    batches hold. numpy's names are wrapped so that no size read from the file is ever allocated."""
+
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
@@ -91,26 +141,43 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy.core.numeric", "_frombuffer"),  # protocol 5: frombuffer(file bytes).reshape(shape)
         ("numpy._core.numeric", "_frombuffer"),
         ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> object:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        if name == "ndarray":
+            return _NDARRAY
+        if name == "encode":
+            return _latin1_encode
+        found = super().find_class(module, name)
+        return _reconstruct_from_file(found) if name == "_reconstruct" else found
+
+
+def _plain(value: object) -> object:
+    return value.view(np.ndarray) if isinstance(value, _FileArray) else value
+
+
+# what a damaged or crafted pickle raises, besides UnpicklingError; MemoryError for a size that is
+# still too large for this machine (a file of many GB)
+_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError,
+                  IndexError, OverflowError, RecursionError, MemoryError)
 
 
 def load_cifar_batch(path: Path) -> dict:
+    """The dict in a CIFAR python batch or meta file, read without running any code in it."""
     try:
         with open(path, "rb") as f:
             obj = _ArrayOnlyUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError) as e:
-        raise ImageRecError(f"{path}: not a readable CIFAR batch ({e}); only dicts of arrays and lists are accepted") from e
+    except _PICKLE_ERRORS as e:
+        why = "too large for memory" if isinstance(e, MemoryError) else str(e)[:200]
+        raise ImageRecError(f"{path}: not a readable CIFAR batch ({why}); only dicts of arrays and lists are accepted") from e
     if not isinstance(obj, dict):
         raise ImageRecError(f"{path}: a CIFAR batch must be a dict, got {type(obj).__name__}")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    return {(k.decode() if isinstance(k, bytes) else k): _plain(v) for k, v in obj.items()}
 
 
 def _names(meta_file: Path, meta: dict, key: str) -> list[str]:

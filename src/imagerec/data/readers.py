@@ -247,7 +247,8 @@ def hidden_path(name: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in PurePosixPath(name).parts)
 
 
-def _manifest_rows(path: Path) -> list[dict]:
+def _manifest_rows(path: Path) -> tuple[list[dict], list[int]]:
+    """The manifest's rows, and the line of the file each ends on."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -256,15 +257,21 @@ def _manifest_rows(path: Path) -> list[dict]:
             f"{path}, line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the manifest as UTF-8"
         ) from e
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = []
+        rows, lines = [], []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ImageRecError(f"{path}, line {n}: not valid JSON ({e.msg})") from e
-        return rows
-    return list(csv.DictReader(text.splitlines()))
+                lines.append(n)
+        return rows, lines
+    reader = csv.DictReader(text.splitlines())  # a field missing at the end of a row reads as None
+    rows, lines = [], []
+    for row in reader:
+        rows.append(row)
+        lines.append(reader.line_num)  # blank lines and quoted line breaks make it differ from the row number
+    return rows, lines
 
 
 _PATH_KEYS = ("path", "file", "filename", "image")
@@ -290,11 +297,25 @@ def _check_extra_fields(path: Path, n: int, row: dict, extra: list[str]) -> None
         )
 
 
+def _check_missing_fields(path: Path, line: int, row: dict) -> None:
+    """Refuse a CSV row with fewer fields than its header has columns when that leaves it without a
+    path or a label (csv reads the missing ones as None), naming the columns expected and the fields found."""
+    missing = [k for k, v in row.items() if v is None]
+    if not missing or (_pick(row, _PATH_KEYS) is not None and _pick(row, _LABEL_KEYS) is not None):
+        return  # a full row, or one short of an optional column only (e.g. no split: train)
+    found = [v for v in row.values() if v is not None]
+    raise ImageRecError(
+        f"{path}, line {line}: {len(found)} field(s) ({', '.join(map(repr, found)) or 'none'}) but the header names "
+        f"{len(row)} columns ({', '.join(map(str, row))}), so it has no {', '.join(map(repr, missing))}. "
+        "Give the row a value for each column (separated by commas), or remove the row"
+    )
+
+
 def read_manifest(path: Path) -> DataSpec:
     """CSV (`path,label[,split]`) or JSONL manifest. Several labels in a row (a list, or separated by
     ';' or '|') make the dataset multi-label; a label repeated in one row counts once (`3;3` is 3).
     Paths are relative to the manifest's folder."""
-    rows = _manifest_rows(path)
+    rows, lines = _manifest_rows(path)
     if not rows:
         raise ImageRecError(f"{path}: the manifest has no rows")
     parsed: list[tuple[str, str, list[str]]] = []
@@ -302,10 +323,13 @@ def read_manifest(path: Path) -> DataSpec:
     missing = repeated = 0
     first_row: dict[str, int] = {}  # file -> the first row that lists it
     named_split = False  # some row gives a split: the manifest names its splits
-    for n, row in enumerate(rows, 1):
+    csv_rows = path.suffix.lower() not in (".jsonl", ".ndjson")
+    for n, (row, line) in enumerate(zip(rows, lines, strict=True), 1):
         if not isinstance(row, dict):
             raise ImageRecError(f"{path}, row {n}: expected an object with 'path' and 'label'")
         extra = row.pop(None, None) or []  # csv fields beyond the header's columns
+        if csv_rows:
+            _check_missing_fields(path, line, row)
         rel = _pick(row, _PATH_KEYS)
         lab = _pick(row, _LABEL_KEYS)
         if rel is None or lab is None:

@@ -140,19 +140,40 @@ class UndoResult:
         return not self.skipped
 
 
-def _quarantined_path(manifest: Path, state: dict[str, Any], entry: dict[str, Any]) -> Path:
-    """Where the quarantined copy of `entry` is: at its recorded path, or else at the same place
-    relative to the manifest (the quarantine folder was moved or renamed as a whole, e.g. to look at
-    it elsewhere). The recorded path when it is in neither place."""
-    dst = Path(entry["dst"])
-    if dst.exists() or dst.is_symlink():
-        return dst
-    try:
-        rel = Path(entry["src"]).relative_to(state["data_root"])
-    except (KeyError, TypeError, ValueError):
-        return dst
-    beside = manifest.resolve().parent / rel
-    return beside if beside.exists() or beside.is_symlink() else dst
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` names a place strictly below `folder` by its name alone: absolute, no `..`."""
+    return path.is_absolute() and ".." not in path.parts and folder in path.parents
+
+
+def _entry_paths(n: int, entry: dict[str, Any], root: Path, folder: Path) -> tuple[Path, Path] | str:
+    """The original path of manifest entry `n` (1 is the first) and where its quarantined copy is; or,
+    when the entry names a place undo must not touch, why (naming the entry).
+
+    The original path must be inside the data folder `root` the manifest names, by name and after
+    following the symbolic links of its parent folders; the copy must be inside the quarantine folder
+    `folder` that holds the manifest: at its recorded path, or else at the same place relative to the
+    manifest (the quarantine folder was moved or renamed as a whole, e.g. to look at it elsewhere)."""
+    src, dst = Path(entry["src"]), Path(entry["dst"])
+    if not _inside(src, root):
+        return (f"manifest entry {n}: its original path {src} is not inside the data folder {root} that the "
+                "manifest names; undo restores files only there")
+    real_root, real_parent = root.resolve(), src.parent.resolve()
+    if real_parent != real_root and real_root not in real_parent.parents:
+        return (f"manifest entry {n}: the folder of its original path {src} is really {real_parent} (through a "
+                f"symbolic link), outside the data folder {root}; undo restores files only there")
+    recorded = _inside(dst, folder)
+    if not (recorded and (dst.exists() or dst.is_symlink())):
+        beside = folder / src.relative_to(root)  # no `..`: src was checked above
+        if beside.exists() or beside.is_symlink():
+            dst = beside
+        elif not recorded:
+            return (f"manifest entry {n}: its quarantined copy is recorded at {dst}, outside the quarantine folder "
+                    f"{folder} that holds the manifest, and is not at {beside}; undo moves files only from that folder")
+    real_dst = dst.resolve()
+    if folder.resolve() not in real_dst.parents:
+        return (f"manifest entry {n}: its quarantined copy {dst} is really {real_dst} (through a symbolic link), "
+                f"outside the quarantine folder {folder}; undo moves files only from that folder")
+    return src, dst
 
 
 def _manifest_problem(moves: Any) -> str | None:
@@ -173,13 +194,25 @@ def _manifest_problem(moves: Any) -> str | None:
     return None
 
 
+def _blocking_file(path: Path) -> Path | None:
+    """The nearest folder above `path` that is not a folder but a file (or a broken link), if any."""
+    for parent in path.parents:
+        if parent.is_dir():
+            return None
+        if parent.exists() or parent.is_symlink():
+            return parent
+    return None
+
+
 def undo_quarantine(manifest_path: str | Path) -> UndoResult:
     """Move quarantined files back to where they came from.
 
     A file is only restored when its sha256 still matches the manifest and nothing has
     appeared at its original path since; the others are listed in `skipped` with the reason.
     The quarantine folder may have been moved or renamed as a whole: a file not at its recorded
-    path is looked for at the same place relative to the manifest.
+    path is looked for at the same place relative to the manifest. A manifest can be edited (or come
+    from elsewhere with its folder), so files are only moved from inside the folder that holds it
+    and only to places inside the data folder it names; an entry naming any other place is skipped.
     """
     manifest = Path(manifest_path)
     try:
@@ -190,14 +223,24 @@ def undo_quarantine(manifest_path: str | Path) -> UndoResult:
     bad = _manifest_problem(moves)
     if bad:  # before any move: a manifest that is only partly readable restores nothing
         raise ImageRecError(f"{manifest}: not a readable quarantine manifest ({bad})")
+    root = Path(data_root) if isinstance(data_root := state.get("data_root"), str) else None
+    if root is None or not root.is_absolute() or ".." in root.parts or root.parent == root:
+        what = "missing" if "data_root" not in state else f"not the absolute path of a data folder: {data_root!r:.80}"
+        raise ImageRecError(f"{manifest}: not a readable quarantine manifest ('data_root' is {what}; undo restores "
+                            "files only inside the data folder it names)")
+    folder = manifest.resolve().parent
     result = UndoResult()
-    for entry in moves:
-        src, dst = Path(entry["src"]), _quarantined_path(manifest, state, entry)
+    for n, entry in enumerate(moves, 1):
         if entry.get("state") == "restored":
             continue
         if entry.get("state") == "failed":
-            result.skipped.append((str(src), f"never moved ({entry.get('reason', 'its move failed')})"))
+            result.skipped.append((entry["src"], f"never moved ({entry.get('reason', 'its move failed')})"))
             continue
+        paths = _entry_paths(n, entry, root, folder)
+        if isinstance(paths, str):  # before anything at those paths is read or moved
+            result.skipped.append((entry["src"], paths))
+            continue
+        src, dst = paths
         if entry.get("state") == "moving" and src.is_file() and sha256_file(src) == entry["sha256"]:
             why = f"; {dst} is an unfinished copy, safe to delete" if dst.exists() else ""
             result.skipped.append((str(src), f"never moved (the quarantine stopped while moving it): the original "
@@ -208,14 +251,28 @@ def undo_quarantine(manifest_path: str | Path) -> UndoResult:
                       else f"missing from the quarantine folder (not at {dst})")
             result.skipped.append((str(src), reason))
             continue
+        if src.is_dir() and not src.is_symlink():
+            result.skipped.append((str(src), f"a folder is at the original path now; not overwritten: move that folder "
+                                             f"away and undo again, or move {dst} back by hand"))
+            continue
         if src.exists() or src.is_symlink():
             result.skipped.append((str(src), "a file exists at the original path now; not overwritten"))
             continue
         if sha256_file(dst) != entry["sha256"]:
             result.skipped.append((str(src), f"{dst} changed since it was quarantined (sha256 differs)"))
             continue
-        src.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(dst, src)
+        blocked = _blocking_file(src)
+        if blocked is not None:  # e.g. its class folder was replaced by a file of the same name
+            result.skipped.append((str(src), f"{blocked} is a file now, where the folder of the original path was: "
+                                             f"move that file away and undo again, or move {dst} back by hand"))
+            continue
+        try:
+            src.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(dst, src)
+        except OSError as e:  # one entry left, with why; the others are still restored
+            result.skipped.append((str(src), f"could not be moved back from {dst}: {e.strerror or e}; "
+                                             "fix that and undo again, or move it back by hand"))
+            continue
         entry["state"] = "restored"
         _write_atomic(manifest, state)
         result.restored.append(str(src))

@@ -37,6 +37,7 @@ from imagerec.utils import (
     available_cpus,
     check_count,
     cpu_supports_bf16,
+    is_finite_number,
     library_versions,
     staging_dir,
     write_error_text,
@@ -72,20 +73,16 @@ def _versions() -> dict[str, str]:
     return v
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def check_min_agreement(min_agreement: float) -> None:
-    if not _is_number(min_agreement) or not 0.0 <= min_agreement <= 1.0:  # also refuses NaN
-        shown = f"{min_agreement:g}" if _is_number(min_agreement) else repr(min_agreement)
+    if not is_finite_number(min_agreement) or not 0.0 <= min_agreement <= 1.0:
+        shown = f"{min_agreement:g}" if isinstance(min_agreement, float) else repr(min_agreement)
         raise ImageRecError(f"--min-agreement (min_agreement) {shown}: a fraction of images, from 0 to 1 (e.g. 0.97)")
 
 
 def check_max_drop(max_drop: float) -> None:
     """Refuse a NaN or negative accuracy drop up front: the gate compared against it only after the
     whole export, then refused the int8 runtime as if the model were at fault ("allowed: nan")."""
-    if not _is_number(max_drop) or not max_drop >= 0.0:  # `not >=` also refuses NaN
+    if not is_finite_number(max_drop) or not max_drop >= 0.0:
         raise ImageRecError(f"--max-drop (max_drop) must be a number of points >= 0, got {max_drop!r}: the accuracy "
                             f"an int8 runtime may lose, e.g. 1.0")
 

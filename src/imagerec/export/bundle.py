@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -29,7 +28,7 @@ import torch
 from imagerec.config import INTERPOLATIONS, PreprocessConfig, write_json
 from imagerec.export.runtime import OpenVinoRuntime, OrtRuntime, Runtime, TorchScriptRuntime, openvino_available
 from imagerec.transforms import parse_op
-from imagerec.utils import ImageRecError, int8_may_saturate, orphaned_siblings, sha256_file
+from imagerec.utils import ImageRecError, int8_may_saturate, is_finite_number, orphaned_siblings, sha256_file
 
 MANIFEST = "imagerec.json"
 FORMAT = "imagerec-bundle"
@@ -39,6 +38,23 @@ PRECISIONS = ("fp32", "bf16", "int8")
 MANIFEST_HASH = "manifest_sha256"
 _warned_unsealed: set[str] = set()  # bundles already warned about (once per bundle and process)
 _warned_saturation: set[str] = set()
+log = logging.getLogger("imagerec")
+
+
+class BundleWarning(UserWarning):
+    """Something to know about a bundle that still loads. Said on the "imagerec" logger (one clean line,
+    like imagerec's other warnings); the warning itself is ignored unless asked for (pytest.warns,
+    warnings.catch_warnings), so a terminal gets neither the message twice nor Python's "file:line:
+    UserWarning:" and the source line of the call."""
+
+
+warnings.filterwarnings("ignore", category=BundleWarning)
+
+
+def warn_user(message: str) -> None:
+    """Warn the user of a bundle: a log line, and a `BundleWarning` that callers and tests can catch."""
+    log.warning(message)
+    warnings.warn(message, BundleWarning, stacklevel=4)  # the caller of the function that warns
 
 
 def saturation_risk(manifest: dict[str, Any]) -> bool:
@@ -121,7 +137,6 @@ def recover_interrupted_replace(out: Path) -> None:
     export; its new bundle, in `.OUT.partial-PID`, is removed by the next `staging_dir`). An
     `.old-PID` folder beside an `out` that exists is the leftover of a kill after the second rename
     and is removed."""
-    log = logging.getLogger("imagerec")
     for old in orphaned_siblings(out, "old"):
         if out.exists() or out.is_symlink():
             log.warning("removing %s, the previous bundle an interrupted export --overwrite had already replaced", old)
@@ -192,10 +207,10 @@ def preferred_runtime_entry(manifest: dict[str, Any], threads: int = 0) -> dict[
         key = str(manifest.get("manifest_sha256") or id(manifest))
         if key not in _warned_saturation:
             _warned_saturation.add(key)
-            warnings.warn("this int8 bundle was quantized with 8-bit weights on a CPU with VNNI; this CPU has none, "
-                          "where 8-bit int8 kernels can saturate and lose accuracy, so its fp32 runtime is used "
-                          "instead. Export it again on this machine (`imagerec export RUN --int8`) for 7-bit "
-                          "weights that are safe here.", stacklevel=3)
+            warn_user("this int8 bundle was quantized with 8-bit weights on a CPU with VNNI; this CPU has none, "
+                      "where 8-bit int8 kernels can saturate and lose accuracy, so its fp32 runtime is used "
+                      "instead. Export it again on this machine (`imagerec export RUN --int8`) for 7-bit "
+                      "weights that are safe here.")
         usable = [r for r in usable if r["precision"] != "int8"]
     by_name = {r["name"]: r for r in usable}
     single = by_name.get(manifest.get("preferred_runtime_1thread")) if threads == 1 else None
@@ -222,8 +237,8 @@ def check_manifest_hash(manifest: dict[str, Any], mpath: Path) -> None:
     if recorded is None:
         if str(mpath.resolve()) not in _warned_unsealed:
             _warned_unsealed.add(str(mpath.resolve()))
-            warnings.warn(f"{mpath} has no {MANIFEST_HASH} (written by an older imagerec), so edits to it cannot be "
-                          f"detected; export the bundle again to add one", UserWarning, stacklevel=3)
+            warn_user(f"{mpath} has no {MANIFEST_HASH} (written by an older imagerec), so edits to it cannot be "
+                      f"detected; export the bundle again to add one")
         return
     if recorded != manifest_digest(manifest):
         raise ImageRecError(f"{mpath}: imagerec.json has been edited; export the bundle again (its content no longer "
@@ -239,11 +254,6 @@ def _short(names: Any) -> str:
 def _is_int(value: Any, least: int) -> bool:
     """A JSON whole number (not a bool) of at least `least`."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def _is_number(value: Any) -> bool:
-    """A finite JSON number (not a bool)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _table_problem(manifest: dict[str, Any], key: str, optional: bool = True) -> str | None:
@@ -274,7 +284,7 @@ def _preprocess_problems(pre: dict[str, Any]) -> list[str]:
         problems.append(f"preprocess.channels {channels!r} is not 1 or 3")
     for key in ("mean", "std"):
         v = pre.get(key)
-        if not isinstance(v, list) or not all(_is_number(x) for x in v) or (channels in (1, 3) and len(v) != channels) \
+        if not isinstance(v, list) or not all(is_finite_number(x) for x in v) or (channels in (1, 3) and len(v) != channels) \
                 or (key == "std" and not all(x > 0 for x in v)):
             problems.append(f"preprocess.{key} {v!r} is not a list of {channels!r} finite numbers"
                             f"{' above 0' if key == 'std' else ''}")
@@ -332,7 +342,7 @@ def _runtime_problems(runtimes: list[dict[str, Any]], files: Any) -> list[str]:
         if not isinstance(parity, dict) or not isinstance(parity.get("passed"), bool):
             problems.append(f"{label} has no parity result (parity.passed true or false)")
         for key in ("images_per_s", "images_per_s_1thread"):
-            if key in r and not (_is_number(r[key]) and r[key] >= 0):
+            if key in r and not (is_finite_number(r[key]) and r[key] >= 0):
                 problems.append(f"{label} has {key} {r[key]!r}, not a number of images per second")
     return problems
 
