@@ -8,6 +8,7 @@ p99 latency at half load vs batch-1 latency. Bounded in requests and time; print
     python bench/serve_load.py --instances 2 --http auto h11   # httptools + uvloop vs uvicorn's h11
     python bench/serve_load.py --instances 2 --wait adaptive fixed  # batch wait: measured vs always max
     python bench/serve_load.py --workers 1 2 --instances 0   # one server process vs two (serve --workers)
+    python bench/serve_load.py --instances 2 --server-max-batch 32 1 --half-rate 40  # batch caps, one load
     python bench/serve_load.py --run runs/mnist --seconds 10 --clients 32
 
 The full load (32 closed-loop clients) comes from `wrk` (a C load generator: `apt-get install
@@ -417,6 +418,12 @@ def main() -> None:
                     help="batch-1 and half load alternate in this many rounds, each pooled over them (1: one "
                          "seconds/2 batch-1 phase, then one 2 x seconds half-load phase)")
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--server-max-batch", type=int, nargs="+",
+                    help="the servers' --max-batch values to measure, one server each (default: --max-batch, which "
+                         "also sets the offline baselines' batch)")
+    ap.add_argument("--half-rate", type=float, metavar="IMG_PER_S",
+                    help="the half load's rate for every server (default: half of each server's own full-load rate; "
+                         "fixed, servers whose full-load rates differ are compared at one load)")
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--load-generator", choices=("auto", "wrk", "python"), default="auto")
     ap.add_argument("--workers", type=int, nargs="+", default=[1],
@@ -453,10 +460,11 @@ def main() -> None:
         (tmp / f"{i}.img").write_bytes(data)
         paths.append(str(tmp / f"{i}.img"))
     list_file.write_text("\n".join(paths) + "\n")
-    served: dict[tuple[int, int, str, str], float] = {}
+    served: dict[tuple[int, int, str, str, int], float] = {}
     try:
-        for variant in itertools.product(args.workers, args.instances, args.http, args.wait):
-            proc, url = start_server(run, args.max_batch, args.max_wait_ms, *variant)
+        for variant in itertools.product(args.workers, args.instances, args.http, args.wait,
+                                         args.server_max_batch or [args.max_batch]):
+            proc, url = start_server(run, variant[-1], args.max_wait_ms, *variant[:-1])
             try:
                 served[variant] = measure_server(url, gen, list_file, images, args, offline, ceiling, *variant)
             finally:
@@ -469,8 +477,9 @@ def main() -> None:
     # some seconds of a run on the session-6 machine), so each served rate is also compared with the
     # mean of the baselines taken before and after it.
     after, _ = offline_rates(run, images, args, label="offline_predict_after")
-    for (workers, instances, http, wait), rate in served.items():
+    for (workers, instances, http, wait, max_batch), rate in served.items():
         emit(bench="served_vs_offline_bracketed", workers=workers, instances=instances, http=http, wait=wait,
+             max_batch=max_batch,
              img_per_s=round(rate, 1),
              offline_before=round(offline, 1), offline_after=round(after, 1),
              ratio=round(2 * rate / (offline + after), 3), target_ratio=0.85)
@@ -490,14 +499,16 @@ def settle(url: str, timeout: float = 30.0) -> None:
 
 
 def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], args: argparse.Namespace,
-                   offline: float, ceiling: float, workers: int, instances: int, http: str, wait: str) -> float:
+                   offline: float, ceiling: float, workers: int, instances: int, http: str, wait: str,
+                   max_batch: int) -> float:
     """Full load, batch-1 and half load against one running server; one JSON line each. Returns
     the served rate under full load."""
     if gen == "wrk":
         closed = lambda clients, seconds: wrk_load(url, list_file, clients, seconds)  # noqa: E731
     else:
         closed = lambda clients, seconds: closed_loop(url, images, clients, seconds)  # noqa: E731
-    common = {"load_generator": gen, "workers": workers, "instances": instances, "http": http, "wait": wait}
+    common = {"load_generator": gen, "workers": workers, "instances": instances, "http": http, "wait": wait,
+              "max_batch": max_batch}
     closed(args.clients, 1.0)  # warm-up
     full = closed(args.clients, args.seconds)
     emit(
@@ -517,14 +528,15 @@ def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], arg
     single_s, half_s = args.seconds / 2 / args.rounds, 2 * args.seconds / args.rounds
     common |= {"rounds": args.rounds, "load_generator": "raw-http"}
     for client_gc in args.client_gc:
-        single, half, per_round = lone_and_half_load(url, images, full["img_per_s"] / 2, args.rounds, single_s,
+        half_rate = args.half_rate or full["img_per_s"] / 2
+        single, half, per_round = lone_and_half_load(url, images, half_rate, args.rounds, single_s,
                                                      half_s, client_gc)
         emit(bench="served_batch1", **common, clients=1, seconds_per_round=round(single_s, 2), **rounded(single),
              round_p50_ms_min=round(min(per_round), 2), round_p50_ms_max=round(max(per_round), 2))
         emit(
             bench="served_half_load",
             **common,
-            target_rate=round(full["img_per_s"] / 2, 1),
+            target_rate=round(half_rate, 1),
             seconds_per_round=round(half_s, 2),
             **rounded(half),
             p99_over_batch1_p50=round(half["p99_ms"] / single["p50_ms"], 2),
@@ -541,6 +553,7 @@ def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], arg
         instances=instances,
         http=http,
         wait=wait,
+        max_batch=max_batch,
         wait_ms=batching.get("wait_ms"),
         measured=batching.get("measured"),
         mean_batch=round(total["imagerec_batch_size_sum"] / max(total["imagerec_batch_size_count"], 1), 2),

@@ -73,22 +73,34 @@ def _print_run_summary(result: Any) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from imagerec.engine.evaluate import evaluate_run
+    from imagerec.engine.evaluate import evaluate_run, write_eval_outputs
     from imagerec.report import metrics_table, summary_line
 
     m = evaluate_run(args.run, args.data, args.split, batch_size=args.batch_size, device=args.device,
-                     precision=args.precision)
-    _record(Path(args.run), None, args.db)  # the run keeps its own status (an evaluation does not finish it)
+                     precision=args.precision, write=False)
+    # The numbers are shown before they are saved: a run folder that cannot be written to (read-only,
+    # another user's) costs the files, never the evaluation's result.
+    out = Path(args.out) if args.out else Path(args.run)
     if args.format == "json":
-        print(json.dumps(m))
-        return 0
-    console = Console(soft_wrap=True)  # run, data and class names are printed as written, never as markup
-    console.print(metrics_table(m, f"{args.run} on {m['data']} [{m['split']}]"))
-    console.print(summary_line(m), highlight=False)
-    if m["skipped_files"]:
-        console.print(f"skipped {len(m['skipped_files'])} unreadable file(s)")
-    written = Path(args.run) / f"eval-{m['split']}.json"
-    console.print(f"written: {written}", markup=False, highlight=False)
+        print(json.dumps(m), flush=True)
+    else:
+        console = Console(soft_wrap=True)  # run, data and class names are printed as written, never as markup
+        console.print(metrics_table(m, f"{args.run} on {m['data']} [{m['split']}]"))
+        console.print(summary_line(m), highlight=False)
+        if m["skipped_files"]:
+            console.print(f"skipped {len(m['skipped_files'])} unreadable file(s)")
+    try:
+        if args.out:
+            out.mkdir(parents=True, exist_ok=True)
+        write_eval_outputs(out, m["split"], m)
+    except (ImageRecError, OSError) as e:
+        hint = "" if args.out else "; pass --out DIR to save them elsewhere"
+        raise ImageRecError(f"the evaluation above was not saved: {e}{hint}") from e
+    if not args.out:
+        _record(Path(args.run), None, args.db)  # the run keeps its own status (an evaluation does not finish it)
+    if args.format != "json":
+        written = out / f"eval-{m['split']}.json"
+        console.print(f"written: {written}", markup=False, highlight=False)
     return 0
 
 

@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype (default: the run's own training precision, so eval repeats its numbers)")
     p.add_argument("--db", help="the store: where store:NAME data is read from and the evaluation is recorded")
+    p.add_argument("--out", metavar="DIR", help="folder for eval-<split>.json and confusion-<split>.png (default: the "
+                   "run directory; an evaluation saved elsewhere is not recorded in the store)")
     p.add_argument("--data-dir", metavar="DIR", help=DATA_DIR_HELP)
 
     p = sub.add_parser("robustness", help="accuracy under common corruptions (CIFAR-10-C style) and FGSM/PGD attacks")

@@ -29,8 +29,9 @@ def check_command(
     """Run the data doctor and print the table (or one JSON object) to stdout; return the exit code.
 
     0: no error-severity problems (or an undo that restored everything); 1: errors found (also
-    when they were then quarantined) or files left behind by an undo. With `undo`, `data` is
-    ignored and only the manifest is replayed backwards. Raises `ImageRecError` on bad arguments.
+    when they were then quarantined) or files left behind by an undo. With `undo`, only the manifest
+    is replayed backwards, and `data`, if given, must be the folder it quarantined from. Raises
+    `ImageRecError` on bad arguments.
 
     Example:
         >>> raise SystemExit(check_command("data/pets", fmt="json", html="pets.html"))
@@ -38,7 +39,9 @@ def check_command(
     if fmt not in ("table", "json"):
         raise ImageRecError(f"unknown format '{fmt}': use table or json")
     if undo is not None:
-        res = undo_quarantine(undo)
+        if fix is not None:
+            raise ImageRecError("--fix and --undo cannot be used together: undo the quarantine first, then check again")
+        res = undo_quarantine(undo, data)
         if fmt == "json":
             print(json.dumps({"restored": res.restored, "skipped": [{"path": p, "reason": r} for p, r in res.skipped]}))
         else:

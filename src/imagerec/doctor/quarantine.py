@@ -204,7 +204,7 @@ def _blocking_file(path: Path) -> Path | None:
     return None
 
 
-def undo_quarantine(manifest_path: str | Path) -> UndoResult:
+def undo_quarantine(manifest_path: str | Path, data: str | Path | None = None) -> UndoResult:
     """Move quarantined files back to where they came from.
 
     A file is only restored when its sha256 still matches the manifest and nothing has
@@ -213,6 +213,8 @@ def undo_quarantine(manifest_path: str | Path) -> UndoResult:
     path is looked for at the same place relative to the manifest. A manifest can be edited (or come
     from elsewhere with its folder), so files are only moved from inside the folder that holds it
     and only to places inside the data folder it names; an entry naming any other place is skipped.
+    `data`, when given (`imagerec check DATA --undo MANIFEST`), must be that data folder: a manifest of
+    another folder restores nothing.
     """
     manifest = Path(manifest_path)
     try:
@@ -228,6 +230,9 @@ def undo_quarantine(manifest_path: str | Path) -> UndoResult:
         what = "missing" if "data_root" not in state else f"not the absolute path of a data folder: {data_root!r:.80}"
         raise ImageRecError(f"{manifest}: not a readable quarantine manifest ('data_root' is {what}; undo restores "
                             "files only inside the data folder it names)")
+    if data is not None and Path(data).resolve() != root.resolve():
+        raise ImageRecError(f"{manifest} is the quarantine manifest of {root}, not of {data}: nothing was restored "
+                            f"(give --undo {manifest} alone, or the manifest of {data})")
     folder = manifest.resolve().parent
     result = UndoResult()
     for n, entry in enumerate(moves, 1):

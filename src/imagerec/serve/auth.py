@@ -20,6 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.requests import Request
 
 from imagerec.serve.errors import ApiError
+from imagerec.serve.settings import check_key_file
 from imagerec.utils import ImageRecError
 
 log = logging.getLogger("imagerec.serve")
@@ -47,11 +48,15 @@ class ApiKeys:
     def reload(self) -> int:
         if self.path is None:
             return 0
+        check_key_file(self.path)  # a folder or a vanished file (a rotation gone wrong), said as such
         try:
             # utf-8-sig: a BOM (Windows editors write one) would otherwise become part of the first key.
             lines = Path(self.path).read_text(encoding="utf-8-sig").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ImageRecError(f"cannot read API key file {self.path}: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ImageRecError(f"API key file {self.path} is not UTF-8 text (byte {e.start}): write one key "
+                                "per line") from e
+        except OSError as e:
+            raise ImageRecError(f"cannot read API key file {self.path}: {e.strerror or e}") from e
         keys = [
             ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")
         ]

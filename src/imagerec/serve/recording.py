@@ -183,6 +183,16 @@ class StoreHook:
             log.debug("closing the old store failed", exc_info=True)
         self._retry_at, self._backoff = 0.0, RETRY_FIRST_S
 
+    def close(self) -> None:
+        """Close the store at shutdown: SQLite folds its -wal into the file and removes -wal and -shm
+        when its last connection closes, so a stopped server leaves one file, as a finished run does."""
+        store, self.store = self.store, None
+        if store is not None:
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001 - shutting down: what was committed is in the store already
+                log.debug("closing the store failed", exc_info=True)
+
     def __call__(self, rows: list[dict[str, Any]]) -> None:
         """Write `rows`, one transaction per served model. A write that times out on a lock
         raises StoreBusy with the rows of that model and of the models after it (those before
@@ -399,6 +409,8 @@ class Recorder:
             self._cond.notify()
         self._thread.join(timeout)
         if not self._thread.is_alive():
+            if isinstance(self.hook, StoreHook):  # the writer is done with it
+                self.hook.close()
             return
         with self._cond:
             n = len(self._rows) + self._writing

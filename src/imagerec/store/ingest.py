@@ -214,14 +214,28 @@ INGEST_PIXELS_HINT = ("if the image is genuine, raise the limit with imagerec in
 def probe_image(data: bytes, name: str, max_pixels: int | None = None) -> tuple[int, int, str, str]:
     """(width, height, mode, format) of encoded image bytes, after checking that they fully decode
     and have at most `max_pixels` pixels (None: the decode path's default limit)."""
-    from imagerec.data.decode import DEFAULT_MAX_PIXELS, DecodeError, check_pixels, decode_errors, pil_open
+    from imagerec.data.decode import (
+        DEFAULT_MAX_PIXELS,
+        PIL_FORMATS,
+        DecodeError,
+        check_pixels,
+        decode_errors,
+        not_readable_message,
+        pil_open,
+        sniff_format,
+    )
 
     if not data:
         raise DecodeError(f"{name}: empty file (0 bytes)")
+    # The formats training, predict and the server read (by magic bytes), no others: a TGA or ICO that
+    # Pillow opens would be stored, then skipped as unreadable by every run that reads the dataset.
+    kind = sniff_format(data)
+    if kind is None:
+        raise DecodeError(not_readable_message(name, data))
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     # pil_open: the one limit is `limit`, checked here with imagerec's message (PIL's own would refuse
     # images over twice its default with its text, and warn with its source file and line below that)
-    with decode_errors(name), pil_open(data, limit) as img:
+    with decode_errors(name), pil_open(data, limit, PIL_FORMATS[kind]) as img:
         w, h = img.size
         check_pixels(name, (w, h), limit, INGEST_PIXELS_HINT)
         info = (w, h, img.mode, img.format or "unknown")
