@@ -421,7 +421,7 @@ def test_server_runs_the_capped_httptools_parser_and_uvloop():
     assert server.config.loop == "auto" and importlib.util.find_spec("uvloop") is not None
     h11 = create_server(ServeSettings(models=("x",), http="h11"))
     h11.config.load()
-    assert h11.config.http_protocol_class.__name__ == "H11Protocol"
+    assert h11.config.http_protocol_class.__name__ == "JsonH11Protocol"
 
 
 def test_keys_are_hashed_and_rejected_when_short(tmp_path):

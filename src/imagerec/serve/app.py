@@ -226,7 +226,7 @@ def create_server(settings: ServeSettings) -> uvicorn.Server:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        http=http_protocol() if settings.http == "auto" else "h11",
+        http=http_protocol(settings.http),
         timeout_keep_alive=5,
         server_header=False,
         proxy_headers=False,
