@@ -143,9 +143,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
             registry.default().name,
             registry.default().version,
         )
+        metrics.watch_gc()
         try:
             yield
         finally:
+            metrics.unwatch_gc()
             app.state.admin.stop()
             registry.stop_all()
             app.state.decode_pool.shutdown(wait=False, cancel_futures=True)

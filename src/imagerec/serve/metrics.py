@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import time
@@ -10,6 +11,9 @@ from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -24,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+GC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 LATENCY_BUCKETS = (
     0.001,
     0.0025,
@@ -107,6 +112,38 @@ class ServeMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # Every request in flight waits while the interpreter collects garbage: the pauses, by
+        # generation (watch_gc), are where a tail-latency spike with an idle model shows up.
+        self.gc_pauses = Histogram(
+            "imagerec_gc_pause_seconds",
+            "Time the server process spent in one garbage collection, by generation",
+            ["generation"],
+            buckets=GC_BUCKETS,
+            registry=r,
+        )
+        self._gc_started: float | None = None
+        if not os.environ.get(MULTIPROC_ENV):
+            # What operators expect of any Prometheus target: process_resident_memory_bytes,
+            # process_cpu_seconds_total, process_open_fds, python_gc_*, python_info. With several
+            # workers these would say one worker's figures under the name of all: left out there.
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                r.register(collector)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self.gc_pauses.labels(str(info.get("generation", "?"))).observe(time.perf_counter() - self._gc_started)
+            self._gc_started = None
+
+    def watch_gc(self) -> None:
+        """Time every garbage collection of this process (until unwatch_gc)."""
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
 
     def render(self) -> bytes:
         """This process's metrics; with several worker processes (serve --workers), all of theirs
