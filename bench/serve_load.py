@@ -546,6 +546,18 @@ def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], arg
     total = {}
     for key in ("imagerec_batch_size_sum", "imagerec_batch_size_count"):
         total[key] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(key))
+    # The server's own garbage-collection pauses over all its loads (imagerec_gc_pause_seconds): a
+    # full collection holds every request in flight, the suspect of the ~0.3 s stall (README, session 21).
+    gc_pauses = {"collections": 0, "over_50ms": 0, "seconds": 0.0}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("imagerec_gc_pause_seconds_count"):
+            gc_pauses["collections"] += int(float(value))
+        elif name.startswith("imagerec_gc_pause_seconds_sum"):
+            gc_pauses["seconds"] = round(gc_pauses["seconds"] + float(value), 3)
+        elif name.startswith("imagerec_gc_pause_seconds_bucket") and 'le="0.05"' in name:
+            gc_pauses["over_50ms"] -= int(float(value))
+    gc_pauses["over_50ms"] += gc_pauses["collections"]
     batching = httpx.get(url + "/v1/models").json()["models"][0].get("batching", {})
     emit(
         bench="server_batches",
@@ -558,6 +570,7 @@ def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], arg
         measured=batching.get("measured"),
         mean_batch=round(total["imagerec_batch_size_sum"] / max(total["imagerec_batch_size_count"], 1), 2),
         batches=int(total["imagerec_batch_size_count"]),
+        server_gc=gc_pauses,
     )
     return full["img_per_s"]
 
