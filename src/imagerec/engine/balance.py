@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from imagerec.config import TrainConfig
 from imagerec.utils import ImageRecError
+
+log = logging.getLogger("imagerec")
 
 
 def class_counts(items: list, num_classes: int) -> np.ndarray:
@@ -28,6 +32,12 @@ def resolve_balance(cfg: TrainConfig, counts: np.ndarray, multi_label: bool) -> 
     has more than 3x the images of the smallest."""
     imbalanced = imbalance_ratio(counts) > 3.0
     balance = cfg.balance if cfg.balance != "auto" else ("weights" if imbalanced else "none")
+    if balance == "sampler" and multi_label:
+        # A multi-label image belongs to several classes, so no draw per class exists: the run
+        # balances with BCE pos_weight, as it always did, and now says and records so.
+        log.warning("--balance sampler draws class-balanced batches of single-label data; this data is multi-label, "
+                    "so it is balanced with class weights instead (BCE pos_weight): --balance weights")
+        balance = "weights"
     metric = cfg.metric
     if metric == "auto":
         metric = "map" if multi_label else ("macro_f1" if imbalanced else "accuracy")

@@ -58,6 +58,7 @@ FAST: dict[str, Any] = {
 }
 FAST_SMALL_GRAY = {"epochs": 1, "batch_size": 256, "lr": 0.6, "hflip": False, "grad_clip": 5.0}
 FAST_COLOUR = {"epochs": 6, "batch_size": 512, "hflip": True}
+SGD_SETTINGS = ("optimizer", "lr", "momentum", "weight_decay", "norm_lr_scale")  # tuned for the recipe's SGD
 
 
 def apply_recipe(cfg: TrainConfig, channels: int, size: int, has_test_split: bool) -> TrainConfig:
@@ -72,9 +73,16 @@ def apply_recipe(cfg: TrainConfig, channels: int, size: int, has_test_split: boo
         # --early-stopping watches a val split: with it the user asked for one, so the recipe keeps it.
         settings["val_fraction"] = 0.0
     defaults = TrainConfig()
+    if cfg.optimizer != FAST["optimizer"] and ("optimizer" in cfg.explicit or cfg.optimizer != defaults.optimizer):
+        # The recipe's lr, decay, momentum and BatchNorm lr scale are SGD's (see above): filled in
+        # for another optimizer they trained AdamW at lr 0.6 (BatchNorm shifts at 38) to chance
+        # accuracy. That optimizer keeps its own defaults instead.
+        log.warning("--recipe fast is tuned for SGD; with --optimizer %s it leaves lr, weight decay and momentum at "
+                    "%s's defaults (give --lr/--weight-decay to set them), or leave out --optimizer", cfg.optimizer, cfg.optimizer)
+        settings = {k: v for k, v in settings.items() if k not in SGD_SETTINGS}
     updates = {k: v for k, v in settings.items()
                if k not in cfg.explicit and getattr(cfg, k) == getattr(defaults, k)}
     cfg = dataclasses.replace(cfg, **updates)
-    if cfg.lr is None:
+    if cfg.lr is None and cfg.optimizer == FAST["optimizer"]:  # else the optimizer's default (optim.resolve_lr_wd)
         cfg = dataclasses.replace(cfg, lr=1.5 * cfg.batch_size / 1024)
     return cfg

@@ -179,6 +179,14 @@ def train(
     """
     started = time.perf_counter()  # --time-limit counts from here, data loading included
     resume_meta = None
+    if cfg is not None and not isinstance(cfg, TrainConfig):  # a dict of settings crashed in apply_overrides
+        raise ImageRecError(f"train()'s first argument must be a TrainConfig, got {type(cfg).__name__}: pass a "
+                            "mapping of settings as keyword arguments, train(**settings)")
+    if resume is not None and cfg is not None:
+        # The resume starts from the run's saved settings: a TrainConfig beside it was ignored whole.
+        raise ImageRecError(f"train(resume={str(resume)!r}) continues that run with its saved settings, so the "
+                            "TrainConfig given with it would be ignored: pass the settings to change as keyword "
+                            f"arguments, e.g. train(resume={str(resume)!r}, epochs=20)")
     if resume is not None:
         resume_meta = read_checkpoint_meta(Path(resume) / "last")
         saved = TrainConfig(**resume_meta["train_config"])
@@ -325,6 +333,10 @@ def _train(cfg: TrainConfig, device: torch.device, resume: str | None, resume_me
         model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, cfg, device)
     loss_weights = weights.to(device) if weights is not None and (balance == "weights" or pre.multi_label) else None
+    if pre.multi_label and cfg.label_smoothing and "label_smoothing" in cfg.explicit:
+        # BCE on label sets has no smoothing here: a given value would be recorded but never used
+        log.warning("--label-smoothing %g is not used: it smooths single-label cross-entropy, and this data is "
+                    "multi-label (binary cross-entropy per label); leave it out", cfg.label_smoothing)
     task = ClassificationTask(pre.multi_label, 0.0 if pre.multi_label else cfg.label_smoothing, loss_weights)
     pipeline = BatchPipeline(pre, device, cfg.channels_last, augment)
 
