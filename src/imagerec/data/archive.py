@@ -17,12 +17,13 @@ import re
 import shutil
 import tarfile
 import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
 from imagerec.data.decode import Source, TarMember, ZipMember, is_image_path
 from imagerec.data.readers import DataSpec, broken_links_note, hidden_path, refused_images_note, spec_from_layout
-from imagerec.utils import ImageRecError, atomic_write
+from imagerec.utils import ImageRecError, atomic_write, write_error_text
 
 
 def _cache_dir() -> Path:
@@ -67,14 +68,34 @@ def _ungzip_to_cache(path: Path) -> Path:
         raise ImageRecError(f"{path}: cannot read archive ({e}); is it a complete .tar.gz?") from e
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # a read fails for the archive (truncated, not gzip); anything else for the cache (a full disk, a
+    # path that is not a folder), which was reported as "is the archive complete?" about a good archive
     try:
-        with gzip.open(path, "rb") as src, atomic_write(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    except (OSError, EOFError) as e:
-        raise ImageRecError(f"{path}: cannot decompress ({e}); is the archive complete?") from e
+        with gzip.open(path, "rb") as src:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(out, "wb") as dst:
+                shutil.copyfileobj(_GzipStream(path, src), dst, 1 << 20)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        raise ImageRecError(
+            f"{path}: cannot unpack it into the cache folder {out.parent} ({where}{write_error_text(e)}), or set "
+            "IMAGEREC_CACHE to a folder with room for the uncompressed tar"
+        ) from e
     _remove_older_copies(out, prefix)
     return out
+
+
+class _GzipStream:
+    """The archive's tar stream, whose read errors name the archive (a write error is the cache's)."""
+
+    def __init__(self, path: Path, src: gzip.GzipFile) -> None:
+        self.path, self.src = path, src
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.src.read(size)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ImageRecError(f"{self.path}: cannot decompress ({e}); is the archive complete?") from e
 
 
 def _remove_older_copies(out: Path, prefix: str) -> None:
@@ -102,13 +123,14 @@ def read_archive(path: Path) -> DataSpec:
         if name.endswith(".zip"):
             with zipfile.ZipFile(path) as zf:
                 for i, info in enumerate(zf.infolist()):
-                    names.append(info.filename)
+                    shown = _zip_name(info)
+                    names.append(shown)
                     if not info.is_dir():
-                        files.append(info.filename)
+                        files.append(shown)
                     if not info.is_dir() and is_image_path(info.filename) and _has_dotdot(info.filename):
-                        dotdot.append(info.filename)
+                        dotdot.append(shown)
                     elif not info.is_dir() and is_image_path(info.filename) and not hidden_path(info.filename):
-                        rel.append(info.filename)
+                        rel.append(shown)
                         sources.append(ZipMember(str(path), info.filename, i, copies[info.filename]))
                         copies[info.filename] += 1
         else:
@@ -146,6 +168,19 @@ def read_archive(path: Path) -> DataSpec:
     spec.notes.extend(broken_links_note(str(path), broken, "whose target is not a file in the archive"))
     spec.files = files
     return spec
+
+
+def _zip_name(info: zipfile.ZipInfo) -> str:
+    """A zip member's name as its folders and class are read. Info-ZIP's `zip` (Linux, macOS) writes
+    UTF-8 names without the flag that says so, which Python then decodes as cp437: `café/` became
+    the class 'cafe╠ü'. Names that decode as UTF-8 once re-encoded are taken as UTF-8 (cp437 text
+    almost never does); the member is still read by its name as zipfile gives it."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except UnicodeError:
+        return info.filename
 
 
 def _tar_link_target(m: tarfile.TarInfo, files: dict[str, tarfile.TarInfo]) -> tarfile.TarInfo | None:

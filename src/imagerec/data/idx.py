@@ -10,6 +10,7 @@ import gzip
 import math
 import pickle
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +27,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     p = Path(path)
     try:
         raw = gzip.open(p, "rb").read() if p.name.endswith(".gz") else p.read_bytes()
-    except (OSError, EOFError) as e:
-        raise ImageRecError(f"{p}: cannot read IDX file ({e})") from e
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: damaged compressed data (a traceback before)
+        raise ImageRecError(f"{p}: cannot read IDX file ({e}); the file is damaged or incomplete: download it again") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ImageRecError(f"{p}: not an IDX file (bad magic number)")
     ndim = raw[3]

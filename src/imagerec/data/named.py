@@ -171,6 +171,8 @@ def resolve_named_dataset(name: str, data_dir: str | Path | None = None, downloa
 
     for root in _search_roots(data_dir):
         for candidate in (root / spec.name, root):
+            if candidate == root and _holds_another_dataset(spec, root):
+                continue  # e.g. MNIST's files loose in $IMAGEREC_DATA while fashion-mnist is asked for
             found = _find_in(spec, candidate)
             if found is not None:
                 return found
@@ -262,6 +264,18 @@ def _complete(spec: NamedDataset, files: tuple[DatasetFile, ...], folder: Path) 
     for f in present:
         _verify(folder / f.name, f, spec, _fix_hint(spec, folder / f.name))
     return len(present) == len(files)
+
+
+def _holds_another_dataset(spec: NamedDataset, folder: Path) -> bool:
+    """`folder` holds a file named like one of `spec`'s that is another dataset's (same md5).
+
+    MNIST and Fashion-MNIST name their files alike, and a search root may hold either loose: there
+    it is the other dataset's file, not a damaged one of `spec` (which was an error telling the
+    user to delete their good MNIST file, before the cache, where `spec` was, got looked at).
+    """
+    others = {(f.name, f.md5) for d in NAMED_DATASETS.values() if d.name != spec.name for f in (*d.files, *d.contents)}
+    shared = {f.name for f in (*spec.files, *spec.contents)} & {name for name, _ in others}
+    return any((folder / name).is_file() and (name, md5_file(folder / name)) in others for name in sorted(shared))
 
 
 def _resolve_embedded(spec: NamedDataset) -> Path:

@@ -11,13 +11,15 @@ import hashlib
 import json
 import logging
 import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
 from imagerec.data.decode import (
+    IMAGE_EXTENSIONS,
     READABLE,
     ArrayRef,
     Source,
@@ -40,6 +42,13 @@ SPLIT_ALIASES = {
     "testing": "test",
 }
 Target = int | tuple[int, ...]
+
+
+def class_name(text: str) -> str:
+    """A folder name or manifest label as a class name: Unicode NFC. macOS writes folder names
+    decomposed (NFD): 'café' from a Mac and 'café' typed elsewhere were two classes that print alike,
+    and the val images of one were dropped as 'missing from train'."""
+    return unicodedata.normalize("NFC", text)
 
 
 @dataclass
@@ -120,22 +129,28 @@ def _strip_wrapper(paths: list[PurePosixPath]) -> list[PurePosixPath]:
             for p in paths]
 
 
-def walk_files(root: Path) -> list[PurePosixPath]:
+def walk_files(root: Path, repeated: list[tuple[str, str]] | None = None) -> list[PurePosixPath]:
     """Every file under `root` whose path has no hidden part, relative and sorted by path.
 
     Symlinked folders are followed (a class folder linked in from elsewhere is a class folder); a
-    folder reached twice, through a symlink loop or two links to one place, is read once.
+    folder reached twice, through a symlink loop or two links to one place, is read once: each
+    (folder left out, folder read) pair, relative to `root`, is appended to `repeated`.
     """
     out: list[PurePosixPath] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # real path -> the relative path it was read at
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
+        rel = Path(dirpath).relative_to(root).as_posix()
         if real in seen:
             dirnames[:] = []
+            first = seen[real]
+            loop = first == "." or rel.startswith(first + "/")  # a link to a folder above it: nothing is lost
+            if repeated is not None and not loop:
+                repeated.append((rel, first))
             continue
-        seen.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel_dir = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
+        seen[real] = rel
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # the first of two links read: not os order
+        rel_dir = PurePosixPath(rel)
         out.extend(rel_dir / f for f in filenames if not f.startswith("."))
     return sorted(out)
 
@@ -161,18 +176,18 @@ def _layout(rel_paths: list[str], origin: str) -> tuple[dict[str, list[tuple[int
             if split is None or len(p.parts) < 3:
                 ignored[p.parts[0] if len(p.parts) > 1 else "(top level)"] += 1
                 continue
-            grouped.setdefault(split, []).append((i, p.parts[1]))
+            grouped.setdefault(split, []).append((i, class_name(p.parts[1])))
         else:
             if len(p.parts) < 2:
                 ignored["(top level)"] += 1
                 continue
-            grouped.setdefault("train", []).append((i, p.parts[0]))
+            grouped.setdefault("train", []).append((i, class_name(p.parts[0])))
     for where, n in ignored.items():
         notes.append(f"{origin}: ignored {n} image(s) in '{where}' (not inside a class folder of a known split)")
     if not grouped:
         raise ImageRecError(
             f"{origin}: no images found in class folders. Expected <class>/<image> or "
-            "<train|val|test>/<class>/<image> with extensions jpg, jpeg, png, bmp, gif, tif, tiff, webp"
+            f"<train|val|test>/<class>/<image> with extensions {', '.join(e[1:] for e in IMAGE_EXTENSIONS)}"
         )
     source_split = "train" if "train" in grouped else sorted(grouped)[0]
     class_names = sorted({c for _, c in grouped[source_split]})
@@ -220,7 +235,8 @@ def is_broken_link(path: Path) -> bool:
 
 def read_folder(root: Path) -> DataSpec:
     rel, sources, refused, broken = [], [], [], []
-    for r in walk_files(root):
+    repeated: list[tuple[str, str]] = []
+    for r in walk_files(root, repeated):
         p = root / r
         if is_image_path(r.name) and p.is_file():
             rel.append(r.as_posix())
@@ -232,6 +248,10 @@ def read_folder(root: Path) -> DataSpec:
     spec = spec_from_layout(str(root), sources, rel)
     spec.notes.extend(refused_images_note(str(root), refused))
     spec.notes.extend(broken_links_note(str(root), broken))
+    if repeated:  # `val/cat -> ../train/cat`: silent, val lost its cats (and check called them non-images)
+        shown = ", ".join(f"{a} (= {b})" for a, b in repeated[:5]) + (", ..." if len(repeated) > 5 else "")
+        spec.notes.append(f"{root}: left out {len(repeated)} folder(s) that are symbolic links to a folder already read "
+                          f"(each real folder is read once): {shown}; copy the images instead if both places need them")
     # top-level folders holding images (class folders, or a wrapper folder around the layout)
     present = {r.split("/", 1)[0] for r in rel}
     if root.is_dir():
@@ -267,6 +287,8 @@ def _manifest_rows(path: Path) -> tuple[list[dict], list[int]]:
                 lines.append(n)
         return rows, lines
     reader = csv.DictReader(text.splitlines())  # a field missing at the end of a row reads as None
+    if reader.fieldnames:  # `Path,Label` (pandas, Excel) or `path, label` name the known columns too
+        reader.fieldnames = [_column_name(f) for f in reader.fieldnames]
     rows, lines = [], []
     for row in reader:
         rows.append(row)
@@ -276,6 +298,12 @@ def _manifest_rows(path: Path) -> tuple[list[dict], list[int]]:
 
 _PATH_KEYS = ("path", "file", "filename", "image")
 _LABEL_KEYS = ("labels", "label", "class")
+
+
+def _column_name(name: str) -> str:
+    """A CSV header name as the manifest reads it: a known column in any case, outer spaces dropped."""
+    low = name.strip().lower()
+    return low if low in (*_PATH_KEYS, *_LABEL_KEYS, "split") else name
 
 
 def _pick(row: dict, names: tuple[str, ...]) -> object:
@@ -311,6 +339,23 @@ def _check_missing_fields(path: Path, line: int, row: dict) -> None:
     )
 
 
+def _manifest_file(manifest: Path, rel: str) -> Path:
+    """The file a manifest row names, relative to the manifest's folder. When the file as written
+    does not exist: outer spaces are dropped (`x.png, cat`, a space after the comma, read the label,
+    which is stripped, but not the file), and Windows' `\\` separators read as `/` (`imgs\\cat\\0.png`
+    from a manifest written on Windows found no file at all)."""
+    p = Path(rel)
+    full = p if p.is_absolute() else manifest.parent / p
+    if full.is_file():
+        return full
+    if rel != rel.strip():
+        return _manifest_file(manifest, rel.strip())
+    if "\\" in rel and not PureWindowsPath(rel).drive:
+        alt = manifest.parent / PurePosixPath(rel.replace("\\", "/"))
+        return alt if alt.is_file() else full
+    return full
+
+
 def read_manifest(path: Path) -> DataSpec:
     """CSV (`path,label[,split]`) or JSONL manifest. Several labels in a row (a list, or separated by
     ';' or '|') make the dataset multi-label; a label repeated in one row counts once (`3;3` is 3).
@@ -341,7 +386,10 @@ def read_manifest(path: Path) -> DataSpec:
                     f"give every row a {what}, or remove the row"
                 )
             unnamed = f" (and {len(extra)} unnamed extra field(s))" if extra else ""
-            raise ImageRecError(f"{path}, row {n}: needs a 'path' and a 'label' column/key; found {sorted(row)}{unnamed}")
+            sep = next((c for c in (";", "\t") if csv_rows and len(row) == 1 and c in str(next(iter(row)))), None)
+            hint = (f". The header reads as one column: its columns are separated by {sep!r}, and a CSV manifest's by "
+                    "commas; save it with ',' as the separator" if sep else "")
+            raise ImageRecError(f"{path}, row {n}: needs a 'path' and a 'label' column/key; found {sorted(row)}{unnamed}{hint}")
         _check_extra_fields(path, n, row, extra)
         labels = [str(x) for x in lab] if isinstance(lab, list) else [s.strip() for s in str(lab).replace("|", ";").split(";") if s.strip()]
         if not labels and not isinstance(lab, list):
@@ -354,16 +402,15 @@ def read_manifest(path: Path) -> DataSpec:
             )
         # a class named twice in one row ('3;3', ["cat", "cat"]) is one label: kept twice it made the
         # whole dataset multi-label, with the row counted twice for that class
-        labels = list(dict.fromkeys(labels))
+        labels = list(dict.fromkeys(class_name(x) for x in labels))
         named_split = named_split or row.get("split") not in (None, "")  # a row whose file is missing says so too
-        p = Path(str(rel))
-        full = p if p.is_absolute() else path.parent / p
+        full = _manifest_file(path, str(rel))
         if not full.is_file():
             missing += 1
             if missing <= 5:
                 notes.append(f"{path}, row {n}: file not found, skipped: {full}")
             continue
-        raw_split = str(row.get("split") or "train").lower()
+        raw_split = str(row.get("split") or "train").strip().lower()
         if raw_split not in SPLIT_ALIASES:
             raise ImageRecError(f"{path}, row {n}: unknown split '{raw_split}'; use train, val or test")
         split = SPLIT_ALIASES[raw_split]

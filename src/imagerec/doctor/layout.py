@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from imagerec.data.decode import is_image_path
-from imagerec.data.readers import SPLIT_ALIASES, hidden_path, is_broken_link, walk_files, wrapper_prefix
+from imagerec.data.readers import SPLIT_ALIASES, class_name, hidden_path, is_broken_link, walk_files, wrapper_prefix
 from imagerec.doctor.problems import Problem
 
 _SPLITISH = re.compile(r"(^|[^a-z])(train|training|val|valid|validation|test|testing|dev|eval)([^a-z]|$)")
@@ -46,7 +46,8 @@ def scan_folder(root: Path, listed: set[str]) -> FolderScan:
     """Walk `root`; `listed` holds the absolute paths of the files the reader returned."""
     scan = FolderScan()
     # image names that are broken symlinks are no images: the reader's note names them (skipped_by_reader)
-    files = [p for p in walk_files(root) if not (is_image_path(p.name) and is_broken_link(root.joinpath(*p.parts)))]
+    repeated: list[tuple[str, str]] = []  # linked folders the reader left out: its note names them
+    files = [p for p in walk_files(root, repeated) if not (is_image_path(p.name) and is_broken_link(root.joinpath(*p.parts)))]
     images = [p for p in files if is_image_path(p.name)]
     prefix = wrapper_prefix(images)
     k = len(prefix)
@@ -62,17 +63,17 @@ def scan_folder(root: Path, listed: set[str]) -> FolderScan:
         """(split, class) the way the reader would assign it; split may be a raw odd name."""
         if split_mode:
             split = SPLIT_ALIASES.get(p.parts[0].lower(), p.parts[0])
-            return split, (p.parts[1] if len(p.parts) >= 3 else None)
-        return "train", (p.parts[0] if len(p.parts) >= 2 else None)
+            return split, (class_name(p.parts[1]) if len(p.parts) >= 3 else None)
+        return "train", (class_name(p.parts[0]) if len(p.parts) >= 2 else None)
 
     # class folders and their image counts (empty ones included)
     class_dirs: dict[tuple[str, str], Path] = {}
     for d in sorted(x for x in base.iterdir() if x.is_dir() and not x.name.startswith(".")):
         if split_mode:
             for c in sorted(x for x in d.iterdir() if x.is_dir() and not x.name.startswith(".")):
-                class_dirs[(SPLIT_ALIASES.get(d.name.lower(), d.name), c.name)] = c
+                class_dirs[(SPLIT_ALIASES.get(d.name.lower(), d.name), class_name(c.name))] = c
         else:
-            class_dirs[("train", d.name)] = d
+            class_dirs[("train", class_name(d.name))] = d
     for key, d in class_dirs.items():
         scan.class_folders.setdefault(key[0], {})[key[1]] = 0
         scan.class_paths.setdefault(key[1], str(d))
@@ -81,8 +82,9 @@ def scan_folder(root: Path, listed: set[str]) -> FolderScan:
         if label is not None and (split, label) in class_dirs:
             scan.class_folders[split][label] += 1
 
+    left_out = {root / rel for rel, _ in repeated}
     for (split, label), d in class_dirs.items():
-        if scan.class_folders[split][label] == 0:
+        if scan.class_folders[split][label] == 0 and d not in left_out:
             others = [x.name for x in walk_files(d)]
             what = f"only non-image files ({', '.join(others[:3])})" if others else "no files"
             scan.problems.append(Problem(str(d), "empty_class", f"class folder '{label}' in {split} has {what}", split, label))

@@ -8,6 +8,7 @@ is never read as Rich markup (a run `cnn[lr=0.1]` is not listed as `cnn`).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.text import Text
@@ -170,4 +171,8 @@ def export_dataset_command(name: str, out: str, db: str | None = None) -> int:
     with open_store(db) as store:
         n = export_dataset(store, name, out)
     _console().print(f"exported {n} images of '{name}' to {out}", highlight=False, markup=False)
+    manifest = Path(out).expanduser() / "manifest.jsonl"
+    if manifest.is_file():  # read as a folder, each image would silently keep its first label only
+        _console().print(f"multi-label: every image's labels are in {manifest}; train on that file (the folder "
+                         "alone gives each image its first label only)", highlight=False, markup=False)
     return 0

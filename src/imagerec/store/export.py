@@ -13,13 +13,17 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import sqlalchemy as sa
 
+from imagerec.data.decode import IMAGE_EXTENSIONS
 from imagerec.store.db import Store
 from imagerec.store.reader import dataset_row
 from imagerec.store.schema import blobs, images
 from imagerec.utils import ImageRecError, atomic_write, staging_dir, write_error_text
 
-EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Every stored format gets an extension the readers list (PPM and MPO, a JPEG with extra frames,
+# became `.img` files that reading the export back left out); the PPM family by its magic bytes.
+EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
+PNM_EXTENSIONS = {b"P1": ".pbm", b"P4": ".pbm", b"P2": ".pgm", b"P5": ".pgm", b"P3": ".ppm", b"P6": ".ppm"}
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # an original name that the readers list is kept
 UNLABELED = "_unlabeled"
 
 log = logging.getLogger("imagerec")
@@ -59,11 +63,13 @@ def label_folders(labels: Iterable[str]) -> tuple[dict[str, str], list[list[str]
     return folders, clashes
 
 
-def _file_name(original_path: str, sha256: str, fmt: str) -> str:
+def _file_name(original_path: str, sha256: str, fmt: str, data: bytes = b"") -> str:
+    """The original basename when the readers list it, else the sha256 prefix and the format's extension."""
     base = PureWindowsPath(PurePosixPath(original_path.split("::")[-1]).name).name
     if base.lower().endswith(IMAGE_SUFFIXES) and not base.startswith("."):
         return base
-    return sha256[:16] + EXTENSIONS.get(fmt.upper(), ".img")
+    ext = PNM_EXTENSIONS.get(data[:2], ".ppm") if fmt.upper() == "PPM" else EXTENSIONS.get(fmt.upper(), ".img")
+    return sha256[:16] + ext
 
 
 def _check_out_dir(out: Path) -> Path:
@@ -164,7 +170,7 @@ def _write_images(store: Store, conn: sa.Connection, ds: sa.Row, folders: dict[s
             )
         folder = out / _safe_part(split) / folders[labels[0] if labels else UNLABELED]
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / _file_name(original, sha, fmt)
+        target = folder / _file_name(original, sha, fmt, data)
         if target.exists():
             target = target.with_name(f"{target.stem}-{sha[:12]}{target.suffix}")
         with open(target, "xb") as f:  # "x": never overwrite
