@@ -296,7 +296,21 @@ def find_run_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
     for name in (which, "last", "best"):
         if has_checkpoint(d / name):
             return d / name
-    raise ImageRecError(f"{d}: no checkpoint found (expected best.json/best.safetensors from 'imagerec train')")
+    raise ImageRecError(f"{d}: no checkpoint found (expected best.json/best.safetensors from 'imagerec train')"
+                        f"{_bundle_hint(d)}")
+
+
+def _bundle_hint(folder: Path) -> str:
+    """What to pass instead when `folder` is an export bundle (its `imagerec.json` names the run it
+    came from): eval, export and robustness of a run take the run, and the bare "no checkpoint"
+    left the user guessing why a folder that predicts fine is refused."""
+    manifest = _json_dict(folder / "imagerec.json")
+    if manifest is None or manifest.get("format") != "imagerec-bundle":
+        return ""
+    source = manifest.get("source")
+    run = source.get("run_dir") if isinstance(source, dict) else None
+    where = f"its run, {run}" if isinstance(run, str) and run else "the run it was exported from"
+    return f": {folder} is an exported bundle, not a run; pass {where} (predict and benchmark take bundles)"
 
 
 def load_model(source: str | Path, which: str = "best") -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -318,5 +332,11 @@ def load_model(source: str | Path, which: str = "best") -> tuple[torch.nn.Module
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise ImageRecError(f"{stem}.safetensors does not match model '{meta['model']}': {str(e).splitlines()[0]}") from e
+        # PyTorch's first line only says "Error(s) in loading state_dict for ConvNet:"; what differs follows.
+        details = [line.strip().rstrip(".")[:200] for line in str(e).splitlines()[1:] if line.strip()]
+        shown = "; ".join(details[:3]) + (f"; and {len(details) - 3} more" if len(details) > 3 else "")
+        raise ImageRecError(
+            f"{stem}.safetensors does not match model '{meta['model']}' as {stem.name}.json describes it "
+            f"({len(pre['class_names'])} classes, model_kwargs {kwargs}): {shown or str(e).splitlines()[0]}. The two "
+            f"files disagree (one was edited or replaced): use the run's other checkpoint (best/last) or train again") from e
     return model.eval(), meta

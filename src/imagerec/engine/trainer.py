@@ -129,7 +129,7 @@ class Trainer:
         s, cfg = self.state, self.cfg
         self.train_model.train()
         if cfg.freeze_backbone:
-            set_frozen_norms_eval(self.model)  # the frozen backbone's BatchNorm statistics stay pretrained
+            set_frozen_norms_eval(self.model)  # the frozen backbone: BatchNorm statistics stay pretrained, no dropout
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         for batch in self.train_loader.epoch(s.epoch, s.epoch_step):

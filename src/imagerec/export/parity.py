@@ -166,7 +166,7 @@ def refusal_message(runtime: str, res: dict[str, Any], source: str) -> str:
                f"agreement with fp32 {res['top1_agreement']:.2%} (needs >= {gate.get('min_top1_agreement', 0):.1%})")
         hint = "export without --int8, or loosen the gate with --max-drop / --min-agreement"
     names = ", ".join(res["differing"]) or "(none by top-1; the probabilities differ)"
-    return (f"export refused: {runtime} differs from PyTorch on {k}/{n} {res['split'] or ''} images of {res['data']} "
+    return (f"export refused: {runtime} differs from PyTorch on {k}/{n} {res['split'] + ' ' if res['split'] else ''}images of {res['data']} "
             f"from {source}: {why}. Differing images: {names}. No bundle was written; {hint}.")
 
 

@@ -71,10 +71,21 @@ class ConvNet(Classifier):
         return self.pool(x).flatten(1)  # (B, C)
 
 
+def _check_size(name: str, img_size: int, widths: Sequence[int]) -> None:
+    """Refuse an input that the stages' 2x poolings bring below 1 px: it failed at the first forward pass with
+    PyTorch's "Output size is too small" traceback, naming no size or flag."""
+    smallest = 2 ** len(tuple(widths))
+    if img_size < smallest:
+        raise ImageRecError(f"{name} with {len(tuple(widths))} stages halves its input {len(tuple(widths))} times, "
+                            f"which leaves nothing of {img_size} px images: use --image-size {smallest} or more, "
+                            f"fewer widths, or --model mlp")
+
+
 @register_model("cnn")
 def cnn(num_classes: int, in_chans: int = 3, img_size: int = 224, **kwargs: Any) -> nn.Module:
     """Small fast conv net (3 stages, 32-64-128) for MNIST/CIFAR-size images."""
     widths = kwargs.pop("widths", (32, 64, 128))
+    _check_size("cnn", img_size, widths)
     return ConvNet(num_classes, in_chans, widths=widths, residual=False, **kwargs)
 
 
@@ -82,4 +93,5 @@ def cnn(num_classes: int, in_chans: int = 3, img_size: int = 224, **kwargs: Any)
 def cnn_large(num_classes: int, in_chans: int = 3, img_size: int = 224, **kwargs: Any) -> nn.Module:
     """Wider residual conv net (64-128-256, two convs a stage) for CIFAR-like images."""
     widths = kwargs.pop("widths", (64, 128, 256))
+    _check_size("cnn-large", img_size, widths)
     return ConvNet(num_classes, in_chans, widths=widths, residual=True, **kwargs)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from timm.layers import resample_abs_pos_embed
+from timm.layers import DropBlock2d, DropPath, resample_abs_pos_embed
 from torch import nn
 
 from imagerec.utils import ImageRecError
@@ -51,6 +51,9 @@ def _resolve_source(source: str) -> Path:
         for name in RUN_WEIGHT_FILES:
             if (path / name).is_file():
                 return path / name
+        if (path / "imagerec.json").is_file():  # an export bundle: its weights are inside a graph, not tensors to load
+            raise ImageRecError(f"'{path}' is an exported bundle, not a run: its weights cannot be fine-tuned; point at "
+                                f"the run it was exported from (source.run_dir in its imagerec.json)")
         raise ImageRecError(
             f"run directory '{path}' has neither {' nor '.join(RUN_WEIGHT_FILES)}: "
             f"point at a finished run, or at a .safetensors file"
@@ -207,20 +210,36 @@ def load_pretrained(model: nn.Module, source: str) -> dict[str, Any]:
                     "start from random init: %s. Pretrain the same --model at the same --image-size to load them all",
                     path, len(mismatched), shown)
     missing = sorted(k for k in target if k not in matched)
+    # Backbone tensors the file does not name at all (weights of a shallower net, a partial state dict):
+    # loaded silently, the run trained mostly from random init while the log said it fine-tuned.
+    data_init = set(getattr(model, "data_init_keys", ()))  # set from the training images when not loaded
+    absent = [k for k in missing if k not in head_keys and k not in tensors and k not in data_init
+              and not k.endswith("num_batches_tracked")]
+    if absent:
+        shown = ", ".join(absent[:8]) + (f" and {len(absent) - 8} more" if len(absent) > 8 else "")
+        log.warning("pretrained weights from '%s': %d backbone tensor(s) of %s are not in the file, so they start from "
+                    "random init: %s. Check that the file holds the whole model, saved from the same --model",
+                    path, len(absent), type(model).__name__, shown)
     return {"loaded": len(matched), "skipped": sorted(skipped), "missing": missing, "resampled": resampled,
             "mismatched": mismatched}
 
 
 def set_frozen_norms_eval(model: nn.Module) -> int:
-    """Put the backbone's normalisation layers with running statistics (BatchNorm) in eval mode; the
-    number of layers set. With a frozen backbone the trainer calls this after every `model.train()`:
-    in train mode they would normalise with each batch's statistics and overwrite the pretrained
-    running mean/var, so the "frozen" backbone would change (timm's `freeze` does the same)."""
+    """Put the frozen backbone's train-mode-only layers in eval mode; the number of layers set. With a
+    frozen backbone the trainer calls this after every `model.train()`. BatchNorm: in train mode it
+    would normalise with each batch's statistics and overwrite the pretrained running mean/var, so the
+    "frozen" backbone would change (timm's `freeze` does the same). Dropout, DropPath, DropBlock and a
+    recurrent net's inter-layer dropout: a frozen backbone is a fixed feature extractor, and with them
+    active the head trained on randomly masked features that eval, predict and export never give it.
+    Dropout in the head (`get_classifier()`, modules named `head*` such as timm's `head_drop`) stays on."""
     head = {id(m) for m in model.get_classifier().modules()}
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and id(m) not in head]
-    for m in norms:
+    head_drops = {id(x) for name, m in model.named_modules() if name.split(".")[0].startswith("head") for x in m.modules()}
+    drops = (nn.modules.dropout._DropoutNd, nn.RNNBase, DropPath, DropBlock2d)
+    layers = [m for m in model.modules() if id(m) not in head and (
+        isinstance(m, nn.modules.batchnorm._NormBase) or (isinstance(m, drops) and id(m) not in head_drops))]
+    for m in layers:
         m.eval()
-    return len(norms)
+    return len(layers)
 
 
 def _no_decay_names(model: nn.Module) -> set[str]:
