@@ -247,7 +247,7 @@ class Trainer:
             step_s = (now - self._calibration[1]) / self._calibration_steps
             left = self.deadline - now - (n - s.epoch_step) * step_s  # once this epoch is done
             self._plan(s.epoch + 1 + max(0, math.floor(left / (n * step_s))), n * step_s, "measured over "
-                       f"{self._calibration_steps} steps; validation not yet counted")
+                       f"{self._calibration_steps} step{'s' * (self._calibration_steps != 1)}; validation not yet counted")
         self._time_up = distributed.any_rank(distributed.is_main() and now >= self.deadline)  # rank 0's clock
         if self._time_up:
             self.stop_reason = (f"time limit reached in epoch {s.epoch + 1}, step {s.epoch_step}/{len(self.train_loader)}: "
