@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", help="L-inf budgets as fractions of the pixel range, e.g. 2/255,8/255 "
                    "(default: 0.1,0.2,0.3 for grayscale <= 64 px, else 1/255,2/255,4/255,8/255)")
     p.add_argument("--seed", type=int, default=0, help="seed for the subset, the corruption noise and PGD's random start")
+    p.add_argument("--db", help="store URL (SQLite path or postgresql://...) that store:NAME data is read from (default $IMAGEREC_DB)")
     p.add_argument("--data-dir", metavar="DIR", help=DATA_DIR_HELP)
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--device", default="auto")

@@ -232,11 +232,15 @@ class Predictor:
             decoded = list(self._pool.map(self._safe_preprocess, chunk))
             good = [(j, t) for j, t in enumerate(decoded) if isinstance(t, torch.Tensor)]
             probs = self.predict_batch(torch.stack([t for _, t in good])) if good else None
+            finite = torch.isfinite(probs).all(dim=1).tolist() if probs is not None else []
             row = {j: k for k, (j, _) in enumerate(good)}
             for j, t in enumerate(decoded):
                 name = names[start + j]
                 if isinstance(t, str):
                     yield {"path": name, "error": t}
+                elif not finite[row[j]]:  # a NaN score is no prediction (and `NaN` is not JSON)
+                    yield {"path": name, "error": f"{name}: the model's output is NaN or infinite (its weights hold "
+                                                  "NaN or inf, or its precision overflowed): no prediction"}
                 else:
                     assert probs is not None
                     yield self._result(name, probs[row[j]], top_k)

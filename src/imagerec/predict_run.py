@@ -382,8 +382,15 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
     cols["topk"] = [[{**t, "label": _text(t["label"])} for t in r.get("topk", [])] for r in rows]
     labels = [r.get("labels") for r in rows]  # a multi-label model's predicted set; null otherwise
     cols["labels"] = [None if ls is None else [_text(x) for x in ls] for ls in labels]
+    # One schema whatever the rows hold: inferred, a column with no value (`error` when every image
+    # was read, `labels` of a single-label model, all of them but `path` when none was) got type
+    # null, and files of two runs could not be read together (pyarrow.dataset: "cast from string to null").
+    schema = pa.schema([("path", pa.string()), ("frame", pa.int64()), ("time_s", pa.float64()),
+                        ("label", pa.string()), ("score", pa.float64()), ("error", pa.string()),
+                        ("topk", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))),
+                        ("labels", pa.list_(pa.string()))])
     with _naming(path, other_names=True), atomic_write(path, "wb") as f:
-        pq.write_table(pa.table(cols), f)
+        pq.write_table(pa.table(cols, schema=schema), f)
 
 
 def run_predict(

@@ -77,13 +77,15 @@ def confusion_matrix_png(cm: list[list[int]], class_names: list[str], title: str
     fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02, label="fraction of true class")
 
     ticks = np.arange(k)
+    # parse_math=False: class names and the title are shown as written; a "$" pair in them
+    # ("$0-$9", a folder "run_$^$") is not TeX math to typeset, or to fail on.
     ax.set_xticks(ticks, labels=class_names, rotation=90 if k > 10 else 45,
-                  ha="center" if k > 10 else "right", fontsize=tick_size)
-    ax.set_yticks(ticks, labels=class_names, fontsize=tick_size)
+                  ha="center" if k > 10 else "right", fontsize=tick_size, parse_math=False)
+    ax.set_yticks(ticks, labels=class_names, fontsize=tick_size, parse_math=False)
     ax.set_xlabel("Predicted")
     ax.set_ylabel("True")
     if title:
-        ax.set_title(title)
+        ax.set_title(title, parse_math=False)
 
     if k <= MAX_CLASSES_WITH_COUNTS:
         cell_size = float(np.clip(12 - k / 2.5, 6, 11))

@@ -28,10 +28,15 @@ from rich.text import Text
 from imagerec.config import write_json
 from imagerec.corruptions import SEVERITIES, check_severities, corrupt, resolve_corruptions
 from imagerec.data.decode import DEFAULT_MAX_PIXELS
-from imagerec.data.readers import SPLIT_ALIASES
 from imagerec.engine.attacks import ATTACKS, PGD_STEP_FRACTION, PGD_STEPS, run_attack
 from imagerec.engine.checkpoint import find_run_checkpoint, read_checkpoint_meta
-from imagerec.engine.evaluate import create_eval_loader, read_run_split, unreadable_split_message
+from imagerec.engine.evaluate import (
+    create_eval_loader,
+    non_finite_message,
+    normalize_split,
+    read_run_split,
+    unreadable_split_message,
+)
 from imagerec.predict import Predictor, load
 from imagerec.utils import ImageRecError, did_you_mean, mix_seed
 
@@ -160,7 +165,7 @@ def evaluate_robustness(
         >>> r = evaluate_robustness("runs/mnist", limit=500)
         >>> r["clean_accuracy"], r["mean_corruption_accuracy"], r["attacks"]["pgd"][-1]
     """
-    split = None if split is None else SPLIT_ALIASES.get(split.strip().lower(), split)  # 'VAL', 'validation'
+    split = normalize_split(split)  # 'VAL', 'validation', 'ALL'
     names = _resolve_corruptions(corruptions)
     sevs = check_severities(severities)
     atks = _resolve_attacks(attacks)
@@ -189,7 +194,10 @@ def evaluate_robustness(
     for k, batch in enumerate(loader.epoch(0)):
         x, y = batch.x, batch.y
         t0 = time.perf_counter()
-        n, clean = n + len(y), clean + _correct(predictor, x, y)
+        probs = predictor.predict_batch(x)
+        if bad := int((~torch.isfinite(probs).all(dim=1)).sum()):  # argmax of NaN is class 0: no accuracy at all
+            raise ImageRecError(non_finite_message(source, bad, len(y), split or "test", None))
+        n, clean = n + len(y), clean + int((probs.argmax(1) == y).sum())
         t1 = time.perf_counter()
         for c in names:
             for s in sevs:
@@ -327,8 +335,10 @@ def robustness_tables(r: dict[str, Any]) -> list[Table]:
 def robustness_command(source: str, data: str | None = None, split: str | None = None, limit: int | None = None,
                        corruptions: str = "all", severities: str = "1..5", attacks: str = "fgsm,pgd",
                        eps: str | None = None, fmt: str = "table", seed: int = 0, device: str = "auto") -> int:
-    """`imagerec robustness`: parse the flags, run `evaluate_robustness`, print a table or one JSON object.
-    Names and paths are printed as written (never as Rich markup)."""
+    """`imagerec robustness`: parse the flags, run `evaluate_robustness`, print a table or one JSON object,
+    then save it. Names and paths are printed as written (never as Rich markup). The result is shown
+    before it is saved: a run folder that cannot be written to (read-only, another user's) costs the
+    file, never the minutes of measurement."""
     limit = DEFAULT_LIMIT if limit is None else limit
     kwargs: dict[str, Any] = {
         "corruptions": _names(corruptions, "--corruptions", "all, none or a comma list, e.g. fog,contrast"),
@@ -337,13 +347,14 @@ def robustness_command(source: str, data: str | None = None, split: str | None =
         "eps": parse_eps(eps) if eps else None}
     err = Console(stderr=True, soft_wrap=True)
     if fmt == "json" or not err.is_terminal:
-        r = evaluate_robustness(source, data, split, limit, seed=seed, device=device, **kwargs)
+        r = evaluate_robustness(source, data, split, limit, seed=seed, device=device, write=False, **kwargs)
     else:
         with err.status("robustness: loading") as status:
-            r = evaluate_robustness(source, data, split, limit, seed=seed, device=device,
+            r = evaluate_robustness(source, data, split, limit, seed=seed, device=device, write=False,
                                     progress=lambda done, total: status.update(f"robustness: {done}/{total} images"), **kwargs)
     if fmt == "json":
-        print(json.dumps(r))
+        print(json.dumps(r), flush=True)
+        _save(source, r, "the JSON printed above is the whole result: redirect it (> result.json) to keep it")
         return 0
     console = Console(soft_wrap=True)
     for t in robustness_tables(r):
@@ -353,8 +364,18 @@ def robustness_command(source: str, data: str | None = None, split: str | None =
         console.print(f"note: {note}", markup=False, highlight=False)
     if r["skipped_files"]:
         console.print(f"skipped {len(r['skipped_files'])} unreadable file(s)")
+    _save(source, r, "make the folder writable, or use --format json and redirect it (> result.json)")
     console.print(f"written: {robustness_path(source, r['split'])}", markup=False, highlight=False)
     return 0
+
+
+def _save(source: str, r: dict[str, Any], hint: str) -> None:
+    """Write the printed result to `robustness_path`; a failure says the numbers above were not saved."""
+    try:
+        write_json(robustness_path(source, r["split"]), r)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        raise ImageRecError(f"the result above was not saved: {where}{e.strerror or e}; {hint}") from e
 
 
 def summary_text(r: dict[str, Any]) -> str:

@@ -180,9 +180,27 @@ def read_run_split(train_config: dict[str, Any], data: str | None, split: str | 
     return spec, remap_items(spec, split, class_names, multi_label, source), split
 
 
+def normalize_split(split: str | None) -> str | None:
+    """A split as typed ('VAL', 'validation', ' All ') as its name: case and spaces never matter,
+    for `all` as for the split names."""
+    if split is None:
+        return None
+    key = split.strip().lower()
+    return "all" if key == "all" else SPLIT_ALIASES.get(key, split)
+
+
 def unreadable_split_message(n: int, split: str, origin: str) -> str:
     """Why an evaluation has no numbers: every image of the split was skipped as unreadable."""
     return f"none of the {n} '{split}' images of {origin} could be read (all were skipped: see the warnings above)"
+
+
+def non_finite_message(run_dir: str | Path, bad: int, n: int, split: str, amp: torch.dtype | None) -> str:
+    """Why an evaluation has no numbers: the model's outputs are NaN or infinite."""
+    if amp is not None:
+        return (f"{run_dir}: the model's outputs on {bad} of {n} '{split}' images are NaN or infinite in "
+                f"{str(amp).removeprefix('torch.')}: evaluate in full precision with --precision fp32")
+    return (f"{run_dir}: the model's outputs on {bad} of {n} '{split}' images are NaN or infinite, in fp32: its "
+            f"weights hold NaN or inf (training diverged: see history.csv); retrain, e.g. with a lower --lr or --grad-clip 1")
 
 
 def create_eval_loader(spec: DataSpec, items: list[Item], pre: PreprocessConfig, batch_size: int = 256, workers: int = -1,
@@ -212,7 +230,7 @@ def evaluate_run(
         >>> m = evaluate_run("runs/mnist", split="test")
         >>> m["accuracy"], m["macro_f1"]
     """
-    split = None if split is None else SPLIT_ALIASES.get(split.strip().lower(), split)  # 'VAL', 'validation'
+    split = normalize_split(split)  # 'VAL', 'validation', 'ALL'
     check_batch_size(batch_size)
     setup_compute()
     model, meta = load_model(run_dir)
@@ -229,6 +247,8 @@ def evaluate_run(
     logits, targets, _ = predict_logits(model, loader, BatchPipeline(pre, dev, True), amp)
     if len(logits) == 0:
         raise ImageRecError(unreadable_split_message(len(items), split, spec.origin))
+    if bad := int((~np.isfinite(logits).all(axis=1)).sum()):  # metrics of NaN are no numbers (a ValueError, before)
+        raise ImageRecError(non_finite_message(run_dir, bad, len(logits), split, amp))
     if pre.multi_label:
         metrics = multilabel_metrics(logits, targets, list(pre.class_names))
     else:

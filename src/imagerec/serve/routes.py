@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
@@ -21,6 +23,7 @@ from imagerec.serve.entries import ModelEntry
 from imagerec.serve.errors import ApiError, error_response, error_responses
 from imagerec.serve.inputs import Prepared, Upload, parse_and_prepare_first, prepare_image
 
+log = logging.getLogger("imagerec.serve")
 router = APIRouter()
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 INDEX_HTML = STATIC_DIR / "index.html"
@@ -313,6 +316,15 @@ async def _predict_steps(
     except BatcherClosed as e:
         raise ApiError(503, "model_unloading", f"{e}; retry", retry) from e
 
+    bad = [up for up, row in zip(uploads, probs, strict=True) if not bool(torch.isfinite(row).all())]
+    if bad:
+        # The model's fault, not the image's: a NaN score is no prediction, and JSON has no NaN (the
+        # response failed to render, a bare 500). Said once per request, recorded nowhere.
+        message = (f"model {entry.name}@{entry.version} gave NaN or infinite scores for {len(bad)} of "
+                   f"{len(uploads)} image(s) (first: {bad[0].label}): its weights hold NaN or "
+                   "inf, or its precision overflowed; the server's operator must replace the model")
+        log.error("%s", message)
+        raise ApiError(500, "model_output_invalid", message)
     predictions = []
     for up, prep, row in zip(uploads, prepared, probs, strict=True):
         result = entry.predictor._result(up.name or up.label, row, top_k)
