@@ -141,6 +141,50 @@ def untrained_run() -> Callable[..., Path]:
     return _untrained_run
 
 
+@pytest.fixture
+def read_only_folder(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], None]:
+    """`read_only_folder(folder)`: opening a file directly in `folder` for writing through imagerec's
+    atomic_write fails with EROFS from then on, as on a read-only mount (tests may run as root,
+    which ignores chmod)."""
+    import builtins
+    import errno
+
+    import imagerec.utils
+
+    def make(folder: Path) -> None:
+        real_open = builtins.open
+
+        def fake_open(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202
+            if isinstance(file, str | Path) and Path(file).parent == folder and any(c in mode for c in "wxa"):
+                raise OSError(errno.EROFS, "Read-only file system", str(file))
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(imagerec.utils, "open", fake_open, raising=False)  # atomic_write's open
+
+    return make
+
+
+@pytest.fixture
+def nan_run(untrained_run: Callable[..., Path]) -> Callable[[Path], Path]:
+    """`nan_run(root)`: an untrained run (classes a, b; 3x16x16) whose float weights are all NaN, as a
+    diverged training leaves them."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    def make(root: Path) -> Path:
+        run = untrained_run(root)
+        weights = run / "best.safetensors"
+        with safe_open(weights, "pt") as f:
+            metadata = f.metadata()
+        tensors = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                   for k, v in load_file(weights).items()}
+        save_file(tensors, weights, metadata=metadata)
+        return run
+
+    return make
+
+
 @contextlib.contextmanager
 def _postgres_scratch(create: str, drop: str) -> Iterator[str]:
     """Runs `create` (e.g. CREATE SCHEMA s) on the PostgreSQL server at PG_ADMIN_URL, yields that URL,

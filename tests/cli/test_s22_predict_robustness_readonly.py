@@ -6,37 +6,23 @@ chmod): opening a file in it for writing fails with EROFS."""
 
 from __future__ import annotations
 
-import builtins
-import errno
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-import imagerec.utils
 from imagerec.cli import main
-
-
-def _read_only(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
-    real_open = builtins.open
-
-    def fake_open(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202
-        if isinstance(file, str | Path) and Path(file).parent == folder and any(c in mode for c in "wxa"):
-            raise OSError(errno.EROFS, "Read-only file system", str(file))
-        return real_open(file, mode, *args, **kwargs)
-
-    monkeypatch.setattr(imagerec.utils, "open", fake_open, raising=False)  # atomic_write's open
 
 
 @pytest.mark.parametrize("fmt", ["table", "json"])
 def test_robustness_of_a_read_only_run_prints_its_numbers_then_says_they_were_not_saved(
-    cnn_run: Path, copy_run: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    cnn_run: Path, copy_run: Callable[..., Path], tmp_path: Path, read_only_folder: Callable[[Path], None],
     capsys: pytest.CaptureFixture[str], fmt: str,
 ) -> None:
     run = copy_run(cnn_run, tmp_path / "run")
     before = sorted(p.name for p in run.iterdir())
-    _read_only(monkeypatch, run)
+    read_only_folder(run)
     code = main(["robustness", str(run), "--limit", "10", "--corruptions", "fog", "--severities", "1",
                  "--attacks", "none", "--format", fmt])
     out, err = capsys.readouterr()

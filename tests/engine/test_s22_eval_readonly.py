@@ -2,13 +2,10 @@
 are printed before anything is saved, the failure to save names the file and says what to do, and
 `--out DIR` saves eval-<split>.json and confusion-<split>.png elsewhere.
 
-A read-only folder is simulated as in test_s21_run_readonly (tests may run as root, which ignores
-chmod): opening a file in it for writing fails with EROFS."""
+A read-only folder is simulated by the `read_only_folder` fixture (tests/conftest.py)."""
 
 from __future__ import annotations
 
-import builtins
-import errno
 import json
 import os
 from collections.abc import Callable
@@ -16,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import imagerec.utils
 from imagerec.cli import main
 
 
@@ -25,23 +21,12 @@ def run(cnn_run: Path, copy_run: Callable[..., Path], tmp_path: Path) -> Path:
     return copy_run(cnn_run, tmp_path / "run")
 
 
-def _read_only(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
-    real_open = builtins.open
-
-    def fake_open(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202
-        if isinstance(file, str | Path) and Path(file).parent == folder and any(c in mode for c in "wxa"):
-            raise OSError(errno.EROFS, "Read-only file system", str(file))
-        return real_open(file, mode, *args, **kwargs)
-
-    monkeypatch.setattr(imagerec.utils, "open", fake_open, raising=False)  # atomic_write's open
-
-
 @pytest.mark.parametrize("fmt", ["table", "json"])
 def test_eval_of_a_read_only_run_prints_its_numbers_then_says_they_were_not_saved(
-    run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fmt: str
+    run: Path, read_only_folder: Callable[[Path], None], capsys: pytest.CaptureFixture[str], fmt: str
 ) -> None:
     before = sorted(p.name for p in run.iterdir())
-    _read_only(monkeypatch, run)
+    read_only_folder(run)
     assert main(["eval", str(run), "--split", "val", "--format", fmt]) == 2
     out, err = capsys.readouterr()
     if fmt == "json":
@@ -55,10 +40,10 @@ def test_eval_of_a_read_only_run_prints_its_numbers_then_says_they_were_not_save
 
 
 def test_eval_out_saves_the_files_elsewhere_and_leaves_the_run_alone(
-    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    run: Path, tmp_path: Path, read_only_folder: Callable[[Path], None], capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = sorted(p.name for p in run.iterdir())
-    _read_only(monkeypatch, run)
+    read_only_folder(run)
     out_dir = tmp_path / "reports" / "mnist"  # created, parents too
     assert main(["eval", str(run), "--split", "val", "--out", str(out_dir)]) == 0
     assert f"written: {out_dir / 'eval-val.json'}" in capsys.readouterr().out

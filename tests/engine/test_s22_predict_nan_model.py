@@ -7,10 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from imagerec.engine.evaluate import evaluate_run
 from imagerec.robustness import evaluate_robustness
@@ -18,13 +15,8 @@ from imagerec.utils import ImageRecError
 
 
 @pytest.fixture
-def nan_run_and_data(tmp_path: Path, untrained_run: Callable[..., Path]) -> tuple[Path, Path]:
-    run = untrained_run(tmp_path / "run")  # classes a, b; 3x16x16
-    weights = run / "best.safetensors"
-    with safe_open(weights, "pt") as f:
-        metadata = f.metadata()
-    tensors = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in load_file(weights).items()}
-    save_file(tensors, weights, metadata=metadata)
+def nan_run_and_data(tmp_path: Path, nan_run: Callable[[Path], Path]) -> tuple[Path, Path]:
+    run = nan_run(tmp_path / "run")  # classes a, b; 3x16x16
     for label in ("a", "b"):
         (tmp_path / "data" / label).mkdir(parents=True)
         for k in range(2):

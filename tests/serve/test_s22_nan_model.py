@@ -9,22 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import torch
 from conftest import metric_value, start_thread_server
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from imagerec.serve.settings import ServeSettings
 
 
-def test_nan_scores_are_a_clear_error_not_a_bare_500(tmp_path: Path, untrained_run: Callable[..., Path]) -> None:
-    run = untrained_run(tmp_path / "nanrun")  # classes a, b; 3x16x16
-    weights = run / "best.safetensors"
-    with safe_open(weights, "pt") as f:
-        metadata = f.metadata()
-    tensors = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in load_file(weights).items()}
-    save_file(tensors, weights, metadata=metadata)
+def test_nan_scores_are_a_clear_error_not_a_bare_500(tmp_path: Path, nan_run: Callable[[Path], Path]) -> None:
+    run = nan_run(tmp_path / "nanrun")  # classes a, b; 3x16x16
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (10, 200, 30)).save(buf, "PNG")
     running = start_thread_server(ServeSettings(models=(str(run),)))
