@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from imagerec.cli_parser import build_parser
-from imagerec.utils import ImageRecError
+from imagerec.utils import ImageRecError, write_error_text
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -91,7 +91,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             console.print(f"skipped {len(m['skipped_files'])} unreadable file(s)")
     try:
         if args.out:
-            out.mkdir(parents=True, exist_ok=True)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a file where a folder of --out should be, no permission
+                raise ImageRecError(f"cannot create --out {out}: {write_error_text(e)}") from e
         write_eval_outputs(out, m["split"], m)
     except (ImageRecError, OSError) as e:
         hint = "" if args.out else "; pass --out DIR to save them elsewhere"

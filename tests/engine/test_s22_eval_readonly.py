@@ -51,3 +51,12 @@ def test_eval_out_saves_the_files_elsewhere_and_leaves_the_run_alone(
     assert saved["split"] == "val" and 0.5 < saved["accuracy"] <= 1.0
     assert (out_dir / "confusion-val.png").read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_eval_out_that_cannot_be_a_folder_is_one_clear_line(run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("x")
+    assert main(["eval", str(run), "--split", "val", "--out", str(tmp_path / "afile" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot create --out {tmp_path / 'afile' / 'x'}: Not a directory" in err
+    assert "Errno" not in err and "Traceback" not in err
