@@ -522,7 +522,7 @@ def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], arg
     )
     settle(url)
     # Batch-1 and half load alternate in short rounds, each pooled over all of them: this machine's
-    # speed swings 1.5-2.4x from one second to the next (README, "Serving"), so one 5 s batch-1
+    # speed swings 1.5-2.4x from one second to the next (docs/performance.md), so one 5 s batch-1
     # phase and one 20 s half-load phase after it compared two different machines. Half load gets
     # 4x batch-1's time: its p99 needs the samples.
     single_s, half_s = args.seconds / 2 / args.rounds, 2 * args.seconds / args.rounds
@@ -547,7 +547,7 @@ def measure_server(url: str, gen: str, list_file: Path, images: list[bytes], arg
     for key in ("imagerec_batch_size_sum", "imagerec_batch_size_count"):
         total[key] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(key))
     # The server's own garbage-collection pauses over all its loads (imagerec_gc_pause_seconds): a
-    # full collection holds every request in flight, the suspect of the ~0.3 s stall (README, session 21).
+    # full collection holds every request in flight, the suspect of the ~0.3 s stall (docs/performance.md, session 21).
     gc_pauses = {"collections": 0, "over_50ms": 0, "seconds": 0.0}
     for line in text.splitlines():
         name, _, value = line.rpartition(" ")

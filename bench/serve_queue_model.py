@@ -11,7 +11,7 @@ client). No preemption, no GIL: what a real server measures can only be worse. N
 `--swing` says how much the machine's speed varies: every core-time cost is then multiplied by a
 factor drawn uniformly from [1, swing] for each `--swing-period-ms` of wall time (exponentially
 distributed), the same for every instance (the development VMs swing 1.5-2.4x from one second to
-the next: README, "Serving"), normalised so the mean cost, and so the full-load rate, stays what
+the next: docs/performance.md), normalised so the mean cost, and so the full-load rate, stays what
 was measured; batch-1 is then the median lone request over the same factors.
 Full load is `--clients` closed-loop clients (batches of clients/servers); half load is half
 that rate. Prints one JSON line per configuration.
